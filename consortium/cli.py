@@ -1,0 +1,75 @@
+"""The ``consortium`` command line.
+
+Each command group lives in ``consortium/commands/<group>.py`` and registers itself on the app.
+User errors (:class:`consortium.errors.UserError`) are printed without a traceback and mapped to
+their exit code; 0 means success, 1 a failed check, 2 a usage or input error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import typer
+from rich.console import Console
+
+from consortium.errors import UserError
+
+COMMAND_MODULES = ("data", "synth", "run", "provisioning", "audit")
+
+app = typer.Typer(
+    name="consortium",
+    help="Federated biomarker discovery for a pharma consortium, on NVIDIA FLARE.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show library log messages.")) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _register_commands() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"consortium.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"consortium.commands.{name}":
+                raise
+            continue
+        module.register(app)
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        err_console.print("aborted")
+        return 130
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""The ``consortium.yaml`` schema: the single source of truth for a consortium.
+
+Parsed once by :func:`load_config`; every command and every FLARE site reads the same typed object.
+Relative paths in the file are resolved against the file's own folder, so a consortium folder can be
+moved as a whole.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from consortium.errors import ConfigError
+
+_NAME = r"^[a-z][a-z0-9_-]{0,62}$"
+_SITE_NAME_FIX = "use lower-case letters, digits, '-' or '_', starting with a letter (for example 'pharma-a')"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Operator(_Strict):
+    """The neutral party that runs the FLARE server; it never holds data, heads or HE secret keys."""
+
+    org: str = Field(description="Organisation of the operator, written into the server's certificate.")
+    host: str = Field(default="localhost", description="Host name every member's client connects to.")
+    fl_port: int = Field(default=8102, ge=1024, le=65535)
+    admin_port: int = Field(default=8103, ge=1024, le=65535)
+    admin: str = Field(default="admin@operator.org", description="E-mail of the operator's admin user.")
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Operator:
+        if self.fl_port == self.admin_port:
+            raise ValueError(
+                f"fl_port and admin_port are both {self.fl_port}; give the admin port its own number "
+                f"(for example {self.fl_port + 1})"
+            )
+        return self
+
+
+class Panel(_Strict):
+    """The consortium feature panel every member's data is harmonized to."""
+
+    features: list[str] | None = Field(default=None, description="Feature identifiers, in panel order.")
+    file: Path | None = Field(default=None, description="Text file with one feature identifier a line.")
+    id_kind: Literal["symbol", "ensembl"] = "symbol"
+    min_coverage: float = Field(default=0.8, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Panel:
+        if (self.features is None) == (self.file is None):
+            raise ValueError("give the panel either 'features' (a list) or 'file' (one identifier a line), not both")
+        return self
+
+
+class BinaryTask(_Strict):
+    name: Annotated[str, Field(pattern=_NAME)]
+    type: Literal["binary"]
+    column: str = Field(description="obs column holding 0/1 labels (missing labels allowed).")
+
+
+class RegressionTask(_Strict):
+    name: Annotated[str, Field(pattern=_NAME)]
+    type: Literal["regression"]
+    column: str = Field(description="obs column holding a numeric target.")
+
+
+class SurvivalTask(_Strict):
+    name: Annotated[str, Field(pattern=_NAME)]
+    type: Literal["survival"]
+    time: str = Field(description="obs column holding the follow-up time (> 0).")
+    event: str = Field(description="obs column holding the event indicator (1 = event, 0 = censored).")
+
+
+Task = Annotated[BinaryTask | RegressionTask | SurvivalTask, Field(discriminator="type")]
+
+
+def task_columns(task: Task) -> list[str]:
+    """The obs columns a task reads."""
+    return [task.time, task.event] if task.type == "survival" else [task.column]
+
+
+class Member(_Strict):
+    """One pharma member: one FLARE client site, its data file and the tasks it owns."""
+
+    name: Annotated[str, Field(pattern=_NAME, description="Site name; also the FLARE client name.")]
+    org: str
+    data: Path = Field(description="The member's AnnData file (.h5ad), resolved relative to consortium.yaml.")
+    admin: str | None = Field(default=None, description="E-mail of the member's lead (may submit jobs).")
+    tasks: list[Task] = Field(min_length=1)
+
+    @field_validator("data")
+    @classmethod
+    def _h5ad(cls, value: Path) -> Path:
+        if value.suffix != ".h5ad":
+            raise ValueError(f"'{value}' is not an .h5ad file; point 'data' at the member's AnnData file")
+        return value
+
+
+class DataContract(_Strict):
+    """What a member's data must satisfy to join a run."""
+
+    values: Literal["counts", "normalized"] = Field(
+        default="counts", description="'counts': non-negative raw counts, normalized by the platform."
+    )
+    min_class_count: int = Field(default=25, ge=1, description="Labels needed in each class of a binary task.")
+    min_events: int = Field(default=25, ge=1, description="Events needed for a survival task.")
+    min_labeled: int = Field(default=50, ge=2, description="Labelled samples needed for a regression task.")
+    val_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)
+    test_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)
+    split_seed: int = 0
+
+
+class Training(_Strict):
+    rounds: int = Field(default=5, ge=1)
+    local_epochs: int = Field(default=2, ge=1)
+    batch_size: int = Field(default=64, ge=2)
+    learning_rate: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+    trunk_widths: list[int] = Field(default=[256, 64], min_length=1)
+    head_width: int = Field(default=32, ge=0, description="Hidden width of each head; 0 for a linear head.")
+    dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
+    task_weights: dict[str, float] = Field(default_factory=dict)
+    patience: int = Field(default=5, ge=1, description="Epochs without validation gain before early stopping.")
+    seed: int = 0
+
+    @field_validator("trunk_widths")
+    @classmethod
+    def _positive(cls, widths: list[int]) -> list[int]:
+        if any(w < 1 for w in widths):
+            raise ValueError(f"trunk widths must be positive integers, got {widths}")
+        return widths
+
+
+class HomomorphicEncryption(_Strict):
+    enabled: bool = True
+    poly_modulus_degree: Literal[4096, 8192, 16384] = 8192
+    coeff_mod_bit_sizes: list[int] = Field(default=[60, 40], min_length=2)
+    global_scale_bits: int = Field(default=40, ge=20, le=60)
+
+
+class DifferentialPrivacy(_Strict):
+    enabled: bool = False
+    epsilon: float = Field(default=8.0, gt=0.0)
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+
+
+class Privacy(_Strict):
+    he: HomomorphicEncryption = HomomorphicEncryption()
+    dp: DifferentialPrivacy = DifferentialPrivacy()
+
+
+class Tracking(_Strict):
+    uri: str | None = Field(default=None, description="MLflow tracking URI; default: SQLite under the run folder.")
+    experiment: str = "biomarker-consortium"
+
+
+class ConsortiumConfig(_Strict):
+    """A whole consortium, as written in ``consortium.yaml``."""
+
+    name: Annotated[str, Field(pattern=_NAME)]
+    operator: Operator
+    panel: Panel
+    data: DataContract = DataContract()
+    members: list[Member] = Field(min_length=1)
+    training: Training = Training()
+    privacy: Privacy = Privacy()
+    tracking: Tracking = Tracking()
+    source: Path | None = Field(default=None, exclude=True, description="The file this was read from.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ConsortiumConfig:
+        _no_duplicates([m.name for m in self.members], "members[].name")
+        _no_duplicates([t.name for m in self.members for t in m.tasks], "members[].tasks[].name")
+        known = {t.name for m in self.members for t in m.tasks}
+        unknown = sorted(set(self.training.task_weights) - known)
+        if unknown:
+            raise ValueError(f"training.task_weights names unknown tasks {unknown}; known tasks: {sorted(known)}")
+        return self
+
+    def member(self, name: str) -> Member:
+        """The member called ``name``; a :class:`ConfigError` lists the known names otherwise."""
+        for member in self.members:
+            if member.name == name:
+                return member
+        known = ", ".join(m.name for m in self.members)
+        raise ConfigError(f"{self.source or 'consortium.yaml'}: no member '{name}'; members are: {known}")
+
+    @property
+    def tasks(self) -> list[Task]:
+        return [t for m in self.members for t in m.tasks]
+
+    def panel_features(self) -> list[str]:
+        return list(self.panel.features) if self.panel.features is not None else _read_panel(self.panel.file)
+
+
+def _no_duplicates(names: list[str], field: str) -> None:
+    seen: set[str] = set()
+    dupes = sorted({n for n in names if n in seen or seen.add(n)})
+    if dupes:
+        raise ValueError(f"{field} must be unique; repeated: {dupes}")
+
+
+def _read_panel(path: Path | None) -> list[str]:
+    assert path is not None
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"panel.file: cannot read '{path}' ({exc.strerror}); write one feature id a line") from exc
+    features = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not features:
+        raise ConfigError(f"panel.file: '{path}' lists no features; write one feature id a line")
+    if len(set(features)) != len(features):
+        raise ConfigError(f"panel.file: '{path}' repeats feature ids; each feature must appear once")
+    return features
+
+
+def load_config(path: str | Path) -> ConsortiumConfig:
+    """Read and validate ``consortium.yaml``.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not YAML, or a field is invalid; the message names the field, the value
+        and the fix.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; run 'consortium synth --out DIR' or write one") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc}); fix the syntax at the position shown") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'name', 'operator', 'panel' and 'members'")
+    try:
+        config = ConsortiumConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(path, exc)) from None
+    return _resolve_paths(config, path)
+
+
+def config_from_dict(raw: dict, *, source: Path) -> ConsortiumConfig:
+    """Validate an in-memory mapping as if it had been read from ``source``."""
+    try:
+        config = ConsortiumConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(source, exc)) from None
+    return _resolve_paths(config, source)
+
+
+def dump_config(config: ConsortiumConfig, path: Path) -> None:
+    """Write ``config`` as YAML, with paths relative to ``path``'s folder where they lie under it."""
+    raw = config.model_dump(mode="json", exclude_none=True, exclude={"source"})
+    base = path.parent.resolve()
+    for member in raw["members"]:
+        member["data"] = _relative(Path(member["data"]), base)
+    if "file" in raw["panel"]:
+        raw["panel"]["file"] = _relative(Path(raw["panel"]["file"]), base)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base))
+    except ValueError:
+        return str(path)
+
+
+def _resolve_paths(config: ConsortiumConfig, source: Path) -> ConsortiumConfig:
+    base = source.parent.resolve()
+    members = [m.model_copy(update={"data": _under(base, m.data)}) for m in config.members]
+    panel = config.panel
+    if panel.file is not None:
+        panel = panel.model_copy(update={"file": _under(base, panel.file)})
+    return config.model_copy(update={"members": members, "panel": panel, "source": source.resolve()})
+
+
+def _under(base: Path, path: Path) -> Path:
+    return path if path.is_absolute() else base / path
+
+
+def _explain(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: {exc.error_count()} invalid field(s)"]
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        field = re.sub(r"\.(binary|regression|survival)(?=\.|$)", "", field)
+        value = error.get("input")
+        shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+        message = error["msg"].removeprefix("Value error, ")
+        hint = _hint(error)
+        lines.append(f"  {field} = {shown}: {message}{hint}")
+    return "\n".join(lines)
+
+
+def _hint(error: dict) -> str:
+    kind = error["type"]
+    if kind == "string_pattern_mismatch":
+        return f" ({_SITE_NAME_FIX})"
+    if kind == "extra_forbidden":
+        return " (unknown field: remove it or check its spelling)"
+    if kind == "missing":
+        return " (add this field)"
+    if kind == "union_tag_invalid":
+        return " (task type must be one of: binary, regression, survival)"
+    return ""

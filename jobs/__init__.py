@@ -1,0 +1,1 @@
+"""FLARE job recipes and Client API scripts."""
