@@ -1,0 +1,94 @@
+"""``consortium data check`` and ``consortium data split``: a member's data against the contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from jobs.member_data import contract_rules
+from omics.contract import ContractReport, check_member
+from omics.errors import DataFileError
+from omics.io import read_member, write_member
+from omics.split import assign_split
+from rich.console import Console
+from rich.table import Table
+
+from consortium.config import load_config
+
+console = Console()
+data_app = typer.Typer(help="Check and prepare a member's omics data.", no_args_is_help=True)
+
+
+def check_member_file(config_path: Path, member_name: str) -> ContractReport:
+    """The contract report of one member's file; an unreadable file is a report with one error."""
+    config = load_config(config_path)
+    member = config.member(member_name)
+    rules = contract_rules(config)
+    try:
+        adata = read_member(member.data)
+    except DataFileError as exc:
+        report = ContractReport(path=str(member.data))
+        report.error("file", str(exc), "re-export the member's data as an AnnData .h5ad file")
+        return report
+    return check_member(adata, tasks=member.tasks, rules=rules, path=member.data)
+
+
+@data_app.command("check")
+def check(
+    config: Path = typer.Option(..., "--config", help="The consortium.yaml."),
+    member: str = typer.Option(..., "--member", help="The member whose data to check."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check a member's data against the consortium contract (exit 0 fit, 1 not fit, 2 usage error)."""
+    report = check_member_file(config, member)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_report(report, member)
+    raise typer.Exit(0 if report.fit else 1)
+
+
+@data_app.command("split")
+def split(
+    config: Path = typer.Option(..., "--config", help="The consortium.yaml."),
+    member: str = typer.Option(..., "--member", help="The member whose data to split."),
+    force: bool = typer.Option(False, "--force", help="Replace a split already stored in the file."),
+) -> None:
+    """Store a stratified, seeded train/val/test split in the member's file (obs['split'])."""
+    cfg = load_config(config)
+    entry = cfg.member(member)
+    adata = read_member(entry.data)
+    if "split" in adata.obs.columns and not force:
+        console.print(f"{entry.data} already holds a split; pass --force to replace it")
+        raise typer.Exit(1)
+    assign_split(adata, tasks=entry.tasks, val_fraction=cfg.data.val_fraction,
+                 test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
+    write_member(adata, entry.data)
+    console.print(f"stored split in {entry.data}: {dict(adata.obs['split'].value_counts())}")
+
+
+def _print_report(report: ContractReport, member: str) -> None:
+    verdict = "[green]fit to join[/]" if report.fit else "[red]NOT fit to join[/]"
+    console.print(f"[bold]{member}[/] ({report.path}): {report.n_samples} samples x {report.n_features} features, "
+                  f"panel coverage {report.coverage:.1%}: {verdict}", highlight=False)
+    if report.tasks:
+        tasks = Table(title="tasks", show_edge=False)
+        for column in ("task", "type", "labelled", "classes / events"):
+            tasks.add_column(column)
+        for name, info in report.tasks.items():
+            detail = (f"{info['positives']} pos / {info['negatives']} neg" if info["type"] == "binary"
+                      else f"{info['events']} events" if info["type"] == "survival" else "")
+            tasks.add_row(name, info["type"], str(info["labeled"]), detail)
+        console.print(tasks)
+    if report.findings:
+        table = Table(title="findings", show_lines=True)
+        for column in ("level", "field", "problem", "fix"):
+            table.add_column(column, overflow="fold")
+        for f in report.findings:
+            table.add_row("[red]error[/]" if f.level == "error" else "[yellow]warning[/]", f.field, f.message, f.fix)
+        console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(data_app, name="data")

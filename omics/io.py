@@ -1,0 +1,63 @@
+"""Reading and writing a member's AnnData file, with errors a bioinformatician can act on."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import anndata as ad
+import h5py
+
+from omics.errors import DataFileError
+
+log = logging.getLogger(__name__)
+
+
+def read_member(path: str | Path) -> ad.AnnData:
+    """Read a member's ``.h5ad`` file into memory.
+
+    Raises
+    ------
+    DataFileError
+        The file is missing, not HDF5 (truncated or another format), or HDF5 without AnnData's layout.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataFileError(f"{path}: no such file; check the member's 'data' path in consortium.yaml")
+    if path.is_dir():
+        raise DataFileError(f"{path}: is a folder; 'data' must point at the member's .h5ad file")
+    if not h5py.is_hdf5(path):
+        raise DataFileError(
+            f"{path}: not an HDF5/AnnData file (truncated or another format); "
+            "re-export it with anndata's `adata.write_h5ad(path)`"
+        )
+    try:
+        with h5py.File(path, "r") as handle:
+            missing = [key for key in ("X", "obs", "var") if key not in handle]
+    except OSError as exc:
+        raise DataFileError(f"{path}: cannot open the HDF5 file ({exc}); the file may be truncated") from None
+    if missing:
+        raise DataFileError(
+            f"{path}: HDF5 file without AnnData's {', '.join(missing)}; "
+            "write the member data with anndata's `adata.write_h5ad(path)`"
+        )
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as exc:  # anndata raises many kinds for damaged files
+        raise DataFileError(
+            f"{path}: unreadable AnnData file ({type(exc).__name__}: {exc}); the file may be truncated, re-export it"
+        ) from None
+    log.info("read %s: %d samples x %d features", path, adata.n_obs, adata.n_vars)
+    return adata
+
+
+def write_member(adata: ad.AnnData, path: str | Path) -> None:
+    """Write ``adata`` atomically: a crash never leaves a half-written file at ``path``."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        adata.write_h5ad(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -1,0 +1,52 @@
+"""Normalization with scanpy: library size + log1p for counts, then per-feature scaling.
+
+The parameters, and the per-feature statistics a member may share (mean and standard deviation of
+the log values, never raw values), are recorded in ``uns['normalization']`` and ``var``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import numpy as np
+import scanpy as sc
+
+log = logging.getLogger(__name__)
+
+
+def normalize(
+    adata: ad.AnnData,
+    *,
+    values: str = "counts",
+    target_sum: float = 1e4,
+    max_value: float = 10.0,
+    copy: bool = False,
+) -> ad.AnnData | None:
+    """Normalize ``adata.X`` in place (or on a copy) and record how.
+
+    Parameters
+    ----------
+    values
+        ``"counts"``: library-size normalization to ``target_sum`` and ``log1p`` first;
+        ``"normalized"``: the values are already on a log scale and are only scaled.
+    max_value
+        Scaled values are clipped to ``[-max_value, max_value]``.
+    """
+    adata = adata.copy() if copy else adata
+    adata.X = np.asarray(adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X, dtype=np.float32)
+    steps = []
+    if values == "counts":
+        sc.pp.normalize_total(adata, target_sum=target_sum)
+        sc.pp.log1p(adata)
+        steps += [f"normalize_total(target_sum={target_sum:g})", "log1p"]
+    mean = adata.X.mean(axis=0)
+    std = adata.X.std(axis=0, ddof=1) if adata.n_obs > 1 else np.zeros(adata.n_vars, dtype=np.float32)
+    adata.var["norm_mean"] = mean.astype(np.float32)
+    adata.var["norm_std"] = std.astype(np.float32)
+    sc.pp.scale(adata, zero_center=True, max_value=max_value)
+    adata.X = np.asarray(adata.X, dtype=np.float32)
+    steps.append(f"scale(zero_center=True, max_value={max_value:g})")
+    adata.uns["normalization"] = {"values": values, "target_sum": target_sum, "max_value": max_value, "steps": steps}
+    log.info("normalized %d x %d: %s", adata.n_obs, adata.n_vars, ", ".join(steps))
+    return adata if copy else None

@@ -1,0 +1,70 @@
+"""From a member's raw AnnData to model-ready arrays: check, normalize, harmonize, split."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from omics.contract import ContractRules, check_member
+from omics.errors import ContractError
+from omics.harmonize import harmonize_to_panel
+from omics.normalize import normalize
+from omics.split import assign_split
+
+log = logging.getLogger(__name__)
+
+
+def prepare_member(
+    adata: ad.AnnData,
+    *,
+    tasks: Sequence[Any],
+    rules: ContractRules,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    path: str = "",
+) -> ad.AnnData:
+    """Check the contract, then normalize, harmonize to the panel and split (a stored split is kept).
+
+    Raises
+    ------
+    ContractError
+        The data is not fit to join; the message lists every error with its fix.
+    """
+    report = check_member(adata, tasks=tasks, rules=rules, path=path)
+    if not report.fit:
+        errors = [f"  {f.field}: {f.message} (fix: {f.fix})" for f in report.findings if f.level == "error"]
+        raise ContractError(f"{path or 'member data'} is not fit to join:\n" + "\n".join(errors))
+    work = adata.copy()
+    normalize(work, values=rules.values)
+    work = harmonize_to_panel(work, panel=rules.panel, min_coverage=rules.min_coverage)
+    if "split" not in work.obs.columns:
+        assign_split(work, tasks=tasks, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    return work
+
+
+def task_targets(obs: pd.DataFrame, task: Any) -> np.ndarray:
+    """A task's labels: ``(n,)`` floats, or ``(n, 2)`` ``[time, event]`` for survival; NaN = missing."""
+    if task.type == "survival":
+        time = pd.to_numeric(obs[task.time], errors="coerce").to_numpy(dtype=np.float64)
+        event = pd.to_numeric(obs[task.event], errors="coerce").to_numpy(dtype=np.float64)
+        either_missing = np.isnan(time) | np.isnan(event)
+        time[either_missing] = np.nan
+        event[either_missing] = np.nan
+        return np.stack([time, event], axis=1)
+    return pd.to_numeric(obs[task.column], errors="coerce").to_numpy(dtype=np.float64)
+
+
+def member_arrays(adata: ad.AnnData, *, tasks: Sequence[Any]) -> dict[str, Any]:
+    """Keyword arguments of ``models.data.MemberData`` for a prepared AnnData."""
+    return {
+        "X": np.asarray(adata.X, dtype=np.float32),
+        "targets": {task.name: task_targets(adata.obs, task) for task in tasks},
+        "split": adata.obs["split"].astype(str).to_numpy(),
+        "feature_names": [str(x) for x in adata.var_names],
+    }
