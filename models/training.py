@@ -1,0 +1,328 @@
+"""Local training of one member's multitask network: per federated round, or to convergence.
+
+A federated client keeps one :class:`LocalTrainer` for the whole run and, each round, loads the
+aggregated trunk with ``trainer.model.load_trunk_state(...)``, calls ``trainer.train(epochs=k)``
+and sends ``trainer.model.trunk_state()``. The optimizer (and, with DP, the Opacus engine and its
+accountant) lives as long as the trainer. Baselines call :meth:`LocalTrainer.fit` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.data import MemberData, TaskSpec
+from models.losses import multitask_loss
+from models.metrics import evaluate
+from models.network import MultitaskNet
+from models.privacy import PrivacySettings, PrivateTraining, make_private
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """Optimization settings of a member's local training (AdamW).
+
+    Attributes
+    ----------
+    epochs
+        Epochs per call of :meth:`LocalTrainer.train` when none are given, and the cap of
+        :meth:`LocalTrainer.fit`.
+    batch_size
+        Mini-batch size (with DP: the expected size of Poisson-sampled batches).
+    learning_rate, weight_decay
+        AdamW parameters.
+    patience
+        Epochs without a better validation loss before :meth:`LocalTrainer.fit` stops.
+    seed
+        Seeds shuffling, dropout and DP noise of the trainer.
+    """
+
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "patience"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TrainSettings.{name}={getattr(self, name)}; use an integer >= 1")
+        if not self.learning_rate > 0:
+            raise ValueError(f"TrainSettings.learning_rate={self.learning_rate}; use a value > 0, e.g. 1e-3")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainSettings.weight_decay={self.weight_decay}; use a value >= 0")
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """One :meth:`LocalTrainer.train` call: optimizer steps, mean batch loss, wall seconds."""
+
+    steps: int
+    loss: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """One :meth:`LocalTrainer.fit` call; the model holds the weights of ``best_epoch``."""
+
+    epochs: int
+    best_epoch: int
+    best_val_loss: float
+    seconds: float
+
+
+def _target_tensors(part: MemberData, tasks: Sequence[TaskSpec], model: MultitaskNet) -> dict[str, torch.Tensor]:
+    targets = {}
+    for task in tasks:
+        y = np.asarray(part.targets[task.name], dtype=np.float64)
+        if task.kind == "regression":
+            mean, scale = model.target_scaling(task.name)
+            y = (y - mean) / scale
+        targets[task.name] = torch.from_numpy(y.astype(np.float32))
+    return targets
+
+
+class LocalTrainer:
+    """Trains a member's :class:`~models.network.MultitaskNet` on its own train split.
+
+    Parameters
+    ----------
+    model
+        The network; ``trainer.model`` stays this exact (unwrapped) object, also under DP.
+    data
+        The member's samples; rows with split ``"train"`` are trained on, ``"val"`` drives
+        :meth:`fit`'s early stopping.
+    tasks
+        The member's tasks; the same names as the model's heads.
+    settings
+        Optimization settings.
+    privacy
+        DP-SGD budget; ``None`` trains without DP.
+    planned_epochs
+        With ``privacy``: every epoch this trainer will run (federated rounds x local epochs);
+        the noise is calibrated so the budget is spent exactly then, and more raises
+        :class:`~models.privacy.PrivacyBudgetExceeded`. Ignored without ``privacy``.
+
+    Notes
+    -----
+    Regression targets are standardized with the train split's mean and standard deviation,
+    stored in the model's (private) heads via :meth:`MultitaskNet.set_target_scaling`.
+    """
+
+    def __init__(
+        self,
+        model: MultitaskNet,
+        data: MemberData,
+        tasks: Sequence[TaskSpec],
+        *,
+        settings: TrainSettings,
+        privacy: PrivacySettings | None = None,
+        planned_epochs: int | None = None,
+    ) -> None:
+        self.model = model
+        self.data = data
+        self.tasks = tuple(tasks)
+        self.settings = settings
+        self._check_inputs()
+        train = data.subset("train")
+        if train.X.shape[0] == 0:
+            raise ValueError("the train split is empty; mark some rows split='train'")
+        self._set_target_scaling(train)
+        self._x_train = torch.from_numpy(train.X)
+        self._y_train = _target_tensors(train, self.tasks, model)
+        val = data.subset("val")
+        self._x_val = torch.from_numpy(val.X)
+        self._y_val = _target_tensors(val, self.tasks, model)
+        self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+        )
+        self._rng_state = torch.Generator().manual_seed(int(settings.seed)).get_state()
+        self.epochs_done = 0
+        self._private: PrivateTraining | None = None
+        self._train_module: torch.nn.Module = model
+        if privacy is not None:
+            self._private = make_private(
+                model,
+                self.optimizer,
+                n_samples=self._x_train.shape[0],
+                batch_size=settings.batch_size,
+                privacy=privacy,
+                planned_epochs=planned_epochs,
+            )
+            self.optimizer = self._private.optimizer
+            self._train_module = self._private.module
+
+    # -- setup -----------------------------------------------------------------------------------
+
+    def _check_inputs(self) -> None:
+        names = [t.name for t in self.tasks]
+        if sorted(names) != sorted(self.model.task_names):
+            raise ValueError(
+                f"tasks {sorted(names)} differ from the model's heads {sorted(self.model.task_names)}; "
+                "build the model with the same tasks"
+            )
+        if self.model.n_features != self.data.n_features:
+            raise ValueError(
+                f"the model takes {self.model.n_features} features, the data has {self.data.n_features}; "
+                "harmonize the data to the consortium panel"
+            )
+        for task in self.tasks:
+            if task.name not in self.data.targets:
+                raise KeyError(f"task '{task.name}' has no targets in the data; it has {sorted(self.data.targets)}")
+            shape = self.data.targets[task.name].shape
+            expected = (self.data.X.shape[0], 2) if task.kind == "survival" else (self.data.X.shape[0],)
+            if shape != expected:
+                raise ValueError(f"targets of {task.kind} task '{task.name}' have shape {shape}; expected {expected}")
+
+    def _set_target_scaling(self, train: MemberData) -> None:
+        for task in self.tasks:
+            if task.kind != "regression":
+                continue
+            y = np.asarray(train.targets[task.name], dtype=np.float64)
+            y = y[~np.isnan(y)]
+            if y.size < 2 or not np.std(y) > 0:
+                logger.warning("task '%s': %d train labels, too few to standardize; using mean 0, sd 1", task.name, y.size)
+                mean, scale = (float(y.mean()) if y.size else 0.0), 1.0
+            else:
+                mean, scale = float(y.mean()), float(y.std())
+            self.model.set_target_scaling(task.name, mean=mean, scale=scale)
+
+    # -- training --------------------------------------------------------------------------------
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        if self._private is not None:
+            for batch in self._private.data_loader:
+                # Poisson sampling can draw an empty batch; the step must still run (and be accounted)
+                yield batch[0] if len(batch) else torch.zeros(0, dtype=torch.long)
+            return
+        order = torch.randperm(self._x_train.shape[0])
+        yield from torch.split(order, self.settings.batch_size)
+
+    def train(self, *, epochs: int | None = None) -> TrainStats:
+        """Run ``epochs`` local epochs (default ``settings.epochs``) with the persistent optimizer.
+
+        Raises
+        ------
+        PrivacyBudgetExceeded
+            With DP, if this would run past ``planned_epochs``; nothing is trained then.
+        """
+        epochs = self.settings.epochs if epochs is None else int(epochs)
+        if epochs < 1:
+            raise ValueError(f"epochs={epochs}; train at least one epoch")
+        if self._private is not None:
+            self._private.check_budget(epochs_done=self.epochs_done, epochs_requested=epochs)
+        started = time.perf_counter()
+        steps, loss_sum, loss_steps = 0, 0.0, 0
+        # A private RNG stream (shuffling, dropout, Poisson sampling, DP noise) that continues
+        # across calls and leaves the global RNG as it was.
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # Opacus' hooks fire on the first layer although the input needs no gradient: harmless
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            torch.set_rng_state(self._rng_state)
+            self._train_module.train()
+            for _ in range(epochs):
+                for rows in self._batches():
+                    loss = self._step(rows)
+                    steps += 1
+                    if rows.numel():
+                        loss_sum, loss_steps = loss_sum + loss, loss_steps + 1
+            self._rng_state = torch.get_rng_state()
+        self.model.eval()
+        self.epochs_done += epochs
+        stats = TrainStats(
+            steps=steps, loss=loss_sum / loss_steps if loss_steps else float("nan"), seconds=time.perf_counter() - started
+        )
+        logger.debug("trained %d epochs (%d total): %s", epochs, self.epochs_done, stats)
+        return stats
+
+    def _step(self, rows: torch.Tensor) -> float:
+        x = self._x_train[rows]
+        targets = {name: y[rows] for name, y in self._y_train.items()}
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = multitask_loss(self._train_module(x), targets, self.tasks)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Multitask loss on the whole val split in eval mode; ``nan`` if it holds no label."""
+        if not any(_has_labels(y) for y in self._y_val.values()):
+            return float("nan")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return float(multitask_loss(self.model(self._x_val), self._y_val, self.tasks))
+        finally:
+            self.model.train(was_training)
+
+    def fit(self, max_epochs: int | None = None) -> FitResult:
+        """Train epoch by epoch with early stopping on the validation loss; keep the best weights.
+
+        Parameters
+        ----------
+        max_epochs
+            Upper bound on epochs (default ``settings.epochs``); stops after ``settings.patience``
+            epochs without improvement. Without validation labels it trains ``max_epochs``.
+        """
+        max_epochs = self.settings.epochs if max_epochs is None else int(max_epochs)
+        started = time.perf_counter()
+        best_loss, best_epoch, waited = math.inf, 0, 0
+        best_state = _copy_state(self.model)
+        epoch = 0
+        for epoch in range(1, max_epochs + 1):
+            self.train(epochs=1)
+            val_loss = self.validation_loss()
+            if math.isnan(val_loss):
+                best_state, best_epoch = _copy_state(self.model), epoch
+                continue
+            if val_loss < best_loss - 1e-6:
+                best_loss, best_epoch, waited = val_loss, epoch, 0
+                best_state = _copy_state(self.model)
+            else:
+                waited += 1
+                if waited >= self.settings.patience:
+                    break
+        if math.isinf(best_loss):
+            logger.warning("no validation labels; early stopping off, kept the weights of epoch %d", epoch)
+        self.model.load_state_dict(best_state)
+        return FitResult(
+            epochs=epoch,
+            best_epoch=best_epoch,
+            best_val_loss=best_loss if math.isfinite(best_loss) else float("nan"),
+            seconds=time.perf_counter() - started,
+        )
+
+    # -- reporting -------------------------------------------------------------------------------
+
+    def evaluate(self, split: str = "test") -> dict[str, dict[str, float]]:
+        """Metrics per task on one split of this member's data (see :func:`models.metrics.evaluate`)."""
+        return evaluate(self.model, self.data, self.tasks, split=split)
+
+    def epsilon_spent(self) -> float | None:
+        """DP epsilon spent so far at the planned delta; ``None`` when training without DP."""
+        return None if self._private is None else self._private.epsilon_spent()
+
+    @property
+    def noise_multiplier(self) -> float | None:
+        """DP-SGD noise multiplier calibrated for the plan; ``None`` without DP."""
+        return None if self._private is None else self._private.noise_multiplier
+
+
+def _has_labels(y: torch.Tensor) -> bool:
+    return bool(y.numel()) and bool((~torch.isnan(y)).any())
+
+
+def _copy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
