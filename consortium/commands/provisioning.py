@@ -1,0 +1,185 @@
+"""``consortium provision``, ``consortium add-member`` and ``consortium keys create|install|verify``.
+
+The operator's admin runs ``provision`` and ``add-member``; a member's key custodian runs ``keys`` (on
+its own machine: the operator must never see ``client_context.tenseal``). Every command appends what it
+did to an audit log, by default ``audit.jsonl`` in the kits (or keys) folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from consortium.audit import (
+    EVENT_KEYS_CREATED,
+    EVENT_KEYS_INSTALLED,
+    EVENT_KEYS_VERIFIED,
+    EVENT_MEMBER_ADDED,
+    EVENT_PROVISIONED,
+    AuditLog,
+)
+from consortium.config import load_config
+from provisioning import he_keys, kits
+from provisioning.policies import SCOPE
+
+AUDIT_FILE = "audit.jsonl"
+
+console = Console()
+
+_CONFIG = typer.Option(..., "--config", "-c", help="The consortium.yaml file.", dir_okay=False)
+_AUDIT = typer.Option(
+    None, "--audit", help="Audit log to append to (default: audit.jsonl in the output folder)."
+)
+
+
+def _audit(path: Path | None, default_folder: Path) -> AuditLog:
+    return AuditLog(path if path is not None else Path(default_folder) / AUDIT_FILE)
+
+
+def provision_command(
+    config: Path = _CONFIG,
+    out: Path = typer.Option(..., "--out", "-o", help="New folder for the kits, outside any git repository."),
+    audit: Path | None = _AUDIT,
+) -> None:
+    """Provision startup kits (server, one per member, one per admin) with site policies; no HE keys."""
+    consortium = load_config(config)
+    with console.status("provisioning startup kits with NVFlare..."):
+        result = kits.provision(consortium, out=out)
+    _audit(audit, result.out).append(EVENT_PROVISIONED, config=str(consortium.source), **result.summary())
+    table = Table("kit", "role", "folder", title=f"startup kits for '{consortium.name}'")
+    table.add_row(result.server.name, "server (operator)", str(result.server))
+    for name, path in result.members.items():
+        table.add_row(name, "member site", str(path))
+    for name, path in result.admins.items():
+        table.add_row(name, "admin", str(path))
+    console.print(table)
+    console.print(
+        f"Site policies written (job scope '{SCOPE}'). Next: the key custodian runs "
+        f"'consortium keys create' and 'consortium keys install --kits {result.out}'. "
+        f"Keep {result.out / kits.CA_STATE_DIR} with the operator; never ship it."
+    )
+
+
+def add_member_command(
+    config: Path = _CONFIG,
+    kits_dir: Path = typer.Option(..., "--kits", help="The kits folder written by 'consortium provision'."),
+    member: str = typer.Option(
+        ..., "--member", help="The new member's name, already added to consortium.yaml."
+    ),
+    audit: Path | None = _AUDIT,
+) -> None:
+    """Add a member to existing kits, reusing the root CA; no other site's kit or HE key changes."""
+    consortium = load_config(config)
+    result = kits.add_member(consortium, kits=kits_dir, member=member)
+    _audit(audit, result.out).append(EVENT_MEMBER_ADDED, member=member, **result.summary())
+    console.print(
+        f"Added '{member}': site kit {result.members[member]}, lead kit {', '.join(result.admins)}."
+    )
+    console.print(
+        "The new site has no HE context yet. The key custodian installs the EXISTING one (no site is "
+        f"re-keyed): consortium keys install --config {config} --kits {result.out} "
+        f"--keys KEYDIR --member {member}"
+    )
+
+
+keys_app = typer.Typer(help="The HE key ceremony, run by a member's key custodian (never the operator).")
+
+
+@keys_app.command("create")
+def keys_create(
+    config: Path = _CONFIG,
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the key pair, outside any git repository."),
+    audit: Path | None = _AUDIT,
+) -> None:
+    """Create the consortium's CKKS key pair: a secret context for members, a public one for the server."""
+    consortium = load_config(config)
+    kits.refuse_inside_git(Path(out).resolve(), what="HE keys")
+    with console.status("creating the CKKS key pair..."):
+        keyset = he_keys.create_keys(consortium.privacy.he, out=out)
+    _audit(audit, out).append(
+        EVENT_KEYS_CREATED,
+        fingerprint=keyset.fingerprint,
+        keys=str(Path(out).resolve()),
+        **_he_params(consortium),
+    )
+    console.print(f"Secret context (members only): {keyset.secret_context}")
+    console.print(f"Public context (server):       {keyset.public_context}")
+    console.print(f"Public fingerprint: [bold]{keyset.fingerprint}[/]")
+
+
+@keys_app.command("install")
+def keys_install(
+    config: Path = _CONFIG,
+    kits_dir: Path = typer.Option(..., "--kits", help="The kits folder written by 'consortium provision'."),
+    keys: Path = typer.Option(..., "--keys", help="The folder written by 'consortium keys create'."),
+    member: list[str] | None = typer.Option(
+        None, "--member", help="Install only into this member's kit (repeatable), e.g. after add-member."
+    ),
+    audit: Path | None = _AUDIT,
+) -> None:
+    """Install the secret context into member kits and the public context into the server kit."""
+    consortium = load_config(config)
+    installed = he_keys.install_keys(kits_dir, keys, config=consortium, members=member or None)
+    report = he_keys.verify_keys(kits_dir, config=consortium)
+    fingerprint = he_keys.public_fingerprint(he_keys.load_context(Path(keys) / he_keys.SERVER_CONTEXT))
+    _audit(audit, kits_dir).append(
+        EVENT_KEYS_INSTALLED,
+        fingerprint=fingerprint,
+        sites=[p.parent.parent.name for p in installed],
+        files=[str(p) for p in installed],
+    )
+    for path in installed:
+        console.print(f"installed {path}")
+    _print_report(report)
+    report.raise_for_failure()
+
+
+@keys_app.command("verify")
+def keys_verify(
+    config: Path = _CONFIG,
+    kits_dir: Path = typer.Option(..., "--kits", help="The kits folder to check."),
+    audit: Path | None = _AUDIT,
+) -> None:
+    """Prove the server kit holds no secret key and every site shares one key pair (exit 1 otherwise)."""
+    consortium = load_config(config)
+    report = he_keys.verify_keys(kits_dir, config=consortium)
+    _audit(audit, kits_dir).append(
+        EVENT_KEYS_VERIFIED,
+        ok=report.ok,
+        fingerprint=report.fingerprint,
+        findings=[f"{f.path}: {f.problem}" for f in report.findings],
+    )
+    _print_report(report)
+    report.raise_for_failure()
+
+
+def _print_report(report: he_keys.KeyReport) -> None:
+    if report.ok:
+        table = Table("site", "context", title="HE contexts")
+        for site, kind in report.checked.items():
+            table.add_row(site, kind)
+        console.print(table)
+        console.print(f"[green]ok[/]: one key pair, public fingerprint [bold]{report.fingerprint}[/]")
+        return
+    table = Table("file", "problem", title="HE key verification: findings", show_lines=True)
+    for finding in report.findings:
+        table.add_row(str(finding.path), finding.problem)
+    console.print(table)
+
+
+def _he_params(consortium) -> dict:
+    he = consortium.privacy.he
+    return {
+        "poly_modulus_degree": he.poly_modulus_degree,
+        "coeff_mod_bit_sizes": list(he.coeff_mod_bit_sizes),
+        "global_scale_bits": he.global_scale_bits,
+    }
+
+
+def register(app: typer.Typer) -> None:
+    app.command("provision")(provision_command)
+    app.command("add-member")(add_member_command)
+    app.add_typer(keys_app, name="keys")

@@ -1,0 +1,277 @@
+"""The HE key ceremony: CKKS contexts made by a member's key custodian, never by the operator.
+
+Stock NVFlare makes HE contexts inside provisioning (HEBuilder), so whoever provisions holds every
+member's secret key. Here the operator provisions without HE, and a custodian (one member, on its own
+machine) runs :func:`create_keys`, then :func:`install_keys` on the kits before they are shipped:
+
+- ``client_context.tenseal``: the secret context (secret key, public key, relinearization keys), the
+  same for every member, copied to ``<member>/startup/``;
+- ``server_context.tenseal``: the public context (no secret key), copied to ``<server>/startup/``.
+
+These are the file names NVFlare's HEBuilder writes. :func:`verify_keys` proves the server holds no
+secret key and that every site shares the same public key and parameters; the public fingerprint (the
+sha256 of the context's public part: parameters, scale and public key, re-serialized so that it does
+not depend on how a file was written) names the key set in the audit log and in ``he_context.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tenseal as ts
+
+from consortium.config import ConsortiumConfig, HomomorphicEncryption
+from provisioning.errors import KeyCeremonyError, KeyVerificationError
+
+CLIENT_CONTEXT = "client_context.tenseal"
+SERVER_CONTEXT = "server_context.tenseal"
+MANIFEST = "he_context.json"
+
+
+@dataclass
+class KeySet:
+    """What :func:`create_keys` wrote."""
+
+    secret_context: Path
+    public_context: Path
+    manifest: Path
+    fingerprint: str
+
+
+@dataclass
+class Finding:
+    """One problem :func:`verify_keys` found: the file and what is wrong with it."""
+
+    path: Path
+    problem: str
+
+
+@dataclass
+class KeyReport:
+    """The outcome of :func:`verify_keys`."""
+
+    fingerprint: str | None = None
+    checked: dict[str, str] = field(default_factory=dict)  # site -> "secret" | "public"
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def raise_for_failure(self) -> None:
+        if self.findings:
+            lines = "\n".join(f"  {f.path}: {f.problem}" for f in self.findings)
+            raise KeyVerificationError(f"HE key verification failed:\n{lines}", findings=self.findings)
+
+
+def public_fingerprint(context: ts.Context) -> str:
+    """The sha256 (hex) of the public part of ``context``: parameters, scale and public key."""
+    public = context.serialize(
+        save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
+    )
+    # A freshly generated key serializes in a compressed, seeded form; a loaded one does not.
+    # Round-tripping once makes the bytes independent of where the context came from.
+    canonical = ts.context_from(public).serialize(
+        save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
+    )
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def load_context(path: Path) -> ts.Context:
+    """Load a TenSEAL context file; :class:`KeyCeremonyError` names the file when it cannot."""
+    try:
+        return ts.context_from(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise KeyCeremonyError(f"{path}: missing; run 'consortium keys create' first") from None
+    except Exception as exc:  # tenseal raises bare exceptions on malformed bytes
+        raise KeyCeremonyError(f"{path}: not a TenSEAL context ({exc})") from None
+
+
+def create_keys(he_settings: HomomorphicEncryption, *, out: Path) -> KeySet:
+    """Create the consortium's CKKS key pair in ``out`` (run by a member's key custodian).
+
+    No Galois keys: the server only adds ciphertexts. Refuses to overwrite existing keys, since a new
+    key pair makes every model encrypted under the old one undecryptable.
+    """
+    out = Path(out)
+    secret_path, public_path = out / CLIENT_CONTEXT, out / SERVER_CONTEXT
+    existing = [p for p in (secret_path, public_path) if p.exists()]
+    if existing:
+        raise KeyCeremonyError(
+            f"{existing[0]}: HE keys already exist; a new key pair would orphan everything encrypted under "
+            "them. Move them away deliberately, or use another folder"
+        )
+    try:
+        context = ts.context(
+            ts.SCHEME_TYPE.CKKS,
+            poly_modulus_degree=he_settings.poly_modulus_degree,
+            coeff_mod_bit_sizes=list(he_settings.coeff_mod_bit_sizes),
+        )
+    except ValueError as exc:
+        raise KeyCeremonyError(
+            f"privacy.he: poly_modulus_degree={he_settings.poly_modulus_degree} with coeff_mod_bit_sizes="
+            f"{list(he_settings.coeff_mod_bit_sizes)} is not a valid CKKS setting ({exc}); "
+            "NVFlare's default is 8192 with [60, 40, 40]"
+        ) from None
+    context.global_scale = 2**he_settings.global_scale_bits
+    secret = context.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=True)
+    public = context.serialize(save_secret_key=False, save_galois_keys=False, save_relin_keys=True)
+    fingerprint = public_fingerprint(context)
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_private(secret_path, secret)
+    public_path.write_bytes(public)
+    manifest = out / MANIFEST
+    manifest.write_text(json.dumps(_manifest(he_settings, fingerprint), indent=2) + "\n")
+    return KeySet(secret_path, public_path, manifest, fingerprint)
+
+
+def install_keys(
+    kits: Path, keys: Path, *, config: ConsortiumConfig, members: list[str] | None = None
+) -> list[Path]:
+    """Copy the secret context into member kits and the public context into the server kit.
+
+    ``members`` limits the install to those members (a member added later) and leaves the server kit
+    alone; by default every member and the server get theirs. The same key pair is installed each time:
+    nothing is ever re-keyed here.
+    """
+    kits, keys = Path(kits), Path(keys)
+    secret_path, public_path = keys / CLIENT_CONTEXT, keys / SERVER_CONTEXT
+    for path in (secret_path, public_path):
+        if not path.is_file():
+            raise KeyCeremonyError(f"{path}: missing; run 'consortium keys create --out {keys}' first")
+    _check_key_files(secret_path, public_path)
+    names = members if members is not None else [m.name for m in config.members]
+    targets = [(kits / config.member(name).name / "startup", secret_path) for name in names]
+    if members is None:
+        targets.append((kits / config.operator.host / "startup", public_path))
+    missing = [folder for folder, _ in targets if not folder.is_dir()]
+    if missing:
+        raise KeyCeremonyError(
+            f"{missing[0]}: no such kit folder; pass --kits the folder 'consortium provision' wrote"
+        )
+    installed = []
+    for folder, source in targets:
+        destination = folder / source.name
+        if source is secret_path:
+            _write_private(destination, source.read_bytes())
+        else:
+            shutil.copyfile(source, destination)
+        installed.append(destination)
+    return installed
+
+
+def verify_keys(kits: Path, *, config: ConsortiumConfig) -> KeyReport:
+    """Check the HE contexts in the kits; each failure names the file and what is wrong.
+
+    The server kit must hold a public context only (and no client context at all); every member kit a
+    secret context; all of them the same public key and parameters.
+    """
+    kits = Path(kits)
+    report = KeyReport()
+    server_startup = kits / config.operator.host / "startup"
+    stray = server_startup / CLIENT_CONTEXT
+    if stray.exists():
+        report.findings.append(
+            Finding(stray, "a secret (client) context in the operator's server kit: delete it")
+        )
+    fingerprints: dict[Path, str] = {}
+    server_file = server_startup / SERVER_CONTEXT
+    server_ctx = _load(server_file, report)
+    if server_ctx is not None:
+        if server_ctx.is_private() or server_ctx.has_secret_key():
+            report.findings.append(
+                Finding(server_file, "holds a secret key: the operator could decrypt updates")
+            )
+        else:
+            report.checked[config.operator.host] = "public"
+        fingerprints[server_file] = public_fingerprint(server_ctx)
+    for member in config.members:
+        member_file = kits / member.name / "startup" / CLIENT_CONTEXT
+        ctx = _load(member_file, report)
+        if ctx is None:
+            continue
+        if not ctx.is_private():
+            report.findings.append(Finding(member_file, "holds no secret key: this member could not decrypt"))
+        else:
+            report.checked[member.name] = "secret"
+        fingerprints[member_file] = public_fingerprint(ctx)
+        expected_scale = 2**config.privacy.he.global_scale_bits
+        if ctx.global_scale != expected_scale:
+            report.findings.append(
+                Finding(
+                    member_file,
+                    f"global scale {ctx.global_scale:g} differs from privacy.he ({expected_scale:g})",
+                )
+            )
+    report.fingerprint = _majority(fingerprints)
+    for path, fingerprint in fingerprints.items():
+        if fingerprint != report.fingerprint:
+            report.findings.append(
+                Finding(
+                    path,
+                    f"a different key pair (public fingerprint {fingerprint[:16]}..., the others have "
+                    f"{report.fingerprint[:16]}...): encrypted updates would not add up",
+                )
+            )
+    return report
+
+
+def _load(path: Path, report: KeyReport) -> ts.Context | None:
+    if not path.is_file():
+        report.findings.append(Finding(path, "missing; run 'consortium keys install'"))
+        return None
+    try:
+        return ts.context_from(path.read_bytes())
+    except Exception as exc:  # tenseal raises bare exceptions on malformed bytes
+        report.findings.append(Finding(path, f"not a TenSEAL context ({exc})"))
+        return None
+
+
+def _majority(fingerprints: dict[Path, str]) -> str | None:
+    if not fingerprints:
+        return None
+    values = list(fingerprints.values())
+    # the server's public context is the reference when there is no majority among members
+    return max(dict.fromkeys(values), key=values.count)
+
+
+def _check_key_files(secret_path: Path, public_path: Path) -> None:
+    secret, public = load_context(secret_path), load_context(public_path)
+    if not secret.is_private():
+        raise KeyCeremonyError(
+            f"{secret_path}: holds no secret key; it is not the custodian's secret context"
+        )
+    if public.is_private() or public.has_secret_key():
+        raise KeyCeremonyError(
+            f"{public_path}: holds a secret key; it must never reach the operator's server"
+        )
+    if public_fingerprint(secret) != public_fingerprint(public):
+        raise KeyCeremonyError(
+            f"{secret_path.parent}: {secret_path.name} and {public_path.name} are not one key pair; "
+            "recreate them"
+        )
+
+
+def _manifest(he_settings: HomomorphicEncryption, fingerprint: str) -> dict:
+    return {
+        "scheme": "CKKS",
+        "poly_modulus_degree": he_settings.poly_modulus_degree,
+        "coeff_mod_bit_sizes": list(he_settings.coeff_mod_bit_sizes),
+        "global_scale_bits": he_settings.global_scale_bits,
+        "galois_keys": False,
+        "public_fingerprint_sha256": fingerprint,
+        "files": {CLIENT_CONTEXT: "members only (secret key)", SERVER_CONTEXT: "operator's server (public)"},
+    }
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, 0o600)
