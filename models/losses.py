@@ -60,7 +60,9 @@ def cox_loss(log_risk: torch.Tensor, survival: torch.Tensor) -> torch.Tensor:
         ``(n, 2)`` ``[time, event]``; a row with ``NaN`` in either column is missing.
     """
     if survival.ndim != 2 or survival.shape[1] != 2:
-        raise ValueError(f"survival targets have shape {tuple(survival.shape)}; expected (n, 2) [time, event]")
+        raise ValueError(
+            f"survival targets have shape {tuple(survival.shape)}; expected (n, 2) [time, event]"
+        )
     observed = ~torch.isnan(survival).any(dim=1)
     eta = log_risk[observed]
     time = survival[observed, 0].to(eta.dtype)

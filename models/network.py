@@ -48,7 +48,9 @@ def build_trunk(
     if int(n_features) < 1:
         raise ValueError(f"n_features={n_features}; the trunk needs at least one input feature")
     if not widths or min(widths) < 1:
-        raise ValueError(f"trunk_widths={tuple(trunk_widths)}; give one or more positive widths, e.g. (256, 64)")
+        raise ValueError(
+            f"trunk_widths={tuple(trunk_widths)}; give one or more positive widths, e.g. (256, 64)"
+        )
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout={dropout}; use a probability in [0, 1)")
     layers: list[nn.Module] = []
@@ -163,7 +165,9 @@ class MultitaskNet(nn.Module):
             if task.kind not in TASK_KINDS:
                 raise ValueError(f"task '{task.name}' has kind '{task.kind}'; use one of {TASK_KINDS}")
             if "." in task.name or not task.name:
-                raise ValueError(f"task name '{task.name}' is empty or holds '.'; it is a state-dict key part")
+                raise ValueError(
+                    f"task name '{task.name}' is empty or holds '.'; rename it (it is a state-dict key part)"
+                )
         self.n_features = int(n_features)
         self.tasks = tuple(tasks)
         self.trunk = build_trunk(n_features, trunk_widths=trunk_widths, dropout=dropout)
@@ -219,7 +223,7 @@ class MultitaskNet(nn.Module):
         if missing or unexpected:
             hint = ""
             if any(k.startswith("_module.") for k in unexpected):
-                hint = " Keys start with '_module.': take the state from trainer.model, not the Opacus wrapper."
+                hint = " Keys start with '_module.': take the state from trainer.model, not Opacus' wrapper."
             elif any(k.startswith(HEAD_PREFIX) for k in unexpected):
                 hint = " Head keys are private; send only model.trunk_state()."
             raise ValueError(
@@ -240,7 +244,9 @@ class MultitaskNet(nn.Module):
     def set_target_scaling(self, task: str, *, mean: float, scale: float) -> None:
         """Store a regression head's train-split mean and standard deviation."""
         if not math.isfinite(mean) or not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"task '{task}': target scaling mean={mean}, scale={scale}; need a finite scale > 0")
+            raise ValueError(
+                f"task '{task}': target scaling mean={mean}, scale={scale}; need finite values and scale > 0"
+            )
         head = self.heads[task]
         head.target_mean.fill_(float(mean))
         head.target_scale.fill_(float(scale))
@@ -268,10 +274,7 @@ class MultitaskNet(nn.Module):
             self.train(was_training)
         out: dict[str, np.ndarray] = {}
         for task in self.tasks:
-            if chunks:
-                values = torch.cat([c[task.name] for c in chunks]).double().numpy()
-            else:
-                values = np.zeros(0)
+            values = torch.cat([c[task.name] for c in chunks]).double().numpy() if chunks else np.zeros(0)
             if task.kind == "regression":
                 mean, scale = self.target_scaling(task.name)
                 values = values * scale + mean

@@ -82,7 +82,9 @@ class FitResult:
     seconds: float
 
 
-def _target_tensors(part: MemberData, tasks: Sequence[TaskSpec], model: MultitaskNet) -> dict[str, torch.Tensor]:
+def _target_tensors(
+    part: MemberData, tasks: Sequence[TaskSpec], model: MultitaskNet
+) -> dict[str, torch.Tensor]:
     targets = {}
     for task in tasks:
         y = np.asarray(part.targets[task.name], dtype=np.float64)
@@ -179,11 +181,15 @@ class LocalTrainer:
             )
         for task in self.tasks:
             if task.name not in self.data.targets:
-                raise KeyError(f"task '{task.name}' has no targets in the data; it has {sorted(self.data.targets)}")
+                raise KeyError(
+                    f"task '{task.name}' has no targets in the data; it has {sorted(self.data.targets)}"
+                )
             shape = self.data.targets[task.name].shape
             expected = (self.data.X.shape[0], 2) if task.kind == "survival" else (self.data.X.shape[0],)
             if shape != expected:
-                raise ValueError(f"targets of {task.kind} task '{task.name}' have shape {shape}; expected {expected}")
+                raise ValueError(
+                    f"targets of {task.kind} task '{task.name}' have shape {shape}; expected {expected}"
+                )
 
     def _set_target_scaling(self, train: MemberData) -> None:
         for task in self.tasks:
@@ -192,7 +198,9 @@ class LocalTrainer:
             y = np.asarray(train.targets[task.name], dtype=np.float64)
             y = y[~np.isnan(y)]
             if y.size < 2 or not np.std(y) > 0:
-                logger.warning("task '%s': %d train labels, too few to standardize; using mean 0, sd 1", task.name, y.size)
+                logger.warning(
+                    "task '%s': %d train labels, too few to standardize; not scaling", task.name, y.size
+                )
                 mean, scale = (float(y.mean()) if y.size else 0.0), 1.0
             else:
                 mean, scale = float(y.mean()), float(y.std())
@@ -240,9 +248,8 @@ class LocalTrainer:
             self._rng_state = torch.get_rng_state()
         self.model.eval()
         self.epochs_done += epochs
-        stats = TrainStats(
-            steps=steps, loss=loss_sum / loss_steps if loss_steps else float("nan"), seconds=time.perf_counter() - started
-        )
+        mean_loss = loss_sum / loss_steps if loss_steps else float("nan")
+        stats = TrainStats(steps=steps, loss=mean_loss, seconds=time.perf_counter() - started)
         logger.debug("trained %d epochs (%d total): %s", epochs, self.epochs_done, stats)
         return stats
 
