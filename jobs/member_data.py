@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 
+from consortium.config import ConsortiumConfig
 from models.data import MemberData, TaskSpec
 from omics.contract import ContractRules
 from omics.io import read_member
 from omics.prepare import member_arrays, prepare_member
-
-from consortium.config import ConsortiumConfig
 
 log = logging.getLogger(__name__)
 

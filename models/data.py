@@ -89,8 +89,7 @@ def pool_members(members: Mapping[str, MemberData], tasks: Sequence[TaskSpec]) -
     for task in tasks:
         width = (2,) if task.kind == "survival" else ()
         columns = [
-            p.targets[task.name] if task.name in p.targets else np.full((p.X.shape[0], *width), np.nan)
-            for p in parts
+            p.targets[task.name] if task.name in p.targets else np.full((p.X.shape[0], *width), np.nan) for p in parts
         ]
         targets[task.name] = np.concatenate(columns).astype(np.float64)
     return MemberData(

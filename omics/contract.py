@@ -75,12 +75,17 @@ class ContractReport:
         }
 
 
-def check_member(adata: ad.AnnData, *, tasks: Sequence[Any], rules: ContractRules, path: str | Path = "") -> ContractReport:
+def check_member(
+    adata: ad.AnnData, *, tasks: Sequence[Any], rules: ContractRules, path: str | Path = ""
+) -> ContractReport:
     """Check a member's data against the contract; see the module docstring."""
     report = ContractReport(path=str(path), n_samples=adata.n_obs, n_features=adata.n_vars)
     if adata.n_obs == 0 or adata.n_vars == 0:
-        report.error("X", f"the matrix is empty ({adata.n_obs} samples x {adata.n_vars} features)",
-                     "export the member's samples and features into the file")
+        report.error(
+            "X",
+            f"the matrix is empty ({adata.n_obs} samples x {adata.n_vars} features)",
+            "export the member's samples and features into the file",
+        )
         return report
     _check_identifiers(adata, rules, report)
     _check_values(adata, rules, report)
@@ -94,30 +99,49 @@ def _check_identifiers(adata: ad.AnnData, rules: ContractRules, report: Contract
     names = adata.var_names.astype(str)
     dupes = names[names.duplicated()].unique()
     if len(dupes):
-        report.error("var_names", f"{len(dupes)} duplicate feature IDs, e.g. {list(dupes[:5])}",
-                     "aggregate or drop duplicated features so each ID appears once")
+        report.error(
+            "var_names",
+            f"{len(dupes)} duplicate feature IDs, e.g. {list(dupes[:5])}",
+            "aggregate or drop duplicated features so each ID appears once",
+        )
     samples = adata.obs_names.astype(str)
     dup_samples = samples[samples.duplicated()].unique()
     if len(dup_samples):
-        report.error("obs_names", f"{len(dup_samples)} duplicate sample IDs, e.g. {list(dup_samples[:5])}",
-                     "give every sample a unique ID (obs_names)")
+        report.error(
+            "obs_names",
+            f"{len(dup_samples)} duplicate sample IDs, e.g. {list(dup_samples[:5])}",
+            "give every sample a unique ID (obs_names)",
+        )
     kinds = count_kinds(names)
     present = [k for k, n in kinds.items() if n]
     if len(present) > 1:
-        report.error("var_names", f"mixed identifier kinds: {kinds['symbol']} gene symbols and "
-                     f"{kinds['ensembl']} Ensembl IDs", f"map every feature to {rules.id_kind} IDs")
+        report.error(
+            "var_names",
+            f"mixed identifier kinds: {kinds['symbol']} gene symbols and {kinds['ensembl']} Ensembl IDs",
+            f"map every feature to {rules.id_kind} IDs",
+        )
     elif present and present[0] != rules.id_kind:
-        report.error("var_names", f"features are {present[0]} IDs but the consortium panel uses {rules.id_kind} IDs",
-                     f"map the features to {rules.id_kind} IDs before joining")
+        report.error(
+            "var_names",
+            f"features are {present[0]} IDs but the consortium panel uses {rules.id_kind} IDs",
+            f"map the features to {rules.id_kind} IDs before joining",
+        )
     panel = pd.Index(rules.panel)
     report.coverage = float(panel.isin(names).mean()) if len(panel) else 0.0
     if report.coverage < rules.min_coverage:
-        report.error("var_names", f"covers {report.coverage:.1%} of the {len(panel)}-feature panel, "
-                     f"below the required {rules.min_coverage:.0%}",
-                     "measure more panel features or check the identifier kind and spelling")
+        report.error(
+            "var_names",
+            f"covers {report.coverage:.1%} of the {len(panel)}-feature panel, "
+            f"below the required {rules.min_coverage:.0%}",
+            "measure more panel features or check the identifier kind and spelling",
+        )
     elif report.coverage < 1.0:
-        report.warn("var_names", f"{int(round((1 - report.coverage) * len(panel)))} panel features are not measured "
-                    f"(coverage {report.coverage:.1%})", "they are masked in var['measured'], not zero-padded")
+        report.warn(
+            "var_names",
+            f"{int(round((1 - report.coverage) * len(panel)))} panel features are not measured "
+            f"(coverage {report.coverage:.1%})",
+            "they are masked in var['measured'], not zero-padded",
+        )
 
 
 def _check_values(adata: ad.AnnData, rules: ContractRules, report: ContractReport) -> None:
@@ -129,25 +153,37 @@ def _check_values(adata: ad.AnnData, rules: ContractRules, report: ContractRepor
     n_nan = int(np.isnan(data).sum()) if np.issubdtype(data.dtype, np.floating) else 0
     n_inf = int(np.isinf(data).sum()) if np.issubdtype(data.dtype, np.floating) else 0
     if n_nan or n_inf:
-        report.error("X", f"{n_nan} NaN and {n_inf} infinite values",
-                     "remove or re-quantify the affected measurements; missing values are not allowed in X")
+        report.error(
+            "X",
+            f"{n_nan} NaN and {n_inf} infinite values",
+            "remove or re-quantify the affected measurements; missing values are not allowed in X",
+        )
     if rules.values == "counts":
         finite = data[np.isfinite(data)] if np.issubdtype(data.dtype, np.floating) else data
         n_neg = int((finite < 0).sum())
         if n_neg:
-            report.error("X", f"{n_neg} negative values, but the consortium expects raw counts",
-                         "provide raw counts, or set data.values: normalized in consortium.yaml")
+            report.error(
+                "X",
+                f"{n_neg} negative values, but the consortium expects raw counts",
+                "provide raw counts, or set data.values: normalized in consortium.yaml",
+            )
         elif finite.size and not np.allclose(finite[:100_000], np.round(finite[:100_000])):
-            report.warn("X", "values are not whole numbers although counts are expected",
-                        "provide raw counts if available; normalization assumes counts")
+            report.warn(
+                "X",
+                "values are not whole numbers although counts are expected",
+                "provide raw counts if available; normalization assumes counts",
+            )
 
 
 def _check_task(obs: pd.DataFrame, task: Any, rules: ContractRules, report: ContractReport) -> None:
     columns = [task.time, task.event] if task.type == "survival" else [task.column]
     missing = [c for c in columns if c not in obs.columns]
     if missing:
-        report.error(f"obs.{missing[0]}", f"task '{task.name}' needs column(s) {missing} in obs; found: "
-                     f"{_preview(obs.columns)}", f"add {missing} to obs or fix the task's columns in consortium.yaml")
+        report.error(
+            f"obs.{missing[0]}",
+            f"task '{task.name}' needs column(s) {missing} in obs; found: {_preview(obs.columns)}",
+            f"add {missing} to obs or fix the task's columns in consortium.yaml",
+        )
         return
     if task.type == "binary":
         _check_binary(obs[task.column], task, rules, report)
@@ -163,8 +199,12 @@ def _numeric(series: pd.Series, field_: str, task: Any, report: ContractReport) 
     values = pd.to_numeric(series, errors="coerce")
     bad = series.notna() & values.isna()
     if bad.any():
-        report.error(field_, f"task '{task.name}': {int(bad.sum())} non-numeric values, e.g. "
-                     f"{list(series[bad].astype(str).unique()[:3])}", "encode the column as numbers; leave missing labels empty (NaN)")
+        report.error(
+            field_,
+            f"task '{task.name}': {int(bad.sum())} non-numeric values, e.g. "
+            f"{list(series[bad].astype(str).unique()[:3])}",
+            "encode the column as numbers; leave missing labels empty (NaN)",
+        )
         return None
     return values.astype(float)
 
@@ -175,16 +215,23 @@ def _check_binary(series: pd.Series, task: Any, rules: ContractRules, report: Co
     if values is None:
         return
     labeled = values.dropna()
-    other = sorted(set(labeled.unique()) - {0.0, 1.0})
+    other = sorted(float(v) for v in set(labeled.unique()) - {0.0, 1.0})
     if other:
-        report.error(field_, f"task '{task.name}' is binary but holds values {other[:5]}",
-                     "encode labels as 0/1 and leave missing labels empty (NaN)")
+        report.error(
+            field_,
+            f"task '{task.name}' is binary but holds values {other[:5]}",
+            "encode labels as 0/1 and leave missing labels empty (NaN)",
+        )
         return
     pos, neg = int((labeled == 1).sum()), int((labeled == 0).sum())
     report.tasks[task.name] = {"type": "binary", "labeled": pos + neg, "positives": pos, "negatives": neg}
     if min(pos, neg) < rules.min_class_count:
-        report.error(field_, f"task '{task.name}' has {pos} positives and {neg} negatives; the quorum is "
-                     f"{rules.min_class_count} of each", "add labelled samples or drop the task from consortium.yaml")
+        report.error(
+            field_,
+            f"task '{task.name}' has {pos} positives and {neg} negatives; the quorum is "
+            f"{rules.min_class_count} of each",
+            "add labelled samples or drop the task from consortium.yaml",
+        )
 
 
 def _check_regression(series: pd.Series, task: Any, rules: ContractRules, report: ContractReport) -> None:
@@ -198,10 +245,15 @@ def _check_regression(series: pd.Series, task: Any, rules: ContractRules, report
         return
     report.tasks[task.name] = {"type": "regression", "labeled": int(labeled.size)}
     if labeled.size < rules.min_labeled:
-        report.error(field_, f"task '{task.name}' has {labeled.size} labelled samples; the quorum is {rules.min_labeled}",
-                     "add labelled samples or drop the task from consortium.yaml")
+        report.error(
+            field_,
+            f"task '{task.name}' has {labeled.size} labelled samples; the quorum is {rules.min_labeled}",
+            "add labelled samples or drop the task from consortium.yaml",
+        )
     elif labeled.size and float(labeled.std()) == 0.0:
-        report.error(field_, f"task '{task.name}' has a constant target", "check the column; a constant cannot be learned")
+        report.error(
+            field_, f"task '{task.name}' has a constant target", "check the column; a constant cannot be learned"
+        )
 
 
 def _check_survival(time: pd.Series, event: pd.Series, task: Any, rules: ContractRules, report: ContractReport) -> None:
@@ -211,32 +263,51 @@ def _check_survival(time: pd.Series, event: pd.Series, task: Any, rules: Contrac
         return
     both = t.notna() & e.notna()
     if (t.notna() != e.notna()).any():
-        report.warn(f"obs.{task.event}", f"task '{task.name}': {int((t.notna() != e.notna()).sum())} samples have a "
-                    "time without an event or the reverse", "they are treated as unlabelled; fill both or neither")
+        report.warn(
+            f"obs.{task.event}",
+            f"task '{task.name}': {int((t.notna() != e.notna()).sum())} samples have a "
+            "time without an event or the reverse",
+            "they are treated as unlabelled; fill both or neither",
+        )
     non_positive = int((t[both] <= 0).sum())
     if non_positive:
-        report.error(f"obs.{task.time}", f"task '{task.name}': {non_positive} survival times are <= 0",
-                     "survival times must be positive (e.g. days from baseline)")
-    other = sorted(set(e[both].unique()) - {0.0, 1.0})
+        report.error(
+            f"obs.{task.time}",
+            f"task '{task.name}': {non_positive} survival times are <= 0",
+            "survival times must be positive (e.g. days from baseline)",
+        )
+    other = sorted(float(v) for v in set(e[both].unique()) - {0.0, 1.0})
     if other:
-        report.error(f"obs.{task.event}", f"task '{task.name}': event indicator holds {other[:5]}",
-                     "encode events as 1 (event) and 0 (censored)")
+        report.error(
+            f"obs.{task.event}",
+            f"task '{task.name}': event indicator holds {other[:5]}",
+            "encode events as 1 (event) and 0 (censored)",
+        )
         return
     events = int((e[both] == 1).sum())
     report.tasks[task.name] = {"type": "survival", "labeled": int(both.sum()), "events": events}
     if events < rules.min_events:
-        report.error(f"obs.{task.event}", f"task '{task.name}' has {events} events; the quorum is {rules.min_events}",
-                     "add follow-up data or drop the task from consortium.yaml")
+        report.error(
+            f"obs.{task.event}",
+            f"task '{task.name}' has {events} events; the quorum is {rules.min_events}",
+            "add follow-up data or drop the task from consortium.yaml",
+        )
 
 
 def _check_split(obs: pd.DataFrame, report: ContractReport) -> None:
     if "split" not in obs.columns:
-        report.warn("obs.split", "no stored train/val/test split",
-                    "run 'consortium data split' to store a reproducible stratified split (one is derived from the seed otherwise)")
+        report.warn(
+            "obs.split",
+            "no stored train/val/test split",
+            "run 'consortium data split' to store a reproducible stratified split "
+            "(one is derived from the seed otherwise)",
+        )
         return
     other = sorted(set(obs["split"].astype(str)) - {"train", "val", "test"})
     if other:
-        report.error("obs.split", f"holds values {other[:5]}", "use only 'train', 'val' and 'test', or delete the column")
+        report.error(
+            "obs.split", f"holds values {other[:5]}", "use only 'train', 'val' and 'test', or delete the column"
+        )
         return
     counts = obs["split"].astype(str).value_counts()
     for part in ("train", "val", "test"):

@@ -55,6 +55,10 @@ def harmonize_to_panel(adata: ad.AnnData, *, panel: Sequence[str], min_coverage:
         "n_dropped_outside_panel": int((~pd.Index(names).isin(panel_index)).sum()),
         "unmeasured_fill": "0 after scaling (the feature mean); see var['measured']",
     }
-    log.info("harmonized to panel: coverage %.1f%%, %d unmeasured, %d dropped", 100 * coverage,
-             (~measured).sum(), out.uns["harmonization"]["n_dropped_outside_panel"])
+    log.info(
+        "harmonized to panel: coverage %.1f%%, %d unmeasured, %d dropped",
+        100 * coverage,
+        (~measured).sum(),
+        out.uns["harmonization"]["n_dropped_outside_panel"],
+    )
     return out

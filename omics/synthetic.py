@@ -27,8 +27,36 @@ from omics.split import assign_split
 
 log = logging.getLogger(__name__)
 
-_STEMS = ("CD", "KRT", "IL", "TNF", "MAP", "SLC", "ZNF", "CCL", "CXCL", "HLA", "COL", "RPL", "ADAM", "WNT",
-          "FGF", "TGF", "NOTCH", "SOX", "FOX", "GATA", "KLF", "MYO", "ATP", "ABC", "CDK", "PIK", "STAT", "JAK")
+_STEMS = (
+    "CD",
+    "KRT",
+    "IL",
+    "TNF",
+    "MAP",
+    "SLC",
+    "ZNF",
+    "CCL",
+    "CXCL",
+    "HLA",
+    "COL",
+    "RPL",
+    "ADAM",
+    "WNT",
+    "FGF",
+    "TGF",
+    "NOTCH",
+    "SOX",
+    "FOX",
+    "GATA",
+    "KLF",
+    "MYO",
+    "ATP",
+    "ABC",
+    "CDK",
+    "PIK",
+    "STAT",
+    "JAK",
+)
 DEFAULT_SIZES = (300, 800, 2000)
 GENES_PER_PROGRAM = 8
 N_SHARED_PROGRAMS = 3  # response, regression, survival drivers shared by every member
@@ -110,8 +138,13 @@ def make_consortium(
             counts, names = counts[:, keep], [panel[i] for i in keep]
         obs.index = [f"{letter}-{i:05d}" for i in range(n_samples)]
         adata = ad.AnnData(X=counts.astype(np.float32), obs=obs, var=pd.DataFrame(index=names))
-        assign_split(adata, tasks=[_TaskView(t) for t in tasks], val_fraction=val_fraction,
-                     test_fraction=test_fraction, seed=seed)
+        assign_split(
+            adata,
+            tasks=[_TaskView(t) for t in tasks],
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+        )
         adata.uns["synthetic"] = {"seed": seed, "member": index, "programs": [p for p in activity]}
         path = out / f"pharma-{letter}.h5ad"
         write_member(adata, path)
@@ -120,8 +153,9 @@ def make_consortium(
 
     truth_path = out / "ground_truth.json"
     truth_path.write_text(json.dumps({"tasks": truth, "programs": programs, "seed": seed}, indent=2))
-    return SyntheticConsortium(panel=panel, members=members, ground_truth=truth, ground_truth_path=truth_path,
-                               programs=programs)
+    return SyntheticConsortium(
+        panel=panel, members=members, ground_truth=truth, ground_truth_path=truth_path, programs=programs
+    )
 
 
 class _TaskView:
@@ -198,8 +232,16 @@ def _outcomes(
         values[rng.random(n) < missing_fraction] = np.nan
     unlabelled = rng.random(n) < missing_fraction
     time[unlabelled], event[unlabelled] = np.nan, np.nan
-    obs = pd.DataFrame({"response": response, "marker_level": marker, "pfs_days": time, "pfs_event": event,
-                        "age": rng.normal(62, 9, n).round(), "sex": rng.choice(["F", "M"], n)})
+    obs = pd.DataFrame(
+        {
+            "response": response,
+            "marker_level": marker,
+            "pfs_days": time,
+            "pfs_event": event,
+            "age": rng.normal(62, 9, n).round(),
+            "sex": rng.choice(["F", "M"], n),
+        }
+    )
     obs["sex"] = obs["sex"].astype("category")
     tasks = [
         {"name": f"{letter}_response", "type": "binary", "column": "response"},
@@ -219,7 +261,8 @@ def describe(consortium: SyntheticConsortium) -> dict[str, Any]:
     """A JSON-ready summary (members, sizes, tasks, planted programs)."""
     return {
         "panel_size": len(consortium.panel),
-        "members": [{"name": m.name, "samples": m.n_samples, "tasks": [t["name"] for t in m.tasks]}
-                    for m in consortium.members],
+        "members": [
+            {"name": m.name, "samples": m.n_samples, "tasks": [t["name"] for t in m.tasks]} for m in consortium.members
+        ],
         "programs": {k: len(v) for k, v in consortium.programs.items()},
     }

@@ -6,15 +6,15 @@ import json
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from consortium.config import load_config
 from jobs.member_data import contract_rules
 from omics.contract import ContractReport, check_member
 from omics.errors import DataFileError
 from omics.io import read_member, write_member
 from omics.split import assign_split
-from rich.console import Console
-from rich.table import Table
-
-from consortium.config import load_config
 
 console = Console()
 data_app = typer.Typer(help="Check and prepare a member's omics data.", no_args_is_help=True)
@@ -62,23 +62,36 @@ def split(
     if "split" in adata.obs.columns and not force:
         console.print(f"{entry.data} already holds a split; pass --force to replace it")
         raise typer.Exit(1)
-    assign_split(adata, tasks=entry.tasks, val_fraction=cfg.data.val_fraction,
-                 test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
+    assign_split(
+        adata,
+        tasks=entry.tasks,
+        val_fraction=cfg.data.val_fraction,
+        test_fraction=cfg.data.test_fraction,
+        seed=cfg.data.split_seed,
+    )
     write_member(adata, entry.data)
     console.print(f"stored split in {entry.data}: {dict(adata.obs['split'].value_counts())}")
 
 
 def _print_report(report: ContractReport, member: str) -> None:
     verdict = "[green]fit to join[/]" if report.fit else "[red]NOT fit to join[/]"
-    console.print(f"[bold]{member}[/] ({report.path}): {report.n_samples} samples x {report.n_features} features, "
-                  f"panel coverage {report.coverage:.1%}: {verdict}", highlight=False)
+    console.print(
+        f"[bold]{member}[/] ({report.path}): {report.n_samples} samples x {report.n_features} features, "
+        f"panel coverage {report.coverage:.1%}: {verdict}",
+        highlight=False,
+    )
     if report.tasks:
         tasks = Table(title="tasks", show_edge=False)
         for column in ("task", "type", "labelled", "classes / events"):
             tasks.add_column(column)
         for name, info in report.tasks.items():
-            detail = (f"{info['positives']} pos / {info['negatives']} neg" if info["type"] == "binary"
-                      else f"{info['events']} events" if info["type"] == "survival" else "")
+            detail = (
+                f"{info['positives']} pos / {info['negatives']} neg"
+                if info["type"] == "binary"
+                else f"{info['events']} events"
+                if info["type"] == "survival"
+                else ""
+            )
             tasks.add_row(name, info["type"], str(info["labeled"]), detail)
         console.print(tasks)
     if report.findings:

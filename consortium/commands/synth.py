@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from omics.synthetic import DEFAULT_SIZES, make_consortium
 from rich.console import Console
 from rich.table import Table
 
 from consortium.config import config_from_dict, dump_config
 from consortium.errors import UserError
+from omics.synthetic import DEFAULT_SIZES, make_consortium
 
 console = Console()
 
@@ -41,7 +41,9 @@ def synthesize(out: Path, *, sizes: list[int], n_features: int, seed: int, round
 def register(app: typer.Typer) -> None:
     @app.command("synth")
     def synth(
-        out: Path = typer.Option(..., "--out", help="Folder to write consortium.yaml, the .h5ad files and ground_truth.json."),
+        out: Path = typer.Option(
+            ..., "--out", help="Folder to write consortium.yaml, the .h5ad files and ground_truth.json."
+        ),
         members: int = typer.Option(3, "--members", min=1, max=26, help="Number of members."),
         sizes: str = typer.Option(None, "--sizes", help="Samples per member, comma-separated (default 300,800,2000)."),
         features: int = typer.Option(2000, "--features", min=96, help="Panel size."),
