@@ -1,0 +1,154 @@
+"""CKKS contexts for encrypted aggregation: make them, serialize them, load them in a FLARE site.
+
+One implementation of the CKKS parameters for the whole platform: the key ceremony
+(``provisioning``) and the POC helper call :func:`make_contexts`, so a kit's contexts and a test's
+contexts cannot drift apart. The two files keep the names NVFlare's ``HEBuilder`` writes
+(``client_context.tenseal`` with the secret key for members, ``server_context.tenseal`` without
+it for the operator) and the serialization of ``provisioning.he_keys.create_keys`` (public-key CKKS,
+so every site shares a public fingerprint; relinearization keys; no Galois keys: the server only adds).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import tenseal as ts
+
+logger = logging.getLogger(__name__)
+
+CLIENT_CONTEXT_FILE = "client_context.tenseal"
+SERVER_CONTEXT_FILE = "server_context.tenseal"
+
+
+class HESettings(Protocol):
+    """What :func:`make_contexts` reads; ``consortium.config.HomomorphicEncryption`` fits."""
+
+    poly_modulus_degree: int
+    coeff_mod_bit_sizes: list[int]
+    global_scale_bits: int
+
+
+@dataclass(frozen=True)
+class CKKSParameters:
+    """The CKKS parameters of ``privacy.he`` in ``consortium.yaml``, checked.
+
+    Our aggregation only adds ciphertexts, so one data prime is enough: the defaults
+    ``[60, 40]`` (data prime 60 bits, special prime 40 bits) at scale 2^40 leave 19 bits of
+    integer headroom for the weighted sum. NVFlare's stock ``[60, 40, 40]`` keeps a second data
+    prime for the server's division, which costs 1.8x the bytes of every ciphertext.
+    """
+
+    poly_modulus_degree: int = 8192
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40)
+    global_scale_bits: int = 40
+
+    def __post_init__(self) -> None:
+        sizes = list(self.coeff_mod_bit_sizes)
+        if len(sizes) < 2:
+            raise ValueError(
+                f"privacy.he.coeff_mod_bit_sizes={sizes}: give a data prime and a special prime, e.g. [60, 40]"
+            )
+        data_bits = sum(sizes[:-1])
+        if data_bits <= self.global_scale_bits + 1:
+            raise ValueError(
+                f"privacy.he: data primes {sizes[:-1]} ({data_bits} bits) leave no room above the scale "
+                f"2^{self.global_scale_bits}; use a first prime of at least {self.global_scale_bits + 10} bits, "
+                "e.g. coeff_mod_bit_sizes=[60, 40] with global_scale_bits=40"
+            )
+
+    @classmethod
+    def from_settings(cls, he_settings: HESettings | Any) -> CKKSParameters:
+        return cls(
+            poly_modulus_degree=int(he_settings.poly_modulus_degree),
+            coeff_mod_bit_sizes=tuple(int(b) for b in he_settings.coeff_mod_bit_sizes),
+            global_scale_bits=int(he_settings.global_scale_bits),
+        )
+
+
+def make_contexts(he_settings: HESettings | Any | None = None) -> tuple[bytes, bytes]:
+    """A fresh CKKS key pair, serialized as ``(client_context, server_context)``.
+
+    Parameters
+    ----------
+    he_settings
+        ``privacy.he`` of the consortium config (any object with ``poly_modulus_degree``,
+        ``coeff_mod_bit_sizes`` and ``global_scale_bits``); ``None`` uses the consortium defaults.
+
+    Returns
+    -------
+    tuple of bytes
+        ``client_context`` holds the secret key (members only); ``server_context`` holds none (the
+        operator). Only the member key custodian should ever call this for a real consortium.
+    """
+    params = CKKSParameters() if he_settings is None else CKKSParameters.from_settings(he_settings)
+    context = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        poly_modulus_degree=params.poly_modulus_degree,
+        coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+    )
+    context.global_scale = 2**params.global_scale_bits
+    client = context.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=True)
+    server = context.serialize(save_secret_key=False, save_galois_keys=False, save_relin_keys=True)
+    return client, server
+
+
+def slot_count(context: ts.Context) -> int:
+    """Values one CKKS vector holds: half the polynomial modulus degree."""
+    return context.seal_context().data.first_context_data().parms().poly_modulus_degree() // 2
+
+
+def headroom(context: ts.Context) -> float:
+    """Largest absolute value a sum of ciphertexts may reach before it wraps around the modulus."""
+    data_bits = context.seal_context().data.first_context_data().total_coeff_modulus_bit_count()
+    scale_bits = int(round(context.global_scale).bit_length() - 1)
+    return float(2 ** (data_bits - scale_bits - 1))
+
+
+def context_from_bytes(data: bytes, *, source: str, private: bool) -> ts.Context:
+    """Deserialize a context and check it holds a secret key exactly when ``private`` is True."""
+    try:
+        context = ts.context_from(data)
+    except Exception as exc:  # TenSEAL raises bare ValueError/RuntimeError on garbage
+        raise ValueError(f"{source}: not a TenSEAL context ({exc}); re-install it from the key ceremony") from exc
+    if private and not context.is_private():
+        raise ValueError(
+            f"{source}: holds no secret key, so this member could not decrypt the aggregate; install the "
+            f"member custodian's {CLIENT_CONTEXT_FILE} (the one with the secret key) into the kit's startup/"
+        )
+    if not private and context.is_private():
+        raise ValueError(
+            f"{source}: holds a SECRET key, but the operator's server must only hold the public context; "
+            f"replace it with the custodian's {SERVER_CONTEXT_FILE} and treat this key pair as compromised"
+        )
+    return context
+
+
+def load_context_from_workspace(fl_ctx: Any, file_name: str, *, private: bool) -> ts.Context:
+    """Load a context from the site's ``startup/`` folder, found through the FLARE workspace.
+
+    A context installed by the member custodian after provisioning is not in the kit's
+    ``signature.json`` (the operator's root CA must never see a secret context to sign it), so an
+    unsigned file is accepted; a file that *is* listed there but fails its signature is refused.
+    """
+    from nvflare.apis.fl_constant import FLContextKey
+    from nvflare.fuel.sec.security_content_service import LoadResult, SecurityContentService
+
+    workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
+    if workspace is None:
+        workspace = fl_ctx.get_engine().get_workspace()
+    path = os.path.join(workspace.get_startup_kit_dir(), file_name)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{path}: no HE context here; run the key ceremony ('consortium keys') and install "
+            f"{file_name} into this site's startup/ folder"
+        )
+    _, result = SecurityContentService.load_content(file_name)
+    if result == LoadResult.INVALID_SIGNATURE:
+        raise ValueError(f"{path}: its signature in signature.json does not match; the file was altered")
+    with open(path, "rb") as handle:
+        data = handle.read()
+    logger.info("loaded HE context %s (signature check: %s)", path, getattr(result, "value", result))
+    return context_from_bytes(data, source=path, private=private)
