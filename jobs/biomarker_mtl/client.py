@@ -1,0 +1,78 @@
+"""Client API script of the biomarker multitask job: what each member site runs.
+
+FLARE starts it once per job (in-process executor) and feeds it every round. It only wires
+``flare.receive/send`` to :class:`jobs.biomarker_mtl.site.MemberSite`; the training settings all come
+from ``consortium.yaml``, never from the command line.
+
+Arguments (paths only)::
+
+    --config PATH    consortium.yaml; default: the site's CONSORTIUM_CONFIG environment variable
+    --outputs DIR    the site writes to DIR/<site name>/; default: CONSORTIUM_SITE_OUTPUTS/<site name>/,
+                     else consortium_outputs/<job id>/<site name>/ in the site's FLARE workspace
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import nvflare.client as flare
+from nvflare.client.tracking import MLflowWriter
+
+from consortium.config import load_config
+from consortium.errors import ConfigError
+from jobs.biomarker_mtl.site import MemberSite, serve
+from jobs.site_outputs import OUTPUTS_ENV, SiteOutputs, site_folder
+
+CONFIG_ENV = "CONSORTIUM_CONFIG"
+WORKSPACE_OUTPUTS = "consortium_outputs"
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Member site of the biomarker multitask FLARE job.")
+    parser.add_argument("--config", type=Path, default=None, help=f"consortium.yaml (default: ${CONFIG_ENV})")
+    parser.add_argument("--outputs", type=Path, default=None, help=f"outputs root (default: ${OUTPUTS_ENV})")
+    return parser.parse_args(argv)
+
+
+def config_path(arg: Path | None) -> Path:
+    """``--config``, else ``$CONSORTIUM_CONFIG``; a :class:`ConfigError` says how to give one."""
+    if arg is not None:
+        return arg
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    raise ConfigError(
+        f"no consortium.yaml for this site: pass --config PATH in the job's train_args or set {CONFIG_ENV} "
+        "in the site's environment (for example in its startup kit's start.sh)"
+    )
+
+
+def outputs_root(arg: Path | None, *, job_id: str) -> Path:
+    """``--outputs``, else ``$CONSORTIUM_SITE_OUTPUTS``, else ``consortium_outputs/<job id>`` in the site's
+    FLARE workspace (FLARE runs a client's jobs with the site workspace as the current folder)."""
+    if arg is not None:
+        return arg
+    if os.environ.get(OUTPUTS_ENV):
+        return Path(os.environ[OUTPUTS_ENV])
+    return Path.cwd() / WORKSPACE_OUTPUTS / job_id
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    flare.init()
+    site_name = flare.get_site_name()
+    config = load_config(config_path(args.config))
+    member = config.member(site_name).name  # the FLARE client name is the member name
+    outputs = SiteOutputs(site_folder(outputs_root(args.outputs, job_id=flare.get_job_id()), member))
+    site = MemberSite(config, member, outputs=outputs, tracker=MLflowWriter())
+    rounds = serve(site, flare)
+    log.info("site %s: %d rounds done; outputs in %s", member, rounds, outputs.folder)
+
+
+if __name__ == "__main__":
+    main()
