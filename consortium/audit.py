@@ -55,9 +55,7 @@ class AuditError(UserError):
 
 
 def _canonical(payload: dict) -> bytes:
-    return json.dumps(
-        payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
-    ).encode()
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
 
 
 def entry_hash(entry: dict) -> str:
@@ -165,9 +163,7 @@ def verify_log(path: str | Path, *, expected_head: str | None = None) -> AuditRe
     """
     path = Path(path)
     if not path.is_file():
-        error = AuditError(
-            f"{path}: no such audit log; pass the audit.jsonl written next to the kits or keys"
-        )
+        error = AuditError(f"{path}: no such audit log; pass the audit.jsonl written next to the kits or keys")
         error.exit_code = 2
         raise error
     report = AuditReport(path=path)
@@ -214,15 +210,11 @@ def _index_failure(report: AuditReport, position: int, indices: list) -> AuditRe
     found = indices[position]
     if indices.count(found) > 1:
         first = indices.index(found)
-        return _fail(
-            report, first, f"index {found} appears at lines {first + 1} and later: an entry was inserted"
-        )
+        return _fail(report, first, f"index {found} appears at lines {first + 1} and later: an entry was inserted")
     if position in indices[position + 1 :]:
         return _fail(report, position, f"index {found} where {position} was expected: entries were reordered")
     if isinstance(found, int) and found > position:
-        return _fail(
-            report, position, f"index {found} where {position} was expected: entries before it were deleted"
-        )
+        return _fail(report, position, f"index {found} where {position} was expected: entries before it were deleted")
     return _fail(report, position, f"index {found} where {position} was expected: an entry was inserted")
 
 
@@ -243,9 +235,7 @@ def _check_head(report: AuditReport, head_path: Path, expected_head: str | None)
         return
     last_index = report.entries - 1
     if head_index > last_index:
-        report.reason = (
-            f"{head_path.name} records entry {head_index} but the log ends at {last_index}: tail cut"
-        )
+        report.reason = f"{head_path.name} records entry {head_index} but the log ends at {last_index}: tail cut"
     elif head_index == last_index and head_hash != report.head_hash:
         report.first_bad = last_index
         report.reason = f"the last entry does not match {head_path.name}: the tail was replaced"

@@ -131,9 +131,7 @@ def create_keys(he_settings: HomomorphicEncryption, *, out: Path) -> KeySet:
     return KeySet(secret_path, public_path, manifest, fingerprint)
 
 
-def install_keys(
-    kits: Path, keys: Path, *, config: ConsortiumConfig, members: list[str] | None = None
-) -> list[Path]:
+def install_keys(kits: Path, keys: Path, *, config: ConsortiumConfig, members: list[str] | None = None) -> list[Path]:
     """Copy the secret context into member kits and the public context into the server kit.
 
     ``members`` limits the install to those members (a member added later) and leaves the server kit
@@ -152,9 +150,7 @@ def install_keys(
         targets.append((kits / config.operator.host / "startup", public_path))
     missing = [folder for folder, _ in targets if not folder.is_dir()]
     if missing:
-        raise KeyCeremonyError(
-            f"{missing[0]}: no such kit folder; pass --kits the folder 'consortium provision' wrote"
-        )
+        raise KeyCeremonyError(f"{missing[0]}: no such kit folder; pass --kits the folder 'consortium provision' wrote")
     installed = []
     for folder, source in targets:
         destination = folder / source.name
@@ -177,17 +173,13 @@ def verify_keys(kits: Path, *, config: ConsortiumConfig) -> KeyReport:
     server_startup = kits / config.operator.host / "startup"
     stray = server_startup / CLIENT_CONTEXT
     if stray.exists():
-        report.findings.append(
-            Finding(stray, "a secret (client) context in the operator's server kit: delete it")
-        )
+        report.findings.append(Finding(stray, "a secret (client) context in the operator's server kit: delete it"))
     fingerprints: dict[Path, str] = {}
     server_file = server_startup / SERVER_CONTEXT
     server_ctx = _load(server_file, report)
     if server_ctx is not None:
         if server_ctx.is_private() or server_ctx.has_secret_key():
-            report.findings.append(
-                Finding(server_file, "holds a secret key: the operator could decrypt updates")
-            )
+            report.findings.append(Finding(server_file, "holds a secret key: the operator could decrypt updates"))
         else:
             report.checked[config.operator.host] = "public"
         fingerprints[server_file] = public_fingerprint(server_ctx)
@@ -244,17 +236,12 @@ def _majority(fingerprints: dict[Path, str]) -> str | None:
 def _check_key_files(secret_path: Path, public_path: Path) -> None:
     secret, public = load_context(secret_path), load_context(public_path)
     if not secret.is_private():
-        raise KeyCeremonyError(
-            f"{secret_path}: holds no secret key; it is not the custodian's secret context"
-        )
+        raise KeyCeremonyError(f"{secret_path}: holds no secret key; it is not the custodian's secret context")
     if public.is_private() or public.has_secret_key():
-        raise KeyCeremonyError(
-            f"{public_path}: holds a secret key; it must never reach the operator's server"
-        )
+        raise KeyCeremonyError(f"{public_path}: holds a secret key; it must never reach the operator's server")
     if public_fingerprint(secret) != public_fingerprint(public):
         raise KeyCeremonyError(
-            f"{secret_path.parent}: {secret_path.name} and {public_path.name} are not one key pair; "
-            "recreate them"
+            f"{secret_path.parent}: {secret_path.name} and {public_path.name} are not one key pair; recreate them"
         )
 
 

@@ -132,9 +132,7 @@ def add_member(config: ConsortiumConfig, *, kits: Path, member: str) -> Provisio
     lead = member_lead(new)
     for name in (new.name, lead):
         if (kits / name).exists():
-            raise ProvisioningError(
-                f"{kits / name}: already exists; '{member}' is already a member of these kits"
-            )
+            raise ProvisioningError(f"{kits / name}: already exists; '{member}' is already a member of these kits")
     project = build_project(config)
     staging = Path(tempfile.mkdtemp(prefix=f".{kits.name}.add-{member}-", dir=kits.parent))
     try:
@@ -186,9 +184,7 @@ def _write_project_file(path: Path, project: dict) -> None:
     path.write_text(yaml.safe_dump(project, sort_keys=False))
 
 
-def _result(
-    config: ConsortiumConfig, out: Path, *, members: list[str], with_operator: bool
-) -> ProvisionResult:
+def _result(config: ConsortiumConfig, out: Path, *, members: list[str], with_operator: bool) -> ProvisionResult:
     leads = {member_lead(config.member(name)): out / member_lead(config.member(name)) for name in members}
     admins = ({config.operator.admin: out / config.operator.admin} if with_operator else {}) | leads
     return ProvisionResult(

@@ -45,12 +45,8 @@ def build_project(config: ConsortiumConfig) -> dict:
         }
     ]
     participants += [{"name": m.name, "type": "client", "org": m.org} for m in config.members]
-    participants.append(
-        {"name": operator.admin, "type": "admin", "org": operator.org, "role": ROLE_PROJECT_ADMIN}
-    )
-    participants += [
-        {"name": member_lead(m), "type": "admin", "org": m.org, "role": ROLE_LEAD} for m in config.members
-    ]
+    participants.append({"name": operator.admin, "type": "admin", "org": operator.org, "role": ROLE_PROJECT_ADMIN})
+    participants += [{"name": member_lead(m), "type": "admin", "org": m.org, "role": ROLE_LEAD} for m in config.members]
     _check_names(config, participants)
     return {
         "api_version": 3,
@@ -89,9 +85,7 @@ def _check_names(config: ConsortiumConfig, participants: list[dict]) -> None:
     names = [p["name"] for p in participants]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
-        problems.append(
-            f"participant names must be unique across server, members and admins; repeated: {clashes}"
-        )
+        problems.append(f"participant names must be unique across server, members and admins; repeated: {clashes}")
     if problems:
         source = config.source or "consortium.yaml"
         raise ProvisioningError(f"{source}: cannot provision:\n  " + "\n  ".join(dict.fromkeys(problems)))

@@ -30,9 +30,7 @@ AUDIT_FILE = "audit.jsonl"
 console = Console()
 
 _CONFIG = typer.Option(..., "--config", "-c", help="The consortium.yaml file.", dir_okay=False)
-_AUDIT = typer.Option(
-    None, "--audit", help="Audit log to append to (default: audit.jsonl in the output folder)."
-)
+_AUDIT = typer.Option(None, "--audit", help="Audit log to append to (default: audit.jsonl in the output folder).")
 
 
 def _audit(path: Path | None, default_folder: Path) -> AuditLog:
@@ -66,18 +64,14 @@ def provision_command(
 def add_member_command(
     config: Path = _CONFIG,
     kits_dir: Path = typer.Option(..., "--kits", help="The kits folder written by 'consortium provision'."),
-    member: str = typer.Option(
-        ..., "--member", help="The new member's name, already added to consortium.yaml."
-    ),
+    member: str = typer.Option(..., "--member", help="The new member's name, already added to consortium.yaml."),
     audit: Path | None = _AUDIT,
 ) -> None:
     """Add a member to existing kits, reusing the root CA; no other site's kit or HE key changes."""
     consortium = load_config(config)
     result = kits.add_member(consortium, kits=kits_dir, member=member)
     _audit(audit, result.out).append(EVENT_MEMBER_ADDED, member=member, **result.summary())
-    console.print(
-        f"Added '{member}': site kit {result.members[member]}, lead kit {', '.join(result.admins)}."
-    )
+    console.print(f"Added '{member}': site kit {result.members[member]}, lead kit {', '.join(result.admins)}.")
     console.print(
         "The new site has no HE context yet. The key custodian installs the EXISTING one (no site is "
         f"re-keyed): consortium keys install --config {config} --kits {result.out} "

@@ -1,0 +1,117 @@
+import shutil
+
+import pytest
+import tenseal as ts
+
+from provisioning.errors import KeyCeremonyError
+from provisioning.he_keys import (
+    CLIENT_CONTEXT,
+    SERVER_CONTEXT,
+    create_keys,
+    install_keys,
+    public_fingerprint,
+    verify_keys,
+)
+from provisioning.kits import add_member
+
+
+def _load(path):
+    return ts.context_from(path.read_bytes())
+
+
+@pytest.fixture
+def keyed_kits(kits, keys, config):
+    install_keys(kits, keys.secret_context.parent, config=config)
+    return kits
+
+
+def test_created_contexts_split_secret_and_public(keys, config):
+    secret, public = _load(keys.secret_context), _load(keys.public_context)
+    assert secret.is_private() and secret.has_secret_key()
+    assert not public.is_private() and not public.has_secret_key()
+    assert not secret.has_galois_keys()
+    assert secret.global_scale == 2**config.privacy.he.global_scale_bits
+    assert public_fingerprint(secret) == public_fingerprint(public) == keys.fingerprint
+    assert (keys.secret_context.stat().st_mode & 0o777) == 0o600
+    # a ciphertext made with the public context decrypts with the secret one
+    vector = ts.ckks_vector(public, [0.25, -1.5])
+    decrypted = ts.ckks_vector_from(secret, vector.serialize()).decrypt()
+    assert decrypted == pytest.approx([0.25, -1.5], abs=1e-3)
+
+
+def test_create_refuses_to_overwrite(keys, config):
+    with pytest.raises(KeyCeremonyError, match="already exist"):
+        create_keys(config.privacy.he, out=keys.secret_context.parent)
+
+
+def test_only_member_kits_hold_a_secret_context(keyed_kits, keys):
+    for member in ("pharma-a", "pharma-b"):
+        context = _load(keyed_kits / member / "startup" / CLIENT_CONTEXT)
+        assert context.is_private() and context.has_secret_key()
+        assert not (keyed_kits / member / "startup" / SERVER_CONTEXT).exists()
+    server = _load(keyed_kits / "localhost/startup" / SERVER_CONTEXT)
+    assert not server.is_private() and not server.has_secret_key()
+    assert not (keyed_kits / "localhost/startup" / CLIENT_CONTEXT).exists()
+    holders = sorted(p.relative_to(keyed_kits).parts[0] for p in keyed_kits.rglob(CLIENT_CONTEXT))
+    assert holders == ["pharma-a", "pharma-b"]
+
+
+def test_verify_passes_after_install(keyed_kits, keys, config):
+    report = verify_keys(keyed_kits, config=config)
+    assert report.ok, report.findings
+    assert report.fingerprint == keys.fingerprint
+    assert report.checked == {"localhost": "public", "pharma-a": "secret", "pharma-b": "secret"}
+
+
+def test_verify_names_a_secret_context_planted_in_the_server_kit(keyed_kits, keys, config):
+    server_file = keyed_kits / "localhost/startup" / SERVER_CONTEXT
+    shutil.copyfile(keys.secret_context, server_file)
+    report = verify_keys(keyed_kits, config=config)
+    assert [(f.path, f.problem) for f in report.findings] == [
+        (server_file, "holds a secret key: the operator could decrypt updates")
+    ]
+    with pytest.raises(Exception, match=r"localhost/startup/server_context.tenseal: holds a secret key"):
+        report.raise_for_failure()
+
+
+def test_verify_names_a_stray_client_context_in_the_server_kit(keyed_kits, keys, config):
+    shutil.copyfile(keys.secret_context, keyed_kits / "localhost/startup" / CLIENT_CONTEXT)
+    [finding] = verify_keys(keyed_kits, config=config).findings
+    assert finding.path == keyed_kits / "localhost/startup" / CLIENT_CONTEXT
+    assert "secret (client) context in the operator's server kit" in finding.problem
+
+
+def test_verify_names_a_member_with_a_different_key(keyed_kits, config, tmp_path):
+    other = create_keys(config.privacy.he, out=tmp_path / "other-keys")
+    shutil.copyfile(other.secret_context, keyed_kits / "pharma-b/startup" / CLIENT_CONTEXT)
+    [finding] = verify_keys(keyed_kits, config=config).findings
+    assert finding.path == keyed_kits / "pharma-b/startup" / CLIENT_CONTEXT
+    assert "a different key pair" in finding.problem
+
+
+def test_verify_names_a_missing_context(kits, config):
+    report = verify_keys(kits, config=config)
+    assert {f.path.parts[-3] for f in report.findings} == {"localhost", "pharma-a", "pharma-b"}
+    assert all("missing" in f.problem for f in report.findings)
+
+
+def test_install_refuses_swapped_key_files(kits, keys, config, tmp_path):
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    shutil.copyfile(keys.secret_context, swapped / SERVER_CONTEXT)
+    shutil.copyfile(keys.public_context, swapped / CLIENT_CONTEXT)
+    with pytest.raises(KeyCeremonyError, match="holds no secret key"):
+        install_keys(kits, swapped, config=config)
+    assert not list(kits.rglob("*.tenseal"))
+
+
+def test_new_member_gets_the_existing_key_without_rekeying(keyed_kits, keys, make_config, new_member):
+    before = {p: p.read_bytes() for p in keyed_kits.rglob("*.tenseal")}
+    grown = make_config(extra_members=[new_member])
+    add_member(grown, kits=keyed_kits, member="pharma-c")
+    installed = install_keys(keyed_kits, keys.secret_context.parent, config=grown, members=["pharma-c"])
+    assert installed == [keyed_kits / "pharma-c/startup" / CLIENT_CONTEXT]
+    assert {p: p.read_bytes() for p in before} == before
+    report = verify_keys(keyed_kits, config=grown)
+    assert report.ok, report.findings
+    assert report.fingerprint == keys.fingerprint
