@@ -162,56 +162,76 @@ def install_keys(kits: Path, keys: Path, *, config: ConsortiumConfig, members: l
     return installed
 
 
-def verify_keys(kits: Path, *, config: ConsortiumConfig) -> KeyReport:
+def verify_keys(
+    kits: Path, *, config: ConsortiumConfig, sites: list[str] | None = None, fingerprint: str | None = None
+) -> KeyReport:
     """Check the HE contexts in the kits; each failure names the file and what is wrong.
 
     The server kit must hold a public context only (and no client context at all); every member kit a
-    secret context; all of them the same public key and parameters.
+    secret context; all of them the same public key and parameters, and the scale of ``privacy.he``.
+
+    Parameters
+    ----------
+    sites
+        Check only these kits (server host or member names), e.g. a member holding only its own kit.
+    fingerprint
+        The public fingerprint the contexts must have (from the audit log or ``he_context.json``);
+        without it, the fingerprint most kits share is the reference.
     """
     kits = Path(kits)
     report = KeyReport()
-    server_startup = kits / config.operator.host / "startup"
-    stray = server_startup / CLIENT_CONTEXT
-    if stray.exists():
-        report.findings.append(Finding(stray, "a secret (client) context in the operator's server kit: delete it"))
+    wanted = set(sites) if sites is not None else None
+    unknown = sorted((wanted or set()) - {config.operator.host, *(m.name for m in config.members)})
+    if unknown:
+        raise KeyCeremonyError(f"--site {unknown}: not the server ({config.operator.host}) or a member of the config")
     fingerprints: dict[Path, str] = {}
-    server_file = server_startup / SERVER_CONTEXT
-    server_ctx = _load(server_file, report)
-    if server_ctx is not None:
-        if server_ctx.is_private() or server_ctx.has_secret_key():
-            report.findings.append(Finding(server_file, "holds a secret key: the operator could decrypt updates"))
-        else:
-            report.checked[config.operator.host] = "public"
-        fingerprints[server_file] = public_fingerprint(server_ctx)
+    if wanted is None or config.operator.host in wanted:
+        _check_server(kits / config.operator.host / "startup", config, report, fingerprints)
     for member in config.members:
-        member_file = kits / member.name / "startup" / CLIENT_CONTEXT
-        ctx = _load(member_file, report)
-        if ctx is None:
-            continue
-        if not ctx.is_private():
-            report.findings.append(Finding(member_file, "holds no secret key: this member could not decrypt"))
-        else:
-            report.checked[member.name] = "secret"
-        fingerprints[member_file] = public_fingerprint(ctx)
-        expected_scale = 2**config.privacy.he.global_scale_bits
-        if ctx.global_scale != expected_scale:
-            report.findings.append(
-                Finding(
-                    member_file,
-                    f"global scale {ctx.global_scale:g} differs from privacy.he ({expected_scale:g})",
-                )
-            )
-    report.fingerprint = _majority(fingerprints)
-    for path, fingerprint in fingerprints.items():
-        if fingerprint != report.fingerprint:
+        if wanted is None or member.name in wanted:
+            _check_member(kits / member.name / "startup" / CLIENT_CONTEXT, member.name, config, report, fingerprints)
+    report.fingerprint = fingerprint or _majority(fingerprints)
+    for path, found in fingerprints.items():
+        if found != report.fingerprint:
             report.findings.append(
                 Finding(
                     path,
-                    f"a different key pair (public fingerprint {fingerprint[:16]}..., the others have "
+                    f"a different key pair (public fingerprint {found[:16]}..., expected "
                     f"{report.fingerprint[:16]}...): encrypted updates would not add up",
                 )
             )
     return report
+
+
+def _check_server(startup: Path, config: ConsortiumConfig, report: KeyReport, fingerprints: dict) -> None:
+    stray = startup / CLIENT_CONTEXT
+    if stray.exists():
+        report.findings.append(Finding(stray, "a secret (client) context in the operator's server kit: delete it"))
+    server_file = startup / SERVER_CONTEXT
+    context = _load(server_file, report)
+    if context is None:
+        return
+    if context.is_private() or context.has_secret_key():
+        report.findings.append(Finding(server_file, "holds a secret key: the operator could decrypt updates"))
+    else:
+        report.checked[config.operator.host] = "public"
+    fingerprints[server_file] = public_fingerprint(context)
+
+
+def _check_member(path: Path, name: str, config: ConsortiumConfig, report: KeyReport, fingerprints: dict) -> None:
+    context = _load(path, report)
+    if context is None:
+        return
+    if not context.is_private():
+        report.findings.append(Finding(path, "holds no secret key: this member could not decrypt"))
+    else:
+        report.checked[name] = "secret"
+    fingerprints[path] = public_fingerprint(context)
+    expected_scale = 2**config.privacy.he.global_scale_bits
+    if context.global_scale != expected_scale:
+        report.findings.append(
+            Finding(path, f"global scale {context.global_scale:g} differs from privacy.he ({expected_scale:g})")
+        )
 
 
 def _load(path: Path, report: KeyReport) -> ts.Context | None:

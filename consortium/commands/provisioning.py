@@ -135,11 +135,17 @@ def keys_install(
 def keys_verify(
     config: Path = _CONFIG,
     kits_dir: Path = typer.Option(..., "--kits", help="The kits folder to check."),
+    site: list[str] | None = typer.Option(
+        None, "--site", help="Check only this kit (server host or member name; repeatable)."
+    ),
+    fingerprint: str | None = typer.Option(
+        None, "--fingerprint", help="The public fingerprint expected (from the audit log or he_context.json)."
+    ),
     audit: Path | None = _AUDIT,
 ) -> None:
     """Prove the server kit holds no secret key and every site shares one key pair (exit 1 otherwise)."""
     consortium = load_config(config)
-    report = he_keys.verify_keys(kits_dir, config=consortium)
+    report = he_keys.verify_keys(kits_dir, config=consortium, sites=site or None, fingerprint=fingerprint)
     _audit(audit, kits_dir).append(
         EVENT_KEYS_VERIFIED,
         ok=report.ok,

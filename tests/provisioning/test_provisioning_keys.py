@@ -115,3 +115,16 @@ def test_new_member_gets_the_existing_key_without_rekeying(keyed_kits, keys, mak
     report = verify_keys(keyed_kits, config=grown)
     assert report.ok, report.findings
     assert report.fingerprint == keys.fingerprint
+
+
+def test_verify_one_site_against_a_recorded_fingerprint(keyed_kits, keys, config, tmp_path):
+    shutil.rmtree(keyed_kits / "pharma-b")  # a member holding only its own kit
+    report = verify_keys(keyed_kits, config=config, sites=["pharma-a"], fingerprint=keys.fingerprint)
+    assert report.ok, report.findings
+    assert report.checked == {"pharma-a": "secret"}
+    other = create_keys(config.privacy.he, out=tmp_path / "other-keys")
+    [finding] = verify_keys(keyed_kits, config=config, sites=["localhost"], fingerprint=other.fingerprint).findings
+    assert finding.path == keyed_kits / "localhost/startup" / SERVER_CONTEXT
+    assert "a different key pair" in finding.problem
+    with pytest.raises(KeyCeremonyError, match="pharma-z"):
+        verify_keys(keyed_kits, config=config, sites=["pharma-z"])
