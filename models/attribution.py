@@ -66,10 +66,8 @@ def attributions(
     x = torch.from_numpy(data_x)
     base = torch.from_numpy(_baseline(data_x, baseline))
     delta = x - base
-    if method == "gradient_x_input":
-        alphas = torch.ones(1)
-    else:
-        alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
+    midpoints = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
+    alphas = torch.ones(1) if method == "gradient_x_input" else midpoints
     chunk = max(1, _MAX_ROWS // alphas.numel())
     was_training = model.training
     model.eval()

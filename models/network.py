@@ -112,7 +112,8 @@ class SharedTrunk(nn.Module):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        self.trunk = build_trunk(n_features, trunk_widths=trunk_widths, dropout=dropout)
+        with torch.random.fork_rng(devices=[]):  # layer constructors draw from the global RNG
+            self.trunk = build_trunk(n_features, trunk_widths=trunk_widths, dropout=dropout)
         reset_parameters(self.trunk, generator=_generator(seed))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,9 +171,10 @@ class MultitaskNet(nn.Module):
                 )
         self.n_features = int(n_features)
         self.tasks = tuple(tasks)
-        self.trunk = build_trunk(n_features, trunk_widths=trunk_widths, dropout=dropout)
-        width = int(list(trunk_widths)[-1])
-        self.heads = nn.ModuleDict({t.name: build_head(width, head_width=head_width) for t in tasks})
+        with torch.random.fork_rng(devices=[]):  # layer constructors draw from the global RNG
+            self.trunk = build_trunk(n_features, trunk_widths=trunk_widths, dropout=dropout)
+            width = int(list(trunk_widths)[-1])
+            self.heads = nn.ModuleDict({t.name: build_head(width, head_width=head_width) for t in tasks})
         for head in self.heads.values():
             head.register_buffer("target_mean", torch.zeros(1))
             head.register_buffer("target_scale", torch.ones(1))
