@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +89,20 @@ class PrivateTraining:
     data_loader: DataLoader  # Poisson-sampled batches of row indices into the train split
     settings: PrivacySettings
     planned_epochs: int
+
+    @contextmanager
+    def per_sample_gradients(self) -> Iterator[None]:
+        """Opacus' hooks on, for training steps only.
+
+        Off otherwise, so the raw model behaves like a plain module outside training: an input
+        gradient (attribution) or a forward pass with grad enabled would else feed the hooks
+        activations they never consume, or backprops with no activations to pair with.
+        """
+        self.module.enable_hooks()
+        try:
+            yield
+        finally:
+            self.module.disable_hooks()
 
     @property
     def noise_multiplier(self) -> float:
@@ -162,6 +178,7 @@ def make_private(
         dp_optimizer.noise_multiplier,
         1.0 / len(indices),
     )
+    module.disable_hooks()  # the trainer turns them on around its own steps only
     return PrivateTraining(
         engine=engine,
         module=module,

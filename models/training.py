@@ -13,6 +13,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -239,12 +240,13 @@ class LocalTrainer:
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             torch.set_rng_state(self._rng_state)
             self._train_module.train()
-            for _ in range(epochs):
-                for rows in self._batches():
-                    loss = self._step(rows)
-                    steps += 1
-                    if rows.numel():
-                        loss_sum, loss_steps = loss_sum + loss, loss_steps + 1
+            with self._private.per_sample_gradients() if self._private else nullcontext():
+                for _ in range(epochs):
+                    for rows in self._batches():
+                        loss = self._step(rows)
+                        steps += 1
+                        if rows.numel():
+                            loss_sum, loss_steps = loss_sum + loss, loss_steps + 1
             self._rng_state = torch.get_rng_state()
         self.model.eval()
         self.epochs_done += epochs

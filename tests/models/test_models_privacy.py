@@ -8,6 +8,7 @@ import torch
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from models.attribution import rank_features
 from models.data import MemberData, TaskSpec
 from models.network import MultitaskNet
 from models.privacy import PrivacyBudgetExceeded, PrivacySettings, validate_for_dp
@@ -53,6 +54,18 @@ def test_the_exchanged_model_is_the_unwrapped_network(member, small_network):
     assert type(trainer.model) is MultitaskNet and trainer.model is model
     assert all(k.startswith("trunk.") for k in trainer.model.trunk_state())
     assert trainer.noise_multiplier > 0
+
+
+def test_attribution_and_training_alternate_under_dp(member, small_network):
+    # a site ranks biomarkers with the raw model while Opacus' hooks sit on its layers
+    trainer = private_trainer(member, small_network, planned_epochs=3)
+    trainer.train(epochs=1)
+    x = trainer.data.subset("train").X
+    first = rank_features(trainer.model, x, "binary", feature_names=trainer.data.feature_names, steps=4)
+    assert len(first) == trainer.data.n_features and first["score"].gt(0).all()
+    stats = trainer.train(epochs=1)
+    assert math.isfinite(stats.loss)
+    assert all(math.isfinite(v) for v in trainer.evaluate("val")["regression"].values())
 
 
 def test_private_training_is_deterministic_for_a_seed(member, small_network):
