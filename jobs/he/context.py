@@ -152,3 +152,32 @@ def load_context_from_workspace(fl_ctx: Any, file_name: str, *, private: bool) -
         data = handle.read()
     logger.info("loaded HE context %s (signature check: %s)", path, getattr(result, "value", result))
     return context_from_bytes(data, source=path, private=private)
+
+
+def _has_public_key(context: ts.Context) -> bool:
+    try:
+        return bool(context.has_public_key())
+    except ValueError:  # symmetric contexts (NVFlare's HEBuilder) raise instead of answering
+        return False
+
+
+def check_key_pair(client: ts.Context, server: ts.Context) -> None:
+    """Raise unless ``server`` is the public half of ``client`` (same parameters, same key).
+
+    With a public key on the server side the probe is encrypted there and decrypted by the member,
+    which proves one key pair; without one, the member's ciphertext must at least add up on the server.
+    """
+    probe = [0.5, -1.25, 3.0]
+    try:
+        if _has_public_key(server):
+            vector = ts.ckks_vector(server, probe)
+            expected = probe
+        else:
+            vector = ts.ckks_vector_from(server, ts.ckks_vector(client, probe).serialize())
+            vector.add_(vector.copy())
+            expected = [2 * v for v in probe]
+        decrypted = ts.ckks_vector_from(client, vector.serialize()).decrypt()
+    except Exception as exc:  # TenSEAL raises bare errors on mismatched parameters
+        raise ValueError(f"the client and server contexts do not fit together ({exc}); use one key ceremony") from exc
+    if max(abs(a - b) for a, b in zip(decrypted, expected, strict=True)) > 1e-3:
+        raise ValueError("the client and server contexts are not one key pair; install both from one key ceremony")
