@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -213,16 +214,21 @@ def poc_project(config: ConsortiumConfig, *, he: bool = False) -> dict[str, Any]
     server = {
         "name": "server",
         "type": "server",
-        "org": operator.org,
+        "org": _flare_org(operator.org),
         "fed_learn_port": operator.fl_port,
         "admin_port": operator.admin_port,
     }
-    clients = [{"name": m.name, "type": "client", "org": m.org} for m in config.members]
+    clients = [{"name": m.name, "type": "client", "org": _flare_org(m.org)} for m in config.members]
     admins = [p for p in project["participants"] if p["type"] == "admin" and p["name"] == POC_ADMIN]
     project["participants"] = [server, *clients, *admins]
     if he:
         project["builders"].insert(-1, {"path": "nvflare.lighter.impl.he.HEBuilder", "args": {}})
     return project
+
+
+def _flare_org(org: str) -> str:
+    """FLARE's provisioner takes organisation names of ``[A-Za-z0-9_]`` only ("Pharma A" -> "Pharma_A")."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", org) or "org"
 
 
 def _check_ports_free(config: ConsortiumConfig) -> None:

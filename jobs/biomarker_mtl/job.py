@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 from nvflare.apis.job_def import JobMetaKey
 from nvflare.app_opt.pt.recipes import FedAvgRecipe
 from nvflare.recipe import add_experiment_tracking
-from nvflare.recipe.spec import Recipe
+from nvflare.recipe.spec import Recipe, _peek_recipe_args
 from nvflare.recipe.utils import set_recipe_meta
 
 from consortium.config import ConsortiumConfig, load_config
@@ -151,6 +152,41 @@ def _add_tracking(recipe: Recipe, config: ConsortiumConfig, *, he: bool, trackin
     add_experiment_tracking(recipe, "mlflow", tracking)
 
 
+def export_job(
+    config: ConsortiumConfig, job_dir: Path, *, rounds: int | None = None, he: bool = False
+) -> Path:
+    """Export the job for ``nvflare job submit -j <job_dir>/<job name>``; returns that folder.
+
+    The export names no path of this machine: each site reads its ``consortium.yaml`` from
+    ``CONSORTIUM_CONFIG`` and runs the client script from the job's ``custom/`` folder (the project
+    itself must be installed at every site, as NVFlare 2.9 must).
+    """
+    recipe = build_recipe(config, config_path=None, outputs=None, rounds=rounds, he=he)
+    recipe.export(str(job_dir))
+    folder = Path(job_dir) / recipe.name
+    _script_path_relative_to_custom(folder)
+    return folder
+
+
+def _script_path_relative_to_custom(folder: Path) -> None:
+    """FLARE keeps this machine's absolute path of the client script; point it at the copy in custom/.
+
+    Where FLARE puts that copy depends on ``sys.path`` (``custom/client.py`` or
+    ``custom/jobs/biomarker_mtl/client.py``), so look for it.
+    """
+    for config_file in folder.glob("*/config/config_fed_client.json"):
+        custom = config_file.parent.parent / "custom"
+        copies = [p for p in custom.rglob(CLIENT_SCRIPT.name) if p.read_bytes() == CLIENT_SCRIPT.read_bytes()]
+        if not copies:
+            raise RuntimeError(f"{custom}: the exported job holds no copy of {CLIENT_SCRIPT}")
+        client_config = json.loads(config_file.read_text())
+        for executor in client_config.get("executors", []):
+            args = executor.get("executor", {}).get("args", {})
+            if args.get("task_script_path") == str(CLIENT_SCRIPT):
+                args["task_script_path"] = copies[0].relative_to(custom).as_posix()
+        config_file.write_text(json.dumps(client_config, indent=2))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Export the job (``--export --export-dir DIR``) or run it in the simulator."""
     parser = argparse.ArgumentParser(description="Build the biomarker multitask FLARE job.")
@@ -159,15 +195,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--he", action="store_true", help="aggregate under homomorphic encryption")
     parser.add_argument("--workspace", type=Path, default=None,
                         help="simulator run folder (without --export); default: runs/<job name> next to the config")
-    args = parser.parse_args(argv)  # --export / --export-dir were taken by nvflare.recipe on import
+    args = parser.parse_args(argv)
     config = load_config(args.config)
-    from nvflare.recipe.spec import _peek_recipe_args
-
-    exporting, _ = _peek_recipe_args()
+    # nvflare.recipe takes --export / --export-dir out of sys.argv when it is imported (hello-pt style)
+    exporting, export_dir = _peek_recipe_args()
     if exporting:
-        # an exported job travels to other machines: no local paths in it
-        recipe = build_recipe(config, config_path=None, outputs=None, rounds=args.rounds, he=args.he)
-        recipe.execute(env=None)  # type: ignore[arg-type]  # exports and exits
+        folder = export_job(config, Path(export_dir), rounds=args.rounds, he=args.he)
+        print(f"job exported to {folder}; submit it with: nvflare job submit -j {folder}")
         return
     from jobs.runner import run_federated
 

@@ -96,7 +96,7 @@ class MemberSite:
                 self.tasks,
                 settings=member_data.train_settings(self.config),
                 privacy=member_data.privacy_settings(self.config),
-                planned_epochs=max(total_rounds, 1) * self.config.training.local_epochs,
+                planned_epochs=member_data.planned_epochs(self.config, rounds=total_rounds),
             )
             self.model = self.trainer.model  # the raw network, should the trainer have rebuilt it for DP
         return self.trainer
