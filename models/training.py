@@ -191,6 +191,13 @@ class LocalTrainer:
                 raise ValueError(
                     f"targets of {task.kind} task '{task.name}' have shape {shape}; expected {expected}"
                 )
+            _check_label_values(task, np.asarray(self.data.targets[task.name], dtype=np.float64))
+        bad = int((~np.isfinite(self.data.X)).sum())
+        if bad:
+            raise ValueError(
+                f"X holds {bad} NaN/inf values; missing measurements must be handled by the omics layer "
+                "(harmonize and normalize) before training"
+            )
 
     def _set_target_scaling(self, train: MemberData) -> None:
         for task in self.tasks:
@@ -327,6 +334,20 @@ class LocalTrainer:
     def noise_multiplier(self) -> float | None:
         """DP-SGD noise multiplier calibrated for the plan; ``None`` without DP."""
         return None if self._private is None else self._private.noise_multiplier
+
+
+def _check_label_values(task: TaskSpec, y: np.ndarray) -> None:
+    observed = y[~np.isnan(y).any(axis=1)] if y.ndim == 2 else y[~np.isnan(y)]
+    if not np.isfinite(observed).all():
+        raise ValueError(f"task '{task.name}' has infinite labels; use NaN for a missing label")
+    if task.kind == "binary" and not np.isin(observed, (0.0, 1.0)).all():
+        found = [float(v) for v in np.unique(observed) if v not in (0.0, 1.0)][:5]
+        raise ValueError(f"binary task '{task.name}' has labels {found}; use 0/1 (NaN when missing)")
+    if task.kind == "survival":
+        if not np.isin(observed[:, 1], (0.0, 1.0)).all():
+            raise ValueError(f"survival task '{task.name}' has event values other than 0/1; use 1 = event")
+        if (observed[:, 0] < 0).any():
+            raise ValueError(f"survival task '{task.name}' has negative times; times must be >= 0")
 
 
 def _has_labels(y: torch.Tensor) -> bool:

@@ -107,3 +107,30 @@ def test_survival_targets_must_have_two_columns(member, small_network):
     model = MultitaskNet(data.n_features, tasks, **small_network, seed=0)
     with pytest.raises(ValueError, match=r"survival task 'binary' have shape \(200,\); expected \(200, 2\)"):
         LocalTrainer(model, data, tasks, settings=TrainSettings())
+
+
+def test_label_values_are_checked(member, small_network):
+    data, tasks = member(seed=1)
+    data.targets["binary"][0] = 2.0
+    model = MultitaskNet(data.n_features, tasks, **small_network, seed=0)
+    with pytest.raises(ValueError, match=r"binary task 'binary' has labels \[2.0\]; use 0/1"):
+        LocalTrainer(model, data, tasks, settings=TrainSettings())
+    data, tasks = member(seed=1)
+    data.targets["survival"][0] = [-1.0, 1.0]
+    with pytest.raises(ValueError, match="negative times"):
+        LocalTrainer(model, data, tasks, settings=TrainSettings())
+    data, tasks = member(seed=1)
+    data.X[0, 0] = np.nan
+    with pytest.raises(ValueError, match="X holds 1 NaN/inf values"):
+        LocalTrainer(model, data, tasks, settings=TrainSettings())
+
+
+def test_fit_without_validation_rows_trains_all_epochs(member, small_network):
+    data, tasks = member(seed=1)
+    data.split[data.split == "val"] = "train"
+    model = MultitaskNet(data.n_features, tasks, **small_network, seed=0)
+    trainer = LocalTrainer(model, data, tasks, settings=TrainSettings(epochs=3, patience=1))
+    result = trainer.fit()
+    assert result.epochs == 3 and result.best_epoch == 3 and math.isnan(result.best_val_loss)
+    metrics = trainer.evaluate("val")
+    assert all(math.isnan(v) for task in metrics.values() for v in task.values())
