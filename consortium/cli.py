@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 import typer
@@ -51,6 +52,8 @@ _register_commands()
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    # no usage telemetry from MLflow (this platform runs in closed networks); FLARE's processes inherit it
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     try:
         # click returns the code of a typer.Exit instead of raising it when standalone_mode is off
         code = app(args=argv, standalone_mode=False)

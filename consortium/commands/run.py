@@ -1,0 +1,154 @@
+"""``consortium run`` and ``consortium demo``: a federated run with its report."""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from consortium.commands.synth import synthesize
+from consortium.config import load_config
+from consortium.errors import UserError
+from consortium.orchestration import RunResult, run_consortium
+
+console = Console()
+
+
+class RunFailed(UserError):
+    exit_code = 1
+
+
+def _progress_bar(total: int) -> tuple[Progress, Any]:
+    bar = Progress(
+        TextColumn("[bold]rounds"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[metric]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    task = bar.add_task("rounds", total=total, metric="starting FLARE...")
+    lock = threading.Lock()
+
+    def update(done: int, total_: int, info: dict[str, Any]) -> None:
+        values = [record.get("train_loss") for record in info.get("sites", {}).values() if record is not None]
+        finite = [v for v in values if isinstance(v, float) and math.isfinite(v)]
+        text = f"mean train loss {sum(finite) / len(finite):.3f}" if finite else ""
+        with lock:
+            bar.update(task, completed=done, metric=text)
+
+    return bar, update
+
+
+def execute(
+    config_path: Path, *, env: str, out: Path, rounds: int | None, baselines: bool, he: bool | None
+) -> RunResult:
+    config = load_config(config_path)
+    total = rounds or config.training.rounds
+    bar, update = _progress_bar(total)
+    from jobs.runner import FederatedRunError
+
+    with bar:
+        try:
+            return run_consortium(
+                config,
+                env=env,
+                out=out,
+                rounds=rounds,
+                baselines=baselines,
+                he=he,
+                progress=update,
+                status=lambda line: bar.console.print(f"[dim]{line}[/]"),
+            )
+        except FederatedRunError as exc:
+            raise RunFailed(str(exc)) from None
+
+
+def print_summary(result: RunResult) -> None:
+    report = result.report
+    table = Table(title="test metric per member and task")
+    for column in ("member", "task", "metric", "local only", "federated", "pooled", "planted in top k (fed)"):
+        table.add_column(column, justify="right" if column not in ("member", "task", "metric") else "left")
+    for member, info in report["members"].items():
+        for task, entry in info["tasks"].items():
+            pk = entry.get("precision_at_k", {}).get("federated")
+            table.add_row(
+                member,
+                task,
+                entry["metric"],
+                _fmt(entry.get("local")),
+                _fmt(entry["federated"]),
+                _fmt(entry.get("pooled")),
+                "" if pk is None else f"{pk:.0%}",
+            )
+    console.print(table)
+    summary = report.get("summary")
+    if summary:
+        for member, mean in summary["per_member"].items():
+            verdict = "[green]gains[/]" if mean["federated_minus_local"] > 0 else "[red]does not gain[/]"
+            console.print(
+                f"{member}: federated {mean['federated']:.3f} vs local-only {mean['local']:.3f} "
+                f"({mean['federated_minus_local']:+.3f}, {verdict}); pooled {mean['pooled']:.3f}"
+            )
+        console.print(f"federated - pooled, mean over all tasks: {summary['federated_minus_pooled']:+.3f}")
+    consensus = report["biomarkers"]["consensus"][:10]
+    planted = report["biomarkers"].get("consensus_planted_in_top")
+    line = ", ".join(row["feature"] for row in consensus)
+    console.print(f"top consensus biomarkers: {line}")
+    if planted:
+        console.print(f"{planted['planted']} of the top {planted['k']} consensus biomarkers were planted")
+    timing = report["timing"]
+    console.print(
+        f"{timing['rounds']} rounds in {timing['seconds_total']:.0f} s, "
+        f"{timing['bytes_sent_per_round']:,} bytes sent per round; HE "
+        f"{'on' if report['privacy']['he'] else 'off'}"
+    )
+    console.print(
+        f"report: {result.report_path}\nmarkdown: {result.markdown_path}\n"
+        f"MLflow: mlflow ui --backend-store-uri {report['tracking']['uri']}"
+    )
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run(
+        config: Path = typer.Option(..., "--config", help="The consortium.yaml."),
+        env: str = typer.Option("sim", "--env", help="'sim' (FLARE simulator) or 'poc' (real FLARE processes)."),
+        out: Path = typer.Option(..., "--out", help="Run folder: report.json, report.md, MLflow store, logs."),
+        rounds: int = typer.Option(None, "--rounds", min=1, help="Override training.rounds."),
+        baselines: bool = typer.Option(False, "--baselines", help="Also train local-only and pooled baselines."),
+        he: bool = typer.Option(None, "--he/--no-he", help="Encrypted aggregation (default: privacy.he.enabled)."),
+    ) -> None:
+        """Run the federated biomarker job and write DIR/report.json and DIR/report.md."""
+        if env not in ("sim", "poc"):
+            raise UserError(f"--env '{env}': use 'sim' (FLARE simulator) or 'poc' (a real server and clients)")
+        print_summary(execute(config, env=env, out=out, rounds=rounds, baselines=baselines, he=he))
+
+    @app.command("demo")
+    def demo(
+        out: Path = typer.Option(..., "--out", help="Folder for the synthetic consortium and the run."),
+        env: str = typer.Option("poc", "--env", help="'poc' (default) or 'sim'."),
+        rounds: int = typer.Option(None, "--rounds", min=1, help="Override the demo's rounds."),
+        he: bool = typer.Option(None, "--he/--no-he", help="Encrypted aggregation (default: on with POC)."),
+        seed: int = typer.Option(0, "--seed"),
+    ) -> None:
+        """Synthesize the default consortium, run it federated with baselines, and compare."""
+        consortium_dir = out / "consortium"
+        config_path = consortium_dir / "consortium.yaml"
+        if not config_path.exists():
+            with console.status("synthesizing the default consortium (3 members: 300, 800, 2000 samples)..."):
+                synthesize(consortium_dir, sizes=[300, 800, 2000], n_features=2000, seed=seed)
+        console.print(f"consortium: {config_path}")
+        use_he = (env == "poc") if he is None else he
+        print_summary(execute(config_path, env=env, out=out / "run", rounds=rounds, baselines=True, he=use_he))
