@@ -70,6 +70,8 @@ def run_federated(
     he: bool = False,
     progress: Progress | None = None,
     timeout: float = 3600.0,
+    he_contexts: tuple[bytes, bytes] | None = None,
+    privacy_policy: dict[str, Any] | None = None,
 ) -> FederatedRun:
     """Build the job for ``config`` and run it to the end in the simulator or in POC.
 
@@ -93,6 +95,13 @@ def run_federated(
         watcher thread.
     timeout
         Seconds to wait for a POC job before aborting it.
+    he_contexts
+        With ``he``: the custodian's ``(client_context, server_context)`` (``jobs.he.context``); by
+        default a fresh pair is made here, which is right for a one-machine demo only.
+    privacy_policy
+        With HE on POC: the member site policy written to each client kit's ``local/privacy.json``
+        (``provisioning.policies.privacy_policy(config)``, which defines the job's scope
+        ``consortium-he``); by default the kits have none and FLARE ignores the job's scope.
 
     Raises
     ------
@@ -101,6 +110,9 @@ def run_federated(
     """
     if env not in ("sim", "poc"):
         raise ValueError(f"env='{env}'; use 'sim' (FLARE simulator) or 'poc' (FLARE proof of concept)")
+    if he and env == "sim":
+        raise ValueError("HE aggregation cannot run in FLARE's simulator (no startup kits for the HE contexts); "
+                         "use env='poc', or turn HE off (privacy.he.enabled: false)")
     if config.source is None:
         raise ValueError("config has no source file; load it with consortium.config.load_config(path)")
     out = Path(out).resolve()
@@ -118,7 +130,10 @@ def run_federated(
         if env == "sim":
             job_id, result_dir, status, logs = _run_sim(recipe, members, out / "flare")
         else:
-            job_id, result_dir, status, logs = _run_poc(recipe, config, out / "flare", he=he, timeout=timeout)
+            job_id, result_dir, status, logs = _run_poc(
+                recipe, config, out / "flare", he=he, timeout=timeout, he_contexts=he_contexts,
+                privacy_policy=privacy_policy,
+            )
     seconds = time.perf_counter() - started
     metrics = {name: read_metrics(folder) for name, folder in folders.items()}
     unfinished = {name: len(records) for name, records in metrics.items() if len(records) < total}
@@ -158,27 +173,30 @@ def _run_sim(recipe, members: list[str], workspace: Path) -> tuple[str, Path, st
         raise FederatedRunError(
             f"simulated job failed ({exc}); see {logs}/server/log.txt and {logs}/<member>/log.txt"
         ) from exc
-    result = run.get_result()
-    return run.get_job_id(), Path(result or logs), "FINISHED", logs
+    # the simulator has returned: the job is over (Run.get_result would only print that status is unknown)
+    return run.get_job_id(), logs, "FINISHED", logs
 
 
 # -- POC ------------------------------------------------------------------------------------------
 
 
-def _run_poc(recipe, config: ConsortiumConfig, workspace: Path, *, he: bool, timeout: float):
-    from nvflare.recipe import PocEnv
-
+def _run_poc(
+    recipe,
+    config: ConsortiumConfig,
+    workspace: Path,
+    *,
+    he: bool,
+    timeout: float,
+    he_contexts: tuple[bytes, bytes] | None,
+    privacy_policy: dict[str, Any] | None,
+):
     _check_ports_free(config)
     workspace.mkdir(parents=True, exist_ok=True)
-    project = poc_project(config, he=he)
     project_file = workspace / "project.yml"
-    project_file.write_text(yaml.safe_dump(project, sort_keys=False))
+    project_file.write_text(yaml.safe_dump(poc_project(config), sort_keys=False))
     poc_workspace = workspace / "poc"
     with _environ(POC_WORKSPACE_ENV, str(poc_workspace)):  # PocEnv reads its workspace from here
-        poc = PocEnv(
-            clients=[m.name for m in config.members], use_he=he, project_conf_path=str(project_file),
-            username=POC_ADMIN,
-        )
+        poc = _poc_env(config, project_file, he=he, he_contexts=he_contexts, privacy_policy=privacy_policy)
     job_id = None
     try:
         run = recipe.run(poc)
@@ -203,8 +221,29 @@ def _run_poc(recipe, config: ConsortiumConfig, workspace: Path, *, he: bool, tim
         poc.stop(clean_up=False)  # idempotent: no server or client process outlives the run
 
 
-def poc_project(config: ConsortiumConfig, *, he: bool = False) -> dict[str, Any]:
-    """A POC ``project.yml``: NVFlare's default builders, the members as clients, the operator's ports."""
+def _poc_env(config, project_file: Path, *, he: bool, he_contexts, privacy_policy):
+    members = [m.name for m in config.members]
+    common = {"clients": members, "project_conf_path": str(project_file), "username": POC_ADMIN}
+    if not he:
+        from nvflare.recipe import PocEnv
+
+        return PocEnv(**common)
+    # not PocEnv(use_he=True): NVFlare's HEBuilder would make the operator hold the secret key
+    from jobs.he.context import make_contexts
+    from jobs.he.poc import HEPocEnv
+
+    if he_contexts is None:
+        log.warning("no custodian contexts given: making a fresh HE key pair for this one-machine POC run")
+        he_contexts = make_contexts(config.privacy.he)
+    client_context, server_context = he_contexts
+    return HEPocEnv(
+        server_context=server_context, client_context=client_context, privacy_policy=privacy_policy, **common
+    )
+
+
+def poc_project(config: ConsortiumConfig) -> dict[str, Any]:
+    """A POC ``project.yml``: NVFlare's default builders (no HEBuilder), the members as clients, the
+    operator's ports."""
     import nvflare.lighter
 
     template = Path(nvflare.lighter.__file__).with_name("dummy_project.yml")
@@ -221,8 +260,6 @@ def poc_project(config: ConsortiumConfig, *, he: bool = False) -> dict[str, Any]
     clients = [{"name": m.name, "type": "client", "org": _flare_org(m.org)} for m in config.members]
     admins = [p for p in project["participants"] if p["type"] == "admin" and p["name"] == POC_ADMIN]
     project["participants"] = [server, *clients, *admins]
-    if he:
-        project["builders"].insert(-1, {"path": "nvflare.lighter.impl.he.HEBuilder", "args": {}})
     return project
 
 
