@@ -93,7 +93,7 @@ def log_shared_model(
                 "env": report["env"],
             }
         )
-        for member, info in report["members"].items():
+        for info in report["members"].values():
             for task, entry in info["tasks"].items():
                 for kind in ("federated", "local", "pooled"):
                     value = entry.get(kind)
