@@ -228,6 +228,8 @@ class LocalTrainer:
     def train(self, *, epochs: int | None = None) -> TrainStats:
         """Run ``epochs`` local epochs (default ``settings.epochs``) with the persistent optimizer.
 
+        The model is left in eval mode, ready for :meth:`evaluate` and attribution.
+
         Raises
         ------
         PrivacyBudgetExceeded
