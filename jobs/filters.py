@@ -108,6 +108,7 @@ class RequireEncryptedResult(Filter):
             return
         add_handler(self)
         self._watched_engines.add(id(engine))
+        self.log_info(fl_ctx, "watching the final task results of this job for plaintext models")
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type != EventType.AFTER_TASK_RESULT_FILTER:

@@ -109,7 +109,7 @@ def test_he_job_on_poc_two_members_two_rounds(tiny_consortium, tmp_path, monkeyp
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     monkeypatch.setenv("NVFLARE_POC_WORKSPACE", str(tmp_path / "poc"))
     project = tmp_path / "project.yml"
-    project.write_text(yaml.safe_dump(poc_project(config, he=False), sort_keys=False))
+    project.write_text(yaml.safe_dump(poc_project(config), sort_keys=False))
     client, server = contexts
     members = [m.name for m in config.members]
     env = HEPocEnv(
