@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, dict[str, Any]], None]
 GLOBAL_MODEL_FILE = "FL_global_model.pt"
+ENCRYPTED_MODEL_FILE = "FL_global_model.ckks"  # jobs.he.server: the HE job's aggregate, never decrypted there
 POC_WORKSPACE_ENV = "NVFLARE_POC_WORKSPACE"
 POC_ADMIN = "admin@nvidia.com"  # PocEnv's default admin user; only used on loopback
 POLL_SECONDS = 1.0
@@ -50,7 +51,7 @@ class FederatedRun:
     env: str
     out: Path
     result_dir: Path
-    global_model: Path | None
+    global_model: Path | None  # FL_global_model.pt; with HE the encrypted FL_global_model.ckks
     site_outputs: dict[str, Path]
     tracking_uri: str
     seconds: float
@@ -58,6 +59,7 @@ class FederatedRun:
     he: bool
     status: str | None = None
     logs: Path | None = None
+    kits: dict[str, Path] = field(default_factory=dict)
     metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
 
 
@@ -147,7 +149,7 @@ def run_federated(
         env=env,
         out=out,
         result_dir=result_dir,
-        global_model=_find(result_dir, GLOBAL_MODEL_FILE),
+        global_model=_find(result_dir, ENCRYPTED_MODEL_FILE if he else GLOBAL_MODEL_FILE),
         site_outputs=folders,
         tracking_uri=tracking_uri,
         seconds=seconds,
@@ -155,6 +157,7 @@ def run_federated(
         he=he,
         status=status,
         logs=logs,
+        kits=_poc_kits(logs, config) if env == "poc" else {},
         metrics=metrics,
     )
 
@@ -347,6 +350,15 @@ def _watch(folders: dict[str, Path], total: int, progress: Progress | None) -> I
         done.set()
         watcher.join()
         poll()
+
+
+def _poc_kits(poc_workspace: Path, config: ConsortiumConfig) -> dict[str, Path]:
+    """The POC startup kit of the server and of each member (an HE member's holds its client context)."""
+    prod = sorted((poc_workspace / config.name).glob("prod_*"))
+    if not prod:
+        return {}
+    names = ["server", *(m.name for m in config.members)]
+    return {name: prod[-1] / name for name in names if (prod[-1] / name).is_dir()}
 
 
 def _find(folder: Path, name: str) -> Path | None:

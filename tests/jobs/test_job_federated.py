@@ -105,3 +105,21 @@ def test_poc_two_members(tiny_consortium: Path, tmp_path: Path) -> None:
     _check_global_model(run, config)
     assert set(_mlflow_runs(run, config)) == {"pharma-a", "pharma-b"}
     assert _port_is_free(fl_port) and _port_is_free(admin_port)  # the POC server is gone
+
+
+def test_poc_with_he_aggregation(tiny_consortium: Path, tmp_path: Path) -> None:
+    pytest.importorskip("jobs.he.poc")
+    config = load_config(tiny_consortium)
+    operator = config.operator.model_copy(update={"fl_port": _free_port(), "admin_port": _free_port()})
+    config = config.model_copy(update={"operator": operator})
+
+    run = run_federated(config, env="poc", out=tmp_path / "run", rounds=1, he=True, timeout=540)
+
+    assert run.he and run.status == "FINISHED:COMPLETED"
+    _check_sites(run, config, rounds=1)
+    assert run.global_model is not None and run.global_model.name == "FL_global_model.ckks"
+    assert set(run.kits) == {"server", "pharma-a", "pharma-b"}
+    assert (run.kits["pharma-a"] / "startup" / "client_context.tenseal").exists()
+    assert not (run.kits["server"] / "startup" / "client_context.tenseal").exists()  # no secret key there
+    for site_run in _mlflow_runs(run, config).values():
+        assert site_run.data.tags["he"] == "on"
