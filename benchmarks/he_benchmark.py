@@ -333,7 +333,12 @@ def run_poc(scheme: str, config_path: Path, out: Path, *, rounds: int, timeout: 
         project_config["builders"].insert(-1, {"path": "nvflare.lighter.impl.he.HEBuilder", "args": {}})
     project.write_text(yaml.safe_dump(project_config, sort_keys=False))
     os.environ["NVFLARE_POC_WORKSPACE"] = str(workspace / "poc")
-    poc_args = {"clients": members, "project_conf_path": str(project), "username": POC_ADMIN}
+    poc_args = {
+        "clients": members,
+        "num_clients": len(members),
+        "project_conf_path": str(project),
+        "username": POC_ADMIN,
+    }
     sites = workspace / "sites"
     if scheme == "plaintext":
         env, recipe = PocEnv(**poc_args), build_recipe(config, config_path=config_path, outputs=sites, rounds=rounds)
@@ -397,6 +402,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timings are the median over repeats")
     parser.add_argument("--poc", action="store_true", help="also run the three jobs end to end on POC (minutes)")
     parser.add_argument("--poc-rounds", type=int, default=4)
+    parser.add_argument("--poc-members", type=int, default=2)
     parser.add_argument("--poc-out", type=Path, default=None, help="where POC runs go; default: a temporary folder")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -418,7 +424,7 @@ def main() -> None:
     if args.poc:
         with tempfile.TemporaryDirectory() as scratch:
             out = (args.poc_out or Path(scratch)).resolve()
-            run_poc_suite(out, members=args.members, features=args.features, rounds=args.poc_rounds)
+            run_poc_suite(out, members=args.poc_members, features=args.features, rounds=args.poc_rounds)
 
 
 def run_poc_suite(out: Path, *, members: int, features: int, rounds: int) -> None:

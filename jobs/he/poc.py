@@ -147,6 +147,9 @@ class HEPocEnv(PocEnv):
                 "use_he=True would run NVFlare's HEBuilder, which makes the operator hold the secret key; "
                 "HEPocEnv installs the custodian's contexts instead: leave use_he out"
             )
+        if poc_args.get("clients") and "num_clients" not in poc_args:
+            # PocEnv's default num_clients=2 contradicts a clients list of any other length
+            poc_args["num_clients"] = len(poc_args["clients"])
         super().__init__(use_he=False, **poc_args)
         check_contexts(server_context=server_context, client_context=client_context)
         if self.project_conf_path:

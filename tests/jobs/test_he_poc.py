@@ -82,6 +82,7 @@ def test_poc_env_refuses_the_operators_hebuilder(tmp_path, contexts):
     with pytest.raises(ValueError, match="remove the builder"):
         HEPocEnv(clients=["m1", "m2"], project_conf_path=str(project), server_context=server, client_context=client)
     assert isinstance(HEPocEnv(clients=["m1", "m2"], server_context=server, client_context=client), PocEnv)
+    assert HEPocEnv(clients=["m1", "m2", "m3"], server_context=server, client_context=client).num_clients == 3
 
 
 def _ports_free(*ports: int) -> bool:
