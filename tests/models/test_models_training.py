@@ -134,3 +134,30 @@ def test_fit_without_validation_rows_trains_all_epochs(member, small_network):
     assert result.epochs == 3 and result.best_epoch == 3 and math.isnan(result.best_val_loss)
     metrics = trainer.evaluate("val")
     assert all(math.isnan(v) for task in metrics.values() for v in task.values())
+
+
+def test_fedavg_round_trip_between_members_and_the_server_trunk(member, small_network):
+    # the contract the FLARE job relies on, without FLARE: trunk-only states in and out
+    from models.network import SharedTrunk
+
+    server = SharedTrunk(12, trunk_widths=small_network["trunk_widths"], dropout=0.0, seed=0)
+    trainers = []
+    for seed, prefix in ((1, "a_"), (2, "b_")):
+        data, tasks = member(seed=seed, prefix=prefix)
+        model = MultitaskNet(data.n_features, tasks, **small_network, seed=0)
+        trainers.append(LocalTrainer(model, data, tasks, settings=TrainSettings(epochs=1, seed=seed)))
+    heads = [t.model.head_state() for t in trainers]
+    for _ in range(2):
+        updates = []
+        for trainer in trainers:
+            trainer.model.load_trunk_state(server.state_dict())
+            trainer.train()
+            updates.append(trainer.model.trunk_state())
+        assert all(set(u) == set(server.state_dict()) for u in updates)
+        server.load_state_dict({k: sum(u[k] for u in updates) / len(updates) for k in updates[0]})
+    for trainer, before in zip(trainers, heads, strict=True):  # heads trained locally, never averaged
+        weights = [k for k in before if k.endswith(".0.weight")]
+        assert len(weights) == 3
+        assert not any(torch.equal(trainer.model.head_state()[k], before[k]) for k in weights)
+    expected = (updates[0]["trunk.0.weight"] + updates[1]["trunk.0.weight"]) / 2
+    assert torch.allclose(server.trunk[0].weight, expected)
