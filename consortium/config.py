@@ -18,6 +18,10 @@ from consortium.errors import ConfigError
 
 _NAME = r"^[a-z][a-z0-9_-]{0,62}$"
 _SITE_NAME_FIX = "use lower-case letters, digits, '-' or '_', starting with a letter (for example 'pharma-a')"
+_ORG = r"^[A-Za-z0-9_]+$"  # what NVFlare's provisioner accepts in a certificate's organisation
+_ORG_FIX = "NVFlare allows only letters, digits and '_' in an org (for example 'Pharma_A')"
+_EMAIL = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+_EMAIL_FIX = "give an e-mail address such as 'lead@pharma-a.com': NVFlare names admin users by e-mail"
 
 
 class _Strict(BaseModel):
@@ -27,11 +31,11 @@ class _Strict(BaseModel):
 class Operator(_Strict):
     """The neutral party that runs the FLARE server; it never holds data, heads or HE secret keys."""
 
-    org: str = Field(description="Organisation of the operator, written into the server's certificate.")
+    org: str = Field(pattern=_ORG, description="Organisation of the operator, written into the server's certificate.")
     host: str = Field(default="localhost", description="Host name every member's client connects to.")
     fl_port: int = Field(default=8102, ge=1024, le=65535)
     admin_port: int = Field(default=8103, ge=1024, le=65535)
-    admin: str = Field(default="admin@operator.org", description="E-mail of the operator's admin user.")
+    admin: str = Field(default="admin@operator.org", pattern=_EMAIL, description="E-mail of the operator's admin.")
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> Operator:
@@ -89,9 +93,9 @@ class Member(_Strict):
     """One pharma member: one FLARE client site, its data file and the tasks it owns."""
 
     name: Annotated[str, Field(pattern=_NAME, description="Site name; also the FLARE client name.")]
-    org: str
+    org: str = Field(pattern=_ORG, description="Organisation, written into the member's certificates.")
     data: Path = Field(description="The member's AnnData file (.h5ad), resolved relative to consortium.yaml.")
-    admin: str | None = Field(default=None, description="E-mail of the member's lead (may submit jobs).")
+    admin: str | None = Field(default=None, pattern=_EMAIL, description="E-mail of the member's lead (submits jobs).")
     tasks: list[Task] = Field(min_length=1)
 
     @field_validator("data")
@@ -302,7 +306,8 @@ def _explain(path: Path, exc: ValidationError) -> str:
 def _hint(error: dict) -> str:
     kind = error["type"]
     if kind == "string_pattern_mismatch":
-        return f" ({_SITE_NAME_FIX})"
+        pattern = error.get("ctx", {}).get("pattern")
+        return f" ({_ORG_FIX if pattern == _ORG else _EMAIL_FIX if pattern == _EMAIL else _SITE_NAME_FIX})"
     if kind == "extra_forbidden":
         return " (unknown field: remove it or check its spelling)"
     if kind == "missing":

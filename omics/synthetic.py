@@ -148,7 +148,7 @@ def make_consortium(
         adata.uns["synthetic"] = {"seed": seed, "member": index, "programs": [p for p in activity]}
         path = out / f"pharma-{letter}.h5ad"
         write_member(adata, path)
-        members.append(SyntheticMember(f"pharma-{letter}", f"Pharma {letter.upper()}", path, tasks, n_samples))
+        members.append(SyntheticMember(f"pharma-{letter}", f"Pharma_{letter.upper()}", path, tasks, n_samples))
         log.info("wrote %s: %d samples x %d features", path, n_samples, len(names))
 
     truth_path = out / "ground_truth.json"

@@ -42,7 +42,7 @@ def small_config_dict(tmp_path: Path, small_adata: ad.AnnData) -> dict:
         "members": [
             {
                 "name": "m1",
-                "org": "Org One",
+                "org": "Org_One",
                 "data": "m.h5ad",
                 "tasks": [
                     {"name": "resp", "type": "binary", "column": "response"},

@@ -25,7 +25,7 @@ def synthesize(out: Path, *, sizes: list[int], n_features: int, seed: int, round
     panel_path.write_text("\n".join(synthetic.panel) + "\n")
     raw = {
         "name": "synthetic-consortium",
-        "operator": {"org": "Neutral Operator", "host": "localhost", "admin": "admin@operator.org"},
+        "operator": {"org": "Neutral_Operator", "host": "localhost", "admin": "admin@operator.org"},
         "panel": {"file": str(panel_path), "id_kind": "symbol", "min_coverage": 0.8},
         "members": [
             {"name": m.name, "org": m.org, "data": str(m.path), "admin": f"lead@{m.name}.org", "tasks": m.tasks}

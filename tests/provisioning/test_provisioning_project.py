@@ -1,5 +1,6 @@
 import pytest
 
+from consortium.errors import ConfigError
 from provisioning.errors import ProvisioningError
 from provisioning.project import build_project
 
@@ -47,9 +48,9 @@ def test_project_builders_exclude_hebuilder(config):
 
 
 def test_org_nvflare_would_reject_is_named(make_config, operator_raw):
-    config = make_config(operator={**operator_raw, "org": "Neutral Operator"})
-    with pytest.raises(ProvisioningError, match=r"operator.org = 'Neutral Operator'.*letters, digits and '_'"):
-        build_project(config)
+    # consortium.yaml validation catches it on load, before provisioning starts
+    with pytest.raises(ConfigError, match=r"operator.org = 'Neutral Operator'.*letters, digits and '_'"):
+        make_config(operator={**operator_raw, "org": "Neutral Operator"})
 
 
 def test_clashing_participant_names_are_rejected(make_config, operator_raw):
