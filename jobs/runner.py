@@ -37,6 +37,7 @@ ENCRYPTED_MODEL_FILE = "FL_global_model.ckks"  # jobs.he.server: the HE job's ag
 POC_WORKSPACE_ENV = "NVFLARE_POC_WORKSPACE"
 POC_ADMIN = "admin@nvidia.com"  # PocEnv's default admin user; only used on loopback
 POLL_SECONDS = 1.0
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exceeded|Leak)\w*: ")
 
 
 class FederatedRunError(RuntimeError):
@@ -142,7 +143,7 @@ def run_federated(
     if unfinished:
         raise FederatedRunError(
             f"job {job_id} ({status or 'no status'}): sites did not finish all {total} rounds "
-            f"(rounds done: {unfinished}); see the logs under {logs}"
+            f"(rounds done: {unfinished}); see the logs under {logs}{_first_errors(logs, job_id)}"
         )
     return FederatedRun(
         job_id=job_id,
@@ -174,7 +175,8 @@ def _run_sim(recipe, members: list[str], workspace: Path) -> tuple[str, Path, st
         run = recipe.run(sim)
     except RuntimeError as exc:
         raise FederatedRunError(
-            f"simulated job failed ({exc}); see {logs}/server/log.txt and {logs}/<member>/log.txt"
+            f"simulated job failed; logs in {logs}/server/log.txt and {logs}/<member>/log.txt"
+            f"{_first_errors(logs, recipe.name)}"
         ) from exc
     # the simulator has returned: the job is over (Run.get_result would only print that status is unknown)
     return run.get_job_id(), logs, "FINISHED", logs
@@ -213,7 +215,10 @@ def _run_poc(
                 f"logs under {poc_workspace}"
             )
         if status and "COMPLETED" not in status:
-            raise FederatedRunError(f"POC job {job_id} ended with status {status}; logs under {poc_workspace}")
+            raise FederatedRunError(
+                f"POC job {job_id} ended with status {status}; logs under {poc_workspace}"
+                f"{_first_errors(poc_workspace, job_id)}"
+            )
         return job_id, Path(result), status, poc_workspace
     except FederatedRunError:
         raise
@@ -359,6 +364,23 @@ def _poc_kits(poc_workspace: Path, config: ConsortiumConfig) -> dict[str, Path]:
         return {}
     names = ["server", *(m.name for m in config.members)]
     return {name: prod[-1] / name for name in names if (prod[-1] / name).is_dir()}
+
+
+def _first_errors(folder: Path | None, job_id: str, *, limit: int = 4) -> str:
+    """The exceptions the job's FLARE logs end their tracebacks with, causes before the aborts they
+    triggered; shown with a failure (the full logs stay on disk)."""
+    if folder is None or not folder.exists():
+        return ""
+    found: dict[str, str] = {}
+    for log_file in sorted(folder.rglob("log.txt")):
+        if folder.name != job_id and job_id not in log_file.parts:  # POC keeps one folder per job
+            continue
+        site = log_file.relative_to(folder).parts[0]
+        for line in log_file.read_text(errors="replace").splitlines():
+            if _EXCEPTION_LINE.match(line):
+                found.setdefault(f"  {site}: {line.strip()[:300]}", line)
+    ranked = sorted(found, key=lambda shown: "abort" in shown)  # stable: log order within each group
+    return "\nerrors in the logs:\n" + "\n".join(ranked[:limit]) if ranked else ""
 
 
 def _find(folder: Path, name: str) -> Path | None:

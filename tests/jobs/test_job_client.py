@@ -56,6 +56,10 @@ class RecordingWriter:
         self.logged.append((key, value, step))
 
 
+def _n_features(config) -> int:
+    return len(config.panel_features())
+
+
 def _server_trunk(config) -> SharedTrunk:
     spec = server_model(config)
     return SharedTrunk(**spec["args"])
@@ -92,7 +96,7 @@ def test_client_sends_only_the_trunk(fake_run, config) -> None:
         assert 0.0 <= sent.metrics[site.KEY_METRIC] <= 1.0
     heads = {
         k
-        for k in MultitaskNet(200, site.member_data.task_specs(config, "pharma-a")).state_dict()
+        for k in MultitaskNet(_n_features(config), site.member_data.task_specs(config, "pharma-a")).state_dict()
         if k.startswith("heads.")
     }
     assert heads and not heads & set(fake.sent[0].params)
@@ -113,15 +117,16 @@ def test_client_writes_round_records_model_and_rankings(fake_run, config) -> Non
 
     checkpoint = torch.load(folder / "model.pt", weights_only=False)
     assert any(k.startswith("heads.") for k in checkpoint["state_dict"])
-    assert checkpoint["member"] == "pharma-a" and len(checkpoint["feature_names"]) == 200
-    net = MultitaskNet(200, site.member_data.task_specs(config, "pharma-a"), **checkpoint["network"])
+    n_features = _n_features(config)
+    assert checkpoint["member"] == "pharma-a" and len(checkpoint["feature_names"]) == n_features
+    net = MultitaskNet(n_features, site.member_data.task_specs(config, "pharma-a"), **checkpoint["network"])
     net.load_state_dict(checkpoint["state_dict"])  # the checkpoint rebuilds the member's network
 
     rankings = read_rankings(folder)
     assert set(rankings) == set(tasks)
     for table in rankings.values():
         assert list(table.columns) == ["feature", "score", "rank"]
-        assert len(table) == 200 and table["rank"].tolist() == list(range(1, 201))
+        assert len(table) == n_features and table["rank"].tolist() == list(range(1, n_features + 1))
 
     steps = {(key, step) for key, _, step in writer.logged}
     assert ("train_loss", 0) in steps and ("train_loss", 1) in steps
@@ -145,7 +150,7 @@ def test_site_keeps_heads_and_trainer_across_rounds(config, tmp_path: Path) -> N
 
 
 def test_outgoing_trunk_refuses_a_head_key(config, monkeypatch: pytest.MonkeyPatch) -> None:
-    net = MultitaskNet(200, site.member_data.task_specs(config, "pharma-a"))
+    net = MultitaskNet(_n_features(config), site.member_data.task_specs(config, "pharma-a"))
     leaky = {**net.trunk_state(), "heads.a_pfs.0.weight": torch.zeros(1)}
     monkeypatch.setattr(net, "trunk_state", lambda: leaky)
     with pytest.raises(site.PrivateStateLeak, match=r"heads\.a_pfs\.0\.weight"):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from consortium.config import load_config
+from consortium.config import dump_config, load_config
 from jobs.biomarker_mtl.job import server_model
-from jobs.runner import FederatedRun, run_federated
+from jobs.runner import FederatedRun, FederatedRunError, run_federated
 from models.network import SharedTrunk
 
 pytestmark = pytest.mark.slow
@@ -123,3 +123,13 @@ def test_poc_with_he_aggregation(tiny_consortium: Path, tmp_path: Path) -> None:
     assert not (run.kits["server"] / "startup" / "client_context.tenseal").exists()  # no secret key there
     for site_run in _mlflow_runs(run, config).values():
         assert site_run.data.tags["he"] == "on"
+
+
+def test_a_failing_site_fails_the_run_with_its_error(tiny_consortium: Path, tmp_path: Path) -> None:
+    config = load_config(tiny_consortium)
+    broken = config.members[1].model_copy(update={"data": tmp_path / "missing.h5ad"})
+    config_path = tmp_path / "broken.yaml"
+    dump_config(config.model_copy(update={"members": [config.members[0], broken]}), config_path)
+
+    with pytest.raises(FederatedRunError, match=r"(?s)logs in .*pharma-b: .*missing\.h5ad"):
+        run_federated(load_config(config_path), env="sim", out=tmp_path / "run", rounds=1)

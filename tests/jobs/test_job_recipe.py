@@ -45,7 +45,9 @@ def test_recipe_holds_the_trunk_paths_only_and_mlflow(tiny_consortium: Path, tmp
     assert controller["num_rounds"] == 3
     persistor = _component(server, "persistor")["args"]["model"]
     assert persistor["path"] == "models.network.SharedTrunk"
-    assert persistor["args"] == {"n_features": 200, "trunk_widths": [256, 64], "dropout": 0.2, "seed": 3}
+    training = config.training
+    assert persistor["args"] == {"n_features": len(config.panel_features()), "trunk_widths": training.trunk_widths,
+                                 "dropout": training.dropout, "seed": training.seed}
 
     receiver = _component(server, "receiver")["args"]
     assert receiver["tracking_uri"] == "sqlite:///" + str(tmp_path / "mlflow.db")
