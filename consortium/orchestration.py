@@ -19,7 +19,10 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from consortium.audit import AuditLog
+from consortium.audit import (
+    EVENT_KEYS_CREATED,
+    AuditLog,
+)
 from consortium.config import ConsortiumConfig
 from consortium.errors import UserError
 from consortium.report import ranking_records, round_summary, write_report
@@ -30,9 +33,12 @@ from jobs.site_outputs import read_rankings
 from models.attribution import consensus_ranking, precision_at_k, rank_features
 from models.baselines import train_local, train_pooled
 from models.metrics import primary_metric
+from provisioning.he_keys import CLIENT_CONTEXT, SERVER_CONTEXT, create_keys, load_context, public_fingerprint
+from provisioning.policies import privacy_policy
 
 log = logging.getLogger(__name__)
 
+EVENT_KEYS_REUSED = "keys_reused"
 BASELINE_MAX_EPOCHS = 60  # with early stopping on the validation split: each baseline gets its best shot
 
 
@@ -122,6 +128,23 @@ def run_consortium(
         trunk_sha256=_digest(trunk),
     )
     return RunResult(report=report, report_path=report_path, markdown_path=md_path, federated=federated)
+
+
+def _he_ceremony(config: ConsortiumConfig, out: Path, audit: AuditLog) -> dict[str, Any]:
+    """The key custodian's step, done here because one machine plays every role in a POC run.
+
+    In production the custodian runs ``consortium keys create`` on a member's machine and installs the
+    contexts into the kits (docs/key_ceremony.md); the operator only ever receives the public context.
+    """
+    folder = out / "he_keys"
+    secret, public = folder / CLIENT_CONTEXT, folder / SERVER_CONTEXT
+    if secret.exists() and public.exists():
+        # one key pair for the consortium: a later run in the same folder keeps it
+        audit.append(EVENT_KEYS_REUSED, fingerprint=public_fingerprint(load_context(public)))
+    else:
+        keys = create_keys(config.privacy.he, out=folder)
+        audit.append(EVENT_KEYS_CREATED, fingerprint=keys.fingerprint, custodian="all roles on this machine (POC)")
+    return {"he_contexts": (secret.read_bytes(), public.read_bytes()), "privacy_policy": privacy_policy(config)}
 
 
 def _ground_truth(config: ConsortiumConfig) -> dict[str, list[str]] | None:

@@ -58,7 +58,7 @@ _STEMS = (
     "JAK",
 )
 DEFAULT_SIZES = (300, 800, 2000)
-GENES_PER_PROGRAM = 8
+GENES_PER_PROGRAM = 12
 N_SHARED_PROGRAMS = 3  # response, regression, survival drivers shared by every member
 
 
@@ -182,7 +182,7 @@ def _loadings(rng: np.random.Generator, panel: list[str], programs: dict[str, li
     for name, genes in programs.items():
         vector = np.zeros(len(panel))
         signs = rng.choice([-1.0, 1.0], size=len(genes), p=[0.3, 0.7])
-        vector[[position[g] for g in genes]] = signs * rng.uniform(0.6, 1.0, size=len(genes))
+        vector[[position[g] for g in genes]] = signs * rng.uniform(0.3, 0.6, size=len(genes))
         loadings[name] = vector
     return loadings
 
@@ -220,10 +220,10 @@ def _outcomes(
 ) -> tuple[pd.DataFrame, dict[str, list[str]], list[dict[str, str]]]:
     own = activity[f"specific_{letter}"]
     n = own.size
-    logit = 1.6 * activity["shared_1"] + 1.2 * own + rng.normal(0, 0.4, n) - 0.3
+    logit = 2.0 * activity["shared_1"] + 0.8 * own + rng.normal(0, 0.4, n) - 0.3
     response = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(float)
-    marker = 1.0 * activity["shared_2"] + 0.7 * own + rng.normal(0, 0.5, n)
-    hazard = 0.02 * np.exp(0.9 * activity["shared_3"])
+    marker = 1.0 * activity["shared_2"] + 0.4 * own + rng.normal(0, 0.5, n)
+    hazard = 0.02 * np.exp(1.1 * activity["shared_3"])
     event_time = rng.exponential(1 / hazard)
     censor_time = rng.uniform(10, 150, n)
     time = np.minimum(event_time, censor_time) + 0.5
