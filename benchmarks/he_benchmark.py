@@ -22,9 +22,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import os
 import re
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -290,31 +294,36 @@ def median_figures(runs: list[RoundFigures]) -> RoundFigures:
 # -- end to end on POC ------------------------------------------------------------------------------
 
 
-_ROUND_LINE = re.compile(r"^(\S+ \S+) - .*Round (\d+) (started|finished)")
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - ")
+_ROUND_STARTED = re.compile(r"Round (\d+) started")
 
 
 def round_seconds(poc_workspace: Path) -> dict[int, float]:
-    """Seconds of each round from the server's log (``Round N started.`` .. ``Round N finished.``)."""
-    stamps: dict[tuple[int, str], datetime.datetime] = {}
-    for log in poc_workspace.glob("*/prod_*/server/log.txt"):
+    """Seconds from each round's start to the next one's, from the job's server log.
+
+    The log comes back with the job result (``<admin>/transfer/<job>/workspace/log.txt``). FedAvg prints
+    its "Round N started" banner without a time stamp: the last stamp before it counts. The last round
+    has no successor and is left out.
+    """
+    starts: dict[int, datetime.datetime] = {}
+    for log in poc_workspace.glob("*/prod_*/*/transfer/*/workspace/log.txt"):
+        last = None
         for line in log.read_text(errors="replace").splitlines():
-            match = _ROUND_LINE.match(line)
-            if match:
-                when = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
-                stamps[(int(match.group(2)), match.group(3))] = when
-    rounds = sorted({r for r, _ in stamps})
-    return {
-        r: (stamps[(r, "finished")] - stamps[(r, "started")]).total_seconds()
-        for r in rounds
-        if (r, "finished") in stamps and (r, "started") in stamps
-    }
+            stamp = _STAMP.match(line)
+            if stamp:
+                last = datetime.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f")
+            started = _ROUND_STARTED.search(line)
+            if started and last is not None:
+                starts.setdefault(int(started.group(1)), last)
+    rounds = sorted(starts)
+    return {r: (starts[r + 1] - starts[r]).total_seconds() for r in rounds if r + 1 in starts}
 
 
 def run_poc(scheme: str, config_path: Path, out: Path, *, rounds: int, timeout: float = 900.0) -> dict:
     """One job of ``scheme`` on a fresh POC; returns job seconds and per-round seconds."""
     import yaml
     from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE
-    from nvflare.recipe import PocEnv
+    from nvflare.recipe import PocEnv, add_experiment_tracking
 
     from consortium.config import load_config
     from jobs.biomarker_mtl.job import build_recipe, client_args, job_name, server_model
@@ -356,6 +365,8 @@ def run_poc(scheme: str, config_path: Path, out: Path, *, rounds: int, timeout: 
             train_script=str(Path(__file__).resolve().parents[1] / "jobs" / "biomarker_mtl" / "client.py"),
             train_args=client_args(config_path=config_path, outputs=sites),
         )
+        # the same server-side MLflow receiver as the consortium job, so all three do the same work
+        add_experiment_tracking(recipe, "mlflow", {"kw_args": {"experiment_name": config.tracking.experiment}})
     started = time.perf_counter()
     try:
         run = recipe.run(env)
@@ -401,10 +412,17 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 64])
     parser.add_argument("--repeats", type=int, default=3, help="timings are the median over repeats")
     parser.add_argument("--poc", action="store_true", help="also run the three jobs end to end on POC (minutes)")
-    parser.add_argument("--poc-rounds", type=int, default=4)
+    parser.add_argument("--poc-rounds", type=int, default=6)
     parser.add_argument("--poc-members", type=int, default=2)
     parser.add_argument("--poc-out", type=Path, default=None, help="where POC runs go; default: a temporary folder")
+    parser.add_argument("--poc-scheme", choices=["plaintext", "ours", "stock"], help=argparse.SUPPRESS)
+    parser.add_argument("--poc-config", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.poc_scheme:  # one POC job, in its own process (see run_poc_suite)
+        logging.basicConfig(level=logging.ERROR)
+        result = run_poc(args.poc_scheme, args.poc_config, args.poc_out, rounds=args.poc_rounds)
+        print(json.dumps(result, default=str))
+        return
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)  # FLARE components log every step at INFO
     common_decomposers.register()
@@ -428,14 +446,45 @@ def main() -> None:
 
 
 def run_poc_suite(out: Path, *, members: int, features: int, rounds: int) -> None:
+    """Each job on a fresh POC, each in a fresh process (FLARE's admin session does not survive this
+    process's earlier FOBS work, and a crashed job must not take the others' POC with it)."""
     import jobs
     from consortium.commands.synth import synthesize
 
     root = str(Path(jobs.__file__).resolve().parent.parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     config_path = synthesize(out / "consortium", sizes=[200] * members, n_features=features, seed=3, rounds=rounds)
+    _use_free_ports(config_path)
     print(f"\nPOC: {members} members x {rounds} rounds, synthetic consortium with {features} features, in {out}")
-    print_poc_table([run_poc(scheme, config_path, out, rounds=rounds) for scheme in ("plaintext", "ours", "stock")])
+    results = []
+    for scheme in ("plaintext", "ours", "stock"):
+        done = subprocess.run(
+            [sys.executable, __file__, "--poc-scheme", scheme, "--poc-config", str(config_path),
+             "--poc-out", str(out), "--poc-rounds", str(rounds)],
+            env=env, capture_output=True, text=True, timeout=1200,
+        )  # fmt: skip
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            print(f"{scheme}: failed (exit {done.returncode}); see {out / scheme}\n{done.stderr[-2000:]}")
+            continue
+        result = json.loads(lines[-1])
+        result["rounds"] = {int(k): v for k, v in result["rounds"].items()}
+        results.append(result)
+    print_poc_table(results)
+
+
+def _use_free_ports(config_path: Path) -> None:
+    """Other FLARE servers on this machine may hold the default ports: take two free ones."""
+    import yaml
+
+    raw = yaml.safe_load(config_path.read_text())
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    raw["operator"].update({"fl_port": ports[0], "admin_port": ports[1]})
+    config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 if __name__ == "__main__":

@@ -139,3 +139,44 @@ def test_he_job_on_poc_two_members_two_rounds(tiny_consortium, tmp_path, monkeyp
     for name in members:
         records = (tmp_path / "sites" / name / "metrics.jsonl").read_text().splitlines()
         assert len(records) == 2
+
+
+@pytest.mark.slow
+def test_site_policy_stops_a_plaintext_job_on_poc(tiny_consortium, tmp_path, monkeypatch, contexts):
+    """A job that claims the sites' HE scope but sends plaintext: the members refuse to send it."""
+    from nvflare.apis.job_def import JobMetaKey
+    from nvflare.recipe.utils import set_recipe_meta
+
+    from consortium.config import load_config
+    from jobs.biomarker_mtl.job import build_recipe
+    from jobs.runner import POC_ADMIN, poc_project
+    from provisioning.policies import SCOPE, privacy_policy
+
+    config = load_config(tiny_consortium)
+    if not _ports_free(config.operator.fl_port, config.operator.admin_port):
+        pytest.skip("the operator's POC ports are in use on this machine")
+    root = str(Path(jobs.__file__).resolve().parent.parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv("NVFLARE_POC_WORKSPACE", str(tmp_path / "poc"))
+    project = tmp_path / "project.yml"
+    project.write_text(yaml.safe_dump(poc_project(config), sort_keys=False))
+    client, server = contexts
+    env = HEPocEnv(
+        clients=[m.name for m in config.members],
+        project_conf_path=str(project),
+        username=POC_ADMIN,
+        server_context=server,
+        client_context=client,
+        privacy_policy=privacy_policy(config),
+    )
+    recipe = build_recipe(config, config_path=tiny_consortium, outputs=tmp_path / "sites", rounds=1, he=False)
+    set_recipe_meta(recipe, JobMetaKey.SCOPE, SCOPE)  # the sites' scope, but no encryption
+    try:
+        run = recipe.run(env)
+        run.get_result(timeout=300, clean_up=False)
+        status = str(run.get_status())
+    finally:
+        env.stop(clean_up=False)
+    assert "COMPLETED" not in status, status
+    member_logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "poc").glob("*/prod_*/pharma-*/*/log.txt"))
+    assert "RequireEncryptedResult" in member_logs and "would send a plaintext model" in member_logs
