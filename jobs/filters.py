@@ -5,8 +5,10 @@ only ever puts trunk keys into an ``FLModel``): no plaintext model leaves the si
 job that forgot HE. ``local/privacy.json`` of a member::
 
     {"scopes": [{"name": "consortium-he",
-                 "task_result_filters": [{"path": "jobs.filters.RequireEncryptedResult", "args": {}}]}],
-     "default_scope": "consortium-he"}
+                 "task_result_filters": [{"path": "jobs.filters.RequireEncryptedResult", "args": {}}]}]}
+
+(``provisioning.policies.privacy_policy`` writes it; with no ``default_scope``, FLARE refuses to deploy
+a job that does not name the scope, so a job without HE cannot slip past it by naming none.)
 
 Filter order (NVFlare 2.9, ``nvflare.apis.utils.task_utils.get_filters``): a site scope's result
 filters run BEFORE the job's own result filters, so this filter sees the plaintext trunk that the
