@@ -103,10 +103,10 @@ def make_consortium(
     if len(sizes) < 1 or min(sizes) < 60:
         raise ValueError(f"sizes must give at least one member of >= 60 samples, got {list(sizes)}")
     n_programs = N_SHARED_PROGRAMS + len(sizes)
-    if n_features < 4 * n_programs * GENES_PER_PROGRAM:
+    if n_features < 2 * n_programs * GENES_PER_PROGRAM:
         raise ValueError(
             f"n_features={n_features} is too small for {n_programs} programs of {GENES_PER_PROGRAM} genes; "
-            f"use at least {4 * n_programs * GENES_PER_PROGRAM}"
+            f"use at least {2 * n_programs * GENES_PER_PROGRAM}"
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ def test_synthetic_consortium_is_deterministic_and_planted(tmp_path):
     logx = np.log1p(x_a.X[rows])
     corr = np.abs([np.corrcoef(logx[:, j], labels[rows])[0, 1] for j in range(x_a.n_vars)])
     planted = x_a.var_names.isin(truth["a_response"])
-    assert np.nanmean(corr[planted]) > 3 * np.nanmean(corr[~planted])
+    assert np.nanmean(corr[planted]) > 2 * np.nanmean(corr[~planted])
 
 
 def test_omics_imports_no_torch_and_no_nvflare():
