@@ -179,3 +179,15 @@ def test_client_refuses_a_site_that_is_no_member(
     monkeypatch.setattr(client, "flare", FakeFlare({}, site_name="site-1", rounds=1))
     with pytest.raises(ConfigError, match="no member 'site-1'; members are: pharma-a, pharma-b"):
         client.main(["--config", str(tiny_consortium), "--outputs", str(tmp_path)])
+
+
+def test_dp_site_records_the_epsilon_it_spends(config, tmp_path: Path) -> None:
+    privacy = config.privacy.model_copy(update={"dp": config.privacy.dp.model_copy(update={"enabled": True})})
+    dp_config = config.model_copy(update={"privacy": privacy})
+    member = site.MemberSite(dp_config, "pharma-a", outputs=site.SiteOutputs(tmp_path / "a"))
+    trunk = {k: v.numpy() for k, v in _server_trunk(config).state_dict().items()}
+    sent = [member.train_round(FLModel(params=trunk, current_round=r, total_rounds=2)) for r in range(2)]
+    epsilons = [r["epsilon"] for r in read_metrics(tmp_path / "a")]
+    assert 0 < epsilons[0] < epsilons[1] <= dp_config.privacy.dp.epsilon * 1.01  # the budget covers all rounds
+    assert sent[1].metrics["epsilon"] == pytest.approx(epsilons[1])
+    assert all(set(s.params) == set(_server_trunk(config).state_dict()) for s in sent)  # no Opacus '_module.' keys
