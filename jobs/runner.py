@@ -223,8 +223,10 @@ def _run_poc(
     except FederatedRunError:
         raise
     except Exception as exc:
-        raise FederatedRunError(f"POC job {job_id or '(not submitted)'} failed: {exc}; logs under {poc_workspace}") \
-            from exc
+        raise FederatedRunError(
+            f"POC job {job_id or '(not submitted)'} failed: {exc}; logs under {poc_workspace}"
+            f"{_first_errors(poc_workspace, job_id) if job_id else ''}"
+        ) from exc
     finally:
         poc.stop(clean_up=False)  # idempotent: no server or client process outlives the run
 
