@@ -30,6 +30,8 @@ from typing import Any
 
 import pandas as pd
 
+from jobs.site_outputs import json_safe
+
 TOP_N = 50
 
 
@@ -58,21 +60,11 @@ def round_summary(metrics: Mapping[str, list[dict[str, Any]]]) -> list[dict[str,
     return [rounds[k] for k in sorted(rounds)]
 
 
-def clean(value: Any) -> Any:
-    """NaN/inf -> None, recursively, so report.json is strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [clean(v) for v in value]
-    return value
-
-
 def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
     """Write ``report.json`` and ``report.md`` atomically into ``out``."""
     json_path, md_path = out / "report.json", out / "report.md"
-    for path, text in ((json_path, json.dumps(clean(report), indent=2)), (md_path, render_markdown(report))):
+    texts = {json_path: json.dumps(json_safe(report), indent=2, allow_nan=False), md_path: render_markdown(report)}
+    for path, text in texts.items():
         partial = path.with_name(f".{path.name}.partial")
         partial.write_text(text)
         os.replace(partial, path)

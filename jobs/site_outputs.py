@@ -88,7 +88,7 @@ class SiteOutputs:
     def append_round(self, record: RoundRecord) -> None:
         """Append one round; flushed and synced, so a reader tailing the file sees whole lines."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(_json_safe(asdict(record)), allow_nan=False)
+        line = json.dumps(json_safe(asdict(record)), allow_nan=False)
         with self.metrics_path.open("a") as handle:
             handle.write(line + "\n")
             handle.flush()
@@ -133,12 +133,12 @@ def read_rankings(folder: str | Path) -> dict[str, pd.DataFrame]:
     }
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN and inf become ``null``: metrics.jsonl stays strict JSON."""
+def json_safe(value: Any) -> Any:
+    """NaN and inf become ``null``, recursively: metrics.jsonl and report.json stay strict JSON."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
