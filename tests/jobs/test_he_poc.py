@@ -85,14 +85,18 @@ def test_poc_env_refuses_the_operators_hebuilder(tmp_path, contexts):
     assert HEPocEnv(clients=["m1", "m2", "m3"], server_context=server, client_context=client).num_clients == 3
 
 
-def _ports_free(*ports: int) -> bool:
-    for port in ports:
+def _on_free_ports(config_path: Path) -> Path:
+    """A copy of consortium.yaml whose operator listens on two free ports (other POCs may hold the defaults)."""
+    raw = yaml.safe_load(config_path.read_text())
+    ports = []
+    for _ in range(2):
         with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    raw["operator"].update({"fl_port": ports[0], "admin_port": ports[1]})
+    copy = config_path.with_name(f"consortium-{ports[0]}.yaml")  # next to it: relative data paths still hold
+    copy.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return copy
 
 
 @pytest.mark.slow
@@ -103,9 +107,8 @@ def test_he_job_on_poc_two_members_two_rounds(tiny_consortium, tmp_path, monkeyp
     from jobs.runner import POC_ADMIN, poc_project
     from provisioning.policies import privacy_policy
 
+    tiny_consortium = _on_free_ports(tiny_consortium)
     config = load_config(tiny_consortium)
-    if not _ports_free(config.operator.fl_port, config.operator.admin_port):
-        pytest.skip("the operator's POC ports are in use on this machine")
     root = str(Path(jobs.__file__).resolve().parent.parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     monkeypatch.setenv("NVFLARE_POC_WORKSPACE", str(tmp_path / "poc"))
@@ -152,9 +155,8 @@ def test_site_policy_stops_a_plaintext_job_on_poc(tiny_consortium, tmp_path, mon
     from jobs.runner import POC_ADMIN, poc_project
     from provisioning.policies import SCOPE, privacy_policy
 
+    tiny_consortium = _on_free_ports(tiny_consortium)
     config = load_config(tiny_consortium)
-    if not _ports_free(config.operator.fl_port, config.operator.admin_port):
-        pytest.skip("the operator's POC ports are in use on this machine")
     root = str(Path(jobs.__file__).resolve().parent.parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     monkeypatch.setenv("NVFLARE_POC_WORKSPACE", str(tmp_path / "poc"))
