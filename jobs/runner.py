@@ -233,7 +233,9 @@ def _run_poc(
 
 def _poc_env(config, project_file: Path, *, he: bool, he_contexts, privacy_policy):
     members = [m.name for m in config.members]
-    common = {"clients": members, "project_conf_path": str(project_file), "username": POC_ADMIN}
+    # PocEnv defaults to num_clients=2 and refuses a clients list of another length
+    common = {"clients": members, "num_clients": len(members), "project_conf_path": str(project_file),
+              "username": POC_ADMIN}
     if not he:
         from nvflare.recipe import PocEnv
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import tenseal as ts
 
 from consortium.config import ConsortiumConfig, HomomorphicEncryption
+from jobs.he.context import make_contexts
 from provisioning.errors import KeyCeremonyError, KeyVerificationError
 
 CLIENT_CONTEXT = "client_context.tenseal"
@@ -107,20 +108,14 @@ def create_keys(he_settings: HomomorphicEncryption, *, out: Path) -> KeySet:
             "them. Move them away deliberately, or use another folder"
         )
     try:
-        context = ts.context(
-            ts.SCHEME_TYPE.CKKS,
-            poly_modulus_degree=he_settings.poly_modulus_degree,
-            coeff_mod_bit_sizes=list(he_settings.coeff_mod_bit_sizes),
-        )
+        secret, public = make_contexts(he_settings)
     except ValueError as exc:
         raise KeyCeremonyError(
             f"privacy.he: poly_modulus_degree={he_settings.poly_modulus_degree} with coeff_mod_bit_sizes="
             f"{list(he_settings.coeff_mod_bit_sizes)} is not a valid CKKS setting ({exc}); "
-            "NVFlare's default is 8192 with [60, 40, 40]"
+            "this job's default is 8192 with [60, 40] (the server only adds ciphertexts)"
         ) from None
-    context.global_scale = 2**he_settings.global_scale_bits
-    secret = context.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=True)
-    public = context.serialize(save_secret_key=False, save_galois_keys=False, save_relin_keys=True)
+    context = ts.context_from(public)
     fingerprint = public_fingerprint(context)
 
     out.mkdir(parents=True, exist_ok=True)
