@@ -20,7 +20,10 @@ import numpy as np
 import pandas as pd
 
 from consortium.audit import (
+    EVENT_JOB_SUBMITTED,
     EVENT_KEYS_CREATED,
+    EVENT_MODEL_RELEASED,
+    EVENT_ROUND_COMPLETED,
     AuditLog,
 )
 from consortium.config import ConsortiumConfig
@@ -88,8 +91,9 @@ def run_consortium(
     out.mkdir(parents=True, exist_ok=True)
     audit = AuditLog(out / "audit.jsonl")
     total = rounds or config.training.rounds
+    he_options = _he_ceremony(config, out, audit) if he else {}
     audit.append(
-        "job_submitted",
+        EVENT_JOB_SUBMITTED,
         consortium=config.name,
         env=env,
         rounds=total,
@@ -99,30 +103,32 @@ def run_consortium(
     )
     ensure_experiment(config, tracking_uri=config.tracking.uri or f"sqlite:///{out / 'mlflow.db'}")
     say(f"federated job: {len(config.members)} members x {total} rounds in {env} (HE {'on' if he else 'off'})")
-    federated = run_federated(config, env=env, out=out, rounds=total, he=he, progress=progress)
-    for summary in round_summary(federated.metrics):
+    federated = run_federated(config, env=env, out=out, rounds=total, he=he, progress=progress, **he_options)
+
+    truth = _ground_truth(config)
+    report = _federated_report(config, federated, truth=truth)
+    trunk = shared_trunk_state(config, federated)
+    if he:
+        _ciphertext_bytes(report, trunk, public_context=he_options["he_contexts"][1])
+    for summary in report["rounds"]:
         audit.append(
-            "round_completed",
+            EVENT_ROUND_COMPLETED,
             job_id=federated.job_id,
             round=summary["round"],
             bytes_sent=summary["bytes_sent"],
             sites=sorted(summary["sites"]),
         )
-
-    truth = _ground_truth(config)
-    report = _federated_report(config, federated, truth=truth)
     if baselines:
         say("baselines: each member alone, then all members pooled")
         _add_baselines(config, report, truth=truth)
 
-    trunk = shared_trunk_state(config, federated)
     consensus = pd.DataFrame(report["biomarkers"]["consensus"])
     report["tracking"]["model_run_id"] = log_shared_model(
         config, trunk, consensus=consensus, report=report, tracking_uri=federated.tracking_uri
     )
     report_path, md_path = write_report(report, out)
     audit.append(
-        "model_released",
+        EVENT_MODEL_RELEASED,
         job_id=federated.job_id,
         model_run_id=report["tracking"]["model_run_id"],
         trunk_sha256=_digest(trunk),
@@ -145,6 +151,25 @@ def _he_ceremony(config: ConsortiumConfig, out: Path, audit: AuditLog) -> dict[s
         keys = create_keys(config.privacy.he, out=folder)
         audit.append(EVENT_KEYS_CREATED, fingerprint=keys.fingerprint, custodian="all roles on this machine (POC)")
     return {"he_contexts": (secret.read_bytes(), public.read_bytes()), "privacy_policy": privacy_policy(config)}
+
+
+def _ciphertext_bytes(report: dict[str, Any], trunk: dict[str, Any], *, public_context: bytes) -> None:
+    """Under HE the wire carries ciphertexts, not the fp32 trunk: measure them by encrypting the trunk
+    once more with the public context, exactly as a member's filter packs it."""
+    from jobs.he.context import context_from_bytes
+    from jobs.he.payload import encrypt_update
+
+    context = context_from_bytes(public_context, source="server_context.tenseal", private=False)
+    params = {k: np.asarray(v, dtype=np.float32) for k, v in trunk.items()}
+    upload = encrypt_update(context, params, weight=1.0).n_bytes
+    timing = report["timing"]
+    n_parameters = sum(v.size for v in params.values())
+    timing["plaintext_trunk_bytes"] = int(sum(v.nbytes for v in params.values()))
+    timing["bytes_sent_per_round_per_member"] = {m: upload for m in timing["bytes_sent_per_round_per_member"]}
+    timing["bytes_sent_per_round"] = upload * len(timing["bytes_sent_per_round_per_member"])
+    timing["ciphertext_bytes_per_parameter"] = upload / n_parameters
+    for summary in report["rounds"]:
+        summary["bytes_sent"] = upload * len(summary["sites"])
 
 
 def _ground_truth(config: ConsortiumConfig) -> dict[str, list[str]] | None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import typer
 from rich.console import Console
@@ -24,14 +28,41 @@ class RunFailed(UserError):
     exit_code = 1
 
 
-def _progress_bar(total: int) -> tuple[Progress, Any]:
+@contextmanager
+def _console_output_to(log_path: Path) -> Iterator[TextIO]:
+    """Send this process's and FLARE's child processes' stdout/stderr to ``log_path``.
+
+    FLARE's simulator and POC print job metadata, dots and every log line to the terminal; the user
+    should see the progress bar and the summary. Yields a stream to the real terminal for them.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1)
+    with open(log_path, "ab") as log_file:
+        os.dup2(log_file.fileno(), 1)
+        os.dup2(log_file.fileno(), 2)
+    try:
+        yield terminal
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        terminal.close()
+
+
+def _progress_bar(total: int, *, stream: TextIO) -> tuple[Progress, Any]:
     bar = Progress(
         TextColumn("[bold]rounds"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[metric]}"),
         TimeElapsedColumn(),
-        console=console,
+        console=Console(file=stream),
         transient=False,
     )
     task = bar.add_task("rounds", total=total, metric="starting FLARE...")
@@ -50,44 +81,45 @@ def _progress_bar(total: int) -> tuple[Progress, Any]:
 def execute(
     config_path: Path, *, env: str, out: Path, rounds: int | None, baselines: bool, he: bool | None
 ) -> RunResult:
-    config = load_config(config_path)
-    total = rounds or config.training.rounds
-    bar, update = _progress_bar(total)
     from jobs.runner import FederatedRunError
 
-    with bar:
-        try:
-            return run_consortium(
-                config,
-                env=env,
-                out=out,
-                rounds=rounds,
-                baselines=baselines,
-                he=he,
-                progress=update,
-                status=lambda line: bar.console.print(f"[dim]{line}[/]"),
-            )
-        except FederatedRunError as exc:
-            raise RunFailed(str(exc)) from None
+    config = load_config(config_path)
+    total = rounds or config.training.rounds
+    log_path = out / "console.log"
+    console.print(f"FLARE's own output goes to {log_path}")
+    with _console_output_to(log_path) as terminal:
+        bar, update = _progress_bar(total, stream=terminal)
+        with bar:
+            try:
+                return run_consortium(
+                    config,
+                    env=env,
+                    out=out,
+                    rounds=rounds,
+                    baselines=baselines,
+                    he=he,
+                    progress=update,
+                    status=lambda line: bar.console.print(f"[dim]{line}[/]"),
+                )
+            except FederatedRunError as exc:
+                raise RunFailed(str(exc)) from None
 
 
 def print_summary(result: RunResult) -> None:
     report = result.report
     table = Table(title="test metric per member and task")
-    for column in ("member", "task", "metric", "local only", "federated", "pooled", "planted in top k (fed)"):
-        table.add_column(column, justify="right" if column not in ("member", "task", "metric") else "left")
+    kinds = ("local", "federated", "pooled") if report.get("summary") else ("federated",)
+    headers = {"local": "local only", "federated": "federated", "pooled": "pooled"}
+    for column in ("member", "task", "metric"):
+        table.add_column(column)
+    for kind in kinds:
+        table.add_column(headers[kind], justify="right")
+    table.add_column("planted in top k (fed)", justify="right")
     for member, info in report["members"].items():
         for task, entry in info["tasks"].items():
             pk = entry.get("precision_at_k", {}).get("federated")
-            table.add_row(
-                member,
-                task,
-                entry["metric"],
-                _fmt(entry.get("local")),
-                _fmt(entry["federated"]),
-                _fmt(entry.get("pooled")),
-                "" if pk is None else f"{pk:.0%}",
-            )
+            values = [_fmt(entry.get(kind)) for kind in kinds]
+            table.add_row(member, task, entry["metric"], *values, "" if pk is None else f"{pk:.0%}")
     console.print(table)
     summary = report.get("summary")
     if summary:
@@ -148,7 +180,7 @@ def register(app: typer.Typer) -> None:
         config_path = consortium_dir / "consortium.yaml"
         if not config_path.exists():
             with console.status("synthesizing the default consortium (3 members: 300, 800, 2000 samples)..."):
-                synthesize(consortium_dir, sizes=[300, 800, 2000], n_features=2000, seed=seed)
+                synthesize(consortium_dir, sizes=[300, 800, 2000], n_features=2000, seed=seed, rounds=10)
         console.print(f"consortium: {config_path}")
         use_he = (env == "poc") if he is None else he
         print_summary(execute(config_path, env=env, out=out / "run", rounds=rounds, baselines=True, he=use_he))
