@@ -17,6 +17,7 @@ console = Console()
 
 def synthesize(out: Path, *, sizes: list[int], n_features: int, seed: int, rounds: int = 5) -> Path:
     """Write a synthetic consortium into ``out``; return the path of its consortium.yaml."""
+    out = Path(out).resolve()  # the config's paths are written relative to its own folder
     try:
         synthetic = make_consortium(out, sizes=sizes, n_features=n_features, seed=seed)
     except ValueError as exc:

@@ -150,3 +150,11 @@ def test_data_split_stores_a_reproducible_split(tmp_path, small_config_dict, cap
     assert main(["data", "split", "--config", str(config), "--member", "m1"]) == 1  # refuses to overwrite
     assert main(["data", "split", "--config", str(config), "--member", "m1", "--force"]) == 0
     assert ad.read_h5ad(tmp_path / "m.h5ad").obs["split"].astype(str).tolist() == first
+
+
+def test_synth_into_a_relative_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["synth", "--out", "rel/consortium", "--sizes", "80,90", "--features", "120"]) == 0
+    config = yaml.safe_load((tmp_path / "rel/consortium/consortium.yaml").read_text())
+    assert config["panel"]["file"] == "panel.txt" and config["members"][0]["data"] == "pharma-a.h5ad"
+    assert main(["data", "check", "--config", "rel/consortium/consortium.yaml", "--member", "pharma-b"]) == 0
