@@ -31,7 +31,7 @@ from consortium.errors import UserError
 from consortium.report import ranking_records, round_summary, write_report
 from consortium.shared_model import ensure_experiment, log_shared_model, shared_trunk_state
 from jobs import member_data
-from jobs.runner import FederatedRun, run_federated
+from jobs.runner import FederatedRun, run_federated, tracking_uri_for
 from jobs.site_outputs import read_rankings
 from models.attribution import consensus_ranking, precision_at_k, rank_features
 from models.baselines import train_local, train_pooled
@@ -101,7 +101,7 @@ def run_consortium(
         dp=config.privacy.dp.enabled,
         members=[m.name for m in config.members],
     )
-    ensure_experiment(config, tracking_uri=config.tracking.uri or f"sqlite:///{out / 'mlflow.db'}")
+    ensure_experiment(config, tracking_uri=tracking_uri_for(config, out=out))
     say(f"federated job: {len(config.members)} members x {total} rounds in {env} (HE {'on' if he else 'off'})")
     federated = run_federated(config, env=env, out=out, rounds=total, he=he, progress=progress, **he_options)
 

@@ -64,6 +64,11 @@ class FederatedRun:
     metrics: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
 
 
+def tracking_uri_for(config: ConsortiumConfig, *, out: Path) -> str:
+    """``tracking.uri`` from consortium.yaml, else a SQLite store in the run folder."""
+    return config.tracking.uri or f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
+
+
 def run_federated(
     config: ConsortiumConfig,
     *,
@@ -122,7 +127,7 @@ def run_federated(
     out.mkdir(parents=True, exist_ok=True)
     total = int(rounds if rounds is not None else config.training.rounds)
     sites_root = out / "sites"
-    tracking_uri = config.tracking.uri or f"sqlite:///{out / 'mlflow.db'}"
+    tracking_uri = tracking_uri_for(config, out=out)
     recipe = build_recipe(
         config, config_path=config.source, outputs=sites_root, rounds=total, he=he, tracking_uri=tracking_uri
     )
