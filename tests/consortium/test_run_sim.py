@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import anndata as ad
@@ -12,6 +13,7 @@ import nbclient
 import nbformat
 import pytest
 import torch
+import yaml
 
 from consortium.audit import verify_log
 from consortium.cli import main
@@ -22,23 +24,18 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def sim_run(tiny_consortium: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny consortium with DP-SGD on (epsilon 4 over the 2 planned rounds), run in the simulator."""
     out = tmp_path_factory.mktemp("sim_run")
-    code = main(
-        [
-            "run",
-            "--config",
-            str(tiny_consortium),
-            "--env",
-            "sim",
-            "--out",
-            str(out),
-            "--rounds",
-            "2",
-            "--baselines",
-            "--no-he",
-        ]
-    )
-    assert code == 0
+    raw = yaml.safe_load(tiny_consortium.read_text())
+    raw["privacy"]["dp"].update(enabled=True, epsilon=4.0)
+    raw["panel"]["file"] = str(tiny_consortium.parent / raw["panel"]["file"])
+    for member in raw["members"]:
+        member["data"] = str(tiny_consortium.parent / member["data"])
+    config = out / "dp_consortium.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    shutil.copy(tiny_consortium.parent / "ground_truth.json", out / "ground_truth.json")
+    args = ["run", "--config", str(config), "--env", "sim", "--out", str(out), "--rounds", "2", "--baselines"]
+    assert main([*args, "--no-he"]) == 0
     return out
 
 
@@ -61,6 +58,9 @@ def test_report_has_every_member_task_and_figure(sim_run: Path):
     assert consensus[0]["score"] >= consensus[1]["score"] >= consensus[2]["score"]
     assert set(report["biomarkers"]["tasks"]) == {"a_response", "a_marker", "a_pfs", "b_response", "b_marker", "b_pfs"}
     assert report["privacy"]["he"] is False and "trunk parameters only" in report["privacy"]["shared"]
+    assert report["privacy"]["dp"] is True and report["privacy"]["epsilon_target"] == 4.0
+    for epsilon in report["privacy"]["epsilon_spent"].values():
+        assert 1.0 < epsilon <= 4.0 + 1e-6  # the budget spans all planned rounds and is not exceeded
     assert "| pharma-a | a_response | auroc |" in (sim_run / "report.md").read_text()
 
 
