@@ -21,6 +21,7 @@ def normalize(
     values: str = "counts",
     target_sum: float = 1e4,
     max_value: float = 10.0,
+    fit_rows: np.ndarray | None = None,
     copy: bool = False,
 ) -> ad.AnnData | None:
     """Normalize ``adata.X`` in place (or on a copy) and record how.
@@ -32,6 +33,10 @@ def normalize(
         ``"normalized"``: the values are already on a log scale and are only scaled.
     max_value
         Scaled values are clipped to ``[-max_value, max_value]``.
+    fit_rows
+        Boolean mask of the samples whose mean and standard deviation define the scaling (the
+        training split, so that validation and test samples never shape it); default: all samples.
+        Library-size normalization and log1p are per sample and need no fit.
     """
     adata = adata.copy() if copy else adata
     adata.X = np.asarray(adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X, dtype=np.float32)
@@ -40,13 +45,23 @@ def normalize(
         sc.pp.normalize_total(adata, target_sum=target_sum)
         sc.pp.log1p(adata)
         steps += [f"normalize_total(target_sum={target_sum:g})", "log1p"]
-    mean = adata.X.mean(axis=0)
-    std = adata.X.std(axis=0, ddof=1) if adata.n_obs > 1 else np.zeros(adata.n_vars, dtype=np.float32)
+    rows = np.ones(adata.n_obs, dtype=bool) if fit_rows is None else np.asarray(fit_rows, dtype=bool)
+    if rows.shape != (adata.n_obs,) or rows.sum() < 2:
+        raise ValueError(f"fit_rows must mark at least 2 of the {adata.n_obs} samples, got {int(rows.sum())}")
+    fit = adata.X[rows]
+    mean = fit.mean(axis=0)
+    std = fit.std(axis=0, ddof=1)
     adata.var["norm_mean"] = mean.astype(np.float32)
     adata.var["norm_std"] = std.astype(np.float32)
-    sc.pp.scale(adata, zero_center=True, max_value=max_value)
-    adata.X = np.asarray(adata.X, dtype=np.float32)
-    steps.append(f"scale(zero_center=True, max_value={max_value:g})")
-    adata.uns["normalization"] = {"values": values, "target_sum": target_sum, "max_value": max_value, "steps": steps}
+    # as scanpy's scale: a constant feature is centred, not divided by 0
+    adata.X = np.clip((adata.X - mean) / np.where(std > 0, std, 1.0), -max_value, max_value).astype(np.float32)
+    steps.append(f"scale(zero_center=True, max_value={max_value:g}, fitted on {int(rows.sum())} samples)")
+    adata.uns["normalization"] = {
+        "values": values,
+        "target_sum": target_sum,
+        "max_value": max_value,
+        "fitted_on": "train split" if fit_rows is not None else "all samples",
+        "steps": steps,
+    }
     log.info("normalized %d x %d: %s", adata.n_obs, adata.n_vars, ", ".join(steps))
     return adata if copy else None

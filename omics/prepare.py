@@ -29,7 +29,7 @@ def prepare_member(
     seed: int,
     path: str = "",
 ) -> ad.AnnData:
-    """Check the contract, then normalize, harmonize to the panel and split (a stored split is kept).
+    """Check the contract, then split (a stored split is kept), normalize and harmonize to the panel.
 
     Raises
     ------
@@ -41,11 +41,11 @@ def prepare_member(
         errors = [f"  {f.field}: {f.message} (fix: {f.fix})" for f in report.findings if f.level == "error"]
         raise ContractError(f"{path or 'member data'} is not fit to join:\n" + "\n".join(errors))
     work = adata.copy()
-    normalize(work, values=rules.values)
-    work = harmonize_to_panel(work, panel=rules.panel, min_coverage=rules.min_coverage)
     if "split" not in work.obs.columns:
         assign_split(work, tasks=tasks, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    return work
+    # scaling statistics come from the training split only: validation and test samples never shape them
+    normalize(work, values=rules.values, fit_rows=(work.obs["split"].astype(str) == "train").to_numpy())
+    return harmonize_to_panel(work, panel=rules.panel, min_coverage=rules.min_coverage)
 
 
 def task_targets(obs: pd.DataFrame, task: Any) -> np.ndarray:

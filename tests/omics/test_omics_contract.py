@@ -122,3 +122,13 @@ def test_prepare_member_refuses_unfit_data(small_adata):
         prepare_member(
             small_adata, tasks=TASKS, rules=rules(), val_fraction=0.2, test_fraction=0.2, seed=0, path="m.h5ad"
         )
+
+
+def test_scaling_is_fitted_on_the_training_split_only(small_adata):
+    split = assign_split(small_adata, tasks=TASKS, val_fraction=0.2, test_fraction=0.2, seed=0, copy=True)
+    split.X[(split.obs["split"] == "test").to_numpy(), 0] += 5000  # extreme test values must not shift the scaling
+    prepared = prepare_member(split, tasks=TASKS, rules=rules(), val_fraction=0.2, test_fraction=0.2, seed=0)
+    train = (prepared.obs["split"] == "train").to_numpy()
+    np.testing.assert_allclose(prepared.X[train].mean(axis=0), 0.0, atol=1e-4)
+    assert prepared.uns["normalization"]["fitted_on"] == "train split"
+    assert (prepared.obs["split"] == split.obs["split"]).all()
