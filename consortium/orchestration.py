@@ -42,6 +42,16 @@ from provisioning.policies import privacy_policy
 log = logging.getLogger(__name__)
 
 EVENT_KEYS_REUSED = "keys_reused"
+DEFINITIONS = {
+    "federated": (
+        "the member's model at the end of the run: its private heads on the trunk it trained locally from "
+        "the last round's global trunk (FedAvg with per-member heads), scored on its own test split; its "
+        "biomarker rankings come from the same model"
+    ),
+    "local": "the same network trained on the member's data alone (early stopping on its validation split)",
+    "pooled": "one network trained on all members' data pooled, every member's heads, one early stopping",
+    "shared_model": "the final aggregated trunk, as released to MLflow (decrypted by a member under HE)",
+}
 BASELINE_MAX_EPOCHS = 60  # with early stopping on the validation split: each baseline gets its best shot
 
 
@@ -170,6 +180,8 @@ def _ciphertext_bytes(report: dict[str, Any], trunk: dict[str, Any], *, public_c
     timing["ciphertext_bytes_per_parameter"] = upload / n_parameters
     for summary in report["rounds"]:
         summary["bytes_sent"] = upload * len(summary["sites"])
+        for site in summary["sites"].values():
+            site["bytes_sent"] = upload
 
 
 def _ground_truth(config: ConsortiumConfig) -> dict[str, list[str]] | None:
@@ -214,6 +226,7 @@ def _federated_report(config: ConsortiumConfig, run: FederatedRun, *, truth: dic
         "env": run.env,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "members": members,
+        "definitions": DEFINITIONS,
         "biomarkers": {
             "consensus": ranking_records(consensus),
             "tasks": {name: ranking_records(table) for name, table in task_tables.items()},
@@ -231,7 +244,12 @@ def _federated_report(config: ConsortiumConfig, run: FederatedRun, *, truth: dic
             "epsilon_spent": epsilon or None,
             "epsilon_target": config.privacy.dp.epsilon if config.privacy.dp.enabled else None,
             "delta": config.privacy.dp.delta if config.privacy.dp.enabled else None,
-            "shared": "trunk parameters only; task heads and data stay at each member",
+            "shared": (
+                "model: trunk parameters only (encrypted when he is on); task heads and data stay at each "
+                "member. In plaintext, outside HE and outside the DP budget: each round's training loss and "
+                "per-task validation/test metrics, and at the end each task's biomarker ranking"
+            ),
+            "dp_guarantee": _dp_guarantee(config),
         },
         "timing": {
             "rounds": run.rounds,
@@ -252,6 +270,20 @@ def _federated_report(config: ConsortiumConfig, run: FederatedRun, *, truth: dic
             "planted": sum(f in planted for f in top),
         }
     return report
+
+
+def _dp_guarantee(config: ConsortiumConfig) -> str | None:
+    if not config.privacy.dp.enabled:
+        return None
+    survival = sorted(t.name for t in config.tasks if t.type == "survival")
+    if not survival:
+        return "DP-SGD (Opacus) over all planned rounds: (epsilon, delta) for the model updates"
+    log.warning("DP-SGD with survival tasks %s: the Cox loss couples the samples of a batch", survival)
+    return (
+        "DP-SGD (Opacus) over all planned rounds. Not a formal guarantee for survival tasks "
+        f"{survival}: the Cox partial likelihood couples the samples of a batch, so per-sample clipping "
+        "does not bound one patient's influence on the update"
+    )
 
 
 def _add_baselines(config: ConsortiumConfig, report: dict[str, Any], *, truth: dict | None) -> None:

@@ -98,6 +98,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{_fmt(t.get('pooled'))} | {_fmt(pk.get('local'))} | {_fmt(pk.get('federated'))} | "
                 f"{_fmt(pk.get('pooled'))} |"
             )
+    lines += [""] + [f"- *{name}*: {text}" for name, text in report.get("definitions", {}).items()]
     lines += ["", "## Consensus biomarkers (top 20)", "", "| rank | feature | score | planted |", "|---|---|---|---|"]
     planted = {f for features in report["biomarkers"].get("ground_truth", {}).values() for f in features}
     for row in report["biomarkers"]["consensus"][:20]:
