@@ -86,8 +86,10 @@ def _write_job(folder: Path, *, name: str, scope: str, sites: list[str], sleep_t
     return folder
 
 
-def _start(kit: Path, module: str, config_file: str, extra: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _start(
+    kit: Path, module: str, config_file: str, extra: list[str], env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     log = open(kit / "console.txt", "wb")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
         [sys.executable, "-u", "-m", module, "-m", str(kit), "-s", config_file, "--set", "secure_train=true", *extra],

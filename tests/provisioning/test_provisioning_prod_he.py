@@ -9,34 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from test_provisioning_live import _free_ports, _stop, _stop_job_processes, _wait
+from test_provisioning_live import _free_ports, _start, _stop, _stop_job_processes, _wait
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 ROUNDS = 2
-
-
-def _start(kit: Path, module: str, config_file: str, extra: list[str], env: dict[str, str]) -> subprocess.Popen:
-    """Like the live test's ``_start``, with the site's own environment (the venv's python)."""
-    log = open(kit / "console.txt", "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
-        [sys.executable, "-u", "-m", module, "-m", str(kit), "-s", config_file, "--set", "secure_train=true", *extra],
-        cwd=kit,
-        env={**os.environ, "PYTHONPATH": str(REPO), **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
 
 
 def _cli(*argv: str) -> None:
