@@ -181,3 +181,28 @@ def check_key_pair(client: ts.Context, server: ts.Context) -> None:
         raise ValueError(f"the client and server contexts do not fit together ({exc}); use one key ceremony") from exc
     if max(abs(a - b) for a, b in zip(decrypted, expected, strict=True)) > 1e-3:
         raise ValueError("the client and server contexts are not one key pair; install both from one key ceremony")
+
+
+class WorkspaceContext:
+    """A site's TenSEAL context, loaded from its startup kit on first use (or at START_RUN), dropped at END_RUN.
+
+    Shared by the member filters (secret context) and the server's aggregator (public context).
+    """
+
+    def __init__(self, file_name: str, *, private: bool) -> None:
+        self.file_name = file_name
+        self.private = private
+        self._context: ts.Context | None = None
+
+    def on_event(self, event_type: str, fl_ctx: Any) -> None:
+        from nvflare.apis.event_type import EventType
+
+        if event_type == EventType.START_RUN:
+            self.get(fl_ctx)
+        elif event_type == EventType.END_RUN:
+            self._context = None
+
+    def get(self, fl_ctx: Any) -> ts.Context:
+        if self._context is None:
+            self._context = load_context_from_workspace(fl_ctx, self.file_name, private=self.private)
+        return self._context

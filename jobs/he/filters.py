@@ -10,13 +10,12 @@ import time
 
 import tenseal as ts
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
-from nvflare.apis.event_type import EventType
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from jobs.he.context import CLIENT_CONTEXT_FILE, load_context_from_workspace
+from jobs.he.context import CLIENT_CONTEXT_FILE, WorkspaceContext
 from jobs.he.payload import EncryptedUpdate, decrypt_average, encrypt_update, is_encrypted_dxo
 
 
@@ -34,18 +33,13 @@ class _MemberContextFilter(Filter):
     def __init__(self, tenseal_context_file: str = CLIENT_CONTEXT_FILE) -> None:
         super().__init__()
         self.tenseal_context_file = tenseal_context_file
-        self._context: ts.Context | None = None
+        self._he = WorkspaceContext(tenseal_context_file, private=True)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
-        if event_type == EventType.START_RUN:
-            self._context_for(fl_ctx)
-        elif event_type == EventType.END_RUN:
-            self._context = None
+        self._he.on_event(event_type, fl_ctx)
 
     def _context_for(self, fl_ctx: FLContext) -> ts.Context:
-        if self._context is None:
-            self._context = load_context_from_workspace(fl_ctx, self.tenseal_context_file, private=True)
-        return self._context
+        return self._he.get(fl_ctx)
 
 
 class EncryptWeightedUpdate(_MemberContextFilter):

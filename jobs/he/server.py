@@ -12,7 +12,6 @@ import time
 
 import tenseal as ts
 from nvflare.apis.dxo import DXO, from_shareable
-from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
@@ -23,7 +22,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
-from jobs.he.context import SERVER_CONTEXT_FILE, load_context_from_workspace
+from jobs.he.context import SERVER_CONTEXT_FILE, WorkspaceContext
 from jobs.he.payload import (
     DATA_KEY,
     ENCRYPTED_KIND,
@@ -55,21 +54,16 @@ class CiphertextSumAggregator(Aggregator):
     def __init__(self, tenseal_context_file: str = SERVER_CONTEXT_FILE) -> None:
         super().__init__()
         self.tenseal_context_file = tenseal_context_file
-        self._context: ts.Context | None = None
+        self._he = WorkspaceContext(tenseal_context_file, private=False)
         self._sum: CiphertextSum | None = None
         self._seen: set[str] = set()
         self._lock = threading.Lock()
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
-        if event_type == EventType.START_RUN:
-            self._context_for(fl_ctx)
-        elif event_type == EventType.END_RUN:
-            self._context = None
+        self._he.on_event(event_type, fl_ctx)
 
     def _context_for(self, fl_ctx: FLContext) -> ts.Context:
-        if self._context is None:
-            self._context = load_context_from_workspace(fl_ctx, self.tenseal_context_file, private=False)
-        return self._context
+        return self._he.get(fl_ctx)
 
     def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
         contributor = shareable.get_peer_prop(key=ReservedKey.IDENTITY_NAME, default="?")

@@ -99,31 +99,40 @@ def _on_free_ports(config_path: Path) -> Path:
     return copy
 
 
-@pytest.mark.slow
-def test_he_job_on_poc_two_members_two_rounds(tiny_consortium, tmp_path, monkeypatch, contexts):
-    """The whole path: custodian contexts, site policy, encrypted rounds; members end on one trunk."""
+def _poc_setup(config_path: Path, tmp_path: Path, monkeypatch, contexts):
+    """The consortium on free ports, FLARE processes that import the project, and an HEPocEnv with the
+    custodian's contexts and the sites' privacy policy; returns (config path, config, env)."""
     from consortium.config import load_config
-    from jobs.he.recipe import build_he_recipe
     from jobs.runner import POC_ADMIN, poc_project
     from provisioning.policies import privacy_policy
 
-    tiny_consortium = _on_free_ports(tiny_consortium)
-    config = load_config(tiny_consortium)
+    config_path = _on_free_ports(config_path)
+    config = load_config(config_path)
     root = str(Path(jobs.__file__).resolve().parent.parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     monkeypatch.setenv("NVFLARE_POC_WORKSPACE", str(tmp_path / "poc"))
     project = tmp_path / "project.yml"
     project.write_text(yaml.safe_dump(poc_project(config), sort_keys=False))
     client, server = contexts
-    members = [m.name for m in config.members]
     env = HEPocEnv(
-        clients=members,
+        clients=[m.name for m in config.members],
         project_conf_path=str(project),
         username=POC_ADMIN,
         server_context=server,
         client_context=client,
         privacy_policy=privacy_policy(config),
     )
+    return config_path, config, env
+
+
+@pytest.mark.slow
+def test_he_job_on_poc_two_members_two_rounds(tiny_consortium, tmp_path, monkeypatch, contexts):
+    """The whole path: custodian contexts, site policy, encrypted rounds; members end on one trunk."""
+    from jobs.he.recipe import build_he_recipe
+
+    tiny_consortium, config, env = _poc_setup(tiny_consortium, tmp_path, monkeypatch, contexts)
+    client, _ = contexts
+    members = [m.name for m in config.members]
     recipe = build_he_recipe(config, config_path=tiny_consortium, outputs=tmp_path / "sites", rounds=2)
     try:
         run = recipe.run(env)
@@ -150,27 +159,10 @@ def test_site_policy_stops_a_plaintext_job_on_poc(tiny_consortium, tmp_path, mon
     from nvflare.apis.job_def import JobMetaKey
     from nvflare.recipe.utils import set_recipe_meta
 
-    from consortium.config import load_config
     from jobs.biomarker_mtl.job import build_recipe
-    from jobs.runner import POC_ADMIN, poc_project
-    from provisioning.policies import SCOPE, privacy_policy
+    from provisioning.policies import SCOPE
 
-    tiny_consortium = _on_free_ports(tiny_consortium)
-    config = load_config(tiny_consortium)
-    root = str(Path(jobs.__file__).resolve().parent.parent)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    monkeypatch.setenv("NVFLARE_POC_WORKSPACE", str(tmp_path / "poc"))
-    project = tmp_path / "project.yml"
-    project.write_text(yaml.safe_dump(poc_project(config), sort_keys=False))
-    client, server = contexts
-    env = HEPocEnv(
-        clients=[m.name for m in config.members],
-        project_conf_path=str(project),
-        username=POC_ADMIN,
-        server_context=server,
-        client_context=client,
-        privacy_policy=privacy_policy(config),
-    )
+    tiny_consortium, config, env = _poc_setup(tiny_consortium, tmp_path, monkeypatch, contexts)
     recipe = build_recipe(config, config_path=tiny_consortium, outputs=tmp_path / "sites", rounds=1, he=False)
     set_recipe_meta(recipe, JobMetaKey.SCOPE, SCOPE)  # the sites' scope, but no encryption
     try:
