@@ -325,12 +325,12 @@ def run_poc(scheme: str, config_path: Path, out: Path, *, rounds: int, timeout: 
     from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE
     from nvflare.recipe import PocEnv, add_experiment_tracking
 
-    from consortium.config import load_config
     from jobs.biomarker_mtl.job import build_recipe, client_args, job_name, server_model
     from jobs.he.context import make_contexts
     from jobs.he.poc import HEPocEnv
     from jobs.runner import POC_ADMIN, poc_project
     from provisioning.policies import privacy_policy
+    from schema.config import load_config
 
     config = load_config(config_path)
     members = [m.name for m in config.members]

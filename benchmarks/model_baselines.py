@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from consortium.commands.synth import synthesize
-from consortium.config import load_config
 from jobs.member_data import load_member_data, network_kwargs, task_specs, train_settings
 from models.attribution import precision_at_k, rank_features
 from models.baselines import train_local, train_pooled
 from models.metrics import primary_metric
+from schema.config import load_config
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from consortium.errors import UserError
+from schema.errors import UserError
 
 GENESIS_HASH = "0" * 64
 

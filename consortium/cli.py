@@ -1,7 +1,7 @@
 """The ``consortium`` command line.
 
 Each command group lives in ``consortium/commands/<group>.py`` and registers itself on the app.
-User errors (:class:`consortium.errors.UserError`) are printed without a traceback and mapped to
+User errors (:class:`schema.errors.UserError`) are printed without a traceback and mapped to
 their exit code; 0 means success, 1 a failed check, 2 a usage or input error.
 """
 
@@ -15,7 +15,7 @@ import sys
 import typer
 from rich.console import Console
 
-from consortium.errors import UserError
+from schema.errors import UserError
 
 COMMAND_MODULES = ("data", "synth", "run", "provisioning", "audit")
 

@@ -1,24 +1,23 @@
-"""One federated run of the consortium, end to end: the job, the baselines, the report, the tracking.
+"""One federated run of the consortium, end to end: the job(s), the release, the comparison, the report.
 
-``consortium run`` and ``consortium demo`` call :func:`run_consortium`. In the simulator and in POC
-every member's site runs on this machine, so the orchestrator reads each site's outputs folder to
-build the report; in production each member publishes its own rankings and metrics.
+``consortium run`` and ``consortium demo`` call :func:`run_consortium`. The report is built from what
+the operator's server received (:mod:`consortium.results`), never from the sites' folders; only the
+benchmark comparison (``baselines=True``), which needs every member's data on one machine anyway,
+reads the federated arm's test predictions the sites kept.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import pandas as pd
-
+from consortium import comparison
 from consortium.audit import (
     EVENT_JOB_SUBMITTED,
     EVENT_KEYS_CREATED,
@@ -26,39 +25,26 @@ from consortium.audit import (
     EVENT_ROUND_COMPLETED,
     AuditLog,
 )
-from consortium.config import ConsortiumConfig
-from consortium.errors import UserError
-from consortium.report import ranking_records, round_summary, write_report
-from consortium.shared_model import ensure_experiment, log_shared_model, shared_trunk_state
+from consortium.flare_env import FederatedRunError, JobOutcome, poc_system, run_poc, run_sim
+from consortium.report import build_report, write_report
+from consortium.results import JobResults, Released, read_job, read_records, release
+from consortium.shared_model import ensure_experiment, log_shared_model, tracking_uri_for
 from jobs import member_data
-from jobs.runner import FederatedRun, run_federated, tracking_uri_for
-from jobs.site_outputs import read_rankings
-from models.attribution import consensus_ranking, precision_at_k, rank_features
-from models.baselines import train_local, train_pooled
-from models.metrics import primary_metric
-from provisioning.he_keys import CLIENT_CONTEXT, SERVER_CONTEXT, create_keys, load_context, public_fingerprint
-from provisioning.policies import privacy_policy
+from jobs.recipe import build_recipe
+from jobs.site_outputs import read_predictions, site_folder
+from provisioning.he_keys import create_keys, load_context, public_fingerprint
+from schema.config import ConsortiumConfig, dump_config
+from schema.errors import UserError
+from schema.names import CLIENT_CONTEXT_FILE, SERVER_CONTEXT_FILE
 
 log = logging.getLogger(__name__)
 
-EVENT_KEYS_REUSED = "keys_reused"
-DEFINITIONS = {
-    "federated": (
-        "the member's model at the end of the run: its private heads on the trunk it trained locally from "
-        "the last round's global trunk (FedAvg with per-member heads), scored on its own test split; its "
-        "biomarker rankings come from the same model"
-    ),
-    "local": "the same network trained on the member's data alone (early stopping on its validation split)",
-    "pooled": "one network trained on all members' data pooled, every member's heads, one early stopping",
-    "shared_model": "the final aggregated trunk, as released to MLflow (decrypted by a member under HE)",
-}
-BASELINE_MAX_EPOCHS = 60  # with early stopping on the validation split: each baseline gets its best shot
+Progress = Callable[[int, int, dict[str, Any]], None]
+POLL_SECONDS = 1.0
 
 
 class RunError(UserError):
     """A run could not be made as asked."""
-
-    exit_code = 2
 
 
 @dataclass
@@ -66,7 +52,7 @@ class RunResult:
     report: dict[str, Any]
     report_path: Path
     markdown_path: Path
-    federated: FederatedRun
+    job_ids: list[str]
 
 
 def run_consortium(
@@ -77,16 +63,20 @@ def run_consortium(
     rounds: int | None = None,
     baselines: bool = False,
     he: bool | None = None,
-    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+    folds: int | None = None,
+    progress: Progress | None = None,
     status: Callable[[str], None] | None = None,
+    timeout: float = 3600.0,
 ) -> RunResult:
-    """Run the federated job, then (optionally) the baselines, and write ``out/report.json``.
+    """Run the federated job (one per fold with ``folds``), release it, compare, write ``out/report.json``.
 
     Parameters
     ----------
     he
-        Encrypted aggregation; defaults to ``privacy.he.enabled``. The simulator cannot run it (HE needs
-        startup kits holding the members' contexts): asking for both is a :class:`RunError`.
+        Encrypted aggregation; defaults to ``privacy.he.enabled``. The simulator cannot run it.
+    folds
+        Cross-validation over the federation (overrides ``data.folds``): K jobs, every sample a test
+        sample once; figures come from the out-of-fold predictions.
     status
         Called with a short line before each long step (for the CLI).
     """
@@ -96,242 +86,155 @@ def run_consortium(
             "privacy.he.enabled is true but the FLARE simulator cannot run encrypted aggregation (it needs "
             "startup kits holding the members' HE contexts); use --env poc, or --no-he for a plaintext quick look"
         )
+    folds = folds or config.data.folds
     say = status or (lambda line: log.info(line))
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    config = _run_config(config, out=out, folds=folds)
+    check_folds(config)
+    total = int(rounds or config.training.rounds)
     audit = AuditLog(out / "audit.jsonl")
-    total = rounds or config.training.rounds
-    he_options = _he_ceremony(config, out, audit) if he else {}
-    audit.append(
-        EVENT_JOB_SUBMITTED,
-        consortium=config.name,
-        env=env,
-        rounds=total,
-        he=he,
-        dp=config.privacy.dp.enabled,
-        members=[m.name for m in config.members],
-    )
-    ensure_experiment(config, tracking_uri=tracking_uri_for(config, out=out))
-    say(f"federated job: {len(config.members)} members x {total} rounds in {env} (HE {'on' if he else 'off'})")
-    federated = run_federated(config, env=env, out=out, rounds=total, he=he, progress=progress, **he_options)
-
-    truth = _ground_truth(config)
-    report = _federated_report(config, federated, truth=truth)
-    trunk = shared_trunk_state(config, federated)
-    if he:
-        _ciphertext_bytes(report, trunk, public_context=he_options["he_contexts"][1])
-    for summary in report["rounds"]:
-        audit.append(
-            EVENT_ROUND_COMPLETED,
-            job_id=federated.job_id,
-            round=summary["round"],
-            bytes_sent=summary["bytes_sent"],
-            sites=sorted(summary["sites"]),
-        )
-    if baselines:
-        say("baselines: each member alone, then all members pooled")
-        _add_baselines(config, report, truth=truth)
-
-    consensus = pd.DataFrame(report["biomarkers"]["consensus"])
-    report["tracking"]["model_run_id"] = log_shared_model(
-        config, trunk, consensus=consensus, report=report, tracking_uri=federated.tracking_uri
-    )
-    report_path, md_path = write_report(report, out)
-    audit.append(
-        EVENT_MODEL_RELEASED,
-        job_id=federated.job_id,
-        model_run_id=report["tracking"]["model_run_id"],
-        trunk_sha256=_digest(trunk),
-    )
-    return RunResult(report=report, report_path=report_path, markdown_path=md_path, federated=federated)
-
-
-def _he_ceremony(config: ConsortiumConfig, out: Path, audit: AuditLog) -> dict[str, Any]:
-    """The key custodian's step, done here because one machine plays every role in a POC run.
-
-    In production the custodian runs ``consortium keys create`` on a member's machine and installs the
-    contexts into the kits (docs/key_ceremony.md); the operator only ever receives the public context.
-    """
-    folder = out / "he_keys"
-    secret, public = folder / CLIENT_CONTEXT, folder / SERVER_CONTEXT
-    if secret.exists() and public.exists():
-        # one key pair for the consortium: a later run in the same folder keeps it
-        audit.append(EVENT_KEYS_REUSED, fingerprint=public_fingerprint(load_context(public)))
-    else:
-        keys = create_keys(config.privacy.he, out=folder)
-        audit.append(EVENT_KEYS_CREATED, fingerprint=keys.fingerprint, custodian="all roles on this machine (POC)")
-    return {"he_contexts": (secret.read_bytes(), public.read_bytes()), "privacy_policy": privacy_policy(config)}
-
-
-def _ciphertext_bytes(report: dict[str, Any], trunk: dict[str, Any], *, public_context: bytes) -> None:
-    """Under HE the wire carries ciphertexts, not the fp32 trunk: measure them by encrypting the trunk
-    once more with the public context, exactly as a member's filter packs it."""
-    from jobs.he.context import context_from_bytes
-    from jobs.he.payload import encrypt_update
-
-    context = context_from_bytes(public_context, source="server_context.tenseal", private=False)
-    params = {k: np.asarray(v, dtype=np.float32) for k, v in trunk.items()}
-    upload = encrypt_update(context, params, weight=1.0).n_bytes
-    timing = report["timing"]
-    n_parameters = sum(v.size for v in params.values())
-    timing["plaintext_trunk_bytes"] = int(sum(v.nbytes for v in params.values()))
-    timing["bytes_sent_per_round_per_member"] = {m: upload for m in timing["bytes_sent_per_round_per_member"]}
-    timing["bytes_sent_per_round"] = upload * len(timing["bytes_sent_per_round_per_member"])
-    timing["ciphertext_bytes_per_parameter"] = upload / n_parameters
-    for summary in report["rounds"]:
-        summary["bytes_sent"] = upload * len(summary["sites"])
-        for site in summary["sites"].values():
-            site["bytes_sent"] = upload
-
-
-def _ground_truth(config: ConsortiumConfig) -> dict[str, list[str]] | None:
-    path = config.source.parent / "ground_truth.json" if config.source else None
-    if path is None or not path.exists():
-        return None
-    return json.loads(path.read_text()).get("tasks")
-
-
-def _federated_report(config: ConsortiumConfig, run: FederatedRun, *, truth: dict | None) -> dict[str, Any]:
-    members: dict[str, Any] = {}
-    tables, weights, task_tables = [], [], {}
-    for member in config.members:
-        records = run.metrics[member.name]
-        final = records[-1]["test"] if records else {}
-        rankings = read_rankings(run.site_outputs[member.name])
-        tasks = {}
-        for task in member.tasks:
-            metric = primary_metric(task.type)
-            entry: dict[str, Any] = {
-                "type": task.type,
-                "metric": metric,
-                "federated": final.get(task.name, {}).get(metric),
-            }
-            if task.name in rankings:
-                task_tables[task.name] = rankings[task.name]
-                tables.append(rankings[task.name])
-                weights.append(1.0)
-                if truth and task.name in truth:
-                    entry["precision_at_k"] = {"federated": precision_at_k(rankings[task.name], truth[task.name])}
-            tasks[task.name] = entry
-        members[member.name] = {"tasks": tasks}
-    consensus = (
-        consensus_ranking(tables, weights=weights) if tables else pd.DataFrame(columns=["feature", "score", "rank"])
-    )
-    rounds = round_summary(run.metrics)
-    per_member_bytes = {m: int(np.mean([r["bytes_sent"] for r in recs])) for m, recs in run.metrics.items() if recs}
-    epsilon = {m: recs[-1].get("epsilon") for m, recs in run.metrics.items() if recs and recs[-1].get("epsilon")}
-    report: dict[str, Any] = {
-        "consortium": config.name,
-        "job_id": run.job_id,
-        "env": run.env,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "members": members,
-        "definitions": DEFINITIONS,
-        "biomarkers": {
-            "consensus": ranking_records(consensus),
-            "tasks": {name: ranking_records(table) for name, table in task_tables.items()},
-        },
-        "rounds": rounds,
-        "privacy": {
-            "he": run.he,
-            "he_scheme": (
-                f"CKKS N={config.privacy.he.poly_modulus_degree}, "
-                f"coeff_mod_bit_sizes={config.privacy.he.coeff_mod_bit_sizes}"
-            )
-            if run.he
-            else None,
-            "dp": config.privacy.dp.enabled,
-            "epsilon_spent": epsilon or None,
-            "epsilon_target": config.privacy.dp.epsilon if config.privacy.dp.enabled else None,
-            "delta": config.privacy.dp.delta if config.privacy.dp.enabled else None,
-            "shared": (
-                "model: trunk parameters only (encrypted when he is on); task heads and data stay at each "
-                "member. In plaintext, outside HE and outside the DP budget: each round's training loss and "
-                "per-task validation/test metrics, and at the end each task's biomarker ranking"
-            ),
-            "dp_guarantee": _dp_guarantee(config),
-        },
-        "timing": {
-            "rounds": run.rounds,
-            "seconds_total": run.seconds,
-            "seconds_per_round": run.seconds / max(run.rounds, 1),
-            "site_seconds_per_round": float(np.mean([r["seconds"] for r in rounds])) if rounds else None,
-            "bytes_sent_per_round": int(np.mean([r["bytes_sent"] for r in rounds])) if rounds else 0,
-            "bytes_sent_per_round_per_member": per_member_bytes,
-        },
-        "tracking": {"uri": run.tracking_uri, "experiment": config.tracking.experiment},
-    }
-    if truth:
-        report["biomarkers"]["ground_truth"] = truth
-        planted = {f for features in truth.values() for f in features}
-        top = [row["feature"] for row in report["biomarkers"]["consensus"][: len(planted)]]
-        report["biomarkers"]["consensus_planted_in_top"] = {
-            "k": len(planted),
-            "planted": sum(f in planted for f in top),
-        }
-    return report
-
-
-def _dp_guarantee(config: ConsortiumConfig) -> str | None:
-    if not config.privacy.dp.enabled:
-        return None
-    survival = sorted(t.name for t in config.tasks if t.type == "survival")
-    if not survival:
-        return "DP-SGD (Opacus) over all planned rounds: (epsilon, delta) for the model updates"
-    log.warning("DP-SGD with survival tasks %s: the Cox loss couples the samples of a batch", survival)
-    return (
-        "DP-SGD (Opacus) over all planned rounds. Not a formal guarantee for survival tasks "
-        f"{survival}: the Cox partial likelihood couples the samples of a batch, so per-sample clipping "
-        "does not bound one patient's influence on the update"
-    )
-
-
-def _add_baselines(config: ConsortiumConfig, report: dict[str, Any], *, truth: dict | None) -> None:
-    """Local-only and pooled test metrics (and biomarker precision) on the same splits as the federated run."""
+    keys = _keys(config, out, audit) if he else None
+    tracking_uri = tracking_uri_for(config, out=out)
+    ensure_experiment(config, tracking_uri=tracking_uri)
+    fold_ids = list(range(folds)) if folds else [None]
+    outcomes: list[tuple[JobOutcome, JobResults, Released]] = []
     started = time.perf_counter()
-    settings = member_data.train_settings(config)
-    settings = type(settings)(**{**settings.__dict__, "epochs": BASELINE_MAX_EPOCHS})
-    network = member_data.network_kwargs(config)
-    data = {m.name: member_data.load_member_data(config, m.name) for m in config.members}
-    tasks = member_data.all_task_specs(config)
-    pooled = train_pooled(data, tasks, settings=settings, network=network)
-    for name, member_tasks in tasks.items():
-        local = train_local(data[name], member_tasks, settings=settings, network=network)
-        train_x = data[name].subset("train").X
-        features = data[name].feature_names
-        report["members"][name]["samples"] = int(len(data[name].X))
-        for task in member_tasks:
-            entry = report["members"][name]["tasks"][task.name]
-            metric = entry["metric"]
-            entry["local"] = local.metrics[task.name][metric]
-            entry["pooled"] = pooled.metrics[name][task.name][metric]
-            if truth and task.name in truth:
-                for label, model in (("local", local.model), ("pooled", pooled.model)):
-                    table = rank_features(model, train_x, task.name, feature_names=features)
-                    entry.setdefault("precision_at_k", {})[label] = precision_at_k(table, truth[task.name])
-    report["timing"]["baseline_seconds"] = time.perf_counter() - started
-    report["summary"] = summarize(report)
+    with _flare(config, env, out, keys=keys) as submit:
+        for fold in fold_ids:
+            label = f" (fold {fold + 1} of {folds})" if fold is not None else ""
+            say(f"federated job{label}: {len(config.members)} members x {total} rounds in {env} (HE {'on' if he else 'off'})")
+            recipe = build_recipe(config, he=he, config_path=config.source, outputs=_outputs(out, fold), rounds=total,
+                                  fold=fold, tracking_uri=tracking_uri)
+            with _watch(out / "flare", total, progress):
+                outcome = submit(recipe, timeout)
+            audit.append(EVENT_JOB_SUBMITTED, job_id=outcome.job_id, consortium=config.name, env=env, rounds=total,
+                         he=he, dp=config.privacy.dp.enabled, fold=fold, members=[m.name for m in config.members])
+            results = read_job(outcome.result_dir, config=config)
+            _check_finished(results, total, outcome)
+            for round_ in range(total):
+                audit.append(EVENT_ROUND_COMPLETED, job_id=outcome.job_id, round=round_,
+                             sites=sorted(s for s, r in results.records.items() if len(r) > round_))
+            opened = release(results, config, client_context=keys / CLIENT_CONTEXT_FILE if keys else None)
+            outcomes.append((outcome, results, opened))
+    seconds = time.perf_counter() - started
+    arms = None
+    if baselines or folds:
+        say("comparison: each member alone, all members pooled, penalized linear models; intervals")
+        arms = _arms(config, out, fold_ids, baselines=baselines, passes=total * config.training.local_epochs)
+    report = build_report(config, outcomes, env=env, he=he, seconds=seconds, arms=arms, tracking_uri=tracking_uri,
+                          folds=folds)
+    report["tracking"]["model_run_id"] = log_shared_model(config, outcomes[-1][2], report=report,
+                                                          tracking_uri=tracking_uri)
+    report_path, md_path = write_report(report, out)
+    audit.append(EVENT_MODEL_RELEASED, job_id=outcomes[-1][0].job_id, model_run_id=report["tracking"]["model_run_id"])
+    return RunResult(report=report, report_path=report_path, markdown_path=md_path,
+                     job_ids=[o.job_id for o, _, _ in outcomes])
 
 
-def summarize(report: dict[str, Any]) -> dict[str, Any]:
-    """Per member: the mean over its tasks of federated, local and pooled; and federated - pooled overall."""
-    per_member, gaps = {}, []
-    for name, info in report["members"].items():
-        rows = [t for t in info["tasks"].values() if t.get("local") is not None and t.get("federated") is not None]
-        if not rows:
-            continue
-        mean = {k: float(np.mean([t[k] for t in rows])) for k in ("local", "federated", "pooled")}
-        mean["federated_minus_local"] = mean["federated"] - mean["local"]
-        per_member[name] = mean
-        gaps += [t["federated"] - t["pooled"] for t in rows]
-    return {"per_member": per_member, "federated_minus_pooled": float(np.mean(gaps)) if gaps else None}
+def check_folds(config: ConsortiumConfig) -> None:
+    """``data.folds`` must leave every fold a sample of each class (binary) and an event (survival)."""
+    k = config.data.folds
+    if not k:
+        return
+    from omics.contract import label_counts  # counts only; no training data is loaded twice
+
+    for member in config.members:
+        for task, smallest in label_counts(member.data, member.tasks).items():
+            if smallest < k:
+                raise RunError(
+                    f"--folds {k}: member '{member.name}' endpoint '{task}' has only {smallest} samples in its "
+                    f"smallest class (or events); every fold needs one. Use --folds {max(2, smallest)} or fewer"
+                )
 
 
-def _digest(state: dict[str, Any]) -> str:
-    import hashlib
+def _run_config(config: ConsortiumConfig, *, out: Path, folds: int | None) -> ConsortiumConfig:
+    """The config the sites read: consortium.yaml as given, or a copy with the run's fold count."""
+    if not folds or folds == config.data.folds:
+        return config
+    from schema.config import load_config
 
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(np.ascontiguousarray(np.asarray(state[key], dtype=np.float32)).tobytes())
-    return digest.hexdigest()
+    data = config.data.model_copy(update={"folds": folds})
+    path = out / "consortium.run.yaml"
+    dump_config(config.model_copy(update={"data": data}), path)
+    return load_config(path)
+
+
+def _keys(config: ConsortiumConfig, out: Path, audit: AuditLog) -> Path:
+    """The key custodian's step, done here because one machine plays every role in a POC run."""
+    folder = out / "he_keys"
+    if (folder / CLIENT_CONTEXT_FILE).exists() and (folder / SERVER_CONTEXT_FILE).exists():
+        audit.append("keys_reused", fingerprint=public_fingerprint(load_context(folder / SERVER_CONTEXT_FILE)))
+    else:
+        keyset = create_keys(config.privacy.he, out=folder)
+        audit.append(EVENT_KEYS_CREATED, fingerprint=keyset.fingerprint, custodian="all roles on this machine (POC)")
+    return folder
+
+
+@contextlib.contextmanager
+def _flare(config: ConsortiumConfig, env: str, out: Path, *, keys: Path | None) -> Iterator[Callable]:
+    if env == "sim":
+        yield lambda recipe, timeout: run_sim(recipe, config, out / "flare")
+        return
+    if env != "poc":
+        raise RunError(f"env='{env}': use 'sim' (FLARE simulator) or 'poc' (a real server and clients)")
+    with poc_system(config, out / "flare", keys=keys) as prod:
+        yield lambda recipe, timeout: run_poc(recipe, config, prod, timeout=timeout)
+
+
+def _outputs(out: Path, fold: int | None) -> Path:
+    return out / "sites" if fold is None else out / "sites" / f"fold{fold}"
+
+
+def _check_finished(results: JobResults, total: int, outcome: JobOutcome) -> None:
+    unfinished = {site: len(r) for site, r in results.records.items() if len(r) < total}
+    if unfinished:
+        raise FederatedRunError(
+            f"job {outcome.job_id}: sites did not finish all {total} rounds (rounds done: {unfinished}); "
+            f"see the logs under {outcome.logs}"
+        )
+
+
+def _arms(config: ConsortiumConfig, out: Path, fold_ids: list, *, baselines: bool, passes: int):
+    arms = comparison.ArmPredictions()
+    for fold in fold_ids:
+        fold_arms = comparison.ArmPredictions()
+        data = {m.name: member_data.load_member_data(config, m.name, fold=fold) for m in config.members}
+        if baselines:
+            fold_arms = comparison.baseline_predictions(config, data, passes=passes)
+        for member in config.members:
+            kept = read_predictions(site_folder(_outputs(out, fold), member.name))
+            fold_arms.add("federated", member.name, kept["prediction"])
+            fold_arms.targets.setdefault(member.name, kept["target"])
+        arms.extend(fold_arms)
+    return arms
+
+
+@contextlib.contextmanager
+def _watch(folder: Path, total: int, progress: Progress | None) -> Iterator[None]:
+    """Report rounds as the server records the sites' results, from a thread, while the job runs."""
+    if progress is None:
+        yield
+        return
+    done = threading.Event()
+    seen = {"rounds": -1}
+
+    def poll() -> None:
+        records = read_records(folder) if folder.exists() else {}
+        finished = min((len(r) for r in records.values()), default=0)
+        if finished > seen["rounds"]:
+            seen["rounds"] = finished
+            with contextlib.suppress(Exception):  # a broken display must not break the run
+                progress(finished, total, {"sites": {s: r[-1] for s, r in records.items() if r}})
+
+    def loop() -> None:
+        while not done.wait(POLL_SECONDS):
+            poll()
+
+    watcher = threading.Thread(target=loop, name="federated-progress", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()

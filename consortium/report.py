@@ -1,22 +1,8 @@
-"""``report.json`` and ``report.md`` of a run: the contract researchers and notebooks read.
+"""``report.json`` and ``report.md`` of a run, built from what the operator's server received.
 
-Shape (see DESIGN.md)::
-
-    {
-      "consortium": str, "job_id": str, "env": "sim" | "poc", "created": ISO time,
-      "members": {member: {"samples": int, "tasks": {task: {
-          "type": str, "metric": str, "federated": float, "local": float?, "pooled": float?,
-          "precision_at_k": {"federated": float, "local": float?, "pooled": float?}?}}}},
-      "biomarkers": {"consensus": [{"feature", "score", "rank"}...],
-                     "tasks": {task: [{"feature", "score", "rank"}...]},
-                     "ground_truth": {task: [feature...]}?},
-      "rounds": [{"round": int, "seconds": float, "bytes_sent": int, "sites": {member: {...}}}],
-      "privacy": {"he": bool, "dp": bool, "epsilon_spent": {member: float}?, "delta": float?,
-                  "shared": "trunk parameters only", ...},
-      "timing": {"rounds": int, "seconds_total": float, "seconds_per_round": float,
-                 "bytes_sent_per_round": int, "bytes_sent_per_round_per_member": {member: int}},
-      "tracking": {"uri": str, "experiment": str, "model_run_id": str?}
-    }
+Shape: :class:`schema.report.Report` (validated before it is written). Figures a site published come
+from ``published.jsonl``; statistics and model rankings from the released aggregate; the benchmark
+comparison (local, pooled and linear arms, paired intervals) only when the run was asked for it.
 """
 
 from __future__ import annotations
@@ -24,85 +10,240 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from jobs.site_outputs import json_safe
+from consortium import comparison
+from consortium.report_markdown import render_markdown
+from jobs.published import json_safe
+from models.attribution import precision_at_k
+from models.metrics import primary_metric
+from schema.config import ConsortiumConfig
+from schema.report import Report
 
 TOP_N = 50
+TOP_K_OVERLAP = 20
+DEFINITIONS = {
+    "federated": (
+        "each member's model after the last round: the shared trunk and shared heads it trained from the "
+        "last aggregate, with its private heads; scored once on its own test split (out of fold with --folds)"
+    ),
+    "local": "the same network trained on the member's data alone, the same number of passes, no selection",
+    "pooled": "one network on all members' data together (one head per endpoint), the same passes, no selection",
+    "linear_local / linear_pooled": (
+        "penalized logistic / ridge / Cox (scikit-learn, scikit-survival), penalty chosen on the validation split"
+    ),
+    "budget": "every network arm gets rounds x local_epochs passes over its training data; none selects an epoch",
+    "ci": "95% percentile bootstrap over the test samples (within members for endpoint figures); 1000 resamples",
+    "gain": "federated minus another arm, paired bootstrap; called a gain only where the whole interval is above 0",
+    "statistics": (
+        "per endpoint and feature, stratified by member: Welch (binary, fixed-effect over members), OLS slope with "
+        "member as covariate (regression), Cox score test (survival); Benjamini-Hochberg q-values"
+    ),
+    "model": "integrated gradients (Captum): class contrast (binary) or risk direction, summed over holders",
+}
 
 
-def ranking_records(table: pd.DataFrame, *, top: int = TOP_N) -> list[dict[str, Any]]:
-    rows = table.sort_values("rank").head(top)
-    return [{"feature": str(r.feature), "score": float(r.score), "rank": int(r.rank)} for r in rows.itertuples()]
+def build_report(
+    config: ConsortiumConfig, outcomes: Sequence[tuple], *, env: str, he: bool, seconds: float,
+    arms: comparison.ArmPredictions | None, tracking_uri: str, folds: int | None,
+) -> dict[str, Any]:
+    """The report of a run: one or (with folds) several jobs, their releases and the comparison."""
+    last_outcome, last_results, released = outcomes[-1]
+    endpoints = config.endpoints()
+    kinds = {name: info["type"] for name, info in endpoints.items()}
+    truth = _ground_truth(config)
+    members = _members(config, last_results.records)
+    biomarkers = _biomarkers(config, released, truth=truth)
+    for name, info in members.items():
+        for task, entry in info["tasks"].items():
+            if truth and task in truth and task in released.rankings:
+                entry["precision_at_k"] = {"federated": precision_at_k(released.rankings[task], truth[task])}
+    report: dict[str, Any] = {
+        "consortium": config.name,
+        "job_id": last_outcome.job_id,
+        "job_ids": [o.job_id for o, _, _ in outcomes],
+        "env": env,
+        "folds": folds,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "members": members,
+        "endpoints": {name: {"type": info["type"], "metric": primary_metric(info["type"]),
+                             "members": info["members"], "shared": len(info["members"]) > 1}
+                      for name, info in endpoints.items()},
+        "definitions": DEFINITIONS,
+        "biomarkers": biomarkers,
+        "rounds": _rounds(last_results.records),
+        "privacy": _privacy(config, he, last_results.records),
+        "timing": _timing(last_results.records, seconds=seconds, rounds=len(next(iter(last_results.records.values())))),
+        "tracking": {"uri": tracking_uri, "experiment": config.tracking.experiment},
+    }
+    if arms is not None:
+        _add_comparison(report, arms, kinds=kinds, endpoints=endpoints, seed=config.training.seed)
+    return report
 
 
-def round_summary(metrics: Mapping[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per round: the slowest site's seconds, the bytes all sites sent, and each site's figures."""
-    rounds: dict[int, dict[str, Any]] = {}
-    for member, records in metrics.items():
-        for record in records:
-            entry = rounds.setdefault(
-                record["round"], {"round": record["round"], "seconds": 0.0, "bytes_sent": 0, "sites": {}}
-            )
-            entry["seconds"] = max(entry["seconds"], float(record["seconds"]))
-            entry["bytes_sent"] += int(record["bytes_sent"])
-            entry["sites"][member] = {
-                "train_loss": record["train_loss"],
-                "bytes_sent": record["bytes_sent"],
-                "val": record["val"],
-                "test": record["test"],
-                **({"epsilon": record["epsilon"]} if record.get("epsilon") is not None else {}),
+def _members(config: ConsortiumConfig, records: Mapping[str, list[dict]]) -> dict[str, Any]:
+    members = {}
+    for member in config.members:
+        final = records[member.name][-1]
+        tasks = {}
+        for task in member.tasks:
+            metric = primary_metric(task.type)
+            figures = (final.get("test") or {}).get(task.name, {})
+            tasks[task.name] = {
+                "type": task.type, "metric": metric, "federated": figures.get(metric),
+                "ci": {"federated": figures.get("ci")}, "n_test": figures.get("n"),
             }
+        members[member.name] = {"samples": final.get("samples"), "tasks": tasks}
+    return members
+
+
+def _biomarkers(config: ConsortiumConfig, released, *, truth: dict | None) -> dict[str, Any]:
+    statistics = {name: _records(table, ["feature", "statistic", "effect", "pvalue", "qvalue", "members"])
+                  for name, table in released.statistics.items()}
+    model = {name: _records(table, [c for c in ("feature", "score", "direction", "frequency", "rank") if c in table])
+             for name, table in released.rankings.items()}
+    both = {}
+    for name in set(released.statistics) & set(released.rankings):
+        top_stats = set(released.statistics[name]["feature"].head(TOP_K_OVERLAP))
+        top_model = set(released.rankings[name].sort_values("rank")["feature"].head(TOP_K_OVERLAP))
+        both[name] = sorted(top_stats & top_model)
+    out: dict[str, Any] = {"statistics": statistics, "model": model, f"both_top{TOP_K_OVERLAP}": both,
+                           "consensus": _consensus(released.rankings)}
+    if truth:
+        out["ground_truth"] = truth
+        planted = {f for features in truth.values() for f in features}
+        top = [row["feature"] for row in out["consensus"][: len(planted)]]
+        out["consensus_planted_in_top"] = {"k": len(planted), "planted": sum(f in planted for f in top)}
+    return out
+
+
+def _consensus(rankings: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]:
+    """All endpoints together: mean over endpoints of each feature's normalized |score|."""
+    if not rankings:
+        return []
+    columns = []
+    for table in rankings.values():
+        scores = table.set_index("feature")["score"].abs().astype(float)
+        total = scores.sum()
+        columns.append(scores / total if total > 0 else scores * 0.0)
+    combined = pd.concat(columns, axis=1).fillna(0.0).mean(axis=1).sort_values(ascending=False, kind="mergesort")
+    return [{"feature": str(f), "score": float(s), "rank": i + 1} for i, (f, s) in enumerate(combined.head(TOP_N).items())]
+
+
+def _records(table: pd.DataFrame, columns: list[str], *, top: int = TOP_N) -> list[dict[str, Any]]:
+    rows = table.head(top) if "rank" not in table else table.sort_values("rank").head(top)
+    return json_safe(rows.loc[:, columns].to_dict(orient="records"))
+
+
+def _rounds(records: Mapping[str, list[dict]]) -> list[dict[str, Any]]:
+    rounds: dict[int, dict[str, Any]] = {}
+    for site, site_records in records.items():
+        for record in site_records:
+            entry = rounds.setdefault(int(record["round"]), {"round": int(record["round"]), "seconds": 0.0,
+                                                              "bytes_received": 0, "sites": {}})
+            entry["seconds"] = max(entry["seconds"], float(record.get("seconds") or 0.0))
+            entry["bytes_received"] += int(record.get("bytes_received") or 0)
+            entry["sites"][site] = {k: record.get(k) for k in ("train_loss", "val", "steps", "bytes_received", "epsilon")}
     return [rounds[k] for k in sorted(rounds)]
 
 
+def _privacy(config: ConsortiumConfig, he: bool, records: Mapping[str, list[dict]]) -> dict[str, Any]:
+    epsilon = {site: r[-1].get("epsilon") for site, r in records.items() if r and r[-1].get("epsilon") is not None}
+    dp = config.privacy.dp
+    return {
+        "he": he,
+        "he_scheme": f"CKKS N={config.privacy.he.poly_modulus_degree}, coeff_mod_bit_sizes="
+                     f"{config.privacy.he.coeff_mod_bit_sizes}" if he else None,
+        "dp": dp.enabled,
+        "epsilon_spent": epsilon or None,
+        "epsilon_target": dp.epsilon if dp.enabled else None,
+        "delta": dp.delta if dp.enabled else None,
+        "shared": (
+            "under HE when it is on: the trunk and the heads of shared endpoints every round; in the last round "
+            "each endpoint's summed association statistics and attribution vectors (members with fewer than "
+            f"{config.data.min_cell_count} samples per class or events send none). In plaintext, outside HE and "
+            "the DP budget: per-round training loss and validation figures, step counts, final test figures with "
+            "their intervals and sample counts per split"
+        ),
+        "dp_guarantee": _dp_guarantee(config),
+    }
+
+
+def _dp_guarantee(config: ConsortiumConfig) -> str | None:
+    if not config.privacy.dp.enabled:
+        return None
+    survival = sorted({t.name for t in config.tasks if t.type == "survival"})
+    text = "DP-SGD (Opacus) over all planned rounds: (epsilon, delta) for the model updates"
+    if survival:
+        text += (f". Not a formal guarantee for survival endpoints {survival}: the Cox partial likelihood couples "
+                 "the samples of a batch. The association statistics are exact sums, not DP-protected")
+    return text
+
+
+def _timing(records: Mapping[str, list[dict]], *, seconds: float, rounds: int) -> dict[str, Any]:
+    per_member = {s: int(np.mean([r.get("bytes_received") or 0 for r in recs])) for s, recs in records.items() if recs}
+    return {
+        "rounds": rounds,
+        "seconds_total": seconds,
+        "seconds_per_round": seconds / max(rounds, 1),
+        "bytes_received_per_round": int(sum(per_member.values())),
+        "bytes_received_per_round_per_member": per_member,
+    }
+
+
+def _add_comparison(report, arms, *, kinds, endpoints, seed) -> None:
+    figures = comparison.member_figures(arms, kinds=kinds, seed=seed)
+    for member, tasks in figures.items():
+        for task, values in tasks.items():
+            entry = report["members"][member]["tasks"][task]
+            for arm in comparison.ARMS:
+                if arm in values:
+                    entry[arm] = values[arm]
+            entry["ci"] = values["ci"]
+            entry["difference"] = values["difference"]
+            entry["n_test"] = values.get("n")
+    holders = {name: info["members"] for name, info in endpoints.items()}
+    for name, values in comparison.endpoint_figures(arms, kinds=kinds, holders=holders, seed=seed).items():
+        report["endpoints"][name].update({k: v for k, v in values.items() if k not in ("type", "metric", "members")})
+    report["summary"] = summarize(report)
+
+
+def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
+    """Per member: mean over its endpoints of each arm; and how many paired gains the intervals support."""
+    per_member, gains = {}, {"federated-local": 0, "federated-pooled": 0, "tasks": 0}
+    for name, info in report["members"].items():
+        rows = [t for t in info["tasks"].values() if t.get("local") is not None and t.get("federated") is not None]
+        if not rows:
+            continue
+        per_member[name] = {k: float(np.nanmean([t.get(k, math.nan) for t in rows])) for k in comparison.ARMS}
+        for t in rows:
+            gains["tasks"] += 1
+            for key in ("federated-local", "federated-pooled"):
+                gains[key] += bool(t.get("difference", {}).get(key, {}).get("gain"))
+    return {"per_member": per_member, "paired_gains": gains}
+
+
+def _ground_truth(config: ConsortiumConfig) -> dict[str, list[str]] | None:
+    path = config.source.parent / "ground_truth.json" if config.source else None
+    if path is None or not path.exists():
+        return None
+    return json.loads(path.read_text()).get("tasks")
+
+
 def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``report.md`` atomically into ``out``."""
+    """Validate and write ``report.json`` and ``report.md`` atomically into ``out``."""
+    safe = json_safe(report)
+    Report.model_validate(safe)
     json_path, md_path = out / "report.json", out / "report.md"
-    texts = {json_path: json.dumps(json_safe(report), indent=2, allow_nan=False), md_path: render_markdown(report)}
+    texts = {json_path: json.dumps(safe, indent=2, allow_nan=False), md_path: render_markdown(safe)}
     for path, text in texts.items():
         partial = path.with_name(f".{path.name}.partial")
         partial.write_text(text)
         os.replace(partial, path)
     return json_path, md_path
-
-
-def _fmt(value: Any) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.3f}"
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    lines = [f"# Federated run `{report['job_id']}` of {report['consortium']}", ""]
-    timing, privacy = report["timing"], report["privacy"]
-    lines += [
-        f"- environment: {report['env']}; rounds: {timing['rounds']}; total {timing['seconds_total']:.1f} s "
-        f"({timing['seconds_per_round']:.1f} s per round)",
-        f"- bytes sent per round (all members): {timing['bytes_sent_per_round']:,}",
-        f"- homomorphic encryption: {'on' if privacy['he'] else 'off'}; DP-SGD: {'on' if privacy['dp'] else 'off'}"
-        + (f" (epsilon spent: {privacy.get('epsilon_spent')})" if privacy["dp"] else ""),
-        "",
-        "## Test metrics per member and task",
-        "",
-        "| member | task | metric | local only | federated | pooled | P@k local | P@k federated | P@k pooled |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for member, info in report["members"].items():
-        for task, t in info["tasks"].items():
-            pk = t.get("precision_at_k", {})
-            lines.append(
-                f"| {member} | {task} | {t['metric']} | {_fmt(t.get('local'))} | {_fmt(t['federated'])} | "
-                f"{_fmt(t.get('pooled'))} | {_fmt(pk.get('local'))} | {_fmt(pk.get('federated'))} | "
-                f"{_fmt(pk.get('pooled'))} |"
-            )
-    lines += [""] + [f"- *{name}*: {text}" for name, text in report.get("definitions", {}).items()]
-    lines += ["", "## Consensus biomarkers (top 20)", "", "| rank | feature | score | planted |", "|---|---|---|---|"]
-    planted = {f for features in report["biomarkers"].get("ground_truth", {}).values() for f in features}
-    for row in report["biomarkers"]["consensus"][:20]:
-        mark = "yes" if row["feature"] in planted else ("no" if planted else "")
-        lines.append(f"| {row['rank']} | {row['feature']} | {row['score']:.4f} | {mark} |")
-    lines += ["", f"MLflow: `{report['tracking']['uri']}`, experiment `{report['tracking']['experiment']}`", ""]
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The shared trunk at the end of a run, and its release to MLflow with the biomarker table."""
+"""The shared model at the end of a run (trunk and shared heads), released to MLflow with the biomarker tables."""
 
 from __future__ import annotations
 
@@ -9,18 +9,17 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import pandas as pd
 import torch
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from consortium.config import ConsortiumConfig
-from jobs.runner import FederatedRun
-from models.network import SharedTrunk
+from consortium.results import Released
+from models.network import SharedModel
+from schema.config import ConsortiumConfig
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "shared_trunk"
+MODEL_NAME = "shared_model"
 
 
 def ensure_experiment(config: ConsortiumConfig, *, tracking_uri: str) -> str:
@@ -42,38 +41,26 @@ def ensure_experiment(config: ConsortiumConfig, *, tracking_uri: str) -> str:
     )
 
 
-def shared_trunk_state(config: ConsortiumConfig, run: FederatedRun) -> dict[str, torch.Tensor]:
-    """The final aggregated trunk, as the server persisted it (plaintext runs) or decrypted by a member (HE)."""
-    if run.he:
-        from jobs.he.release import decrypt_global_trunk
-
-        return decrypt_global_trunk(config, run)
-    if run.global_model is None:
-        raise FileNotFoundError(f"job {run.job_id}: the server left no global model under {run.result_dir}")
-    saved = torch.load(run.global_model, map_location="cpu", weights_only=False)
-    state = saved.get("model", saved) if isinstance(saved, dict) else saved
-    return {k: torch.as_tensor(np.asarray(v)) for k, v in state.items()}
+def tracking_uri_for(config: ConsortiumConfig, *, out: Path) -> str:
+    """``tracking.uri`` from consortium.yaml, else a SQLite store in the run folder."""
+    return config.tracking.uri or f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
 
 
-def trunk_module(config: ConsortiumConfig, state: dict[str, torch.Tensor]) -> SharedTrunk:
+def shared_module(config: ConsortiumConfig, state: dict[str, np.ndarray]) -> SharedModel:
     t = config.training
-    model = SharedTrunk(len(config.panel_features()), trunk_widths=list(t.trunk_widths), dropout=t.dropout)
-    model.load_state_dict(state)
+    model = SharedModel(len(config.panel_features()), shared_tasks=config.shared_endpoints(),
+                        trunk_widths=list(t.trunk_widths), head_width=t.head_width, dropout=t.dropout)
+    model.load_state_dict({k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in state.items()})
     return model.eval()
 
 
 def log_shared_model(
-    config: ConsortiumConfig,
-    state: dict[str, torch.Tensor],
-    *,
-    consensus: pd.DataFrame,
-    report: dict[str, Any],
-    tracking_uri: str,
+    config: ConsortiumConfig, released: Released, *, report: dict[str, Any], tracking_uri: str
 ) -> str:
-    """Log the shared trunk as an MLflow model, with the consensus biomarker table and the report."""
+    """Log the shared model as an MLflow model, with the biomarker tables and the report."""
     experiment_id = ensure_experiment(config, tracking_uri=tracking_uri)
-    model = trunk_module(config, state)
-    with mlflow.start_run(experiment_id=experiment_id, run_name="shared-trunk") as run:
+    model = shared_module(config, released.state)
+    with mlflow.start_run(experiment_id=experiment_id, run_name="shared-model") as run:
         mlflow.set_tags(
             {
                 "consortium": config.name,
@@ -95,9 +82,9 @@ def log_shared_model(
         )
         for info in report["members"].values():
             for task, entry in info["tasks"].items():
-                for kind in ("federated", "local", "pooled"):
+                for kind in ("federated", "local", "pooled", "linear_pooled"):
                     value = entry.get(kind)
-                    if value is not None and np.isfinite(value):
+                    if isinstance(value, float) and np.isfinite(value):
                         mlflow.log_metric(f"{kind}/{task}/{entry['metric']}", float(value))
         n_features = len(config.panel_features())
         signature = ModelSignature(
@@ -114,9 +101,10 @@ def log_shared_model(
             input_example=np.zeros((2, n_features), dtype=np.float32),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
-        mlflow.log_text(consensus.to_csv(index=False), "biomarkers/consensus.csv")
-        for task, rows in report["biomarkers"]["tasks"].items():
-            mlflow.log_text(pd.DataFrame(rows).to_csv(index=False), f"biomarkers/{task}.csv")
+        for name, table in released.statistics.items():
+            mlflow.log_text(table.to_csv(index=False), f"biomarkers/statistics_{name}.csv")
+        for name, table in released.rankings.items():
+            mlflow.log_text(table.to_csv(index=False), f"biomarkers/model_{name}.csv")
         mlflow.log_text(json.dumps(report, indent=2, default=str), "report.json")
         log.info("logged the shared trunk to MLflow run %s", run.info.run_id)
         return run.info.run_id

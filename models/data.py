@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import numpy as np
 
@@ -18,11 +18,27 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A task head: its unique name, its kind and its weight in the member's loss."""
+    """A task head: its name, its kind, its weight in the member's loss, and whether it is shared.
+
+    Attributes
+    ----------
+    name
+        The endpoint's name; unique among a member's tasks and the key part ``heads.<name>.``.
+    kind
+        ``"binary"``, ``"regression"`` or ``"survival"``.
+    weight
+        Weight of the task's loss in the member's multitask loss.
+    shared
+        ``True`` for an endpoint that several members hold under the same name and kind: its head's
+        parameters are aggregated across them like the trunk (see
+        :meth:`models.network.MultitaskNet.shared_state`). ``False`` (a private endpoint): the head
+        never leaves its member. Keyword-only.
+    """
 
     name: str
     kind: TaskKind
     weight: float = 1.0
+    shared: bool = field(default=False, kw_only=True)
 
 
 @dataclass
@@ -77,24 +93,126 @@ class MemberData:
         )
 
 
-def pool_members(members: Mapping[str, MemberData], tasks: Sequence[TaskSpec]) -> MemberData:
-    """Concatenate members' samples; a task's labels are NaN on the rows of members that lack it."""
-    parts = list(members.values())
+TasksByMember: TypeAlias = Mapping[str, Sequence[TaskSpec]]
+
+
+def merge_tasks(tasks_by_member: TasksByMember) -> list[TaskSpec]:
+    """One :class:`TaskSpec` per endpoint name across members, in first-seen order.
+
+    An endpoint held by two or more members comes back with ``shared=True`` and the mean of their
+    weights; one held by a single member keeps its spec as given.
+
+    Raises
+    ------
+    ValueError
+        If two members hold the same endpoint name with different kinds (both members are named).
+    """
+    holders: dict[str, list[tuple[str, TaskSpec]]] = {}
+    for member, tasks in tasks_by_member.items():
+        for task in tasks:
+            held = holders.setdefault(task.name, [])
+            if any(holder == member for holder, _ in held):
+                raise ValueError(f"member '{member}' lists task '{task.name}' twice; task names are unique per member")
+            if held and held[0][1].kind != task.kind:
+                first, spec = held[0]
+                raise ValueError(
+                    f"task '{task.name}' is {spec.kind} at member '{first}' but {task.kind} at member "
+                    f"'{member}'; a shared endpoint needs one kind everywhere: rename one of them or "
+                    "make the kinds agree"
+                )
+            held.append((member, task))
+    merged = []
+    for name, held in holders.items():
+        if len(held) == 1:
+            merged.append(held[0][1])
+            continue
+        weight = sum(task.weight for _, task in held) / len(held)
+        merged.append(TaskSpec(name, held[0][1].kind, weight, shared=True))
+    return merged
+
+
+def pool_members(members: Mapping[str, MemberData], tasks: TasksByMember | Sequence[TaskSpec]) -> MemberData:
+    """Concatenate members' samples (in ``members`` order) with one target per endpoint name.
+
+    Parameters
+    ----------
+    members
+        Member name -> its samples; all on the same feature panel.
+    tasks
+        Member name -> its tasks: a member contributes labels only to the endpoints it holds,
+        members holding the same endpoint (same name and kind) share one target column, and the
+        rows of members without it are ``NaN``. A flat sequence of tasks is also accepted: then
+        every member that has targets under a task's name contributes them.
+
+    Returns
+    -------
+    MemberData
+        The pooled samples; ``targets`` has one entry per endpoint name (see :func:`merge_tasks`).
+
+    Raises
+    ------
+    ValueError
+        If members disagree on the feature panel, the same endpoint name has two kinds, or a
+        member lacks targets for a task it holds.
+    """
+    parts = dict(members)
     if not parts:
         raise ValueError("no members to pool")
-    n_features = {p.n_features for p in parts}
+    n_features = {p.n_features for p in parts.values()}
     if len(n_features) != 1:
         raise ValueError(f"members disagree on the number of features: {sorted(n_features)}")
-    targets: dict[str, np.ndarray] = {}
-    for task in tasks:
-        width = (2,) if task.kind == "survival" else ()
-        columns = [
-            p.targets[task.name] if task.name in p.targets else np.full((p.X.shape[0], *width), np.nan) for p in parts
-        ]
-        targets[task.name] = np.concatenate(columns).astype(np.float64)
+    named = {m: p.feature_names for m, p in parts.items() if p.feature_names}
+    reference = next(iter(named.items()), None)
+    for member, names in named.items():
+        if reference is not None and list(names) != list(reference[1]):
+            raise ValueError(
+                f"members '{reference[0]}' and '{member}' have different feature names; harmonize both "
+                "to the consortium panel before pooling"
+            )
+    if not isinstance(tasks, Mapping):
+        tasks = _tasks_by_labels(parts, tasks)
+    unknown = sorted(set(tasks) - set(parts))
+    if unknown:
+        raise ValueError(f"tasks name members {unknown} that are not in members {sorted(parts)}")
+    endpoints = merge_tasks(tasks)
+    held = {m: {t.name for t in tasks.get(m, ())} for m in parts}
+    targets = {
+        task.name: np.concatenate([_target_column(m, p, task, held=task.name in held[m]) for m, p in parts.items()])
+        for task in endpoints
+    }
+    first = next(iter(parts.values()))
     return MemberData(
-        X=np.concatenate([p.X for p in parts]),
+        X=np.concatenate([p.X for p in parts.values()]),
         targets=targets,
-        split=np.concatenate([p.split for p in parts]),
-        feature_names=parts[0].feature_names,
+        split=np.concatenate([p.split for p in parts.values()]),
+        feature_names=first.feature_names,
     )
+
+
+def _tasks_by_labels(parts: Mapping[str, MemberData], tasks: Sequence[TaskSpec]) -> dict[str, list[TaskSpec]]:
+    # a flat task list: each member holds the listed tasks it has targets for
+    unique: dict[str, TaskSpec] = {}
+    for task in tasks:
+        seen = unique.setdefault(task.name, task)
+        if seen.kind != task.kind:
+            raise ValueError(
+                f"task '{task.name}' is listed as {seen.kind} and as {task.kind}; give the tasks per member "
+                "(a mapping) and make the kinds agree"
+            )
+    return {m: [t for t in unique.values() if t.name in p.targets] for m, p in parts.items()}
+
+
+def _target_column(member: str, part: MemberData, task: TaskSpec, *, held: bool) -> np.ndarray:
+    shape = (part.X.shape[0], 2) if task.kind == "survival" else (part.X.shape[0],)
+    if not held:
+        return np.full(shape, np.nan)
+    if task.name not in part.targets:
+        raise ValueError(
+            f"member '{member}' holds task '{task.name}' but has no targets for it; it has {sorted(part.targets)}"
+        )
+    y = np.asarray(part.targets[task.name], dtype=np.float64)
+    if y.shape != shape:
+        raise ValueError(
+            f"member '{member}': targets of {task.kind} task '{task.name}' have shape {y.shape}; expected {shape}"
+        )
+    return y

@@ -1,8 +1,10 @@
 """Metrics per task kind, each on the non-missing labels, and :func:`evaluate` for a model.
 
-All metrics are vectorized numpy. Each returns ``nan`` when it is undefined on the labels given
-(one class only, fewer than two labels, constant targets, no comparable survival pair), so a
-member with a thin split gets ``nan`` rather than an exception.
+The numerics come from scikit-learn (AUROC, average precision, R2), scipy (Pearson) and
+scikit-survival (Harrell's C). Each metric returns ``nan`` when it is undefined on the labels
+given (one class only, fewer than two labels, constant targets, no comparable survival pair) or
+when a prediction for a labelled sample is not finite (a diverged model), so a member with a thin
+split gets ``nan`` rather than an exception.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import pearsonr
+from sklearn.metrics import average_precision_score, r2_score, roc_auc_score
+from sksurv.exceptions import NoComparablePairException
+from sksurv.metrics import concordance_index_censored
 
 from models.data import MemberData, TaskSpec
 from models.network import MultitaskNet
@@ -19,7 +24,6 @@ from models.network import MultitaskNet
 logger = logging.getLogger(__name__)
 
 PRIMARY_METRICS = {"binary": "auroc", "regression": "r2", "survival": "c_index"}
-_PAIR_BLOCK = 1024  # rows per block of the O(n^2) C-index comparison, bounds memory
 
 
 def _observed(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -31,62 +35,74 @@ def _observed(y: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return y[keep], score[keep]
 
 
+def _finite(score: np.ndarray) -> bool:
+    if np.isfinite(score).all():
+        return True
+    n_bad = int((~np.isfinite(score)).sum())
+    logger.warning("%d of %d predictions are not finite; the metric is nan", n_bad, score.size)
+    return False
+
+
+def _both_classes(y: np.ndarray) -> bool:
+    n_pos = int((y == 1).sum())
+    return 0 < n_pos < y.size
+
+
 def auroc(y_true: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with mid-ranks for tied scores)."""
+    """Area under the ROC curve (:func:`sklearn.metrics.roc_auc_score`); tied scores count 1/2.
+
+    Labels equal to 1 are positives, every other observed label is a negative.
+    """
     y, s = _observed(y_true, score)
-    positives = y == 1
-    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
-    if n_pos == 0 or n_neg == 0:
+    if not _both_classes(y) or not _finite(s):
         return float("nan")
-    ranks = rankdata(s)
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(y == 1, s))
 
 
 def auprc(y_true: np.ndarray, score: np.ndarray) -> float:
-    """Average precision: ``sum_k (R_k - R_{k-1}) P_k`` over distinct score thresholds."""
+    """Average precision (:func:`sklearn.metrics.average_precision_score`), ``sum_k (R_k - R_{k-1}) P_k``."""
     y, s = _observed(y_true, score)
-    n_pos = int((y == 1).sum())
-    if n_pos == 0 or n_pos == y.size:
+    if not _both_classes(y) or not _finite(s):
         return float("nan")
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    # the last index of each run of equal scores is one threshold
-    threshold_ends = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
-    true_pos = np.cumsum(y == 1)[threshold_ends]
-    precision = true_pos / (threshold_ends + 1)
-    recall = true_pos / n_pos
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return float(average_precision_score(y == 1, s))
 
 
 def r2(y_true: np.ndarray, prediction: np.ndarray) -> float:
-    """Coefficient of determination ``1 - SS_res / SS_tot``."""
+    """Coefficient of determination ``1 - SS_res / SS_tot`` (:func:`sklearn.metrics.r2_score`)."""
     y, p = _observed(y_true, prediction)
-    if y.size < 2:
+    if y.size < 2 or np.ptp(y) == 0 or not _finite(p):
         return float("nan")
-    total = np.sum((y - y.mean()) ** 2)
-    if total == 0:
-        return float("nan")
-    return float(1.0 - np.sum((y - p) ** 2) / total)
+    return float(r2_score(y, p))
 
 
 def pearson_r(y_true: np.ndarray, prediction: np.ndarray) -> float:
-    """Pearson correlation of labels and predictions."""
+    """Pearson correlation of labels and predictions (:func:`scipy.stats.pearsonr`)."""
     y, p = _observed(y_true, prediction)
-    if y.size < 2:
+    if y.size < 2 or not _finite(p) or np.ptp(y) == 0 or np.ptp(p) == 0:
         return float("nan")
-    dy, dp = y - y.mean(), p - p.mean()
-    denominator = np.sqrt(np.sum(dy**2) * np.sum(dp**2))
-    if denominator == 0:
-        return float("nan")
-    return float(np.clip(np.sum(dy * dp) / denominator, -1.0, 1.0))
+    return float(pearsonr(y, p).statistic)
 
 
-def c_index(survival: np.ndarray, risk: np.ndarray) -> float:
-    """Harrell's concordance index; higher ``risk`` should mean shorter survival.
+def _concordance_counts(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> tuple[int, int, int]:
+    """``(concordant, discordant, tied_risk)`` pair counts; zeros when no pair is comparable."""
+    if time.size < 2 or not event.any():
+        return 0, 0, 0
+    try:
+        # events tied in time leave sksurv a 0/0 C-index; only its pair counts are used here
+        with np.errstate(invalid="ignore", divide="ignore"):
+            _, concordant, discordant, tied_risk, _ = concordance_index_censored(event, time, risk)
+    except NoComparablePairException:
+        return 0, 0, 0
+    return int(concordant), int(discordant), int(tied_risk)
 
-    A pair ``(i, j)`` is comparable when ``i`` had an event and ``t_i < t_j``, or ``t_i == t_j``
-    and ``j`` is censored (``i`` failed first). It is concordant when ``risk_i > risk_j``; tied
-    risks count 1/2. Pairs where both failed at the same time are not comparable.
+
+def c_index(survival: np.ndarray, risk: np.ndarray, *, strata: np.ndarray | None = None) -> float:
+    """Harrell's concordance index (:func:`sksurv.metrics.concordance_index_censored`).
+
+    Higher ``risk`` should mean shorter survival. A pair ``(i, j)`` is comparable when ``i`` had an
+    event and ``t_i < t_j``, or ``t_i == t_j`` and ``j`` is censored. It is concordant when
+    ``risk_i > risk_j``; risks within ``1e-8`` count 1/2. Pairs where both failed at the same time
+    are not comparable.
 
     Parameters
     ----------
@@ -94,24 +110,41 @@ def c_index(survival: np.ndarray, risk: np.ndarray) -> float:
         ``(n, 2)`` ``[time, event]``; rows with ``NaN`` are ignored.
     risk
         ``(n,)`` predicted risk (e.g. the Cox head's log-risk).
+    strata
+        Optional ``(n,)`` group labels (e.g. the member of each sample). When given, only pairs
+        within the same stratum are compared: concordant and comparable pairs are summed over the
+        strata, so members with different baseline hazards are not ranked against each other.
+
+    Returns
+    -------
+    float
+        The C-index in ``[0, 1]``, or ``nan`` when no pair is comparable.
     """
     survival = np.asarray(survival, dtype=np.float64)
     if survival.ndim != 2 or survival.shape[1] != 2:
         raise ValueError(f"survival has shape {survival.shape}; expected (n, 2) [time, event]")
+    n = survival.shape[0]
+    groups = np.zeros(n, dtype=np.intp)
+    if strata is not None:
+        strata = np.asarray(strata)
+        if strata.shape != (n,):
+            raise ValueError(f"strata has shape {strata.shape}; expected ({n},), one label per sample")
+        groups = np.unique(strata, return_inverse=True)[1].reshape(n)
+    keep = ~np.isnan(survival).any(axis=1)
     y, r = _observed(survival, risk)
+    if not _finite(r):
+        return float("nan")
+    groups = groups[keep]
     time, event = y[:, 0], y[:, 1] == 1
-    concordant = 0.0
-    comparable = 0
-    event_rows = np.flatnonzero(event)
-    for start in range(0, event_rows.size, _PAIR_BLOCK):
-        rows = event_rows[start : start + _PAIR_BLOCK]
-        ti, ri = time[rows, None], r[rows, None]
-        pairs = (ti < time[None, :]) | ((ti == time[None, :]) & ~event[None, :])
-        comparable += int(pairs.sum())
-        concordant += float(np.sum(pairs & (ri > r[None, :])) + 0.5 * np.sum(pairs & (ri == r[None, :])))
+    concordant = discordant = tied_risk = 0
+    for group in np.unique(groups):
+        rows = groups == group
+        c, d, t = _concordance_counts(time[rows], event[rows], r[rows])
+        concordant, discordant, tied_risk = concordant + c, discordant + d, tied_risk + t
+    comparable = concordant + discordant + tied_risk
     if comparable == 0:
         return float("nan")
-    return concordant / comparable
+    return (concordant + 0.5 * tied_risk) / comparable
 
 
 METRICS = {

@@ -1,9 +1,12 @@
-"""The multitask network: a shared (federated) trunk and private task heads.
+"""The multitask network: a federated trunk, shared endpoint heads and private endpoint heads.
 
-The trunk is the attribute ``trunk`` of both :class:`MultitaskNet` and :class:`SharedTrunk`, and
-both build it with :func:`build_trunk`, so the server's trunk-only model and every member's full
-model agree on the state keys (all of them start with ``trunk.``) by construction.
-Heads live under ``heads.<task name>.`` and are never part of :meth:`MultitaskNet.trunk_state`.
+The trunk is the attribute ``trunk`` of both :class:`MultitaskNet` and :class:`SharedModel`, and
+both build it with :func:`build_trunk`; the heads are ``heads.<task name>`` built by
+:func:`build_head` in both. So the server's model and every member's full model agree on the state
+keys by construction: :meth:`MultitaskNet.shared_state` (``trunk.*`` plus the parameters of the
+heads of shared endpoints) has exactly the keys of ``SharedModel(...).state_dict()``. A private
+endpoint's head, and every head's target-scaling buffers (a member's label statistics), never
+leave the member.
 
 No BatchNorm anywhere: its running statistics would leak batch composition and it does not give
 per-sample gradients, so DP-SGD (Opacus) could not train it. LayerNorm works per sample.
@@ -12,6 +15,7 @@ per-sample gradients, so DP-SGD (Opacus) could not train it. LayerNorm works per
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -96,8 +100,94 @@ def _generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-class SharedTrunk(nn.Module):
-    """The trunk alone: what the FLARE server holds and averages.
+def _head_seed(seed: int | None, task: str) -> int | None:
+    # A head's initial weights depend on the seed and its task name only, so the server's head of a
+    # shared endpoint starts where every member's head of that endpoint starts.
+    if seed is None:
+        return None
+    return (int(seed) * 1_000_003 + zlib.crc32(task.encode())) % 2**63
+
+
+def _check_task_name(name: str) -> None:
+    if not name or "." in name:
+        raise ValueError(f"task name '{name}' is empty or holds '.'; rename it (it is a state-dict key part)")
+
+
+def _build_heads(names: Sequence[str], width_in: int, *, head_width: int, seed: int | None) -> nn.ModuleDict:
+    duplicated = sorted({n for n in names if list(names).count(n) > 1})
+    if duplicated:
+        raise ValueError(f"task names {duplicated} appear more than once; task names must be unique")
+    for name in names:
+        _check_task_name(name)
+    with torch.random.fork_rng(devices=[]):  # layer constructors draw from the global RNG
+        heads = nn.ModuleDict({name: build_head(width_in, head_width=head_width) for name in names})
+    for name, head in heads.items():
+        reset_parameters(head, generator=_generator(_head_seed(seed, name)))
+    return heads
+
+
+class SharedModel(nn.Module):
+    """What the FLARE server holds and aggregates: the trunk and the heads of shared endpoints.
+
+    Parameters
+    ----------
+    n_features
+        Input width (the consortium panel size).
+    shared_tasks
+        Names of the shared endpoints (held by several members under one name and kind); one head
+        each. Names, not :class:`~models.data.TaskSpec`, so the server can be built from plain
+        configuration.
+    trunk_widths, dropout
+        Passed to :func:`build_trunk`.
+    head_width
+        Passed to :func:`build_head`; must equal the members' ``head_width``.
+    seed
+        Seed of the initial weights; ``None`` draws one.
+
+    Notes
+    -----
+    ``state_dict()`` keys equal :meth:`MultitaskNet.shared_state` keys of a member model with the
+    same widths and shared endpoints. No target-scaling buffers: those stay with the members. With
+    the same ``seed``, the initial trunk equals ``MultitaskNet(..., seed=seed).trunk`` and each head
+    equals the member's head of the same name.
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        *,
+        shared_tasks: Sequence[str] = (),
+        trunk_widths: Sequence[int] = (256, 64),
+        head_width: int = 32,
+        dropout: float = 0.2,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(shared_tasks, str):
+            raise ValueError(f"shared_tasks='{shared_tasks}' is one string; give a list of task names")
+        with torch.random.fork_rng(devices=[]):  # layer constructors draw from the global RNG
+            self.trunk = build_trunk(n_features, trunk_widths=trunk_widths, dropout=dropout)
+        reset_parameters(self.trunk, generator=_generator(seed))
+        width = int(list(trunk_widths)[-1])
+        self.heads = _build_heads(list(shared_tasks), width, head_width=head_width, seed=seed)
+
+    @property
+    def shared_tasks(self) -> list[str]:
+        return list(self.heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's embedding ``(n, trunk_widths[-1])``; see :meth:`forward_task` for a head."""
+        return self.trunk(x)
+
+    def forward_task(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        """Raw output ``(n,)`` of one shared endpoint's head (no target scaling: that is a member's)."""
+        if task not in self.heads:
+            raise KeyError(f"no head for shared task '{task}'; this model shares {self.shared_tasks}")
+        return self.heads[task](self.trunk(x)).squeeze(-1)
+
+
+class SharedTrunk(SharedModel):
+    """The trunk alone: a :class:`SharedModel` without shared endpoints.
 
     Its ``state_dict()`` keys equal :meth:`MultitaskNet.trunk_state` keys, and with the same
     ``seed`` its initial weights equal those of ``MultitaskNet(..., seed=seed).trunk``.
@@ -111,37 +201,33 @@ class SharedTrunk(nn.Module):
         dropout: float = 0.2,
         seed: int | None = None,
     ) -> None:
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):  # layer constructors draw from the global RNG
-            self.trunk = build_trunk(n_features, trunk_widths=trunk_widths, dropout=dropout)
-        reset_parameters(self.trunk, generator=_generator(seed))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x)
+        super().__init__(n_features, trunk_widths=trunk_widths, dropout=dropout, seed=seed)
 
 
 class MultitaskNet(nn.Module):
-    """Shared trunk plus one private head (one output unit) per task.
+    """A member's model: the federated trunk plus one head (one output unit) per task.
 
     Parameters
     ----------
     n_features
         Input width (the consortium panel size).
     tasks
-        The member's tasks; one head each, keyed by task name.
+        The member's tasks; one head each, keyed by task name. A task with ``shared=True`` is a
+        shared endpoint: its head's parameters are part of :meth:`shared_state`.
     trunk_widths, dropout
         Passed to :func:`build_trunk`.
     head_width
         Hidden width of each head; 0 makes the heads linear.
     seed
-        Seed for the initial weights (trunk first, then heads in task order); ``None`` draws one.
+        Seed for the initial weights (the trunk, and each head from the seed and its task name);
+        ``None`` draws one.
 
     Notes
     -----
     Each head carries two buffers, ``target_mean`` and ``target_scale``: regression heads are
     trained on standardized targets (train-split statistics, set by the trainer with
     :meth:`set_target_scaling`) and :meth:`predict` maps them back to the original units. The
-    buffers belong to the head, so they stay private with it.
+    buffers are a member's label statistics: they stay private, also on a shared head.
     """
 
     def __init__(
@@ -158,29 +244,19 @@ class MultitaskNet(nn.Module):
         tasks = list(tasks)
         if not tasks:
             raise ValueError("tasks is empty; a MultitaskNet needs at least one TaskSpec")
-        names = [t.name for t in tasks]
-        duplicated = sorted({n for n in names if names.count(n) > 1})
-        if duplicated:
-            raise ValueError(f"task names {duplicated} appear more than once; task names must be unique")
         for task in tasks:
             if task.kind not in TASK_KINDS:
                 raise ValueError(f"task '{task.name}' has kind '{task.kind}'; use one of {TASK_KINDS}")
-            if "." in task.name or not task.name:
-                raise ValueError(
-                    f"task name '{task.name}' is empty or holds '.'; rename it (it is a state-dict key part)"
-                )
         self.n_features = int(n_features)
         self.tasks = tuple(tasks)
         with torch.random.fork_rng(devices=[]):  # layer constructors draw from the global RNG
             self.trunk = build_trunk(n_features, trunk_widths=trunk_widths, dropout=dropout)
-            width = int(list(trunk_widths)[-1])
-            self.heads = nn.ModuleDict({t.name: build_head(width, head_width=head_width) for t in tasks})
+        reset_parameters(self.trunk, generator=_generator(seed))
+        width = int(list(trunk_widths)[-1])
+        self.heads = _build_heads([t.name for t in tasks], width, head_width=head_width, seed=seed)
         for head in self.heads.values():
             head.register_buffer("target_mean", torch.zeros(1))
             head.register_buffer("target_scale", torch.ones(1))
-        generator = _generator(seed)
-        reset_parameters(self.trunk, generator=generator)
-        reset_parameters(self.heads, generator=generator)
 
     @property
     def task_names(self) -> list[str]:
@@ -199,12 +275,35 @@ class MultitaskNet(nn.Module):
 
     # -- separable state -------------------------------------------------------------------------
 
+    @property
+    def shared_tasks(self) -> list[str]:
+        """Names of the shared endpoints, in task order."""
+        return [t.name for t in self.tasks if t.shared]
+
     def trunk_state(self) -> dict[str, torch.Tensor]:
-        """Copies of the trunk's tensors, keys ``trunk.*`` only: the part that is federated."""
+        """Copies of the trunk's tensors, keys ``trunk.*`` only."""
         return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith(TRUNK_PREFIX)}
 
+    def shared_keys(self) -> list[str]:
+        """Keys of :meth:`shared_state`: ``trunk.*``, then the parameters of shared heads.
+
+        Never a private endpoint's head and never a ``target_mean``/``target_scale`` buffer.
+        """
+        shared_params = {
+            f"{HEAD_PREFIX}{name}.{key}" for name in self.shared_tasks for key, _ in self.heads[name].named_parameters()
+        }
+        return [k for k in self.state_dict() if k.startswith(TRUNK_PREFIX) or k in shared_params]
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the tensors that are aggregated across members: see :meth:`shared_keys`.
+
+        Equals :meth:`trunk_state` when no task is shared.
+        """
+        keys = set(self.shared_keys())
+        return {k: v.detach().clone() for k, v in self.state_dict().items() if k in keys}
+
     def head_state(self) -> dict[str, torch.Tensor]:
-        """Copies of the heads' tensors (``heads.*``), including the target scaling: never shared."""
+        """Copies of all heads' tensors (``heads.*``), including the target scaling."""
         return {k: v.detach().clone() for k, v in self.state_dict().items() if k.startswith(HEAD_PREFIX)}
 
     def load_trunk_state(self, state: Mapping[str, torch.Tensor | np.ndarray]) -> None:
@@ -218,28 +317,66 @@ class MultitaskNet(nn.Module):
         ValueError
             If keys are missing or unexpected (named in the message) or a shape differs.
         """
-        expected = {k: v for k, v in self.state_dict().items() if k.startswith(TRUNK_PREFIX)}
-        given = set(state)
-        missing = sorted(set(expected) - given)
-        unexpected = sorted(given - set(expected))
+        expected = [k for k in self.state_dict() if k.startswith(TRUNK_PREFIX)]
+        self._load_in_place(state, expected, caller="load_trunk_state", part="trunk")
+
+    def load_shared_state(self, state: Mapping[str, torch.Tensor | np.ndarray]) -> None:
+        """Copy a shared state (e.g. the federated average) into the trunk and shared heads, in place.
+
+        In-place copies keep the parameter objects, so an optimizer (and an Opacus wrapper) built
+        on this model keeps working. Private heads and all target-scaling buffers are never touched.
+
+        Parameters
+        ----------
+        state
+            Exactly the keys of :meth:`shared_keys` (tensors or numpy arrays).
+
+        Raises
+        ------
+        ValueError
+            If keys are missing or unexpected (named in the message; a private head's key or a
+            target-scaling buffer is called out as such) or a shape differs. Nothing is copied then.
+        """
+        self._load_in_place(state, self.shared_keys(), caller="load_shared_state", part="shared")
+
+    def _load_in_place(
+        self, state: Mapping[str, torch.Tensor | np.ndarray], expected: Sequence[str], *, caller: str, part: str
+    ) -> None:
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
-            hint = ""
-            if any(k.startswith("_module.") for k in unexpected):
-                hint = " Keys start with '_module.': take the state from trainer.model, not Opacus' wrapper."
-            elif any(k.startswith(HEAD_PREFIX) for k in unexpected):
-                hint = " Head keys are private; send only model.trunk_state()."
             raise ValueError(
-                f"load_trunk_state: missing trunk keys {missing}, unexpected keys {unexpected}.{hint}"
+                f"{caller}: missing {part} keys {missing}, unexpected keys {unexpected}."
+                f"{self._unexpected_hint(unexpected, send=f'model.{part}_state()')}"
             )
+        own = self.state_dict(keep_vars=True)
+        values = {k: state[k] if torch.is_tensor(state[k]) else torch.as_tensor(np.asarray(state[k])) for k in expected}
+        for key, value in values.items():  # check every shape before copying anything
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(
+                    f"{caller}: '{key}' has shape {tuple(value.shape)}, the model expects "
+                    f"{tuple(own[key].shape)}; check trunk_widths, head_width and the feature panel"
+                )
         with torch.no_grad():
-            for key, target in expected.items():
-                value = state[key] if torch.is_tensor(state[key]) else torch.as_tensor(np.asarray(state[key]))
-                if tuple(value.shape) != tuple(target.shape):
-                    raise ValueError(
-                        f"load_trunk_state: '{key}' has shape {tuple(value.shape)}, the model expects "
-                        f"{tuple(target.shape)}; check trunk_widths and the feature panel"
-                    )
-                target.copy_(value.to(dtype=target.dtype, device=target.device))
+            for key, value in values.items():
+                own[key].copy_(value.to(dtype=own[key].dtype, device=own[key].device))
+
+    def _unexpected_hint(self, unexpected: Sequence[str], *, send: str) -> str:
+        hints = []
+        if any(k.startswith("_module.") for k in unexpected):
+            hints.append("Keys start with '_module.': take the state from trainer.model, not Opacus' wrapper.")
+        head_keys = [k for k in unexpected if k.startswith(HEAD_PREFIX)]
+        private = sorted({k.split(".")[1] for k in head_keys} & (set(self.heads) - set(self.shared_tasks)))
+        if private:
+            hints.append(
+                f"Head keys are private for tasks {private}: head keys of private endpoints never travel; "
+                f"send only {send}."
+            )
+        if any(k.endswith((".target_mean", ".target_scale")) for k in unexpected):
+            hints.append("target_mean/target_scale are a member's label statistics and never travel.")
+        if head_keys and not hints:
+            hints.append(f"Head keys are private unless their task is shared; send only {send}.")
+        return "".join(f" {h}" for h in hints)
 
     # -- target scaling and prediction -----------------------------------------------------------
 

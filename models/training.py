@@ -1,9 +1,11 @@
 """Local training of one member's multitask network: per federated round, or to convergence.
 
 A federated client keeps one :class:`LocalTrainer` for the whole run and, each round, loads the
-aggregated trunk with ``trainer.model.load_trunk_state(...)``, calls ``trainer.train(epochs=k)``
-and sends ``trainer.model.trunk_state()``. The optimizer (and, with DP, the Opacus engine and its
-accountant) lives as long as the trainer. Baselines call :meth:`LocalTrainer.fit` instead.
+aggregated state with ``trainer.model.load_shared_state(...)``, calls ``trainer.train(epochs=k)``
+and sends ``trainer.model.shared_state()`` (the trunk and the heads of shared endpoints). The
+optimizer (and, with DP, the Opacus engine and its accountant) lives as long as the trainer.
+Baselines call :meth:`LocalTrainer.fit` instead, which selects the epoch by
+:meth:`LocalTrainer.validation_score`: the same rule for every model that is compared.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from models.data import MemberData, TaskSpec
 from models.losses import multitask_loss
-from models.metrics import evaluate
+from models.metrics import evaluate, primary_metric
 from models.network import MultitaskNet
 from models.privacy import PrivacySettings, PrivateTraining, make_private
 
@@ -42,7 +44,8 @@ class TrainSettings:
     learning_rate, weight_decay
         AdamW parameters.
     patience
-        Epochs without a better validation loss before :meth:`LocalTrainer.fit` stops.
+        Epochs without a better validation score (:meth:`LocalTrainer.validation_score`) before
+        :meth:`LocalTrainer.fit` stops.
     seed
         Seeds shuffling, dropout and DP noise of the trainer.
     """
@@ -75,12 +78,32 @@ class TrainStats:
 
 @dataclass(frozen=True)
 class FitResult:
-    """One :meth:`LocalTrainer.fit` call; the model holds the weights of ``best_epoch``."""
+    """One :meth:`LocalTrainer.fit` call; the model holds the weights of ``best_epoch``.
+
+    Attributes
+    ----------
+    epochs
+        Epochs trained in this call.
+    best_epoch
+        The selected epoch (1-based): the one with the highest validation score, or the last.
+    best_score
+        :meth:`LocalTrainer.validation_score` of the selected weights; ``nan`` without
+        validation labels.
+    best_val_loss
+        The validation loss of the selected weights, for reporting only (it does not select).
+    seconds
+        Wall time of the call.
+    scores
+        The validation score after each epoch when selecting (``scores[best_epoch - 1] ==
+        best_score``); empty with ``select=False``.
+    """
 
     epochs: int
     best_epoch: int
+    best_score: float
     best_val_loss: float
     seconds: float
+    scores: tuple[float, ...] = ()
 
 
 def _target_tensors(
@@ -147,6 +170,7 @@ class LocalTrainer:
         val = data.subset("val")
         self._x_val = torch.from_numpy(val.X)
         self._y_val = _target_tensors(val, self.tasks, model)
+        self._val_tasks = [t for t in self.tasks if _has_labels(self._y_val[t.name])]
         self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
             model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
         )
@@ -285,41 +309,82 @@ class LocalTrainer:
         finally:
             self.model.train(was_training)
 
-    def fit(self, max_epochs: int | None = None) -> FitResult:
-        """Train epoch by epoch with early stopping on the validation loss; keep the best weights.
+    def validation_score(self) -> float:
+        """Mean primary validation metric over the tasks with validation labels; ``nan`` if none.
+
+        The primary metric is AUROC for binary, R2 for regression and the C-index for survival
+        tasks (:func:`models.metrics.primary_metric`). Unlike the summed validation loss, no task
+        kind dominates and overconfidence that keeps the ranking does not count against a model.
+        A task whose metric is undefined on the split (one class only, no comparable pair) is
+        left out of the mean.
+        """
+        if not self._val_tasks:
+            return float("nan")
+        metrics = evaluate(self.model, self.data, self._val_tasks, split="val")
+        values = [metrics[t.name][primary_metric(t.kind)] for t in self._val_tasks]
+        finite = [v for v in values if math.isfinite(v)]
+        return float(np.mean(finite)) if finite else float("nan")
+
+    def fit(self, max_epochs: int | None = None, *, select: bool = True) -> FitResult:
+        """Train epoch by epoch; with ``select``, early-stop on the validation score, keep the best.
 
         Parameters
         ----------
         max_epochs
-            Upper bound on epochs (default ``settings.epochs``); stops after ``settings.patience``
-            epochs without improvement. Without validation labels it trains ``max_epochs``.
+            Upper bound on epochs (default ``settings.epochs``).
+        select
+            ``True``: after each epoch compute :meth:`validation_score`, stop after
+            ``settings.patience`` epochs without improvement and restore the weights of the best
+            epoch (without validation labels: train ``max_epochs`` and keep the last weights).
+            ``False``: train exactly ``max_epochs`` and keep the last weights.
         """
         max_epochs = self.settings.epochs if max_epochs is None else int(max_epochs)
+        if max_epochs < 1:
+            raise ValueError(f"max_epochs={max_epochs}; fit at least one epoch")
         started = time.perf_counter()
-        best_loss, best_epoch, waited = math.inf, 0, 0
+        if not select:
+            self.train(epochs=max_epochs)
+            return self._fit_result(epochs=max_epochs, best_epoch=max_epochs, started=started)
+        if not self._val_tasks:
+            logger.warning("no validation labels; early stopping off, training all %d epochs", max_epochs)
+            self.train(epochs=max_epochs)
+            return self._fit_result(epochs=max_epochs, best_epoch=max_epochs, started=started)
+        best_score, best_epoch, waited = -math.inf, 0, 0
         best_state = _copy_state(self.model)
-        epoch = 0
+        scores: list[float] = []
         for epoch in range(1, max_epochs + 1):
             self.train(epochs=1)
-            val_loss = self.validation_loss()
-            if math.isnan(val_loss):
-                best_state, best_epoch = _copy_state(self.model), epoch
-                continue
-            if val_loss < best_loss - 1e-6:
-                best_loss, best_epoch, waited = val_loss, epoch, 0
+            score = self.validation_score()
+            scores.append(score)
+            if best_epoch == 0 or _improves(score, best_score):
+                best_score, best_epoch, waited = score, epoch, 0
                 best_state = _copy_state(self.model)
             else:
                 waited += 1
                 if waited >= self.settings.patience:
                     break
-        if math.isinf(best_loss):
-            logger.warning("no validation labels; early stopping off, kept the weights of epoch %d", epoch)
         self.model.load_state_dict(best_state)
+        logger.debug("fit: %d epochs, selected epoch %d, validation score %.4f", len(scores), best_epoch, best_score)
+        return self._fit_result(
+            epochs=len(scores), best_epoch=best_epoch, started=started, score=best_score, scores=scores
+        )
+
+    def _fit_result(
+        self,
+        *,
+        epochs: int,
+        best_epoch: int,
+        started: float,
+        score: float | None = None,
+        scores: Sequence[float] = (),
+    ) -> FitResult:
         return FitResult(
-            epochs=epoch,
+            epochs=epochs,
             best_epoch=best_epoch,
-            best_val_loss=best_loss if math.isfinite(best_loss) else float("nan"),
+            best_score=self.validation_score() if score is None else float(score),
+            best_val_loss=self.validation_loss(),
             seconds=time.perf_counter() - started,
+            scores=tuple(scores),
         )
 
     # -- reporting -------------------------------------------------------------------------------
@@ -350,6 +415,14 @@ def _check_label_values(task: TaskSpec, y: np.ndarray) -> None:
             raise ValueError(f"survival task '{task.name}' has event values other than 0/1; use 1 = event")
         if (observed[:, 0] < 0).any():
             raise ValueError(f"survival task '{task.name}' has negative times; times must be >= 0")
+
+
+def _improves(score: float, best: float) -> bool:
+    # An undefined score (nan) never beats a defined one; while none is defined the latest epoch
+    # is kept, as without validation labels.
+    if math.isnan(score):
+        return math.isnan(best)
+    return math.isnan(best) or score > best + 1e-6
 
 
 def _has_labels(y: torch.Tensor) -> bool:

@@ -318,3 +318,21 @@ def _check_split(obs: pd.DataFrame, report: ContractReport) -> None:
 def _preview(items: Sequence[str], limit: int = 8) -> str:
     items = [str(i) for i in items]
     return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "") or "(none)"
+
+
+def label_counts(path: str | Path, tasks: Sequence[Any]) -> dict[str, int]:
+    """Per task, the size of its smallest class (binary), its events (survival) or its labels (regression).
+
+    Reads only ``obs`` of the file (not the matrix), for checks made before a run starts.
+    """
+    obs = ad.read_h5ad(path, backed="r").obs
+    counts = {}
+    for task in tasks:
+        if task.type == "binary":
+            values = pd.to_numeric(obs[task.column], errors="coerce").dropna()
+            counts[task.name] = int(min((values == 1).sum(), (values == 0).sum()))
+        elif task.type == "survival":
+            counts[task.name] = int((pd.to_numeric(obs[task.event], errors="coerce") == 1).sum())
+        else:
+            counts[task.name] = int(pd.to_numeric(obs[task.column], errors="coerce").notna().sum())
+    return counts

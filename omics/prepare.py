@@ -14,7 +14,7 @@ from omics.contract import ContractRules, check_member
 from omics.errors import ContractError
 from omics.harmonize import harmonize_to_panel
 from omics.normalize import normalize
-from omics.split import assign_split
+from omics.split import assign_folds, assign_split
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,14 @@ def prepare_member(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    folds: int | None = None,
+    fold: int | None = None,
     path: str = "",
 ) -> ad.AnnData:
     """Check the contract, then split (a stored split is kept), normalize and harmonize to the panel.
+
+    With ``folds`` and ``fold``, the split is fold ``fold`` of a stratified cross-validation
+    (:func:`omics.split.assign_folds`) instead, whatever split the file stores.
 
     Raises
     ------
@@ -41,7 +46,9 @@ def prepare_member(
         errors = [f"  {f.field}: {f.message} (fix: {f.fix})" for f in report.findings if f.level == "error"]
         raise ContractError(f"{path or 'member data'} is not fit to join:\n" + "\n".join(errors))
     work = adata.copy()
-    if "split" not in work.obs.columns:
+    if folds:
+        assign_folds(work, tasks=tasks, folds=folds, fold=fold or 0, val_fraction=val_fraction, seed=seed)
+    elif "split" not in work.obs.columns:
         assign_split(work, tasks=tasks, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     # scaling statistics come from the training split only: validation and test samples never shape them
     normalize(work, values=rules.values, fit_rows=(work.obs["split"].astype(str) == "train").to_numpy())
@@ -68,3 +75,18 @@ def member_arrays(adata: ad.AnnData, *, tasks: Sequence[Any]) -> dict[str, Any]:
         "split": adata.obs["split"].astype(str).to_numpy(),
         "feature_names": [str(x) for x in adata.var_names],
     }
+
+
+def log_expression(adata: ad.AnnData) -> np.ndarray:
+    """The log-scale expression of a prepared AnnData, before per-feature scaling (for statistics).
+
+    Undoes the scaling recorded in ``var['norm_mean']`` / ``var['norm_std']`` (values clipped by the
+    scaling stay clipped); features the member did not measure (``var['measured']`` False) are 0.
+    """
+    mean = adata.var["norm_mean"].to_numpy(dtype=np.float64)
+    std = adata.var["norm_std"].to_numpy(dtype=np.float64)
+    measured = adata.var["measured"].to_numpy(dtype=bool)
+    std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
+    values = np.asarray(adata.X, dtype=np.float64) * std + np.where(np.isfinite(mean), mean, 0.0)
+    values[:, ~measured] = 0.0
+    return values

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consortium.errors import UserError
+from schema.errors import UserError
 
 
 class ProvisioningError(UserError):

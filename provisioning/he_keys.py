@@ -25,13 +25,12 @@ from pathlib import Path
 
 import tenseal as ts
 
-from consortium.config import ConsortiumConfig, HomomorphicEncryption
-from jobs.he.context import make_contexts
+from jobs.he.context import check_key_pair, make_contexts
 from provisioning.errors import KeyCeremonyError, KeyVerificationError
-
-CLIENT_CONTEXT = "client_context.tenseal"
-SERVER_CONTEXT = "server_context.tenseal"
-MANIFEST = "he_context.json"
+from schema.config import ConsortiumConfig, HomomorphicEncryption
+from schema.names import CLIENT_CONTEXT_FILE as CLIENT_CONTEXT
+from schema.names import HE_MANIFEST_FILE as MANIFEST
+from schema.names import SERVER_CONTEXT_FILE as SERVER_CONTEXT
 
 
 @dataclass
@@ -107,14 +106,7 @@ def create_keys(he_settings: HomomorphicEncryption, *, out: Path) -> KeySet:
             f"{existing[0]}: HE keys already exist; a new key pair would orphan everything encrypted under "
             "them. Move them away deliberately, or use another folder"
         )
-    try:
-        secret, public = make_contexts(he_settings)
-    except ValueError as exc:
-        raise KeyCeremonyError(
-            f"privacy.he: poly_modulus_degree={he_settings.poly_modulus_degree} with coeff_mod_bit_sizes="
-            f"{list(he_settings.coeff_mod_bit_sizes)} is not a valid CKKS setting ({exc}); "
-            "this job's default is 8192 with [60, 40] (the server only adds ciphertexts)"
-        ) from None
+    secret, public = make_contexts(he_settings)  # the settings were checked when consortium.yaml was read
     context = ts.context_from(public)
     fingerprint = public_fingerprint(context)
 
@@ -254,10 +246,12 @@ def _check_key_files(secret_path: Path, public_path: Path) -> None:
         raise KeyCeremonyError(f"{secret_path}: holds no secret key; it is not the custodian's secret context")
     if public.is_private() or public.has_secret_key():
         raise KeyCeremonyError(f"{public_path}: holds a secret key; it must never reach the operator's server")
-    if public_fingerprint(secret) != public_fingerprint(public):
+    try:
+        check_key_pair(secret, public)
+    except ValueError:
         raise KeyCeremonyError(
             f"{secret_path.parent}: {secret_path.name} and {public_path.name} are not one key pair; recreate them"
-        )
+        ) from None
 
 
 def _manifest(he_settings: HomomorphicEncryption, fingerprint: str) -> dict:

@@ -29,10 +29,10 @@ from nvflare.lighter.prov_utils import prepare_builders
 from nvflare.lighter.provision import prepare_project
 from nvflare.lighter.provisioner import Provisioner
 
-from consortium.config import ConsortiumConfig
 from provisioning.errors import ProvisioningError
 from provisioning.policies import write_site_policies
 from provisioning.project import build_project, member_lead
+from schema.config import ConsortiumConfig
 
 logger = logging.getLogger(__name__)
 

@@ -27,12 +27,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from consortium.config import ConsortiumConfig
+from schema.config import ConsortiumConfig
+from schema.names import AUTHORIZATION_FILE, HE_SCOPE, PRIVACY_FILE, RESULT_FILTER_PATH
 
-SCOPE = "consortium-he"
-RESULT_FILTER_PATH = "jobs.filters.RequireEncryptedResult"
-AUTHORIZATION_FILE = "authorization.json"
-PRIVACY_FILE = "privacy.json"
+SCOPE = HE_SCOPE
 
 _OWN_ORG_JOBS = "o:submitter"
 _OWN_SITE = "o:site"

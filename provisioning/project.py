@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from nvflare.apis.utils.format_check import name_check
 
-from consortium.config import ConsortiumConfig, Member
 from provisioning.errors import ProvisioningError
+from schema.config import ConsortiumConfig, Member
 
 ROLE_PROJECT_ADMIN = "project_admin"
 ROLE_LEAD = "lead"

@@ -9,12 +9,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from consortium.config import load_config
-from jobs.member_data import contract_rules
-from omics.contract import ContractReport, check_member
+from omics.contract import ContractReport, ContractRules, check_member
 from omics.errors import DataFileError
 from omics.io import read_member, write_member
 from omics.split import assign_split
+from schema import settings
+from schema.config import load_config
 
 console = Console()
 data_app = typer.Typer(help="Check and prepare a member's omics data.", no_args_is_help=True)
@@ -24,7 +24,7 @@ def check_member_file(config_path: Path, member_name: str) -> ContractReport:
     """The contract report of one member's file; an unreadable file is a report with one error."""
     config = load_config(config_path)
     member = config.member(member_name)
-    rules = contract_rules(config)
+    rules = ContractRules(**settings.contract_rules(config))
     try:
         adata = read_member(member.data)
     except DataFileError as exc:

@@ -21,9 +21,9 @@ from consortium.audit import (
     EVENT_PROVISIONED,
     AuditLog,
 )
-from consortium.config import load_config
 from provisioning import he_keys, kits
 from provisioning.policies import SCOPE
+from schema.config import load_config
 
 AUDIT_FILE = "audit.jsonl"
 

@@ -17,9 +17,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from consortium.commands.synth import synthesize
-from consortium.config import load_config
-from consortium.errors import UserError
+from consortium.flare_env import FederatedRunError
 from consortium.orchestration import RunResult, run_consortium
+from schema.config import load_config
+from schema.errors import UserError
 
 console = Console()
 
@@ -79,10 +80,9 @@ def _progress_bar(total: int, *, stream: TextIO) -> tuple[Progress, Any]:
 
 
 def execute(
-    config_path: Path, *, env: str, out: Path, rounds: int | None, baselines: bool, he: bool | None
+    config_path: Path, *, env: str, out: Path, rounds: int | None, baselines: bool, he: bool | None,
+    folds: int | None = None,
 ) -> RunResult:
-    from jobs.runner import FederatedRunError
-
     config = load_config(config_path)
     total = rounds or config.training.rounds
     log_path = out / "console.log"
@@ -98,8 +98,9 @@ def execute(
                     rounds=rounds,
                     baselines=baselines,
                     he=he,
+                    folds=folds,
                     progress=update,
-                    status=lambda line: bar.console.print(f"[dim]{line}[/]"),
+                    status=lambda line: bar.console.print(line, markup=False, style="dim"),
                 )
             except FederatedRunError as exc:
                 raise RunFailed(str(exc)) from None
@@ -107,45 +108,49 @@ def execute(
 
 def print_summary(result: RunResult) -> None:
     report = result.report
-    table = Table(title="test metric per member and task")
-    kinds = ("local", "federated", "pooled") if report.get("summary") else ("federated",)
-    headers = {"local": "local only", "federated": "federated", "pooled": "pooled"}
-    for column in ("member", "task", "metric"):
-        table.add_column(column)
-    for kind in kinds:
-        table.add_column(headers[kind], justify="right")
-    table.add_column("planted in top k (fed)", justify="right")
+    arms = [a for a in ("federated", "local", "pooled", "linear_pooled") if a == "federated" or report.get("summary")]
+    table = Table(title="test metric per member and endpoint, 95% bootstrap interval")
+    for column in ("member", "endpoint", "metric", *arms):
+        table.add_column(column, justify="right" if column in arms else "left")
     for member, info in report["members"].items():
         for task, entry in info["tasks"].items():
-            pk = entry.get("precision_at_k", {}).get("federated")
-            values = [_fmt(entry.get(kind)) for kind in kinds]
-            table.add_row(member, task, entry["metric"], *values, "" if pk is None else f"{pk:.0%}")
+            ci = entry.get("ci") or {}
+            table.add_row(member, task, entry["metric"], *[_with_ci(entry.get(a), ci.get(a)) for a in arms])
     console.print(table)
-    summary = report.get("summary")
-    if summary:
-        for member, mean in summary["per_member"].items():
-            verdict = "[green]gains[/]" if mean["federated_minus_local"] > 0 else "[red]does not gain[/]"
-            console.print(
-                f"{member}: federated {mean['federated']:.3f} vs local-only {mean['local']:.3f} "
-                f"({mean['federated_minus_local']:+.3f}, {verdict}); pooled {mean['pooled']:.3f}"
-            )
-        console.print(f"federated - pooled, mean over all tasks: {summary['federated_minus_pooled']:+.3f}")
-    consensus = report["biomarkers"]["consensus"][:10]
-    planted = report["biomarkers"].get("consensus_planted_in_top")
-    line = ", ".join(row["feature"] for row in consensus)
-    console.print(f"top consensus biomarkers: {line}")
+    for member, info in report["members"].items():
+        for task, entry in info["tasks"].items():
+            for key, diff in (entry.get("difference") or {}).items():
+                if key in ("federated-local", "federated-pooled"):
+                    verdict = "gains" if diff["gain"] else "no gain shown"
+                    console.print(f"{member} {task}: {key} {_with_ci(diff['estimate'], diff['ci'])}: {verdict}",
+                                  markup=False, highlight=False)
+    bio = report["biomarkers"]
+    for name in report["endpoints"]:
+        stats = ", ".join(r["feature"] for r in bio["statistics"].get(name, [])[:8])
+        model = ", ".join(r["feature"] for r in bio["model"].get(name, [])[:8])
+        console.print(f"{name}: statistics {stats}; model {model}", markup=False, highlight=False)
+    planted = bio.get("consensus_planted_in_top")
     if planted:
         console.print(f"{planted['planted']} of the top {planted['k']} consensus biomarkers were planted")
     timing = report["timing"]
     console.print(
         f"{timing['rounds']} rounds in {timing['seconds_total']:.0f} s, "
-        f"{timing['bytes_sent_per_round']:,} bytes sent per round; HE "
+        f"{timing['bytes_received_per_round']:,} bytes received per round; HE "
         f"{'on' if report['privacy']['he'] else 'off'}"
     )
     console.print(
         f"report: {result.report_path}\nmarkdown: {result.markdown_path}\n"
-        f"MLflow: mlflow ui --backend-store-uri {report['tracking']['uri']}"
+        f"MLflow: mlflow ui --backend-store-uri {report['tracking']['uri']}",
+        markup=False, highlight=False,
     )
+
+
+def _with_ci(value: Any, ci: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if not ci or ci[0] is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def _fmt(value: Any) -> str:
@@ -161,11 +166,12 @@ def register(app: typer.Typer) -> None:
         rounds: int = typer.Option(None, "--rounds", min=1, help="Override training.rounds."),
         baselines: bool = typer.Option(False, "--baselines", help="Also train local-only and pooled baselines."),
         he: bool = typer.Option(None, "--he/--no-he", help="Encrypted aggregation (default: privacy.he.enabled)."),
+        folds: int = typer.Option(None, "--folds", min=2, max=20, help="K-fold cross-validation: K jobs, every sample tested once."),
     ) -> None:
         """Run the federated biomarker job and write DIR/report.json and DIR/report.md."""
         if env not in ("sim", "poc"):
             raise UserError(f"--env '{env}': use 'sim' (FLARE simulator) or 'poc' (a real server and clients)")
-        print_summary(execute(config, env=env, out=out, rounds=rounds, baselines=baselines, he=he))
+        print_summary(execute(config, env=env, out=out, rounds=rounds, baselines=baselines, he=he, folds=folds))
 
     @app.command("demo")
     def demo(

@@ -8,9 +8,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from consortium.config import config_from_dict, dump_config
-from consortium.errors import UserError
 from omics.synthetic import DEFAULT_SIZES, make_consortium
+from schema.config import config_from_dict, dump_config
+from schema.errors import UserError
 
 console = Console()
 

@@ -1,7 +1,7 @@
 """CKKS contexts for encrypted aggregation: make them, serialize them, load them in a FLARE site.
 
 One implementation of the CKKS parameters for the whole platform: the key ceremony
-(``provisioning``) and the POC helper call :func:`make_contexts`, so a kit's contexts and a test's
+(``provisioning``) and the loopback environments call :func:`make_contexts`, so a kit's contexts and a test's
 contexts cannot drift apart. The two files keep the names NVFlare's ``HEBuilder`` writes
 (``client_context.tenseal`` with the secret key for members, ``server_context.tenseal`` without
 it for the operator) and the serialization of ``provisioning.he_keys.create_keys`` (public-key CKKS,
@@ -12,63 +12,17 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import tenseal as ts
 
+from schema.config import HomomorphicEncryption
+from schema.names import CLIENT_CONTEXT_FILE, SERVER_CONTEXT_FILE
+
 logger = logging.getLogger(__name__)
 
-CLIENT_CONTEXT_FILE = "client_context.tenseal"
-SERVER_CONTEXT_FILE = "server_context.tenseal"
 
-
-class HESettings(Protocol):
-    """What :func:`make_contexts` reads; ``consortium.config.HomomorphicEncryption`` fits."""
-
-    poly_modulus_degree: int
-    coeff_mod_bit_sizes: list[int]
-    global_scale_bits: int
-
-
-@dataclass(frozen=True)
-class CKKSParameters:
-    """The CKKS parameters of ``privacy.he`` in ``consortium.yaml``, checked.
-
-    Our aggregation only adds ciphertexts, so one data prime is enough: the defaults
-    ``[60, 40]`` (data prime 60 bits, special prime 40 bits) at scale 2^40 leave 19 bits of
-    integer headroom for the weighted sum. NVFlare's stock ``[60, 40, 40]`` keeps a second data
-    prime for the server's division, which costs 1.8x the bytes of every ciphertext.
-    """
-
-    poly_modulus_degree: int = 8192
-    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40)
-    global_scale_bits: int = 40
-
-    def __post_init__(self) -> None:
-        sizes = list(self.coeff_mod_bit_sizes)
-        if len(sizes) < 2:
-            raise ValueError(
-                f"privacy.he.coeff_mod_bit_sizes={sizes}: give a data prime and a special prime, e.g. [60, 40]"
-            )
-        data_bits = sum(sizes[:-1])
-        if data_bits <= self.global_scale_bits + 1:
-            raise ValueError(
-                f"privacy.he: data primes {sizes[:-1]} ({data_bits} bits) leave no room above the scale "
-                f"2^{self.global_scale_bits}; use a first prime of at least {self.global_scale_bits + 10} bits, "
-                "e.g. coeff_mod_bit_sizes=[60, 40] with global_scale_bits=40"
-            )
-
-    @classmethod
-    def from_settings(cls, he_settings: HESettings | Any) -> CKKSParameters:
-        return cls(
-            poly_modulus_degree=int(he_settings.poly_modulus_degree),
-            coeff_mod_bit_sizes=tuple(int(b) for b in he_settings.coeff_mod_bit_sizes),
-            global_scale_bits=int(he_settings.global_scale_bits),
-        )
-
-
-def make_contexts(he_settings: HESettings | Any | None = None) -> tuple[bytes, bytes]:
+def make_contexts(he_settings: HomomorphicEncryption | None = None) -> tuple[bytes, bytes]:
     """A fresh CKKS key pair, serialized as ``(client_context, server_context)``.
 
     Parameters
@@ -83,7 +37,7 @@ def make_contexts(he_settings: HESettings | Any | None = None) -> tuple[bytes, b
         ``client_context`` holds the secret key (members only); ``server_context`` holds none (the
         operator). Only the member key custodian should ever call this for a real consortium.
     """
-    params = CKKSParameters() if he_settings is None else CKKSParameters.from_settings(he_settings)
+    params = HomomorphicEncryption() if he_settings is None else he_settings
     context = ts.context(
         ts.SCHEME_TYPE.CKKS,
         poly_modulus_degree=params.poly_modulus_degree,

@@ -1,25 +1,30 @@
-"""Member-side FLARE filters: encrypt the outgoing trunk, decrypt the incoming aggregate.
+"""Member-side FLARE filters: encrypt the outgoing sections, decrypt the incoming aggregate.
 
 Both load the member's secret context from the site's ``startup/client_context.tenseal`` (written
-there by the member key custodian, never by the operator).
+there by the member key custodian, never by the operator). The client script stays HE-agnostic: it
+sends sum-ready plaintext sections (:func:`jobs.sections.weighted_update`) and receives the summed
+sections, which it finalizes itself.
 """
 
 from __future__ import annotations
 
 import time
 
-import tenseal as ts
-from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
-from jobs.he.context import CLIENT_CONTEXT_FILE, WorkspaceContext
-from jobs.he.payload import EncryptedUpdate, decrypt_average, encrypt_update, is_encrypted_dxo
+from jobs.he.context import WorkspaceContext
+from jobs.he.payload import EncryptedUpdate, decrypt_update, encrypt_update, is_encrypted_dxo
+from jobs.sections import sections_of
+from schema.names import CLIENT_CONTEXT_FILE
+
+WIRE_BYTES_META = "consortium_wire_bytes"
 
 
-def _dxo_or_none(shareable: Shareable) -> DXO | None:
+def dxo_or_none(shareable: Shareable) -> DXO | None:
     """The shareable's DXO, or None for replies that carry none (errors, empty results)."""
     if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
         return None
@@ -38,75 +43,47 @@ class _MemberContextFilter(Filter):
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         self._he.on_event(event_type, fl_ctx)
 
-    def _context_for(self, fl_ctx: FLContext) -> ts.Context:
-        return self._he.get(fl_ctx)
 
+class EncryptSections(_MemberContextFilter):
+    """Task-result filter: every section of the site's sum-ready update packed into CKKS ciphertexts.
 
-class EncryptWeightedUpdate(_MemberContextFilter):
-    """Task-result filter: ``w_i * trunk`` packed into CKKS ciphertexts, ``w_i`` in plaintext meta.
-
-    Parameters
-    ----------
-    tenseal_context_file
-        The member's secret context, in the site's ``startup/`` folder.
-    weight_key
-        DXO meta key holding the member's aggregation weight ``w_i`` (its local steps this round).
+    The sections meta (weights, reductions) and the rest of the site's meta stay in plaintext.
     """
 
-    def __init__(
-        self,
-        tenseal_context_file: str = CLIENT_CONTEXT_FILE,
-        weight_key: str = MetaKey.NUM_STEPS_CURRENT_ROUND,
-    ) -> None:
-        super().__init__(tenseal_context_file)
-        self.weight_key = weight_key
-
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        dxo = _dxo_or_none(shareable)
+        dxo = dxo_or_none(shareable)
         if dxo is None or dxo.data_kind == DataKind.METRICS or is_encrypted_dxo(dxo):
             return shareable
-        if dxo.data_kind != DataKind.WEIGHTS:
+        if dxo.data_kind != DataKind.WEIGHTS or not sections_of(dxo.meta):
             raise ValueError(
-                f"EncryptWeightedUpdate got a {dxo.data_kind} result; the client script must send "
-                "FLModel(params=<trunk>, params_type=FULL) so members can average full weights"
-            )
-        weight = dxo.get_meta_prop(self.weight_key)
-        if weight is None:
-            raise ValueError(
-                f"the result has no '{self.weight_key}' in its meta; send "
-                f"FLModel(..., meta={{'{self.weight_key}': <local steps>}}) from the client script"
+                f"EncryptSections got a {dxo.data_kind} result without sections meta; the client script must send "
+                "FLModel(params=..., meta=...) built by jobs.sections.weighted_update"
             )
         started = time.perf_counter()
-        update = encrypt_update(self._context_for(fl_ctx), dxo.data, weight=float(weight))
-        update.meta = dict(dxo.meta)
+        update = encrypt_update(self._he.get(fl_ctx), dxo.data, meta=dxo.meta)
+        update.meta[WIRE_BYTES_META] = update.n_bytes
         update.to_dxo().update_shareable(shareable)
         self.log_info(
             fl_ctx,
-            f"encrypted {update.layout.total} trunk values of {len(update.layout.names)} arrays into "
-            f"{len(update.chunks)} CKKS chunks ({update.n_bytes / 1e6:.2f} MB) with weight {update.weight:g} "
+            f"encrypted {len(update.sections)} sections into {update.n_bytes / 1e6:.2f} MB of CKKS ciphertext "
             f"in {time.perf_counter() - started:.2f} s",
         )
         return shareable
 
 
 class DecryptAggregate(_MemberContextFilter):
-    """Task-data filter: decrypt ``sum w_i x_i`` from the server and divide by ``sum w_i``.
+    """Task-data filter: decrypt the summed sections from the server (still sum-ready values).
 
-    A plaintext task (round 0's initial model, which the operator made) passes through untouched,
-    so the client script always receives a plain ``FLModel`` with the trunk.
+    A plaintext task (round 0's initial model, which the operator made) passes through untouched.
     """
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        dxo = _dxo_or_none(shareable)
+        dxo = dxo_or_none(shareable)
         if dxo is None or not is_encrypted_dxo(dxo):
             return shareable
         started = time.perf_counter()
         update = EncryptedUpdate.from_dxo(dxo)
-        params = decrypt_average(self._context_for(fl_ctx), update)
+        params = decrypt_update(self._he.get(fl_ctx), update)
         DXO(data_kind=DataKind.WEIGHTS, data=params, meta=dict(update.meta)).update_shareable(shareable)
-        self.log_info(
-            fl_ctx,
-            f"decrypted the aggregate of {update.contributors} members (total weight {update.weight:g}) "
-            f"in {time.perf_counter() - started:.2f} s",
-        )
+        self.log_info(fl_ctx, f"decrypted {len(update.sections)} summed sections in {time.perf_counter() - started:.2f} s")
         return shareable

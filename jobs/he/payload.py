@@ -2,13 +2,14 @@
 
 An encrypted DXO (kind ``APP_DEFINED``, so no plaintext component mistakes it for weights)::
 
-    data = {"ciphertexts": [bytes, ...]}          # CKKS chunks of sum_i w_i * x_i, no context inside
-    meta = {"he_format": "consortium-ckks-packed/1",
-            "he_layout": [[name, [dims]], ...],   # trunk names and shapes (public: the server has the model)
-            "he_weight": float,                   # w_i, or sum_i w_i for an aggregate (plaintext)
-            "he_contributors": int,
-            "PROCESSED_ALGORITHM": "CKKS", ...}   # plus whatever meta the client sent (NUM_STEPS_...)
+    data = {"ciphertexts": {section: [bytes, ...]}}   # CKKS chunks of each section's sum-ready values
+    meta = {"he_format": "consortium-ckks-sections/1",
+            "he_layout": {section: [[key, [dims]], ...]},   # names and shapes (public: the model is)
+            "consortium_sections": {section: {keys, weight, reduce, contributors}},   # plaintext
+            "PROCESSED_ALGORITHM": "CKKS", ...}               # plus the rest of the site's meta
 
+The values were made sum-ready by :func:`jobs.sections.weighted_update`, so encryption here only packs
+them; the server only adds; a member decrypts and calls :func:`jobs.sections.finalize`.
 Pure TenSEAL + NumPy + DXO: no FLARE process needed.
 """
 
@@ -23,139 +24,144 @@ from nvflare.apis.dxo import DXO, DataKind, MetaKey
 
 from jobs.he.context import headroom
 from jobs.he.packing import Layout, add_into, decrypt_flat, encrypt_flat, flatten, load_chunks, unflatten
+from jobs.sections import SECTIONS_META, Section, add_sections, sections_of
 
-HE_FORMAT = "consortium-ckks-packed/1"
+HE_FORMAT = "consortium-ckks-sections/1"
 HE_ALGORITHM = "CKKS"
 ENCRYPTED_KIND = DataKind.APP_DEFINED
 DATA_KEY = "ciphertexts"
 META_FORMAT = "he_format"
 META_LAYOUT = "he_layout"
-META_WEIGHT = "he_weight"
-META_CONTRIBUTORS = "he_contributors"
-# A member's |w_i * x_i| may use this share of the sum's headroom: room for 64 equal contributions.
+# A member's values may use this share of the sum's headroom: room for 64 equal contributions.
 MAX_CONTRIBUTORS = 64
+_OWN_META = {META_FORMAT, META_LAYOUT, MetaKey.PROCESSED_ALGORITHM}
+
+
+@dataclass
+class EncryptedSection:
+    chunks: list[bytes]
+    layout: Layout
 
 
 @dataclass
 class EncryptedUpdate:
-    """Ciphertext chunks of ``sum w_i x_i`` with the plaintext ``sum w_i`` and the layout."""
+    """Per section, the ciphertext chunks of its sum-ready values; the plaintext sections meta."""
 
-    chunks: list[bytes]
-    layout: Layout
-    weight: float
-    contributors: int = 1
+    sections: dict[str, EncryptedSection]
     meta: dict = field(default_factory=dict)
 
     @property
     def n_bytes(self) -> int:
-        return sum(len(c) for c in self.chunks)
+        return sum(len(c) for s in self.sections.values() for c in s.chunks)
+
+    @property
+    def described(self) -> dict[str, Section]:
+        return sections_of(self.meta)
 
     def to_dxo(self) -> DXO:
         meta = dict(self.meta)
-        meta.update(
-            {
-                META_FORMAT: HE_FORMAT,
-                META_LAYOUT: self.layout.to_meta(),
-                META_WEIGHT: float(self.weight),
-                META_CONTRIBUTORS: int(self.contributors),
-                MetaKey.PROCESSED_ALGORITHM: HE_ALGORITHM,
-            }
-        )
-        return DXO(data_kind=ENCRYPTED_KIND, data={DATA_KEY: list(self.chunks)}, meta=meta)
+        meta.update({
+            META_FORMAT: HE_FORMAT,
+            META_LAYOUT: {name: s.layout.to_meta() for name, s in self.sections.items()},
+            MetaKey.PROCESSED_ALGORITHM: HE_ALGORITHM,
+        })
+        data = {DATA_KEY: {name: list(s.chunks) for name, s in self.sections.items()}}
+        return DXO(data_kind=ENCRYPTED_KIND, data=data, meta=meta)
 
     @classmethod
     def from_dxo(cls, dxo: DXO) -> EncryptedUpdate:
         if not is_encrypted_dxo(dxo):
             raise ValueError(
-                f"expected an encrypted trunk ({HE_FORMAT}), got a DXO of kind {dxo.data_kind} with meta "
-                f"{sorted(dxo.meta or {})}; is EncryptWeightedUpdate installed as the client's result filter?"
+                f"expected an encrypted update ({HE_FORMAT}), got a DXO of kind {dxo.data_kind} with meta "
+                f"{sorted(dxo.meta or {})}; is EncryptSections installed as the client's result filter?"
             )
-        chunks = dxo.data.get(DATA_KEY)
-        if not isinstance(chunks, list) or not chunks:
-            raise ValueError(f"encrypted DXO carries no ciphertext list under '{DATA_KEY}'")
-        weight = float(dxo.get_meta_prop(META_WEIGHT, 0.0))
-        if not np.isfinite(weight) or weight <= 0:
-            raise ValueError(f"encrypted DXO has aggregation weight {weight}; it must be a positive number")
+        layouts = dxo.get_meta_prop(META_LAYOUT) or {}
+        chunks = dxo.data[DATA_KEY]
+        if set(layouts) != set(chunks):
+            raise ValueError(f"encrypted DXO: sections {sorted(chunks)} but layouts for {sorted(layouts)}")
         meta = {k: v for k, v in dxo.meta.items() if k not in _OWN_META}
-        return cls(
-            chunks=chunks,
-            layout=Layout.from_meta(dxo.get_meta_prop(META_LAYOUT)),
-            weight=weight,
-            contributors=int(dxo.get_meta_prop(META_CONTRIBUTORS, 1)),
+        update = cls(
+            sections={name: EncryptedSection(list(chunks[name]), Layout.from_meta(layouts[name])) for name in chunks},
             meta=meta,
         )
-
-
-_OWN_META = {META_FORMAT, META_LAYOUT, META_WEIGHT, META_CONTRIBUTORS, MetaKey.PROCESSED_ALGORITHM}
+        described = update.described
+        if set(described) != set(update.sections):
+            raise ValueError(f"encrypted DXO: ciphertexts for {sorted(update.sections)}, meta for {sorted(described)}")
+        return update
 
 
 def is_encrypted_dxo(dxo: DXO) -> bool:
-    """True for a DXO in our packed CKKS format (by kind, format tag and ciphertext bytes)."""
+    """True for a DXO in our sectioned CKKS format (by kind, format tag and ciphertext bytes)."""
     if dxo.data_kind != ENCRYPTED_KIND or dxo.get_meta_prop(META_FORMAT) != HE_FORMAT:
         return False
-    chunks = dxo.data.get(DATA_KEY) if isinstance(dxo.data, dict) else None
-    if not isinstance(chunks, list) or set(dxo.data) != {DATA_KEY}:
+    if not isinstance(dxo.data, dict) or set(dxo.data) != {DATA_KEY} or not isinstance(dxo.data[DATA_KEY], dict):
         return False
-    return all(isinstance(c, (bytes, bytearray)) for c in chunks)
+    chunks = dxo.data[DATA_KEY].values()
+    return all(isinstance(c, list) and c and all(isinstance(b, (bytes, bytearray)) for b in c) for c in chunks)
 
 
-def encrypt_update(context: ts.Context, params: Mapping[str, np.ndarray], *, weight: float) -> EncryptedUpdate:
-    """Multiply the flattened ``params`` by ``weight`` in plaintext, then encrypt it packed.
+def encrypt_update(context: ts.Context, params: Mapping[str, np.ndarray], *, meta: Mapping) -> EncryptedUpdate:
+    """Pack and encrypt each section of a sum-ready update (:func:`jobs.sections.weighted_update`).
 
     Raises
     ------
     ValueError
-        ``weight`` is not positive, or ``|weight * x|`` would leave too little headroom for the sum of
+        A key lies in no section of ``meta``, or a value would leave too little headroom for the sum of
         :data:`MAX_CONTRIBUTORS` members under the context's modulus (the sum would wrap around).
     """
-    if not np.isfinite(weight) or weight <= 0:
-        raise ValueError(f"aggregation weight {weight}; NUM_STEPS_CURRENT_ROUND must be a positive number")
-    flat, layout = flatten(params)
-    weighted = flat * float(weight)
+    described = sections_of(meta)
+    if not described:
+        raise ValueError(f"the update has no '{SECTIONS_META}' meta; send it through jobs.sections.weighted_update")
+    covered = {k for s in described.values() for k in s.keys}
+    stray = sorted(set(params) - covered)
+    if stray:
+        raise ValueError(f"keys {stray[:5]} belong to no described section; refusing to encrypt a partial update")
     limit = headroom(context) / MAX_CONTRIBUTORS
-    peak = float(np.max(np.abs(weighted))) if weighted.size else 0.0
-    if peak >= limit:
-        raise ValueError(
-            f"weight {weight} x max |parameter| {peak / weight:.3g} = {peak:.3g} exceeds {limit:.3g}, the share of "
-            f"the CKKS headroom one of {MAX_CONTRIBUTORS} members may use; send a smaller "
-            "NUM_STEPS_CURRENT_ROUND (e.g. epochs instead of steps) or give privacy.he a larger first prime"
-        )
-    return EncryptedUpdate(chunks=encrypt_flat(context, weighted), layout=layout, weight=float(weight))
+    sections = {}
+    for name, section in described.items():
+        flat, layout = flatten({k: params[k] for k in section.keys})
+        peak = float(np.max(np.abs(flat))) if flat.size else 0.0
+        if peak >= limit:
+            raise ValueError(
+                f"section '{name}': max |value| {peak:.3g} exceeds {limit:.3g}, the share of the CKKS headroom one "
+                f"of {MAX_CONTRIBUTORS} members may use; give privacy.he a larger first prime"
+            )
+        sections[name] = EncryptedSection(encrypt_flat(context, flat), layout)
+    return EncryptedUpdate(sections=sections, meta=dict(meta))
 
 
 class CiphertextSum:
-    """Running sum of encrypted updates under a (public) context: additions only."""
+    """Running sum of encrypted updates under a (public) context, section by section: additions only."""
 
     def __init__(self, context: ts.Context) -> None:
         self.context = context
-        self.layout: Layout | None = None
-        self.weight = 0.0
-        self.contributors = 0
-        self._total: list[ts.CKKSVector] | None = None
+        self._sections: dict[str, Section] | None = None
+        self._layouts: dict[str, Layout] = {}
+        self._totals: dict[str, list[ts.CKKSVector]] = {}
 
     def add(self, update: EncryptedUpdate) -> None:
-        if self.layout is not None and update.layout != self.layout:
-            raise ValueError(
-                f"update layout {update.layout.names[:3]}... differs from the first contribution's "
-                f"{self.layout.names[:3]}...; every member must send the same trunk keys"
-            )
-        self._total = add_into(self._total, load_chunks(self.context, update.chunks))
-        self.layout = update.layout
-        self.weight += update.weight
-        self.contributors += update.contributors
+        sections = add_sections(self._sections, update.described)  # checks keys agree, before touching sums
+        for name, part in update.sections.items():
+            if name in self._layouts and part.layout != self._layouts[name]:
+                raise ValueError(f"section '{name}': layout differs from the first contribution's")
+        for name, part in update.sections.items():
+            self._totals[name] = add_into(self._totals.get(name), load_chunks(self.context, part.chunks))
+            self._layouts[name] = part.layout
+        self._sections = sections
 
     def result(self) -> EncryptedUpdate:
-        if self._total is None or self.layout is None:
+        if not self._sections:
             raise ValueError("no encrypted contribution was accepted this round; nothing to aggregate")
         return EncryptedUpdate(
-            chunks=[vector.serialize() for vector in self._total],
-            layout=self.layout,
-            weight=self.weight,
-            contributors=self.contributors,
+            sections={n: EncryptedSection([v.serialize() for v in t], self._layouts[n]) for n, t in self._totals.items()},
+            meta={SECTIONS_META: {n: s.to_meta() for n, s in self._sections.items()}},
         )
 
 
-def decrypt_average(context: ts.Context, update: EncryptedUpdate) -> dict[str, np.ndarray]:
-    """Decrypt ``sum w_i x_i`` with a member's secret context and divide by ``sum w_i`` in plaintext."""
-    flat = decrypt_flat(context, update.chunks, n_values=update.layout.total)
-    return unflatten(flat / update.weight, update.layout)
+def decrypt_update(context: ts.Context, update: EncryptedUpdate) -> dict[str, np.ndarray]:
+    """Decrypt every section with a member's secret context: the sum-ready values (float64)."""
+    params: dict[str, np.ndarray] = {}
+    for part in update.sections.values():
+        flat = decrypt_flat(context, part.chunks, n_values=part.layout.total)
+        params.update(unflatten(flat, part.layout, dtype=np.float64))
+    return params

@@ -65,8 +65,8 @@ def test_report_has_every_member_task_and_figure(sim_run: Path):
 
 
 def test_bytes_sent_are_the_trunk_only(sim_run: Path, tiny_consortium: Path):
-    from consortium.config import load_config
     from models.network import SharedTrunk
+    from schema.config import load_config
 
     config = load_config(tiny_consortium)
     trunk = SharedTrunk(200, trunk_widths=config.training.trunk_widths, dropout=config.training.dropout)

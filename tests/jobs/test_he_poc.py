@@ -102,9 +102,9 @@ def _on_free_ports(config_path: Path) -> Path:
 def _poc_setup(config_path: Path, tmp_path: Path, monkeypatch, contexts):
     """The consortium on free ports, FLARE processes that import the project, and an HEPocEnv with the
     custodian's contexts and the sites' privacy policy; returns (config path, config, env)."""
-    from consortium.config import load_config
     from jobs.runner import POC_ADMIN, poc_project
     from provisioning.policies import privacy_policy
+    from schema.config import load_config
 
     config_path = _on_free_ports(config_path)
     config = load_config(config_path)

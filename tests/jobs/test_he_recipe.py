@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from nvflare.recipe import SimEnv
 
-from consortium.config import load_config
 from jobs.he.recipe import HEFedAvgRecipe, build_he_recipe
+from schema.config import load_config
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ import pytest
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
-from consortium.config import load_config
-from consortium.errors import ConfigError
 from jobs.biomarker_mtl import client, site
 from jobs.biomarker_mtl.job import server_model
 from jobs.site_outputs import OUTPUTS_ENV, read_metrics, read_rankings
 from models.network import MultitaskNet, SharedTrunk
+from schema.config import load_config
+from schema.errors import ConfigError
 
 
 class FakeFlare:

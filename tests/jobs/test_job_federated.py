@@ -10,10 +10,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from consortium.config import dump_config, load_config
 from jobs.biomarker_mtl.job import server_model
 from jobs.runner import FederatedRun, FederatedRunError, run_federated
 from models.network import SharedTrunk
+from schema.config import dump_config, load_config
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ import pytest
 from nvflare.apis.job_def import JobMetaKey
 from nvflare.app_opt.pt.recipes import FedAvgRecipe
 
-from consortium.config import load_config
 from jobs.biomarker_mtl import job
 from jobs.runner import poc_project, run_federated
+from schema.config import load_config
 
 ROOT = Path(job.__file__).resolve().parents[2]
 

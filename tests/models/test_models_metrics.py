@@ -1,21 +1,42 @@
+"""Metrics against brute-force definitions on small hand-made data (not against the libraries used)."""
+
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
-from scipy.stats import pearsonr
-from sklearn.metrics import average_precision_score, r2_score, roc_auc_score
 
 from models.data import MemberData, TaskSpec
 from models.metrics import auprc, auroc, c_index, evaluate, pearson_r, primary_metric, r2
 from models.network import MultitaskNet
 
 
-def c_index_brute_force(time, event, risk):
+def auroc_brute_force(y, score):
+    pos, neg = score[y == 1], score[y == 0]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
+    return wins / (pos.size * neg.size)
+
+
+def auprc_brute_force(y, score):
+    """Precision at each distinct threshold, weighted by the recall it adds."""
+    total, previous_recall = 0.0, 0.0
+    for threshold in sorted(set(score), reverse=True):
+        called = score >= threshold
+        recall = (called & (y == 1)).sum() / (y == 1).sum()
+        total += (recall - previous_recall) * (called & (y == 1)).sum() / called.sum()
+        previous_recall = recall
+    return total
+
+
+def c_index_brute_force(time, event, risk, strata=None):
+    strata = np.zeros(len(time)) if strata is None else strata
     concordant, comparable = 0.0, 0
     for i in range(len(time)):
         for j in range(len(time)):
+            if strata[i] != strata[j]:
+                continue
             if event[i] == 1 and (time[i] < time[j] or (time[i] == time[j] and event[j] == 0)):
                 comparable += 1
                 concordant += 1.0 if risk[i] > risk[j] else 0.5 if risk[i] == risk[j] else 0.0
@@ -27,25 +48,36 @@ def rng():
     return np.random.default_rng(11)
 
 
-def test_auroc_and_auprc_match_sklearn_with_ties_and_missing_labels(rng):
-    y = rng.integers(0, 2, 120).astype(float)
-    score = np.round(y * 0.5 + rng.normal(size=120), 1)  # rounding makes tied scores
+def test_auroc_and_auprc_of_a_hand_worked_example():
+    y = np.array([0.0, 0.0, 1.0, 1.0])
+    score = np.array([0.1, 0.4, 0.35, 0.8])
+    assert auroc(y, score) == pytest.approx(0.75, abs=1e-12)  # 3 of 4 (pos, neg) pairs ordered
+    assert auprc(y, score) == pytest.approx(0.5 * 1.0 + 0.5 * 2 / 3, abs=1e-12)
+
+
+def test_auroc_and_auprc_match_brute_force_with_ties_and_missing_labels(rng):
+    y = rng.integers(0, 2, 60).astype(float)
+    score = np.round(y * 0.5 + rng.normal(size=60), 1)  # rounding makes tied scores
     y_missing = y.copy()
-    y_missing[:15] = np.nan
-    keep = ~np.isnan(y_missing)
-    assert auroc(y_missing, score) == pytest.approx(roc_auc_score(y[keep], score[keep]), abs=1e-12)
-    assert auprc(y_missing, score) == pytest.approx(average_precision_score(y[keep], score[keep]), abs=1e-12)
-    assert auprc(y, score) == pytest.approx(average_precision_score(y, score), abs=1e-12)
+    y_missing[:8] = np.nan
+    assert auroc(y_missing, score) == pytest.approx(auroc_brute_force(y[8:], score[8:]), abs=1e-12)
+    assert auprc(y_missing, score) == pytest.approx(auprc_brute_force(y[8:], score[8:]), abs=1e-12)
+    assert auprc(y, score) == pytest.approx(auprc_brute_force(y, score), abs=1e-12)
 
 
-def test_r2_and_pearson_match_sklearn_and_scipy(rng):
-    y = rng.normal(size=80)
-    prediction = 0.7 * y + rng.normal(size=80) * 0.5
+def test_r2_and_pearson_match_their_definitions(rng):
+    y = rng.normal(size=40)
+    prediction = 0.7 * y + rng.normal(size=40) * 0.5
     y_missing = y.copy()
     y_missing[[3, 9]] = np.nan
-    keep = ~np.isnan(y_missing)
-    assert r2(y_missing, prediction) == pytest.approx(r2_score(y[keep], prediction[keep]), abs=1e-12)
-    assert pearson_r(y_missing, prediction) == pytest.approx(pearsonr(y[keep], prediction[keep])[0], abs=1e-12)
+    yk, pk = np.delete(y, [3, 9]), np.delete(prediction, [3, 9])
+    expected_r2 = 1 - np.sum((yk - pk) ** 2) / np.sum((yk - yk.mean()) ** 2)
+    dy, dp = yk - yk.mean(), pk - pk.mean()
+    expected_r = (dy @ dp) / math.sqrt((dy @ dy) * (dp @ dp))
+    assert r2(y_missing, prediction) == pytest.approx(expected_r2, abs=1e-12)
+    assert pearson_r(y_missing, prediction) == pytest.approx(expected_r, abs=1e-12)
+    assert r2(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0])) == 1.0
+    assert pearson_r(np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
 
 
 def test_c_index_matches_brute_force_with_tied_times_and_risks(rng):
@@ -66,12 +98,66 @@ def test_c_index_of_perfect_and_reversed_risk():
     assert c_index(survival, np.array([1.0, 2.0, 3.0, 4.0])) == 0.0
 
 
+def test_c_index_within_strata_compares_only_pairs_in_the_same_stratum():
+    # each member ranks its own samples perfectly, but member b's risks sit on another scale
+    survival = np.array([[1.0, 1.0], [2.0, 1.0], [3.0, 0.0], [1.5, 1.0], [2.5, 1.0], [3.5, 0.0]])
+    risk = np.array([3.0, 2.0, 1.0, 13.0, 12.0, 11.0])
+    strata = np.array(["a", "a", "a", "b", "b", "b"])
+    assert c_index(survival, risk, strata=strata) == 1.0
+    assert c_index(survival, risk) < 1.0
+    assert c_index(survival, risk) == pytest.approx(
+        c_index_brute_force(survival[:, 0], survival[:, 1], risk), abs=1e-12
+    )
+
+
+def test_c_index_within_strata_matches_brute_force_with_missing_labels(rng):
+    n = 80
+    time = rng.integers(1, 12, n).astype(float)
+    event = (rng.random(n) < 0.6).astype(float)
+    risk = np.round(-time / 4 + rng.normal(size=n), 1)
+    strata = rng.integers(0, 3, n)
+    survival = np.c_[time, event]
+    survival[:6, 1] = np.nan
+    expected = c_index_brute_force(time[6:], event[6:], risk[6:], strata[6:])
+    assert c_index(survival, risk, strata=strata) == pytest.approx(expected, abs=1e-12)
+    # a stratum with no comparable pair (all censored) adds nothing
+    only_censored = np.c_[[5.0, 6.0], [0.0, 0.0]]
+    padded = c_index(np.r_[survival, only_censored], np.r_[risk, 1.0, 2.0], strata=np.r_[strata, 9, 9])
+    assert padded == pytest.approx(expected, abs=1e-12)
+
+
+def test_c_index_rejects_misshapen_input():
+    with pytest.raises(ValueError, match=r"strata has shape \(2,\); expected \(3,\)"):
+        c_index(np.ones((3, 2)), np.ones(3), strata=np.array([0, 1]))
+    with pytest.raises(ValueError, match="expected \\(n, 2\\)"):
+        c_index(np.ones(3), np.ones(3))
+    with pytest.raises(ValueError, match="3 labels but 2 predictions"):
+        auroc(np.array([0.0, 1.0, 1.0]), np.array([0.1, 0.2]))
+
+
 def test_metrics_are_nan_when_undefined():
     assert math.isnan(auroc(np.array([1.0, 1.0, np.nan]), np.array([0.1, 0.2, 0.3])))
     assert math.isnan(auprc(np.array([0.0, 0.0]), np.array([0.1, 0.2])))
+    assert math.isnan(auprc(np.array([1.0, 1.0]), np.array([0.1, 0.2])))
     assert math.isnan(r2(np.array([1.0, np.nan]), np.array([1.0, 2.0])))
+    assert math.isnan(r2(np.array([2.0, 2.0, 2.0]), np.array([1.0, 2.0, 3.0])))
     assert math.isnan(pearson_r(np.array([1.0, 1.0, 1.0]), np.array([1.0, 2.0, 3.0])))
+    assert math.isnan(pearson_r(np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 2.0])))
     assert math.isnan(c_index(np.array([[1.0, 0.0], [2.0, 0.0]]), np.array([0.1, 0.2])))
+    assert math.isnan(c_index(np.array([[1.0, 1.0], [1.0, 1.0]]), np.array([0.1, 0.2])))  # tied events
+    assert math.isnan(c_index(np.array([[1.0, 1.0]]), np.array([0.1])))
+    # samples in different strata are never compared
+    assert math.isnan(c_index(np.array([[1.0, 1.0], [2.0, 1.0]]), np.array([0.2, 0.1]), strata=np.array([0, 1])))
+
+
+def test_metrics_are_nan_for_non_finite_predictions():
+    y = np.array([0.0, 1.0, 0.0, 1.0])
+    bad = np.array([0.1, np.nan, 0.3, 0.4])
+    assert math.isnan(auroc(y, bad)) and math.isnan(auprc(y, bad))
+    assert math.isnan(r2(y, bad)) and math.isnan(pearson_r(y, bad))
+    assert math.isnan(c_index(np.c_[[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0]], np.r_[bad[:3], np.inf]))
+    # a non-finite prediction for a missing label does not matter
+    assert auroc(np.r_[y, np.nan], np.r_[y, np.nan]) == 1.0
 
 
 def test_primary_metric():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.data import TaskSpec
-from models.network import MultitaskNet
+from models.network import MultitaskNet, SharedModel
 from models.training import LocalTrainer, TrainSettings
 
 
@@ -78,6 +78,11 @@ def test_fit_learns_the_planted_signal_and_keeps_the_best_epoch(member, small_ne
     trainer = make_trainer(member, small_network, epochs=25, patience=4)
     result = trainer.fit()
     assert 1 <= result.best_epoch <= result.epochs <= 25
+    assert len(result.scores) == result.epochs
+    # the selected epoch is the one with the best recorded validation score, and its weights are kept
+    assert result.best_epoch == int(np.argmax(result.scores)) + 1
+    assert result.best_score == max(result.scores)
+    assert trainer.validation_score() == pytest.approx(result.best_score, rel=1e-9)
     assert trainer.validation_loss() == pytest.approx(result.best_val_loss, rel=1e-5)
     metrics = trainer.evaluate("test")
     assert metrics["binary"]["auroc"] > 0.85
@@ -132,6 +137,7 @@ def test_fit_without_validation_rows_trains_all_epochs(member, small_network):
     trainer = LocalTrainer(model, data, tasks, settings=TrainSettings(epochs=3, patience=1))
     result = trainer.fit()
     assert result.epochs == 3 and result.best_epoch == 3 and math.isnan(result.best_val_loss)
+    assert math.isnan(result.best_score) and math.isnan(trainer.validation_score())
     metrics = trainer.evaluate("val")
     assert all(math.isnan(v) for task in metrics.values() for v in task.values())
 
@@ -161,3 +167,126 @@ def test_fedavg_round_trip_between_members_and_the_server_trunk(member, small_ne
         assert not any(torch.equal(trainer.model.head_state()[k], before[k]) for k in weights)
     expected = (updates[0]["trunk.0.weight"] + updates[1]["trunk.0.weight"]) / 2
     assert torch.allclose(server.trunk[0].weight, expected)
+
+
+# -- epoch selection -------------------------------------------------------------------------------
+
+
+class ScriptedTrainer(LocalTrainer):
+    """Reports scripted validation scores and losses, and snapshots the weights of every epoch."""
+
+    def __init__(self, *args, scores, losses=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.script = list(scores)
+        self.losses = losses
+        self.snapshots: list[torch.Tensor] = []
+
+    def validation_score(self) -> float:
+        if len(self.snapshots) < self.epochs_done:  # the call fit makes after each epoch
+            self.snapshots.append(self.model.trunk[0].weight.detach().clone())
+        return self.script[min(self.epochs_done, len(self.script)) - 1]
+
+    def validation_loss(self) -> float:
+        return float("nan") if self.losses is None else self.losses[self.epochs_done - 1]
+
+
+def scripted(member, small_network, *, patience, **kwargs) -> ScriptedTrainer:
+    data, tasks = member(seed=1)
+    model = MultitaskNet(data.n_features, tasks, **small_network, seed=0)
+    settings = TrainSettings(epochs=8, batch_size=32, learning_rate=1e-2, patience=patience)
+    return ScriptedTrainer(model, data, tasks, settings=settings, **kwargs)
+
+
+def test_fit_selects_on_the_score_not_on_a_rising_validation_loss(member, small_network):
+    # overconfidence: the loss rises from epoch 2 while the ranking (the score) still improves
+    scores = [0.60, 0.70, 0.75, 0.80, 0.82, 0.83, 0.84, 0.85]
+    losses = [1.00, 0.90, 1.10, 1.30, 1.50, 1.70, 1.90, 2.10]
+    trainer = scripted(member, small_network, patience=2, scores=scores, losses=losses)
+    result = trainer.fit()
+    assert result.epochs == 8 and result.best_epoch == 8 and result.best_score == 0.85
+    assert result.scores == tuple(scores)
+
+
+def test_fit_stops_after_patience_and_restores_the_best_epoch(member, small_network):
+    scores = [0.60, 0.70, 0.65, 0.80, 0.80, 0.79, 0.90, 0.95]  # 0.80 again is no improvement
+    trainer = scripted(member, small_network, patience=2, scores=scores)
+    result = trainer.fit()
+    assert result.epochs == 6 and result.best_epoch == 4 and result.best_score == 0.80
+    assert trainer.epochs_done == 6
+    assert torch.equal(trainer.model.trunk[0].weight, trainer.snapshots[3])
+    assert not torch.equal(trainer.model.trunk[0].weight, trainer.snapshots[5])
+
+
+def test_undefined_scores_never_win_and_do_not_stop_training(member, small_network):
+    nan = float("nan")
+    trainer = scripted(member, small_network, patience=2, scores=[nan, nan, 0.7, nan, 0.6])
+    result = trainer.fit(5)
+    assert result.epochs == 5 and result.best_epoch == 3 and result.best_score == 0.7
+
+
+def test_fit_without_selection_trains_exactly_max_epochs(member, small_network):
+    trainer = scripted(member, small_network, patience=1, scores=[0.9, 0.1, 0.1, 0.1])
+    result = trainer.fit(4, select=False)
+    assert result.epochs == 4 and result.best_epoch == 4 and result.scores == ()
+    assert trainer.epochs_done == 4 and result.best_score == 0.1  # the last weights, scored
+    with pytest.raises(TypeError):
+        trainer.fit(4, False)  # type: ignore[misc]
+
+
+def test_the_score_outlasts_the_loss_minimum_on_a_real_member(member, small_network):
+    # On this member the summed validation loss (Cox-dominated) bottoms out early and then rises
+    # from overconfidence while AUROC and C-index keep improving: the score rule trains on.
+    data, tasks = member(seed=2, kinds=("binary", "survival"))
+    settings = TrainSettings(epochs=30, batch_size=32, learning_rate=1e-2, patience=5, seed=0)
+
+    def trainer() -> LocalTrainer:
+        model = MultitaskNet(data.n_features, tasks, **small_network, seed=0)
+        return LocalTrainer(model, data, tasks, settings=settings)
+
+    probe, losses, scores = trainer(), [], []
+    for _ in range(12):
+        probe.train(epochs=1)
+        losses.append(probe.validation_loss())
+        scores.append(probe.validation_score())
+    loss_epoch = int(np.argmin(losses)) + 1
+    result = trainer().fit()
+    assert result.best_epoch > loss_epoch
+    assert result.best_score > scores[loss_epoch - 1] + 0.02
+    assert result.scores[:12] == pytest.approx(scores)
+
+
+def test_validation_score_is_the_mean_primary_metric_of_tasks_with_labels(member, small_network):
+    trainer = make_trainer(member, small_network)
+    trainer.data.targets["regression"][trainer.data.split == "val"] = np.nan  # no val labels: left out
+    trainer = LocalTrainer(trainer.model, trainer.data, trainer.tasks, settings=trainer.settings)
+    trainer.train(epochs=1)
+    val = trainer.evaluate("val")
+    expected = (val["binary"]["auroc"] + val["survival"]["c_index"]) / 2
+    assert trainer.validation_score() == pytest.approx(expected)
+
+
+def test_fedavg_round_trip_with_a_shared_endpoint(member, small_network):
+    # two members hold "os" (a shared endpoint) and one private task each; the server averages the
+    # trunk and the "os" head, the private heads and every target scaling stay at the members
+    server = SharedModel(12, shared_tasks=["os"], **small_network, seed=0)
+    trainers = []
+    for seed, private in ((1, "a_resp"), (2, "b_level")):
+        data, _ = member(seed=seed, kinds=("survival", "binary" if private == "a_resp" else "regression"))
+        data.targets = {"os": data.targets["survival"], private: data.targets[list(data.targets)[1]]}
+        kind = "binary" if private == "a_resp" else "regression"
+        tasks = [TaskSpec("os", "survival", shared=True), TaskSpec(private, kind)]
+        model = MultitaskNet(data.n_features, tasks, **small_network, seed=0)
+        trainers.append(LocalTrainer(model, data, tasks, settings=TrainSettings(epochs=1, seed=seed)))
+    scaling = trainers[1].model.target_scaling("b_level")
+    for _ in range(2):
+        updates = []
+        for trainer in trainers:
+            trainer.model.load_shared_state(server.state_dict())
+            trainer.train()
+            updates.append(trainer.model.shared_state())
+        assert all(u.keys() == server.state_dict().keys() for u in updates)
+        assert not any("a_resp" in k or "b_level" in k or "target" in k for u in updates for k in u)
+        server.load_state_dict({k: sum(u[k] for u in updates) / len(updates) for k in updates[0]})
+    expected = (updates[0]["heads.os.0.weight"] + updates[1]["heads.os.0.weight"]) / 2
+    assert torch.allclose(server.heads["os"][0].weight, expected)
+    assert trainers[1].model.target_scaling("b_level") == scaling

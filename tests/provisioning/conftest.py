@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from consortium.config import config_from_dict
+from schema.config import config_from_dict
 
 RAW = {
     "name": "demo",

@@ -41,10 +41,10 @@ def test_he_job_on_provisioned_kits(tmp_path):
     from nvflare.recipe import ProdEnv
 
     from consortium.commands.synth import synthesize
-    from consortium.config import load_config
     from jobs.biomarker_mtl.job import build_recipe, server_model
     from jobs.he.store import decrypt_aggregate_file
     from models.network import SharedTrunk
+    from schema.config import load_config
 
     cfg = synthesize(tmp_path / "c", sizes=[120, 150], n_features=150, seed=1, rounds=ROUNDS)
     raw = yaml.safe_load(cfg.read_text())

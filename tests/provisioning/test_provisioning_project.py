@@ -1,8 +1,8 @@
 import pytest
 
-from consortium.errors import ConfigError
 from provisioning.errors import ProvisioningError
 from provisioning.project import build_project
+from schema.errors import ConfigError
 
 
 def _by_name(project):

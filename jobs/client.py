@@ -1,14 +1,14 @@
-"""Client API script of the biomarker multitask job: what each member site runs.
+"""Client API script of the consortium job: what each member site runs.
 
 FLARE starts it once per job (in-process executor) and feeds it every round. It only wires
-``flare.receive/send`` to :class:`jobs.biomarker_mtl.site.MemberSite`; the training settings all come
-from ``consortium.yaml``, never from the command line.
+``flare.receive/send`` to :class:`jobs.site.MemberSite`; every setting comes from ``consortium.yaml``.
 
-Arguments (paths only)::
+Arguments (paths and the cross-validation fold only)::
 
     --config PATH    consortium.yaml; default: the site's CONSORTIUM_CONFIG environment variable
-    --outputs DIR    the site writes to DIR/<site name>/; default: CONSORTIUM_SITE_OUTPUTS/<site name>/,
+    --outputs DIR    private outputs in DIR/<site name>/; default: CONSORTIUM_SITE_OUTPUTS/<site name>/,
                      else consortium_outputs/<job id>/<site name>/ in the site's FLARE workspace
+    --fold K         with data.folds: the fold that is this job's test split
 """
 
 from __future__ import annotations
@@ -22,21 +22,22 @@ from pathlib import Path
 import nvflare.client as flare
 from nvflare.client.tracking import MLflowWriter
 
-from consortium.config import load_config
-from consortium.errors import ConfigError
-from jobs.biomarker_mtl.site import MemberSite, serve
-from jobs.site_outputs import OUTPUTS_ENV, SiteOutputs, site_folder
+from jobs.site import MemberSite, serve
+from jobs.site_outputs import SiteOutputs, site_folder
+from schema.config import load_config
+from schema.errors import ConfigError
+from schema.names import CONFIG_ENV, OUTPUTS_ENV
 
-CONFIG_ENV = "CONSORTIUM_CONFIG"
 WORKSPACE_OUTPUTS = "consortium_outputs"
 
 log = logging.getLogger(__name__)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Member site of the biomarker multitask FLARE job.")
+    parser = argparse.ArgumentParser(description="Member site of the consortium's FLARE job.")
     parser.add_argument("--config", type=Path, default=None, help=f"consortium.yaml (default: ${CONFIG_ENV})")
-    parser.add_argument("--outputs", type=Path, default=None, help=f"outputs root (default: ${OUTPUTS_ENV})")
+    parser.add_argument("--outputs", type=Path, default=None, help=f"private outputs root (default: ${OUTPUTS_ENV})")
+    parser.add_argument("--fold", type=int, default=None, help="cross-validation fold (with data.folds)")
     return parser.parse_args(argv)
 
 
@@ -47,8 +48,8 @@ def config_path(arg: Path | None) -> Path:
     if os.environ.get(CONFIG_ENV):
         return Path(os.environ[CONFIG_ENV])
     raise ConfigError(
-        f"no consortium.yaml for this site: pass --config PATH in the job's train_args or set {CONFIG_ENV} "
-        "in the site's environment (for example in its startup kit's start.sh)"
+        f"no consortium.yaml for this site: set {CONFIG_ENV} in the site's environment (for example in its "
+        "startup kit's start.sh) to the member's own consortium.yaml, or pass --config PATH in the job's train_args"
     )
 
 
@@ -69,9 +70,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = load_config(config_path(args.config))
     member = config.member(site_name).name  # the FLARE client name is the member name
     outputs = SiteOutputs(site_folder(outputs_root(args.outputs, job_id=flare.get_job_id()), member))
-    site = MemberSite(config, member, outputs=outputs, tracker=MLflowWriter())
+    site = MemberSite(config, member, outputs=outputs, tracker=MLflowWriter(), fold=args.fold)
     rounds = serve(site, flare)
-    log.info("site %s: %d rounds done; outputs in %s", member, rounds, outputs.folder)
+    log.info("site %s: %d rounds done; private outputs in %s", member, rounds, outputs.folder)
 
 
 if __name__ == "__main__":

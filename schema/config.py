@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from consortium.errors import ConfigError
+from schema.errors import ConfigError
 
 _NAME = r"^[a-z][a-z0-9_-]{0,62}$"
 _SITE_NAME_FIX = "use lower-case letters, digits, '-' or '_', starting with a letter (for example 'pharma-a')"
@@ -118,6 +118,14 @@ class DataContract(_Strict):
     val_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)
     test_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)
     split_seed: int = 0
+    folds: int | None = Field(
+        default=None, ge=2, le=20,
+        description="Cross-validation folds: every sample is a test sample once ('consortium run --folds K').",
+    )
+    min_cell_count: int = Field(
+        default=5, ge=2, description="Association statistics: a member with fewer samples per class (or events) "
+        "than this sends nothing for that endpoint (small-cell protection).",
+    )
 
 
 class Training(_Strict):
@@ -141,11 +149,37 @@ class Training(_Strict):
         return widths
 
 
+_MAX_COEFF_BITS = {4096: 109, 8192: 218, 16384: 438}  # SEAL's limits for 128-bit security
+
+
 class HomomorphicEncryption(_Strict):
+    """CKKS settings of the encrypted aggregation; checked here so a bad setting fails on load."""
+
     enabled: bool = True
     poly_modulus_degree: Literal[4096, 8192, 16384] = 8192
     coeff_mod_bit_sizes: list[int] = Field(default=[60, 40], min_length=2)
     global_scale_bits: int = Field(default=40, ge=20, le=60)
+
+    @model_validator(mode="after")
+    def _valid_ckks(self) -> HomomorphicEncryption:
+        sizes = list(self.coeff_mod_bit_sizes)
+        if any(not 17 <= b <= 60 for b in sizes):
+            raise ValueError(f"coeff_mod_bit_sizes={sizes}: each prime needs 17 to 60 bits (e.g. [60, 40])")
+        limit = _MAX_COEFF_BITS[self.poly_modulus_degree]
+        if sum(sizes) > limit:
+            raise ValueError(
+                f"coeff_mod_bit_sizes={sizes} ({sum(sizes)} bits) exceed the {limit} bits that "
+                f"poly_modulus_degree={self.poly_modulus_degree} allows at 128-bit security; use fewer or smaller "
+                "primes, or a larger poly_modulus_degree"
+            )
+        data_bits = sum(sizes[:-1])
+        if data_bits <= self.global_scale_bits + 1:
+            raise ValueError(
+                f"coeff_mod_bit_sizes={sizes}: the data primes {sizes[:-1]} ({data_bits} bits) leave no room above "
+                f"the scale 2^{self.global_scale_bits}; use a first prime of at least {self.global_scale_bits + 10} "
+                "bits, e.g. [60, 40] with global_scale_bits 40"
+            )
+        return self
 
 
 class DifferentialPrivacy(_Strict):
@@ -181,7 +215,19 @@ class ConsortiumConfig(_Strict):
     @model_validator(mode="after")
     def _unique_names(self) -> ConsortiumConfig:
         _no_duplicates([m.name for m in self.members], "members[].name")
-        _no_duplicates([t.name for m in self.members for t in m.tasks], "members[].tasks[].name")
+        for member in self.members:
+            _no_duplicates([t.name for t in member.tasks], f"members[{member.name}].tasks[].name")
+        first: dict[str, tuple[str, str]] = {}
+        for member in self.members:
+            for task in member.tasks:
+                if task.name in first and first[task.name][1] != task.type:
+                    owner, kind = first[task.name]
+                    raise ValueError(
+                        f"endpoint '{task.name}' is {kind} at member '{owner}' but {task.type} at member "
+                        f"'{member.name}'; a shared endpoint needs one type everywhere: rename one of them "
+                        f"(e.g. '{task.name}_{member.name.replace('-', '_')}') or fix its type"
+                    )
+                first.setdefault(task.name, (member.name, task.type))
         known = {t.name for m in self.members for t in m.tasks}
         unknown = sorted(set(self.training.task_weights) - known)
         if unknown:
@@ -199,6 +245,18 @@ class ConsortiumConfig(_Strict):
     @property
     def tasks(self) -> list[Task]:
         return [t for m in self.members for t in m.tasks]
+
+    def endpoints(self) -> dict[str, dict]:
+        """Per endpoint name, in order of appearance: ``{"type": ..., "members": [...]}``."""
+        found: dict[str, dict] = {}
+        for member in self.members:
+            for task in member.tasks:
+                found.setdefault(task.name, {"type": task.type, "members": []})["members"].append(member.name)
+        return found
+
+    def shared_endpoints(self) -> list[str]:
+        """Endpoints held by two or more members: their heads are aggregated like the trunk."""
+        return [name for name, info in self.endpoints().items() if len(info["members"]) > 1]
 
     def panel_features(self) -> list[str]:
         return list(self.panel.features) if self.panel.features is not None else _read_panel(self.panel.file)

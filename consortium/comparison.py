@@ -1,0 +1,145 @@
+"""The comparison a benchmark run adds: local-only, pooled and classical arms beside the federated one.
+
+Only possible where one machine holds every member's data (the simulator, POC, a benchmark): the
+pooled arm needs the data together, and the paired intervals need every arm's predictions on the same
+test samples. The federated arm's predictions are the ones each site kept (``predictions.npz``).
+
+One rule for every network arm: the same number of passes over the member's training data as the
+federated run gave it (rounds x local epochs), no selection on validation or test. The classical arms
+(penalized logistic / ridge / Cox) choose their penalty on the validation split. Test samples are
+scored once, at the end; every figure carries a 95% bootstrap interval, and every difference a paired
+one (same resamples for both arms).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from jobs import member_data
+from models.baselines import train_local, train_pooled
+from models.classical import fit_classical
+from models.data import MemberData, TaskSpec, pool_members
+from models.metrics import primary_metric
+from models.training import TrainSettings
+from models.uncertainty import metric_interval, paired_difference_interval
+from schema import settings
+from schema.config import ConsortiumConfig
+
+log = logging.getLogger(__name__)
+
+ARMS = ("federated", "local", "pooled", "linear_local", "linear_pooled")
+
+
+@dataclass
+class ArmPredictions:
+    """Per arm, per member, per endpoint: test-split predictions; and the test labels."""
+
+    predictions: dict[str, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)
+    targets: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def add(self, arm: str, member: str, predictions: Mapping[str, np.ndarray]) -> None:
+        self.predictions.setdefault(arm, {})[member] = {k: np.asarray(v) for k, v in predictions.items()}
+
+    def extend(self, other: ArmPredictions) -> None:
+        """Append another fold's test samples (cross-validation: out-of-fold predictions)."""
+        for member, targets in other.targets.items():
+            mine = self.targets.setdefault(member, {})
+            for task, y in targets.items():
+                mine[task] = np.concatenate([mine[task], y]) if task in mine else y
+        for arm, members in other.predictions.items():
+            for member, preds in members.items():
+                mine = self.predictions.setdefault(arm, {}).setdefault(member, {})
+                for task, p in preds.items():
+                    mine[task] = np.concatenate([mine[task], p]) if task in mine else p
+
+
+def baseline_predictions(
+    config: ConsortiumConfig, data: Mapping[str, MemberData], *, passes: int, seed_offset: int = 0
+) -> ArmPredictions:
+    """Train the local, pooled and classical arms on the members' splits; their test predictions."""
+    train = TrainSettings(**{**settings.train_settings(config, epochs=passes), "seed": config.training.seed + seed_offset})
+    network = settings.network(config)
+    tasks = {m.name: member_data.task_specs(config, m.name) for m in config.members}
+    arms = ArmPredictions()
+    pooled = train_pooled(data, tasks, settings=train, network=network, select=False, max_epochs=passes)
+    for member, member_tasks in tasks.items():
+        local = train_local(data[member], member_tasks, settings=train, network=network, select=False,
+                            max_epochs=passes)
+        arms.targets[member] = dict(local.test_targets)
+        arms.add("local", member, local.predictions)
+        arms.add("pooled", member, pooled.predictions[member])
+        arms.add("linear_local", member, _linear(data[member], member_tasks, seed=train.seed))
+    arms.predictions["linear_pooled"] = _linear_pooled(data, tasks, seed=train.seed)
+    return arms
+
+
+def _linear(data: MemberData, tasks: list[TaskSpec], *, seed: int) -> dict[str, np.ndarray]:
+    train, val, test = (data.subset(s) for s in ("train", "val", "test"))
+    return {
+        t.name: fit_classical(t.kind, train.X, train.targets[t.name], val.X, val.targets[t.name], seed=seed).predict(test.X)
+        for t in tasks
+    }
+
+
+def _linear_pooled(
+    data: Mapping[str, MemberData], tasks: Mapping[str, list[TaskSpec]], *, seed: int
+) -> dict[str, dict[str, np.ndarray]]:
+    endpoints: dict[str, TaskSpec] = {t.name: t for ts in tasks.values() for t in ts}
+    pooled = pool_members(data, list(endpoints.values()))
+    train, val = pooled.subset("train"), pooled.subset("val")
+    models = {
+        name: fit_classical(t.kind, train.X, train.targets[name], val.X, val.targets[name], seed=seed)
+        for name, t in endpoints.items()
+    }
+    return {m: {t.name: models[t.name].predict(data[m].subset("test").X) for t in ts} for m, ts in tasks.items()}
+
+
+def member_figures(arms: ArmPredictions, *, kinds: Mapping[str, str], seed: int) -> dict[str, dict[str, Any]]:
+    """Per member and endpoint: each arm's figure with its interval, and the paired differences."""
+    out: dict[str, dict[str, Any]] = {}
+    for member, targets in arms.targets.items():
+        for task, y in targets.items():
+            kind = kinds[task]
+            out.setdefault(member, {})[task] = _figures(kind, y, {a: arms.predictions[a][member][task]
+                                                                  for a in ARMS if member in arms.predictions.get(a, {})},
+                                                       strata=None, seed=seed)
+    return out
+
+
+def endpoint_figures(
+    arms: ArmPredictions, *, kinds: Mapping[str, str], holders: Mapping[str, list[str]], seed: int
+) -> dict[str, dict[str, Any]]:
+    """Per endpoint, over all holding members' test samples together (C-index within members)."""
+    out = {}
+    for task, members in holders.items():
+        y = np.concatenate([arms.targets[m][task] for m in members])
+        strata = np.concatenate([np.full(len(arms.targets[m][task]), i) for i, m in enumerate(members)])
+        predictions = {
+            arm: np.concatenate([arms.predictions[arm][m][task] for m in members])
+            for arm in ARMS if all(m in arms.predictions.get(arm, {}) for m in members)
+        }
+        out[task] = {"type": kinds[task], "metric": primary_metric(kinds[task]), "members": list(members),
+                     **_figures(kinds[task], y, predictions, strata=strata, seed=seed)}
+    return out
+
+
+def _figures(kind: str, y: np.ndarray, predictions: Mapping[str, np.ndarray], *, strata, seed: int) -> dict[str, Any]:
+    figures: dict[str, Any] = {"ci": {}, "difference": {}}
+    for arm, p in predictions.items():
+        interval = metric_interval(kind, y, p, strata=strata, seed=seed)
+        figures[arm] = interval.estimate
+        figures["ci"][arm] = [interval.low, interval.high]
+        figures["n"] = interval.n
+    if "federated" in predictions:
+        for arm in ("local", "pooled", "linear_pooled"):
+            if arm in predictions:
+                diff = paired_difference_interval(kind, y, predictions["federated"], predictions[arm],
+                                                  strata=strata, seed=seed)
+                figures["difference"][f"federated-{arm}"] = {"estimate": diff.estimate, "ci": [diff.low, diff.high],
+                                                              "gain": bool(diff.low > 0)}
+    return figures

@@ -1,0 +1,221 @@
+"""Run the consortium job for real on this machine: FLARE's simulator, or POC on loopback.
+
+POC here is NVFlare's own ``nvflare poc`` tooling driven through its public command line, with the
+project that :mod:`provisioning.project` builds for production and the site policies of
+:mod:`provisioning.policies`; under HE the member key custodian's contexts (never NVFlare's HEBuilder)
+are installed into the kits with :func:`provisioning.he_keys.install_keys`. The job is submitted
+by a member lead's admin kit through ``ProdEnv``, exactly as on provisioned kits.
+
+Everything lies under the ``workspace`` folder given: the simulator's workspace, or ``project.yml`` and
+the POC workspace (kits, logs, job results).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from provisioning.he_keys import install_keys
+from provisioning.policies import write_site_policies
+from provisioning.project import build_project, member_lead
+from schema.config import ConsortiumConfig
+from schema.errors import UserError
+
+log = logging.getLogger(__name__)
+
+POC_WORKSPACE_ENV = "NVFLARE_POC_WORKSPACE"
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exceeded|Leak)\w*: ")
+
+
+class FederatedRunError(UserError):
+    """A federated run failed or did not finish; the message points at the logs."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """Where a finished job left what the server holds (``published.jsonl``, the global model)."""
+
+    job_id: str
+    result_dir: Path
+    logs: Path
+    kits: dict[str, Path]
+
+
+def run_sim(recipe, config: ConsortiumConfig, workspace: Path) -> JobOutcome:
+    """Run ``recipe`` in FLARE's simulator, one process per member; return when it is over."""
+    from nvflare.recipe import SimEnv
+
+    sim = SimEnv(clients=[m.name for m in config.members], workspace_root=str(workspace))
+    logs = workspace / recipe.name
+    try:
+        run = recipe.run(sim)
+    except RuntimeError as exc:
+        raise FederatedRunError(
+            f"simulated job failed; logs in {logs}/server/log.txt and {logs}/<member>/log.txt"
+            f"{first_errors(logs)}"
+        ) from exc
+    return JobOutcome(job_id=run.get_job_id(), result_dir=logs, logs=logs, kits={})
+
+
+@contextlib.contextmanager
+def poc_system(
+    config: ConsortiumConfig, workspace: Path, *, keys: Path | None, start_timeout: float = 180.0
+) -> Iterator[Path]:
+    """A running POC system for ``config`` (server and one client per member); yields its prod folder.
+
+    ``keys``: the custodian's key folder (``consortium keys create``); with it, the HE contexts are
+    installed and the members' privacy scope is written, as on provisioned kits. Every process is
+    stopped on the way out, whatever happened.
+    """
+    check_ports_free(config)
+    workspace.mkdir(parents=True, exist_ok=True)
+    project_file = workspace / "project.yml"
+    project_file.write_text(yaml.safe_dump(build_project(config), sort_keys=False))
+    poc_workspace = workspace / "poc"
+    env = {**os.environ, POC_WORKSPACE_ENV: str(poc_workspace), "PATH": _path_with_python()}
+    _nvflare(["poc", "prepare", "-i", str(project_file), "--force"], env=env, what="POC prepare")
+    prod = _prod_dir(poc_workspace, config)
+    write_site_policies(prod / config.operator.host, config=config, member_site=False)
+    for member in config.members:
+        # a member's privacy scope only admits the HE job: a plaintext POC run gets the authorization alone
+        write_site_policies(prod / member.name, config=config, member_site=keys is not None)
+    if keys is not None:
+        install_keys(prod, keys, config=config)
+    try:
+        _nvflare(
+            ["poc", "start", "--timeout", str(int(start_timeout)), *_exclude_admins(config)],
+            env=env, what="POC start", timeout=start_timeout + 30,
+        )
+        yield prod
+    finally:
+        with contextlib.suppress(Exception):
+            _nvflare(["poc", "stop"], env=env, what="POC stop", timeout=60)
+        stop_processes_under(poc_workspace)
+
+
+def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float) -> JobOutcome:
+    """Submit ``recipe`` with the first member lead's admin kit and wait for it to finish."""
+    from nvflare.recipe import ProdEnv
+
+    lead = member_lead(config.members[0])
+    env = ProdEnv(startup_kit_location=str(prod / lead), username=lead, login_timeout=30)
+    job_id = None
+    try:
+        run = recipe.run(env)
+        job_id = run.get_job_id()
+        result = run.get_result(timeout=timeout)
+        status = run.get_status()
+    except Exception as exc:
+        raise FederatedRunError(
+            f"POC job {job_id or '(not submitted)'} failed: {exc}; logs under {prod}{first_errors(prod, job_id)}"
+        ) from exc
+    if result is None:
+        with contextlib.suppress(Exception):
+            run.abort()
+        raise FederatedRunError(f"POC job {job_id} did not finish within {timeout:.0f} s (status {status}); "
+                                f"logs under {prod}{first_errors(prod, job_id)}")
+    if status and "COMPLETED" not in status:
+        raise FederatedRunError(f"POC job {job_id} ended with status {status}; logs under {prod}"
+                                f"{first_errors(prod, job_id)}")
+    kits = {name: prod / name for name in [config.operator.host, *(m.name for m in config.members)]}
+    return JobOutcome(job_id=job_id, result_dir=Path(result), logs=prod, kits=kits)
+
+
+def check_ports_free(config: ConsortiumConfig) -> None:
+    """A clear error when the operator's ports are taken (another FLARE server?), before anything starts."""
+    for field_name in ("fl_port", "admin_port"):
+        port = getattr(config.operator, field_name)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                raise FederatedRunError(
+                    f"{config.source}: operator.{field_name} = {port} is already in use on this machine "
+                    "(another FLARE server?); stop it or pick free ports in consortium.yaml"
+                ) from None
+
+
+def stop_processes_under(folder: Path) -> int:
+    """End every process whose command line names ``folder`` (FLARE's job processes start sessions of
+    their own, so they outlive their parent otherwise); returns how many were signalled."""
+    marker = str(Path(folder).resolve()).encode()
+    signalled = 0
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                with contextlib.suppress(OSError):
+                    if marker in (entry / "cmdline").read_bytes():
+                        pids.append(int(entry.name))
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        signalled = max(signalled, len(pids))
+        if not pids:
+            break
+        time.sleep(2)
+    return signalled
+
+
+def first_errors(folder: Path | None, job_id: str | None = None, *, limit: int = 4) -> str:
+    """The exceptions the job's FLARE logs end their tracebacks with, causes before the aborts they
+    triggered; shown with a failure (the full logs stay on disk)."""
+    if folder is None or not Path(folder).exists():
+        return ""
+    found: dict[str, None] = {}
+    for log_file in sorted(Path(folder).rglob("log.txt")):
+        if job_id and job_id not in log_file.parts and Path(folder).name != job_id:
+            continue
+        site = log_file.relative_to(folder).parts[0]
+        for line in log_file.read_text(errors="replace").splitlines():
+            if _EXCEPTION_LINE.match(line):
+                found.setdefault(f"  {site}: {line.strip()[:300]}", None)
+    ranked = sorted(found, key=lambda shown: "abort" in shown)
+    return "\nerrors in the logs:\n" + "\n".join(ranked[:limit]) if ranked else ""
+
+
+def _exclude_admins(config: ConsortiumConfig) -> list[str]:
+    admins = [config.operator.admin, *(member_lead(m) for m in config.members)]
+    return [arg for admin in admins for arg in ("-ex", admin)]
+
+
+def _prod_dir(poc_workspace: Path, config: ConsortiumConfig) -> Path:
+    prods = sorted((poc_workspace / config.name).glob("prod_*"))
+    if not prods:
+        raise FederatedRunError(f"{poc_workspace}: POC prepare made no prod_* folder; see its output above")
+    return prods[-1]
+
+
+def _path_with_python() -> str:
+    """PATH with this interpreter's folder first: FLARE's processes start ``python3`` from PATH."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def _nvflare(args: list[str], *, env: dict[str, str], what: str, timeout: float = 120.0) -> None:
+    executable = shutil.which("nvflare", path=env["PATH"]) or "nvflare"
+    try:
+        done = subprocess.run(
+            [executable, *args], env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired:
+        raise FederatedRunError(f"{what} did not finish within {timeout:.0f} s") from None
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-8:]
+        raise FederatedRunError(f"{what} failed (exit {done.returncode}):\n  " + "\n  ".join(tail))
+    log.info("%s: %s", what, (done.stdout.strip().splitlines() or [""])[-1])

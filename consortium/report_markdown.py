@@ -1,0 +1,78 @@
+"""``report.md``: the report as a researcher reads it, with every figure's interval."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.3f}"
+
+
+def _with_ci(value: Any, ci: Any) -> str:
+    if value is None:
+        return "n/a"
+    if not ci or ci[0] is None:
+        return _fmt(value)
+    return f"{_fmt(value)} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    timing, privacy = report["timing"], report["privacy"]
+    folds = f"; {report['folds']}-fold cross-validation" if report.get("folds") else ""
+    lines = [
+        f"# Federated run `{report['job_id']}` of {report['consortium']}",
+        "",
+        f"- environment: {report['env']}; rounds: {timing['rounds']}{folds}; total {timing['seconds_total']:.1f} s",
+        f"- bytes the server received per round (all members): {timing['bytes_received_per_round']:,}",
+        f"- homomorphic encryption: {'on' if privacy['he'] else 'off'}; DP-SGD: {'on' if privacy['dp'] else 'off'}",
+        "",
+        "## Test metric per member and endpoint (95% bootstrap intervals)",
+        "",
+        "| member | endpoint | metric | federated | local only | pooled | linear pooled | federated - local | federated - pooled |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for member, info in report["members"].items():
+        for task, t in info["tasks"].items():
+            ci, diff = t.get("ci") or {}, t.get("difference") or {}
+            lines.append(
+                f"| {member} | {task} | {t['metric']} | {_with_ci(t.get('federated'), ci.get('federated'))} | "
+                f"{_with_ci(t.get('local'), ci.get('local'))} | {_with_ci(t.get('pooled'), ci.get('pooled'))} | "
+                f"{_with_ci(t.get('linear_pooled'), ci.get('linear_pooled'))} | {_diff(diff.get('federated-local'))} | "
+                f"{_diff(diff.get('federated-pooled'))} |"
+            )
+    endpoint_rows = [(n, e) for n, e in report["endpoints"].items() if e.get("federated") is not None]
+    if endpoint_rows:
+        lines += ["", "## Endpoints over all holding members' test samples", "",
+                  "| endpoint | members | metric | federated | local | pooled | linear pooled | federated - pooled |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, e in endpoint_rows:
+            ci = e.get("ci") or {}
+            lines.append(
+                f"| {name} | {', '.join(e['members'])} | {e['metric']} | {_with_ci(e.get('federated'), ci.get('federated'))} | "
+                f"{_with_ci(e.get('local'), ci.get('local'))} | {_with_ci(e.get('pooled'), ci.get('pooled'))} | "
+                f"{_with_ci(e.get('linear_pooled'), ci.get('linear_pooled'))} | "
+                f"{_diff((e.get('difference') or {}).get('federated-pooled'))} |"
+            )
+    gains = (report.get("summary") or {}).get("paired_gains")
+    if gains:
+        lines += ["", f"Paired gains (interval above 0): federated over local in {gains['federated-local']} of "
+                      f"{gains['tasks']} member endpoints, over pooled in {gains['federated-pooled']}."]
+    lines += ["", "## Biomarkers per endpoint", ""]
+    bio = report["biomarkers"]
+    for name in report["endpoints"]:
+        stats = [r["feature"] for r in bio["statistics"].get(name, [])[:10]]
+        model = [r["feature"] for r in bio["model"].get(name, [])[:10]]
+        lines += [f"- **{name}** statistics (top 10 by p): {', '.join(stats) or 'n/a'}",
+                  f"  model (top 10): {', '.join(model) or 'n/a'}"]
+    lines += [""] + [f"- *{name}*: {text}" for name, text in report.get("definitions", {}).items()]
+    lines += ["", f"MLflow: `{report['tracking']['uri']}`, experiment `{report['tracking']['experiment']}`", ""]
+    return "\n".join(lines)
+
+
+def _diff(entry: dict | None) -> str:
+    if not entry:
+        return ""
+    verdict = "gain" if entry.get("gain") else "no gain shown"
+    return f"{_with_ci(entry.get('estimate'), entry.get('ci'))} ({verdict})"

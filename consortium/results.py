@@ -1,0 +1,123 @@
+"""What the operator's server received in a job, read back from the job's folder, and its release.
+
+A job's folder (the simulator's workspace, a POC result, or what ``nvflare job download`` fetched from
+provisioned kits) holds, somewhere under the server's run folder:
+
+- ``published.jsonl``: one record per site and round, as :class:`jobs.published.PublishedResultsRecorder`
+  wrote it (validation figures each round; test figures with intervals in the last);
+- ``FL_global_model.sections``: the last aggregate: trunk, shared heads, the summed association
+  statistics and attribution vectors; plaintext, or ciphertext that only a member's secret context opens.
+
+:func:`release` opens the aggregate (decrypting it with a member's context under HE) and turns it into
+the shared model's state, each endpoint's association table and each endpoint's consensus ranking.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from jobs.he.context import context_from_bytes
+from jobs.he.payload import decrypt_update
+from jobs.sections import finalize, select
+from jobs.store import read_aggregate
+from models.attribution import ranking_from_vector
+from omics.association import association_table
+from schema.config import ConsortiumConfig
+from schema.errors import UserError
+from schema.names import CLIENT_CONTEXT_FILE, GLOBAL_MODEL_FILE, PUBLISHED_FILE
+
+log = logging.getLogger(__name__)
+
+
+class ResultsError(UserError):
+    """A job folder lacks what the server should have kept, or the aggregate cannot be opened."""
+
+
+@dataclass
+class JobResults:
+    """The records the server received, by site (in round order), and where the aggregate lies."""
+
+    folder: Path
+    records: dict[str, list[dict[str, Any]]]
+    global_model: Path | None
+
+    def rounds_done(self) -> int:
+        """Rounds every site has reported (0 when a site has reported none)."""
+        return min((len(r) for r in self.records.values()), default=0)
+
+
+@dataclass
+class Released:
+    """The aggregate, opened: shared state, and per endpoint its statistics and consensus ranking."""
+
+    state: dict[str, np.ndarray]
+    statistics: dict[str, pd.DataFrame] = field(default_factory=dict)
+    rankings: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+def read_records(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """The published records under ``folder`` by site; a record being written is skipped."""
+    records: dict[str, list[dict[str, Any]]] = {}
+    for path in sorted(Path(folder).rglob(PUBLISHED_FILE)):
+        for line in path.read_text().splitlines(keepends=True):
+            if line.endswith("\n") and line.strip():
+                record = json.loads(line)
+                records.setdefault(str(record.get("site")), []).append(record)
+    for site in records:
+        records[site].sort(key=lambda r: int(r.get("round") or 0))
+    return records
+
+
+def read_job(folder: Path, *, config: ConsortiumConfig) -> JobResults:
+    """Read a finished job's folder; a :class:`ResultsError` names what is missing and why."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ResultsError(f"{folder}: no such job folder; download the job first (nvflare job download)")
+    records = read_records(folder)
+    models = sorted(folder.rglob(GLOBAL_MODEL_FILE))
+    missing = [m.name for m in config.members if m.name not in records]
+    if missing:
+        raise ResultsError(
+            f"{folder}: the server received nothing from {missing}; was this job run with this consortium.yaml?"
+        )
+    return JobResults(folder=folder, records=records, global_model=models[-1] if models else None)
+
+
+def release(
+    results: JobResults, config: ConsortiumConfig, *, client_context: bytes | Path | None = None
+) -> Released:
+    """Open the last aggregate; under HE ``client_context`` (a member's secret context) is required."""
+    if results.global_model is None:
+        raise ResultsError(f"{results.folder}: no {GLOBAL_MODEL_FILE}; did the job finish its last round?")
+    stored = read_aggregate(results.global_model)
+    if stored.encrypted is not None:
+        if client_context is None:
+            raise ResultsError(
+                f"{results.global_model} is encrypted: a member's key custodian releases it with the secret "
+                f"context (--client-context <member kit>/startup/{CLIENT_CONTEXT_FILE})"
+            )
+        data = Path(client_context).read_bytes() if isinstance(client_context, Path) else client_context
+        context = context_from_bytes(data, source=str(client_context)[:200], private=True)
+        summed = decrypt_update(context, stored.encrypted)
+    else:
+        summed = stored.params
+    plain = finalize(summed, stored.meta)
+    features = config.panel_features()
+    kinds = {name: info["type"] for name, info in config.endpoints().items()}
+    statistics = {
+        name: association_table(values, kind=kinds[name], feature_names=features)
+        for name, values in select(plain, "stats").items()
+    }
+    rankings = {}
+    for name, values in select(plain, "consensus").items():
+        members = np.maximum(np.round(values["members"]), 1.0)
+        rankings[name] = ranking_from_vector(features, values["score"] / members, frequency=values["frequency"] / members)
+    state = {k: v for k, v in plain.items() if k.startswith(("trunk.", "heads."))}
+    return Released(state=state, statistics=statistics, rankings=rankings)

@@ -1,0 +1,219 @@
+"""The consortium's FLARE job as a recipe: the sites' sections summed at the server, plain or under HE.
+
+The server holds a :class:`models.network.SharedModel` (the trunk and the heads of shared endpoints)
+for round 0, then only adds what the members send (:mod:`jobs.aggregation`). Every member runs
+``jobs/client.py``. With ``he=True`` the members' filters encrypt and decrypt (:mod:`jobs.he.filters`),
+the aggregator adds ciphertexts, and the job declares the member sites' privacy scope. The same
+recipe runs in ``SimEnv`` (plaintext only), POC and ``ProdEnv``, or is exported for
+``nvflare job submit``; an export names no path of this machine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from nvflare.apis.job_def import JobMetaKey
+from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
+from nvflare.app_opt.pt.job_config.base_fed_job import BaseFedJob
+from nvflare.app_opt.pt.job_config.model import PTModel
+from nvflare.client.config import ExchangeFormat, TransferType
+from nvflare.fuel.utils.constants import FrameworkType
+from nvflare.job_config.defs import FilterType
+from nvflare.job_config.script_runner import ScriptRunner
+from nvflare.recipe import add_experiment_tracking
+from nvflare.recipe.spec import ExecEnv, Recipe
+from nvflare.recipe.utils import recipe_model_to_job_model, set_recipe_meta
+
+from jobs.aggregation import SectionAggregatePersistor, SectionShareableGenerator, SectionSumAggregator
+from jobs.he.filters import DecryptAggregate, EncryptSections
+from jobs.published import PublishedResultsRecorder
+from schema.config import ConsortiumConfig
+from schema.names import HE_SCOPE, KEY_METRIC, TRAIN_TASK
+
+CLIENT_SCRIPT = Path(__file__).resolve().with_name("client.py")
+HE_SIM_ENV_ERROR = (
+    "the HE job cannot run in FLARE's simulator (SimEnv): it needs startup kits holding the HE contexts "
+    "(members: startup/client_context.tenseal with the secret key; server: startup/server_context.tenseal "
+    "without it). Run it in POC ('consortium run --env poc') or on provisioned kits after "
+    "'consortium keys install'; or turn HE off (--no-he) to use the simulator"
+)
+
+
+def job_name(config: ConsortiumConfig) -> str:
+    return f"{config.name}-biomarker-mtl"
+
+
+def server_model(config: ConsortiumConfig) -> dict[str, Any]:
+    """The server's round-0 model as class path + arguments: trunk and shared heads, rebuilt at the server."""
+    training = config.training
+    return {
+        "class_path": "models.network.SharedModel",
+        "args": {
+            "n_features": len(config.panel_features()),
+            "shared_tasks": config.shared_endpoints(),
+            "trunk_widths": list(training.trunk_widths),
+            "head_width": training.head_width,
+            "dropout": training.dropout,
+            "seed": training.seed,
+        },
+    }
+
+
+def client_args(*, config_path: Path | None, outputs: Path | None, fold: int | None = None) -> str:
+    """``train_args`` of the client script: paths and the fold only, every setting comes from consortium.yaml."""
+    args: list[str] = [] if fold is None else ["--fold", str(int(fold))]
+    for flag, path in (("--config", config_path), ("--outputs", outputs)):
+        if path is None:
+            continue
+        text = str(Path(path).resolve())
+        if any(c.isspace() for c in text):
+            # FLARE splits train_args on whitespace without honouring quotes
+            raise ValueError(f"{flag} path '{text}' holds whitespace, which FLARE's train_args cannot carry; "
+                             "move the folder to a path without spaces")
+        args += [flag, text]
+    return " ".join(args)
+
+
+class ConsortiumRecipe(Recipe):
+    """ScatterAndGather over summed sections; ``he`` adds the members' CKKS filters and the HE scope."""
+
+    def __init__(
+        self, *, name: str, model: Any, min_clients: int, num_rounds: int, train_script: str,
+        train_args: str = "", he: bool = False,
+    ) -> None:
+        if num_rounds < 1:
+            raise ValueError(f"num_rounds={num_rounds}; a federated run needs at least one round")
+        self.name, self.min_clients, self.num_rounds, self.he = name, min_clients, num_rounds, he
+        job = BaseFedJob(name=name, min_clients=min_clients, key_metric=KEY_METRIC, key_metric_mode="max")
+        job_model = recipe_model_to_job_model(model) if isinstance(model, dict) else model
+        persistor = SectionAggregatePersistor(model=job_model)
+        job.comp_ids.update(job.to_server(PTModel(model=job_model, persistor=persistor)))
+        aggregator_id = job.to_server(SectionSumAggregator(he=he), id="aggregator")
+        generator_id = job.to_server(SectionShareableGenerator(), id="shareable_generator")
+        job.to_server(
+            ScatterAndGather(
+                min_clients=min_clients,
+                num_rounds=num_rounds,
+                wait_time_after_min_received=0,
+                aggregator_id=aggregator_id,
+                persistor_id=job.comp_ids["persistor_id"],
+                shareable_generator_id=generator_id,
+                train_task_name=TRAIN_TASK,
+            )
+        )
+        job.to_server(PublishedResultsRecorder(), filter_type=FilterType.TASK_RESULT, tasks=[TRAIN_TASK])
+        job.to_clients(
+            ScriptRunner(
+                script=train_script,
+                script_args=train_args,
+                framework=FrameworkType.PYTORCH,
+                server_expected_format=ExchangeFormat.NUMPY,
+                params_transfer_type=TransferType.FULL,
+            )
+        )
+        if he:
+            job.to_clients(DecryptAggregate(), tasks=[TRAIN_TASK], filter_type=FilterType.TASK_DATA)
+            job.to_clients(EncryptSections(), tasks=[TRAIN_TASK], filter_type=FilterType.TASK_RESULT)
+        super().__init__(job)
+        if he:
+            set_recipe_meta(self, JobMetaKey.SCOPE, HE_SCOPE)
+
+    def process_env(self, env: ExecEnv) -> None:
+        from nvflare.recipe.sim_env import SimEnv
+
+        if self.he and isinstance(env, SimEnv):
+            raise ValueError(HE_SIM_ENV_ERROR)
+        super().process_env(env)
+
+
+def build_recipe(
+    config: ConsortiumConfig,
+    *,
+    he: bool,
+    config_path: Path | None = None,
+    outputs: Path | None = None,
+    rounds: int | None = None,
+    fold: int | None = None,
+    tracking_uri: str | None = None,
+) -> ConsortiumRecipe:
+    """The job for ``config``.
+
+    Parameters
+    ----------
+    he
+        Aggregate under homomorphic encryption (the members' CKKS filters, the HE privacy scope).
+    config_path
+        The ``consortium.yaml`` the sites read; ``None`` leaves it to each site's ``CONSORTIUM_CONFIG``.
+    outputs
+        Root of the sites' private outputs folders (``<outputs>/<member>/``); ``None`` leaves it to each site.
+    rounds
+        Overrides ``training.rounds``.
+    fold
+        With ``data.folds``: the cross-validation fold that is this job's test split.
+    tracking_uri
+        MLflow tracking URI of the server's receiver; default ``tracking.uri``, else an SQLite file in
+        the server's job result folder.
+    """
+    num_rounds = int(rounds if rounds is not None else config.training.rounds)
+    recipe = ConsortiumRecipe(
+        name=job_name(config) if fold is None else f"{job_name(config)}-fold{fold}",
+        model=server_model(config),
+        min_clients=len(config.members),
+        num_rounds=num_rounds,
+        train_script=str(CLIENT_SCRIPT),
+        train_args=client_args(config_path=config_path, outputs=outputs, fold=fold),
+        he=he,
+    )
+    _add_tracking(recipe, config, he=he, tracking_uri=tracking_uri or config.tracking.uri)
+    return recipe
+
+
+def _add_tracking(recipe: Recipe, config: ConsortiumConfig, *, he: bool, tracking_uri: str | None) -> None:
+    """Server-side MLflow receiver: one MLflow run per site, fed by the sites' ``MLflowWriter``."""
+    tags = {"consortium": config.name, "he": "on" if he else "off", "dp": "on" if config.privacy.dp.enabled else "off"}
+    tracking: dict[str, Any] = {
+        "kw_args": {
+            "experiment_name": config.tracking.experiment,
+            "run_name": "he-fedavg" if he else "fedavg",
+            "experiment_tags": {"consortium": config.name},
+            "run_tags": tags,
+        }
+    }
+    if tracking_uri:
+        tracking["tracking_uri"] = tracking_uri
+    add_experiment_tracking(recipe, "mlflow", tracking)
+
+
+def export_job(config: ConsortiumConfig, job_dir: Path, *, he: bool, rounds: int | None = None) -> Path:
+    """Export the job for ``nvflare job submit -j <job_dir>/<job name>``; returns that folder.
+
+    The export names no path of this machine: each site reads its ``consortium.yaml`` from
+    ``CONSORTIUM_CONFIG`` and runs the client script from the job's ``custom/`` folder (the project
+    itself must be installed at every site, as NVFlare 2.9 must).
+    """
+    recipe = build_recipe(config, he=he, rounds=rounds)
+    recipe.export(str(job_dir))
+    folder = Path(job_dir) / recipe.name
+    _script_path_relative_to_custom(folder)
+    return folder
+
+
+def _script_path_relative_to_custom(folder: Path) -> None:
+    """FLARE keeps this machine's absolute path of the client script; point it at the copy in custom/.
+
+    Where FLARE puts that copy depends on ``sys.path`` (``custom/client.py`` or
+    ``custom/jobs/client.py``), so look for it.
+    """
+    for config_file in folder.glob("*/config/config_fed_client.json"):
+        custom = config_file.parent.parent / "custom"
+        copies = [p for p in custom.rglob(CLIENT_SCRIPT.name) if p.read_bytes() == CLIENT_SCRIPT.read_bytes()]
+        if not copies:
+            raise RuntimeError(f"{custom}: the exported job holds no copy of {CLIENT_SCRIPT}")
+        client_config = json.loads(config_file.read_text())
+        for executor in client_config.get("executors", []):
+            args = executor.get("executor", {}).get("args", {})
+            if args.get("task_script_path") == str(CLIENT_SCRIPT):
+                args["task_script_path"] = copies[0].relative_to(custom).as_posix()
+        config_file.write_text(json.dumps(client_config, indent=2))

@@ -1,0 +1,236 @@
+"""One member site across the rounds of a federated run: the state the Client API script keeps.
+
+The data, the network (trunk, shared heads, private heads) and the trainer (optimizer, and the Opacus
+accountant when DP is on) are built once and live for the whole job: NVFlare's in-process Client API
+executor runs ``client.py`` once and hands it every round.
+
+What leaves the site, by construction (:func:`outgoing_state`): the trunk and the heads of shared
+endpoints every round; in the last round also each endpoint's association statistics (sufficient
+statistics that the server only adds) and its normalized attribution vector. Private heads, target
+scaling and samples never do. In plaintext, in the result's meta: what the member publishes
+(validation figures each round, test figures with their intervals at the end).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+
+from jobs import member_data
+from jobs.sections import PUBLISHED_META, finalize, section_of, weighted_update
+from jobs.site_outputs import SiteOutputs
+from models.attribution import normalized_scores, rank_features
+from models.metrics import primary_metric
+from models.network import MultitaskNet
+from models.privacy import PrivacySettings
+from models.training import LocalTrainer, TrainSettings
+from models.uncertainty import metric_interval
+from omics.association import site_statistics
+from schema import settings
+from schema.config import ConsortiumConfig
+from schema.names import KEY_METRIC
+
+log = logging.getLogger(__name__)
+
+STEPS_META = "NUM_STEPS_CURRENT_ROUND"
+ATTRIBUTION_BOOTSTRAPS = 50
+
+
+class MetricLogger(Protocol):
+    """What the site needs of ``nvflare.client.tracking.MLflowWriter``."""
+
+    def log_metric(self, key: str, value: float, step: int | None = None) -> None: ...
+
+
+class FlareAPI(Protocol):
+    """The part of ``nvflare.client`` a site loop calls (a fake one in tests)."""
+
+    def is_running(self) -> bool: ...
+    def receive(self, timeout: float | None = None) -> FLModel | None: ...
+    def send(self, model: FLModel, clear_cache: bool = True) -> None: ...
+
+
+class PrivateStateLeak(RuntimeError):
+    """An outgoing update holds a key that may not leave the site: refuse to send it."""
+
+
+class MemberSite:
+    """A member's data, network and trainer, and what it publishes each round.
+
+    Parameters
+    ----------
+    config
+        The consortium, as read from ``consortium.yaml``.
+    member
+        The member this site is (its FLARE client name).
+    outputs
+        Where the site keeps its private outputs (final model, test predictions); never sent.
+    tracker
+        Per-round validation figures go here too (the Client API's ``MLflowWriter``); ``None`` skips it.
+    fold
+        Cross-validation fold that is the test split (with ``data.folds``).
+    """
+
+    def __init__(
+        self, config: ConsortiumConfig, member: str, *, outputs: SiteOutputs, tracker: MetricLogger | None = None,
+        fold: int | None = None,
+    ) -> None:
+        self.config = config
+        self.member = config.member(member).name
+        self.outputs = outputs
+        self.tracker = tracker
+        self.tasks = member_data.task_specs(config, self.member)
+        loaded = member_data.load_member(config, self.member, fold=fold)
+        self.data, self.log_expression, self.measured = loaded.data, loaded.log_expression, loaded.measured
+        self.model = MultitaskNet(
+            self.data.n_features, self.tasks, **settings.network(config), seed=config.training.seed
+        )
+        self.trainer: LocalTrainer | None = None  # built on the first round, once the round count is known
+        log.info("site %s: %d samples x %d features, endpoints %s", self.member, len(self.data.X),
+                 self.data.n_features, [(t.name, "shared" if t.shared else "private") for t in self.tasks])
+
+    def _trainer(self, total_rounds: int) -> LocalTrainer:
+        if self.trainer is None:
+            dp = settings.privacy_settings(self.config)
+            self.trainer = LocalTrainer(
+                self.model,
+                self.data,
+                self.tasks,
+                settings=TrainSettings(**settings.train_settings(self.config)),
+                privacy=PrivacySettings(**dp) if dp else None,
+                planned_epochs=settings.planned_epochs(self.config, rounds=total_rounds),
+            )
+            self.model = self.trainer.model  # the raw network, should the trainer have rebuilt it for DP
+        return self.trainer
+
+    def train_round(self, received: FLModel) -> FLModel:
+        """Load the global shared state, train locally, validate; return the sum-ready update."""
+        started = time.perf_counter()
+        total = int(received.total_rounds or self.config.training.rounds)
+        current = int(received.current_round or 0)
+        trainer = self._trainer(total)
+        # heads of private endpoints untouched; round 0 brings the server's initial trunk and shared heads
+        state = finalize(received.params, received.meta)
+        self.model.load_shared_state({k: v for k, v in state.items() if k.startswith(("trunk.", "heads."))})
+        stats = trainer.train(epochs=self.config.training.local_epochs)
+        val = trainer.evaluate("val")
+        published: dict[str, Any] = {
+            "round": current,
+            "total_rounds": total,
+            "steps": stats.steps,
+            "train_loss": float(stats.loss),
+            "val": val,
+            "epsilon": trainer.epsilon_spent(),
+        }
+        params = outgoing_state(self.model)
+        if current + 1 >= total:
+            final = self.finish()
+            params.update(final["params"])
+            published.update(test=final["test"], samples=final["samples"])
+        published["seconds"] = time.perf_counter() - started
+        weights = {section_of(k)[0]: float(stats.steps) for k in params if section_of(k)[1] == "mean"}
+        update, meta = weighted_update(params, weights=weights)
+        meta[PUBLISHED_META] = published
+        meta[STEPS_META] = stats.steps
+        self._track(current, published)
+        return FLModel(
+            params={k: torch.from_numpy(v) for k, v in update.items()},
+            params_type=ParamsType.FULL,
+            metrics={KEY_METRIC: self.key_metric(val)},
+            current_round=current,
+            meta=meta,
+        )
+
+    def key_metric(self, val: Mapping[str, Mapping[str, float]]) -> float:
+        values = [val[t.name].get(primary_metric(t.kind), math.nan) for t in self.tasks if t.name in val]
+        finite = [v for v in values if math.isfinite(v)]
+        return float(sum(finite) / len(finite)) if finite else 0.0
+
+    def _track(self, current: int, published: Mapping[str, Any]) -> None:
+        if self.tracker is None:
+            return
+        flat = {"train_loss": published["train_loss"], "seconds": published["seconds"]}
+        if published.get("epsilon") is not None:
+            flat["epsilon"] = published["epsilon"]
+        for task, metrics in published["val"].items():
+            flat.update({f"val/{task}/{name}": value for name, value in metrics.items()})
+        for key, value in flat.items():
+            if value is not None and math.isfinite(float(value)):
+                self.tracker.log_metric(key, float(value), step=current)
+
+    def finish(self) -> dict[str, Any]:
+        """The last round's extras: test figures (touched once, here), statistics and attribution vectors."""
+        trainer = self.trainer
+        test = trainer.evaluate("test")
+        part = self.data.subset("test")
+        predictions = self.model.predict(part.X)
+        for task in self.tasks:
+            interval = metric_interval(task.kind, part.targets[task.name], predictions[task.name],
+                                       seed=self.config.training.seed)
+            test[task.name]["ci"] = [interval.low, interval.high]
+            test[task.name]["n"] = interval.n
+        self.outputs.save_model(self.model, info=self.model_info())
+        self.outputs.save_predictions(predictions, targets=part.targets)
+        params: dict[str, np.ndarray] = {}
+        train = self.data.subset("train")
+        features = list(self.data.feature_names)
+        for task in self.tasks:
+            labels = self.data.targets[task.name]
+            for key, value in site_statistics(
+                self.log_expression, labels, kind=task.kind, measured=self.measured,
+                min_cell=self.config.data.min_cell_count,
+            ).items():
+                params[f"stats.{task.name}.{key}"] = value
+            table = rank_features(
+                self.model, train.X, task.name, feature_names=features,
+                labels=train.targets[task.name] if task.kind == "binary" else None,
+                n_boot=ATTRIBUTION_BOOTSTRAPS, seed=self.config.training.seed,
+            )
+            frequency = table.set_index("feature")["frequency"].reindex(features).fillna(0.0).to_numpy()
+            params[f"consensus.{task.name}.score"] = normalized_scores(table, features)
+            params[f"consensus.{task.name}.frequency"] = frequency
+            params[f"consensus.{task.name}.members"] = np.ones(len(features))
+        samples = {split: int((self.data.split == split).sum()) for split in ("train", "val", "test")}
+        return {"params": params, "test": test, "samples": samples}
+
+    def model_info(self) -> dict[str, Any]:
+        return {
+            "member": self.member,
+            "n_features": self.data.n_features,
+            "feature_names": list(self.data.feature_names),
+            "tasks": [{"name": t.name, "kind": t.kind, "weight": t.weight, "shared": t.shared} for t in self.tasks],
+            "network": settings.network(self.config),
+        }
+
+
+def outgoing_state(model: MultitaskNet) -> dict[str, np.ndarray]:
+    """What the model contributes to an update: its shared state, checked against the private heads.
+
+    ``shared_state`` is built from the trunk and the shared heads only; this check is the second
+    safeguard, and fires if a private head's key (or any other key) ever slips into it.
+    """
+    state = model.shared_state()
+    private = tuple(f"heads.{t.name}." for t in model.tasks if not t.shared)
+    leaked = sorted(k for k in state if k.startswith(private) or not k.startswith(("trunk.", "heads.")))
+    if leaked:
+        raise PrivateStateLeak(f"refusing to send {leaked}; private heads and other state never leave a site")
+    return {k: v.detach().cpu().numpy().astype(np.float64) for k, v in state.items()}
+
+
+def serve(site: MemberSite, api: FlareAPI) -> int:
+    """Answer every round the server sends until the job ends; returns the number of rounds done."""
+    rounds = 0
+    while api.is_running():
+        received = api.receive()
+        if received is None:
+            break
+        api.send(site.train_round(received))
+        rounds += 1
+    return rounds
