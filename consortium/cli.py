@@ -7,7 +7,6 @@ their exit code; 0 means success, 1 a failed check, 2 a usage or input error.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -15,9 +14,8 @@ import sys
 import typer
 from rich.console import Console
 
+from consortium.commands import audit, data, provisioning, report, run, synth
 from schema.errors import UserError
-
-COMMAND_MODULES = ("data", "synth", "run", "provisioning", "audit")
 
 app = typer.Typer(
     name="consortium",
@@ -36,18 +34,8 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show libr
     )
 
 
-def _register_commands() -> None:
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"consortium.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"consortium.commands.{name}":
-                raise
-            continue
-        module.register(app)
-
-
-_register_commands()
+for _module in (data, synth, run, report, provisioning, audit):
+    _module.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,14 +62,17 @@ def baseline_predictions(
     config: ConsortiumConfig, data: Mapping[str, MemberData], *, passes: int, seed_offset: int = 0
 ) -> ArmPredictions:
     """Train the local, pooled and classical arms on the members' splits; their test predictions."""
-    train = TrainSettings(**{**settings.train_settings(config, epochs=passes), "seed": config.training.seed + seed_offset})
+    train = TrainSettings(
+        **{**settings.train_settings(config, epochs=passes), "seed": config.training.seed + seed_offset}
+    )
     network = settings.network(config)
     tasks = {m.name: member_data.task_specs(config, m.name) for m in config.members}
     arms = ArmPredictions()
     pooled = train_pooled(data, tasks, settings=train, network=network, select=False, max_epochs=passes)
     for member, member_tasks in tasks.items():
-        local = train_local(data[member], member_tasks, settings=train, network=network, select=False,
-                            max_epochs=passes)
+        local = train_local(
+            data[member], member_tasks, settings=train, network=network, select=False, max_epochs=passes
+        )
         arms.targets[member] = dict(local.test_targets)
         arms.add("local", member, local.predictions)
         arms.add("pooled", member, pooled.predictions[member])
@@ -81,7 +84,9 @@ def baseline_predictions(
 def _linear(data: MemberData, tasks: list[TaskSpec], *, seed: int) -> dict[str, np.ndarray]:
     train, val, test = (data.subset(s) for s in ("train", "val", "test"))
     return {
-        t.name: fit_classical(t.kind, train.X, train.targets[t.name], val.X, val.targets[t.name], seed=seed).predict(test.X)
+        t.name: fit_classical(t.kind, train.X, train.targets[t.name], val.X, val.targets[t.name], seed=seed).predict(
+            test.X
+        )
         for t in tasks
     }
 
@@ -105,9 +110,13 @@ def member_figures(arms: ArmPredictions, *, kinds: Mapping[str, str], seed: int)
     for member, targets in arms.targets.items():
         for task, y in targets.items():
             kind = kinds[task]
-            out.setdefault(member, {})[task] = _figures(kind, y, {a: arms.predictions[a][member][task]
-                                                                  for a in ARMS if member in arms.predictions.get(a, {})},
-                                                       strata=None, seed=seed)
+            out.setdefault(member, {})[task] = _figures(
+                kind,
+                y,
+                {a: arms.predictions[a][member][task] for a in ARMS if member in arms.predictions.get(a, {})},
+                strata=None,
+                seed=seed,
+            )
     return out
 
 
@@ -121,10 +130,15 @@ def endpoint_figures(
         strata = np.concatenate([np.full(len(arms.targets[m][task]), i) for i, m in enumerate(members)])
         predictions = {
             arm: np.concatenate([arms.predictions[arm][m][task] for m in members])
-            for arm in ARMS if all(m in arms.predictions.get(arm, {}) for m in members)
+            for arm in ARMS
+            if all(m in arms.predictions.get(arm, {}) for m in members)
         }
-        out[task] = {"type": kinds[task], "metric": primary_metric(kinds[task]), "members": list(members),
-                     **_figures(kinds[task], y, predictions, strata=strata, seed=seed)}
+        out[task] = {
+            "type": kinds[task],
+            "metric": primary_metric(kinds[task]),
+            "members": list(members),
+            **_figures(kinds[task], y, predictions, strata=strata, seed=seed),
+        }
     return out
 
 
@@ -138,8 +152,12 @@ def _figures(kind: str, y: np.ndarray, predictions: Mapping[str, np.ndarray], *,
     if "federated" in predictions:
         for arm in ("local", "pooled", "linear_pooled"):
             if arm in predictions:
-                diff = paired_difference_interval(kind, y, predictions["federated"], predictions[arm],
-                                                  strata=strata, seed=seed)
-                figures["difference"][f"federated-{arm}"] = {"estimate": diff.estimate, "ci": [diff.low, diff.high],
-                                                              "gain": bool(diff.low > 0)}
+                diff = paired_difference_interval(
+                    kind, y, predictions["federated"], predictions[arm], strata=strata, seed=seed
+                )
+                figures["difference"][f"federated-{arm}"] = {
+                    "estimate": diff.estimate,
+                    "ci": [diff.low, diff.high],
+                    "gain": bool(diff.low > 0),
+                }
     return figures

@@ -66,8 +66,7 @@ def run_sim(recipe, config: ConsortiumConfig, workspace: Path) -> JobOutcome:
         run = recipe.run(sim)
     except RuntimeError as exc:
         raise FederatedRunError(
-            f"simulated job failed; logs in {logs}/server/log.txt and {logs}/<member>/log.txt"
-            f"{first_errors(logs)}"
+            f"simulated job failed; logs in {logs}/server/log.txt and {logs}/<member>/log.txt{first_errors(logs)}"
         ) from exc
     return JobOutcome(job_id=run.get_job_id(), result_dir=logs, logs=logs, kits={})
 
@@ -99,7 +98,9 @@ def poc_system(
     try:
         _nvflare(
             ["poc", "start", "--timeout", str(int(start_timeout)), *_exclude_admins(config)],
-            env=env, what="POC start", timeout=start_timeout + 30,
+            env=env,
+            what="POC start",
+            timeout=start_timeout + 30,
         )
         yield prod
     finally:
@@ -127,11 +128,14 @@ def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float) -> 
     if result is None:
         with contextlib.suppress(Exception):
             run.abort()
-        raise FederatedRunError(f"POC job {job_id} did not finish within {timeout:.0f} s (status {status}); "
-                                f"logs under {prod}{first_errors(prod, job_id)}")
+        raise FederatedRunError(
+            f"POC job {job_id} did not finish within {timeout:.0f} s (status {status}); "
+            f"logs under {prod}{first_errors(prod, job_id)}"
+        )
     if status and "COMPLETED" not in status:
-        raise FederatedRunError(f"POC job {job_id} ended with status {status}; logs under {prod}"
-                                f"{first_errors(prod, job_id)}")
+        raise FederatedRunError(
+            f"POC job {job_id} ended with status {status}; logs under {prod}{first_errors(prod, job_id)}"
+        )
     kits = {name: prod / name for name in [config.operator.host, *(m.name for m in config.members)]}
     return JobOutcome(job_id=job_id, result_dir=Path(result), logs=prod, kits=kits)
 

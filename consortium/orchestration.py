@@ -32,8 +32,9 @@ from consortium.shared_model import ensure_experiment, log_shared_model, trackin
 from jobs import member_data
 from jobs.recipe import build_recipe
 from jobs.site_outputs import read_predictions, site_folder
+from omics.contract import label_counts
 from provisioning.he_keys import create_keys, load_context, public_fingerprint
-from schema.config import ConsortiumConfig, dump_config
+from schema.config import ConsortiumConfig, dump_config, load_config
 from schema.errors import UserError
 from schema.names import CLIENT_CONTEXT_FILE, SERVER_CONTEXT_FILE
 
@@ -103,18 +104,39 @@ def run_consortium(
     with _flare(config, env, out, keys=keys) as submit:
         for fold in fold_ids:
             label = f" (fold {fold + 1} of {folds})" if fold is not None else ""
-            say(f"federated job{label}: {len(config.members)} members x {total} rounds in {env} (HE {'on' if he else 'off'})")
-            recipe = build_recipe(config, he=he, config_path=config.source, outputs=_outputs(out, fold), rounds=total,
-                                  fold=fold, tracking_uri=tracking_uri)
+            mode = "on" if he else "off"
+            say(f"federated job{label}: {len(config.members)} members x {total} rounds in {env} (HE {mode})")
+            recipe = build_recipe(
+                config,
+                he=he,
+                config_path=config.source,
+                outputs=_outputs(out, fold),
+                rounds=total,
+                fold=fold,
+                tracking_uri=tracking_uri,
+            )
             with _watch(out / "flare", total, progress):
                 outcome = submit(recipe, timeout)
-            audit.append(EVENT_JOB_SUBMITTED, job_id=outcome.job_id, consortium=config.name, env=env, rounds=total,
-                         he=he, dp=config.privacy.dp.enabled, fold=fold, members=[m.name for m in config.members])
+            audit.append(
+                EVENT_JOB_SUBMITTED,
+                job_id=outcome.job_id,
+                consortium=config.name,
+                env=env,
+                rounds=total,
+                he=he,
+                dp=config.privacy.dp.enabled,
+                fold=fold,
+                members=[m.name for m in config.members],
+            )
             results = read_job(outcome.result_dir, config=config)
             _check_finished(results, total, outcome)
             for round_ in range(total):
-                audit.append(EVENT_ROUND_COMPLETED, job_id=outcome.job_id, round=round_,
-                             sites=sorted(s for s, r in results.records.items() if len(r) > round_))
+                audit.append(
+                    EVENT_ROUND_COMPLETED,
+                    job_id=outcome.job_id,
+                    round=round_,
+                    sites=sorted(s for s, r in results.records.items() if len(r) > round_),
+                )
             opened = release(results, config, client_context=keys / CLIENT_CONTEXT_FILE if keys else None)
             outcomes.append((outcome, results, opened))
     seconds = time.perf_counter() - started
@@ -122,14 +144,17 @@ def run_consortium(
     if baselines or folds:
         say("comparison: each member alone, all members pooled, penalized linear models; intervals")
         arms = _arms(config, out, fold_ids, baselines=baselines, passes=total * config.training.local_epochs)
-    report = build_report(config, outcomes, env=env, he=he, seconds=seconds, arms=arms, tracking_uri=tracking_uri,
-                          folds=folds)
-    report["tracking"]["model_run_id"] = log_shared_model(config, outcomes[-1][2], report=report,
-                                                          tracking_uri=tracking_uri)
+    report = build_report(
+        config, outcomes, env=env, he=he, seconds=seconds, arms=arms, tracking_uri=tracking_uri, folds=folds
+    )
+    report["tracking"]["model_run_id"] = log_shared_model(
+        config, outcomes[-1][2], report=report, tracking_uri=tracking_uri
+    )
     report_path, md_path = write_report(report, out)
     audit.append(EVENT_MODEL_RELEASED, job_id=outcomes[-1][0].job_id, model_run_id=report["tracking"]["model_run_id"])
-    return RunResult(report=report, report_path=report_path, markdown_path=md_path,
-                     job_ids=[o.job_id for o, _, _ in outcomes])
+    return RunResult(
+        report=report, report_path=report_path, markdown_path=md_path, job_ids=[o.job_id for o, _, _ in outcomes]
+    )
 
 
 def check_folds(config: ConsortiumConfig) -> None:
@@ -137,8 +162,6 @@ def check_folds(config: ConsortiumConfig) -> None:
     k = config.data.folds
     if not k:
         return
-    from omics.contract import label_counts  # counts only; no training data is loaded twice
-
     for member in config.members:
         for task, smallest in label_counts(member.data, member.tasks).items():
             if smallest < k:
@@ -152,8 +175,6 @@ def _run_config(config: ConsortiumConfig, *, out: Path, folds: int | None) -> Co
     """The config the sites read: consortium.yaml as given, or a copy with the run's fold count."""
     if not folds or folds == config.data.folds:
         return config
-    from schema.config import load_config
-
     data = config.data.model_copy(update={"folds": folds})
     path = out / "consortium.run.yaml"
     dump_config(config.model_copy(update={"data": data}), path)
@@ -238,3 +259,42 @@ def _watch(folder: Path, total: int, progress: Progress | None) -> Iterator[None
     finally:
         done.set()
         watcher.join()
+
+
+def report_from_job(
+    config: ConsortiumConfig,
+    *,
+    job_folder: Path,
+    job_id: str,
+    out: Path,
+    client_context: Path | None,
+    env: str = "kits",
+) -> RunResult:
+    """``report.json`` / ``report.md`` of a job run anywhere, from the folder its server kept.
+
+    ``job_folder`` is what ``nvflare job download`` (or the admin API) fetched; under HE,
+    ``client_context`` is a member's secret context to open the aggregate with.
+    """
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results = read_job(job_folder, config=config)
+    opened = release(results, config, client_context=client_context)
+    outcome = JobOutcome(job_id=job_id, result_dir=Path(job_folder), logs=Path(job_folder), kits={})
+    tracking_uri = tracking_uri_for(config, out=out)
+    ensure_experiment(config, tracking_uri=tracking_uri)
+    report = build_report(
+        config,
+        [(outcome, results, opened)],
+        env=env,
+        he=client_context is not None,
+        seconds=0.0,
+        arms=None,
+        tracking_uri=tracking_uri,
+        folds=None,
+    )
+    report["tracking"]["model_run_id"] = log_shared_model(config, opened, report=report, tracking_uri=tracking_uri)
+    report_path, md_path = write_report(report, out)
+    AuditLog(out / "audit.jsonl").append(
+        EVENT_MODEL_RELEASED, job_id=job_id, model_run_id=report["tracking"]["model_run_id"]
+    )
+    return RunResult(report=report, report_path=report_path, markdown_path=md_path, job_ids=[job_id])

@@ -50,8 +50,15 @@ DEFINITIONS = {
 
 
 def build_report(
-    config: ConsortiumConfig, outcomes: Sequence[tuple], *, env: str, he: bool, seconds: float,
-    arms: comparison.ArmPredictions | None, tracking_uri: str, folds: int | None,
+    config: ConsortiumConfig,
+    outcomes: Sequence[tuple],
+    *,
+    env: str,
+    he: bool,
+    seconds: float,
+    arms: comparison.ArmPredictions | None,
+    tracking_uri: str,
+    folds: int | None,
 ) -> dict[str, Any]:
     """The report of a run: one or (with folds) several jobs, their releases and the comparison."""
     last_outcome, last_results, released = outcomes[-1]
@@ -60,7 +67,7 @@ def build_report(
     truth = _ground_truth(config)
     members = _members(config, last_results.records)
     biomarkers = _biomarkers(config, released, truth=truth)
-    for name, info in members.items():
+    for info in members.values():
         for task, entry in info["tasks"].items():
             if truth and task in truth and task in released.rankings:
                 entry["precision_at_k"] = {"federated": precision_at_k(released.rankings[task], truth[task])}
@@ -72,9 +79,15 @@ def build_report(
         "folds": folds,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "members": members,
-        "endpoints": {name: {"type": info["type"], "metric": primary_metric(info["type"]),
-                             "members": info["members"], "shared": len(info["members"]) > 1}
-                      for name, info in endpoints.items()},
+        "endpoints": {
+            name: {
+                "type": info["type"],
+                "metric": primary_metric(info["type"]),
+                "members": info["members"],
+                "shared": len(info["members"]) > 1,
+            }
+            for name, info in endpoints.items()
+        },
         "definitions": DEFINITIONS,
         "biomarkers": biomarkers,
         "rounds": _rounds(last_results.records),
@@ -96,25 +109,36 @@ def _members(config: ConsortiumConfig, records: Mapping[str, list[dict]]) -> dic
             metric = primary_metric(task.type)
             figures = (final.get("test") or {}).get(task.name, {})
             tasks[task.name] = {
-                "type": task.type, "metric": metric, "federated": figures.get(metric),
-                "ci": {"federated": figures.get("ci")}, "n_test": figures.get("n"),
+                "type": task.type,
+                "metric": metric,
+                "federated": figures.get(metric),
+                "ci": {"federated": figures.get("ci")},
+                "n_test": figures.get("n"),
             }
         members[member.name] = {"samples": final.get("samples"), "tasks": tasks}
     return members
 
 
 def _biomarkers(config: ConsortiumConfig, released, *, truth: dict | None) -> dict[str, Any]:
-    statistics = {name: _records(table, ["feature", "statistic", "effect", "pvalue", "qvalue", "members"])
-                  for name, table in released.statistics.items()}
-    model = {name: _records(table, [c for c in ("feature", "score", "direction", "frequency", "rank") if c in table])
-             for name, table in released.rankings.items()}
+    statistics = {
+        name: _records(table, ["feature", "statistic", "effect", "pvalue", "qvalue", "members"])
+        for name, table in released.statistics.items()
+    }
+    model = {
+        name: _records(table, [c for c in ("feature", "score", "direction", "frequency", "rank") if c in table])
+        for name, table in released.rankings.items()
+    }
     both = {}
     for name in set(released.statistics) & set(released.rankings):
         top_stats = set(released.statistics[name]["feature"].head(TOP_K_OVERLAP))
         top_model = set(released.rankings[name].sort_values("rank")["feature"].head(TOP_K_OVERLAP))
         both[name] = sorted(top_stats & top_model)
-    out: dict[str, Any] = {"statistics": statistics, "model": model, f"both_top{TOP_K_OVERLAP}": both,
-                           "consensus": _consensus(released.rankings)}
+    out: dict[str, Any] = {
+        "statistics": statistics,
+        "model": model,
+        f"both_top{TOP_K_OVERLAP}": both,
+        "consensus": _consensus(released.rankings),
+    }
     if truth:
         out["ground_truth"] = truth
         planted = {f for features in truth.values() for f in features}
@@ -133,7 +157,9 @@ def _consensus(rankings: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]:
         total = scores.sum()
         columns.append(scores / total if total > 0 else scores * 0.0)
     combined = pd.concat(columns, axis=1).fillna(0.0).mean(axis=1).sort_values(ascending=False, kind="mergesort")
-    return [{"feature": str(f), "score": float(s), "rank": i + 1} for i, (f, s) in enumerate(combined.head(TOP_N).items())]
+    return [
+        {"feature": str(f), "score": float(s), "rank": i + 1} for i, (f, s) in enumerate(combined.head(TOP_N).items())
+    ]
 
 
 def _records(table: pd.DataFrame, columns: list[str], *, top: int = TOP_N) -> list[dict[str, Any]]:
@@ -145,11 +171,14 @@ def _rounds(records: Mapping[str, list[dict]]) -> list[dict[str, Any]]:
     rounds: dict[int, dict[str, Any]] = {}
     for site, site_records in records.items():
         for record in site_records:
-            entry = rounds.setdefault(int(record["round"]), {"round": int(record["round"]), "seconds": 0.0,
-                                                              "bytes_received": 0, "sites": {}})
+            entry = rounds.setdefault(
+                int(record["round"]), {"round": int(record["round"]), "seconds": 0.0, "bytes_received": 0, "sites": {}}
+            )
             entry["seconds"] = max(entry["seconds"], float(record.get("seconds") or 0.0))
             entry["bytes_received"] += int(record.get("bytes_received") or 0)
-            entry["sites"][site] = {k: record.get(k) for k in ("train_loss", "val", "steps", "bytes_received", "epsilon")}
+            entry["sites"][site] = {
+                k: record.get(k) for k in ("train_loss", "val", "steps", "bytes_received", "epsilon")
+            }
     return [rounds[k] for k in sorted(rounds)]
 
 
@@ -159,7 +188,9 @@ def _privacy(config: ConsortiumConfig, he: bool, records: Mapping[str, list[dict
     return {
         "he": he,
         "he_scheme": f"CKKS N={config.privacy.he.poly_modulus_degree}, coeff_mod_bit_sizes="
-                     f"{config.privacy.he.coeff_mod_bit_sizes}" if he else None,
+        f"{config.privacy.he.coeff_mod_bit_sizes}"
+        if he
+        else None,
         "dp": dp.enabled,
         "epsilon_spent": epsilon or None,
         "epsilon_target": dp.epsilon if dp.enabled else None,
@@ -181,8 +212,10 @@ def _dp_guarantee(config: ConsortiumConfig) -> str | None:
     survival = sorted({t.name for t in config.tasks if t.type == "survival"})
     text = "DP-SGD (Opacus) over all planned rounds: (epsilon, delta) for the model updates"
     if survival:
-        text += (f". Not a formal guarantee for survival endpoints {survival}: the Cox partial likelihood couples "
-                 "the samples of a batch. The association statistics are exact sums, not DP-protected")
+        text += (
+            f". Not a formal guarantee for survival endpoints {survival}: the Cox partial likelihood couples "
+            "the samples of a batch. The association statistics are exact sums, not DP-protected"
+        )
     return text
 
 

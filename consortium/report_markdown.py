@@ -30,7 +30,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Test metric per member and endpoint (95% bootstrap intervals)",
         "",
-        "| member | endpoint | metric | federated | local only | pooled | linear pooled | federated - local | federated - pooled |",
+        "| member | endpoint | metric | federated | local only | pooled | linear pooled | federated - local "
+        "| federated - pooled |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for member, info in report["members"].items():
@@ -44,28 +45,38 @@ def render_markdown(report: dict[str, Any]) -> str:
             )
     endpoint_rows = [(n, e) for n, e in report["endpoints"].items() if e.get("federated") is not None]
     if endpoint_rows:
-        lines += ["", "## Endpoints over all holding members' test samples", "",
-                  "| endpoint | members | metric | federated | local | pooled | linear pooled | federated - pooled |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Endpoints over all holding members' test samples",
+            "",
+            "| endpoint | members | metric | federated | local | pooled | linear pooled | federated - pooled |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name, e in endpoint_rows:
             ci = e.get("ci") or {}
             lines.append(
-                f"| {name} | {', '.join(e['members'])} | {e['metric']} | {_with_ci(e.get('federated'), ci.get('federated'))} | "
+                f"| {name} | {', '.join(e['members'])} | {e['metric']} | "
+                f"{_with_ci(e.get('federated'), ci.get('federated'))} | "
                 f"{_with_ci(e.get('local'), ci.get('local'))} | {_with_ci(e.get('pooled'), ci.get('pooled'))} | "
                 f"{_with_ci(e.get('linear_pooled'), ci.get('linear_pooled'))} | "
                 f"{_diff((e.get('difference') or {}).get('federated-pooled'))} |"
             )
     gains = (report.get("summary") or {}).get("paired_gains")
     if gains:
-        lines += ["", f"Paired gains (interval above 0): federated over local in {gains['federated-local']} of "
-                      f"{gains['tasks']} member endpoints, over pooled in {gains['federated-pooled']}."]
+        lines += [
+            "",
+            f"Paired gains (interval above 0): federated over local in {gains['federated-local']} of "
+            f"{gains['tasks']} member endpoints, over pooled in {gains['federated-pooled']}.",
+        ]
     lines += ["", "## Biomarkers per endpoint", ""]
     bio = report["biomarkers"]
     for name in report["endpoints"]:
         stats = [r["feature"] for r in bio["statistics"].get(name, [])[:10]]
         model = [r["feature"] for r in bio["model"].get(name, [])[:10]]
-        lines += [f"- **{name}** statistics (top 10 by p): {', '.join(stats) or 'n/a'}",
-                  f"  model (top 10): {', '.join(model) or 'n/a'}"]
+        lines += [
+            f"- **{name}** statistics (top 10 by p): {', '.join(stats) or 'n/a'}",
+            f"  model (top 10): {', '.join(model) or 'n/a'}",
+        ]
     lines += [""] + [f"- *{name}*: {text}" for name, text in report.get("definitions", {}).items()]
     lines += ["", f"MLflow: `{report['tracking']['uri']}`, experiment `{report['tracking']['experiment']}`", ""]
     return "\n".join(lines)

@@ -90,9 +90,7 @@ def read_job(folder: Path, *, config: ConsortiumConfig) -> JobResults:
     return JobResults(folder=folder, records=records, global_model=models[-1] if models else None)
 
 
-def release(
-    results: JobResults, config: ConsortiumConfig, *, client_context: bytes | Path | None = None
-) -> Released:
+def release(results: JobResults, config: ConsortiumConfig, *, client_context: bytes | Path | None = None) -> Released:
     """Open the last aggregate; under HE ``client_context`` (a member's secret context) is required."""
     if results.global_model is None:
         raise ResultsError(f"{results.folder}: no {GLOBAL_MODEL_FILE}; did the job finish its last round?")
@@ -118,6 +116,8 @@ def release(
     rankings = {}
     for name, values in select(plain, "consensus").items():
         members = np.maximum(np.round(values["members"]), 1.0)
-        rankings[name] = ranking_from_vector(features, values["score"] / members, frequency=values["frequency"] / members)
+        rankings[name] = ranking_from_vector(
+            features, values["score"] / members, frequency=values["frequency"] / members
+        )
     state = {k: v for k, v in plain.items() if k.startswith(("trunk.", "heads."))}
     return Released(state=state, statistics=statistics, rankings=rankings)

@@ -26,7 +26,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=None, help="override training.rounds")
     parser.add_argument("--export-to", type=Path, default=None, help="export the job into this folder")
     parser.add_argument("--no-he", action="store_true", help="export without encrypted aggregation")
-    parser.add_argument("--workspace", type=Path, default=None, help="simulator folder (default: runs/ beside the config)")
+    parser.add_argument(
+        "--workspace", type=Path, default=None, help="simulator folder (default: runs/ beside the config)"
+    )
     args = parser.parse_args(argv)
     config = load_config(args.config)
     if args.export_to is not None:

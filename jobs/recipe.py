@@ -70,8 +70,10 @@ def client_args(*, config_path: Path | None, outputs: Path | None, fold: int | N
         text = str(Path(path).resolve())
         if any(c.isspace() for c in text):
             # FLARE splits train_args on whitespace without honouring quotes
-            raise ValueError(f"{flag} path '{text}' holds whitespace, which FLARE's train_args cannot carry; "
-                             "move the folder to a path without spaces")
+            raise ValueError(
+                f"{flag} path '{text}' holds whitespace, which FLARE's train_args cannot carry; "
+                "move the folder to a path without spaces"
+            )
         args += [flag, text]
     return " ".join(args)
 
@@ -80,8 +82,15 @@ class ConsortiumRecipe(Recipe):
     """ScatterAndGather over summed sections; ``he`` adds the members' CKKS filters and the HE scope."""
 
     def __init__(
-        self, *, name: str, model: Any, min_clients: int, num_rounds: int, train_script: str,
-        train_args: str = "", he: bool = False,
+        self,
+        *,
+        name: str,
+        model: Any,
+        min_clients: int,
+        num_rounds: int,
+        train_script: str,
+        train_args: str = "",
+        he: bool = False,
     ) -> None:
         if num_rounds < 1:
             raise ValueError(f"num_rounds={num_rounds}; a federated run needs at least one round")

@@ -14,9 +14,11 @@ key prefix                section      aggregated as
 The site multiplies a mean section by its weight before sending and puts the weight in the meta, so
 the server only ever **adds**: arrays in plaintext, ciphertexts under HE. Whoever holds the sum
 (a member after decryption, or anyone in a plaintext run) calls :func:`finalize` to divide the mean
-sections by their summed weights. Sum sections are scaled down by :data:`SUM_SCALE` on the way (sums of
-squares over thousands of samples would otherwise outgrow the CKKS headroom) and back up in
-:func:`finalize`; in plaintext the round trip is exact to float64 rounding.
+sections by their summed weights. Sum sections are divided by their kind's :data:`SUM_SCALES` on the
+way and multiplied back in :func:`finalize`: statistics shrink (sums of squares over thousands of
+samples would otherwise outgrow the CKKS headroom), attribution vectors grow (``sum |score| = 1`` over
+the panel, so an entry is about ``1 / p``, which CKKS noise of ~1e-8 would drown). In plaintext the
+round trip is exact to float64 rounding.
 
 Pure NumPy: the HE filters, the server's aggregator, the site and the release step all call it.
 """
@@ -31,8 +33,14 @@ import numpy as np
 SECTIONS_META = "consortium_sections"
 PUBLISHED_META = "consortium_published"
 MEAN, SUM = "mean", "sum"
-SUM_SCALE = 1e4
-_PREFIXES = {"trunk.": ("trunk", MEAN), "heads.": ("head", MEAN), "stats.": ("stats", SUM), "consensus.": ("consensus", SUM)}
+SUM_SCALES = {"stats": 1e4, "consensus": 1e-3}
+"""Divisor of each kind of sum section on the way to the server (undone by :func:`finalize`)."""
+_PREFIXES = {
+    "trunk.": ("trunk", MEAN),
+    "heads.": ("head", MEAN),
+    "stats.": ("stats", SUM),
+    "consensus.": ("consensus", SUM),
+}
 
 
 @dataclass(frozen=True)
@@ -46,8 +54,12 @@ class Section:
     contributors: int = 1
 
     def to_meta(self) -> dict:
-        return {"keys": list(self.keys), "weight": float(self.weight), "reduce": self.reduce,
-                "contributors": int(self.contributors)}
+        return {
+            "keys": list(self.keys),
+            "weight": float(self.weight),
+            "reduce": self.reduce,
+            "contributors": int(self.contributors),
+        }
 
     @classmethod
     def from_meta(cls, name: str, meta: Mapping) -> Section:
@@ -66,7 +78,7 @@ def section_of(key: str) -> tuple[str, str]:
         if key.startswith(prefix):
             if kind == "trunk":
                 return "trunk", reduce
-            endpoint = key[len(prefix):].split(".", 1)[0]
+            endpoint = key[len(prefix) :].split(".", 1)[0]
             return f"{kind}:{endpoint}", reduce
     raise ValueError(f"key '{key}' belongs to no section; only {sorted(_PREFIXES)} keys may leave a site")
 
@@ -86,7 +98,7 @@ def weighted_update(params: Mapping[str, np.ndarray], *, weights: Mapping[str, f
     -------
     tuple
         ``(params, meta)``: mean sections multiplied by their weight, sum sections divided by
-        :data:`SUM_SCALE`, all float64; ``meta`` is ``{SECTIONS_META: {name: section meta}}``.
+        their kind's :data:`SUM_SCALES`, all float64; ``meta`` is ``{SECTIONS_META: {name: section meta}}``.
     """
     grouped: dict[str, list[str]] = {}
     reductions: dict[str, str] = {}
@@ -103,7 +115,7 @@ def weighted_update(params: Mapping[str, np.ndarray], *, weights: Mapping[str, f
             weight = float(weights[name])
             factor = weight
         else:
-            weight, factor = 1.0, 1.0 / SUM_SCALE
+            weight, factor = 1.0, 1.0 / _sum_scale(name)
         if not np.isfinite(weight) or weight <= 0:
             raise ValueError(f"section '{name}': weight {weight}; it must be a positive number of local steps")
         for key in keys:
@@ -134,8 +146,9 @@ def add_sections(total: dict[str, Section] | None, update: Mapping[str, Section]
                 f"section '{name}' arrives with other keys or reduction than before; every holder of an "
                 "endpoint must send the same shapes (same panel, same network widths)"
             )
-        total[name] = Section(name, known.keys, known.weight + section.weight, known.reduce,
-                              known.contributors + section.contributors)
+        total[name] = Section(
+            name, known.keys, known.weight + section.weight, known.reduce, known.contributors + section.contributors
+        )
     return total
 
 
@@ -149,12 +162,20 @@ def finalize(params: Mapping[str, np.ndarray], meta: Mapping | None) -> dict[str
         return {k: np.asarray(v) for k, v in params.items()}
     out: dict[str, np.ndarray] = {}
     for section in sections.values():
-        factor = 1.0 / section.weight if section.reduce == MEAN else SUM_SCALE
+        factor = 1.0 / section.weight if section.reduce == MEAN else _sum_scale(section.name)
         for key in section.keys:
             if key not in params:
                 raise ValueError(f"section '{section.name}' names '{key}', which the aggregate does not hold")
             out[key] = np.asarray(params[key], dtype=np.float64) * factor
     return out
+
+
+def _sum_scale(name: str) -> float:
+    """The :data:`SUM_SCALES` entry of a sum section (``stats:<e>`` or ``consensus:<e>``)."""
+    kind = name.split(":", 1)[0]
+    if kind not in SUM_SCALES:
+        raise ValueError(f"sum section '{name}': unknown kind '{kind}'; sum sections are {sorted(SUM_SCALES)}")
+    return SUM_SCALES[kind]
 
 
 def select(params: Mapping[str, np.ndarray], kind: str) -> dict[str, dict[str, np.ndarray]]:
@@ -163,6 +184,6 @@ def select(params: Mapping[str, np.ndarray], kind: str) -> dict[str, dict[str, n
     found: dict[str, dict[str, np.ndarray]] = {}
     for key, value in params.items():
         if key.startswith(prefix):
-            endpoint, name = key[len(prefix):].split(".", 1)
+            endpoint, name = key[len(prefix) :].split(".", 1)
             found.setdefault(endpoint, {})[name] = np.asarray(value)
     return found

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 STEPS_META = "NUM_STEPS_CURRENT_ROUND"
 ATTRIBUTION_BOOTSTRAPS = 50
+_SCALING_BUFFERS = (".target_mean", ".target_scale")  # a member's label statistics, also on a shared head
 
 
 class MetricLogger(Protocol):
@@ -79,7 +80,12 @@ class MemberSite:
     """
 
     def __init__(
-        self, config: ConsortiumConfig, member: str, *, outputs: SiteOutputs, tracker: MetricLogger | None = None,
+        self,
+        config: ConsortiumConfig,
+        member: str,
+        *,
+        outputs: SiteOutputs,
+        tracker: MetricLogger | None = None,
         fold: int | None = None,
     ) -> None:
         self.config = config
@@ -93,8 +99,13 @@ class MemberSite:
             self.data.n_features, self.tasks, **settings.network(config), seed=config.training.seed
         )
         self.trainer: LocalTrainer | None = None  # built on the first round, once the round count is known
-        log.info("site %s: %d samples x %d features, endpoints %s", self.member, len(self.data.X),
-                 self.data.n_features, [(t.name, "shared" if t.shared else "private") for t in self.tasks])
+        log.info(
+            "site %s: %d samples x %d features, endpoints %s",
+            self.member,
+            len(self.data.X),
+            self.data.n_features,
+            [(t.name, "shared" if t.shared else "private") for t in self.tasks],
+        )
 
     def _trainer(self, total_rounds: int) -> LocalTrainer:
         if self.trainer is None:
@@ -172,8 +183,9 @@ class MemberSite:
         part = self.data.subset("test")
         predictions = self.model.predict(part.X)
         for task in self.tasks:
-            interval = metric_interval(task.kind, part.targets[task.name], predictions[task.name],
-                                       seed=self.config.training.seed)
+            interval = metric_interval(
+                task.kind, part.targets[task.name], predictions[task.name], seed=self.config.training.seed
+            )
             test[task.name]["ci"] = [interval.low, interval.high]
             test[task.name]["n"] = interval.n
         self.outputs.save_model(self.model, info=self.model_info())
@@ -184,14 +196,21 @@ class MemberSite:
         for task in self.tasks:
             labels = self.data.targets[task.name]
             for key, value in site_statistics(
-                self.log_expression, labels, kind=task.kind, measured=self.measured,
+                self.log_expression,
+                labels,
+                kind=task.kind,
+                measured=self.measured,
                 min_cell=self.config.data.min_cell_count,
             ).items():
                 params[f"stats.{task.name}.{key}"] = value
             table = rank_features(
-                self.model, train.X, task.name, feature_names=features,
+                self.model,
+                train.X,
+                task.name,
+                feature_names=features,
                 labels=train.targets[task.name] if task.kind == "binary" else None,
-                n_boot=ATTRIBUTION_BOOTSTRAPS, seed=self.config.training.seed,
+                n_boot=ATTRIBUTION_BOOTSTRAPS,
+                seed=self.config.training.seed,
             )
             frequency = table.set_index("feature")["frequency"].reindex(features).fillna(0.0).to_numpy()
             params[f"consensus.{task.name}.score"] = normalized_scores(table, features)
@@ -214,11 +233,12 @@ def outgoing_state(model: MultitaskNet) -> dict[str, np.ndarray]:
     """What the model contributes to an update: its shared state, checked against the private heads.
 
     ``shared_state`` is built from the trunk and the shared heads only; this check is the second
-    safeguard, and fires if a private head's key (or any other key) ever slips into it.
+    safeguard, and fires if a private head's key, a head's target-scaling buffer or any other key
+    ever slips into it.
     """
     state = model.shared_state()
-    private = tuple(f"heads.{t.name}." for t in model.tasks if not t.shared)
-    leaked = sorted(k for k in state if k.startswith(private) or not k.startswith(("trunk.", "heads.")))
+    allowed = ("trunk.", *(f"heads.{t.name}." for t in model.tasks if t.shared))
+    leaked = sorted(k for k in state if not k.startswith(allowed) or k.endswith(_SCALING_BUFFERS))
     if leaked:
         raise PrivateStateLeak(f"refusing to send {leaked}; private heads and other state never leave a site")
     return {k: v.detach().cpu().numpy().astype(np.float64) for k, v in state.items()}

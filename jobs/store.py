@@ -35,7 +35,10 @@ class StoredAggregate:
 
 
 def write_aggregate(
-    path: str | Path, *, meta: Mapping, params: Mapping[str, np.ndarray] | None = None,
+    path: str | Path,
+    *,
+    meta: Mapping,
+    params: Mapping[str, np.ndarray] | None = None,
     encrypted: EncryptedUpdate | None = None,
 ) -> int:
     """Write one aggregate atomically (temporary file + rename); returns the payload bytes."""
@@ -43,8 +46,10 @@ def write_aggregate(
         raise ValueError("give either plaintext params or an encrypted update")
     blobs: list[bytes] = []
     if encrypted is not None:
-        entries = {name: {"layout": s.layout.to_meta(), "chunk_bytes": [len(c) for c in s.chunks]}
-                   for name, s in encrypted.sections.items()}
+        entries = {
+            name: {"layout": s.layout.to_meta(), "chunk_bytes": [len(c) for c in s.chunks]}
+            for name, s in encrypted.sections.items()
+        }
         blobs = [c for s in encrypted.sections.values() for c in s.chunks]
         header = {"encrypted": True, "meta": {SECTIONS_META: encrypted.meta.get(SECTIONS_META, {})}, "entries": entries}
     else:
@@ -71,9 +76,16 @@ def read_aggregate(path: str | Path) -> StoredAggregate:
     if not data.startswith(_MAGIC):
         raise ValueError(f"{path}: not a consortium aggregate; pick the job's {Path(path).name} from the server")
     offset = len(_MAGIC)
-    (size,) = struct.unpack(">I", data[offset : offset + 4])
-    header = json.loads(data[offset + 4 : offset + 4 + size])
+    damaged = f"{path}: the file is truncated or corrupt; copy {Path(path).name} from the server again"
+    try:
+        (size,) = struct.unpack(">I", data[offset : offset + 4])
+        header = json.loads(data[offset + 4 : offset + 4 + size])
+    except (struct.error, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{damaged} (header unreadable: {exc})") from None
     offset += 4 + size
+    announced = _payload_size(header)
+    if len(data) - offset != announced:
+        raise ValueError(f"{damaged} (header announces {announced} payload bytes, the file holds {len(data) - offset})")
     meta = header["meta"]
     if header["encrypted"]:
         sections = {}
@@ -91,6 +103,11 @@ def read_aggregate(path: str | Path) -> StoredAggregate:
             params[key] = np.frombuffer(data, dtype=np.float64, count=count, offset=offset).reshape(shape).copy()
             offset += 8 * count
         stored = StoredAggregate(meta=meta, params=params)
-    if offset != len(data):
-        raise ValueError(f"{path}: {len(data) - offset} trailing bytes; the file is truncated or corrupt")
     return stored
+
+
+def _payload_size(header: Mapping) -> int:
+    """Bytes of payload that a header announces: ciphertext chunks, or float64 arrays."""
+    if header["encrypted"]:
+        return sum(int(n) for entry in header["entries"].values() for n in entry["chunk_bytes"])
+    return sum(8 * int(np.prod(shape, dtype=np.int64)) for shape in header["entries"].values())

@@ -119,11 +119,15 @@ class DataContract(_Strict):
     test_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)
     split_seed: int = 0
     folds: int | None = Field(
-        default=None, ge=2, le=20,
+        default=None,
+        ge=2,
+        le=20,
         description="Cross-validation folds: every sample is a test sample once ('consortium run --folds K').",
     )
     min_cell_count: int = Field(
-        default=5, ge=2, description="Association statistics: a member with fewer samples per class (or events) "
+        default=5,
+        ge=2,
+        description="Association statistics: a member with fewer samples per class (or events) "
         "than this sends nothing for that endpoint (small-cell protection).",
     )
 

@@ -80,7 +80,13 @@ def _progress_bar(total: int, *, stream: TextIO) -> tuple[Progress, Any]:
 
 
 def execute(
-    config_path: Path, *, env: str, out: Path, rounds: int | None, baselines: bool, he: bool | None,
+    config_path: Path,
+    *,
+    env: str,
+    out: Path,
+    rounds: int | None,
+    baselines: bool,
+    he: bool | None,
     folds: int | None = None,
 ) -> RunResult:
     config = load_config(config_path)
@@ -122,8 +128,11 @@ def print_summary(result: RunResult) -> None:
             for key, diff in (entry.get("difference") or {}).items():
                 if key in ("federated-local", "federated-pooled"):
                     verdict = "gains" if diff["gain"] else "no gain shown"
-                    console.print(f"{member} {task}: {key} {_with_ci(diff['estimate'], diff['ci'])}: {verdict}",
-                                  markup=False, highlight=False)
+                    console.print(
+                        f"{member} {task}: {key} {_with_ci(diff['estimate'], diff['ci'])}: {verdict}",
+                        markup=False,
+                        highlight=False,
+                    )
     bio = report["biomarkers"]
     for name in report["endpoints"]:
         stats = ", ".join(r["feature"] for r in bio["statistics"].get(name, [])[:8])
@@ -141,7 +150,8 @@ def print_summary(result: RunResult) -> None:
     console.print(
         f"report: {result.report_path}\nmarkdown: {result.markdown_path}\n"
         f"MLflow: mlflow ui --backend-store-uri {report['tracking']['uri']}",
-        markup=False, highlight=False,
+        markup=False,
+        highlight=False,
     )
 
 
@@ -166,7 +176,9 @@ def register(app: typer.Typer) -> None:
         rounds: int = typer.Option(None, "--rounds", min=1, help="Override training.rounds."),
         baselines: bool = typer.Option(False, "--baselines", help="Also train local-only and pooled baselines."),
         he: bool = typer.Option(None, "--he/--no-he", help="Encrypted aggregation (default: privacy.he.enabled)."),
-        folds: int = typer.Option(None, "--folds", min=2, max=20, help="K-fold cross-validation: K jobs, every sample tested once."),
+        folds: int = typer.Option(
+            None, "--folds", min=2, max=20, help="K-fold cross-validation: K jobs, every sample tested once."
+        ),
     ) -> None:
         """Run the federated biomarker job and write DIR/report.json and DIR/report.md."""
         if env not in ("sim", "poc"):

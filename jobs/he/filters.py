@@ -85,5 +85,6 @@ class DecryptAggregate(_MemberContextFilter):
         update = EncryptedUpdate.from_dxo(dxo)
         params = decrypt_update(self._he.get(fl_ctx), update)
         DXO(data_kind=DataKind.WEIGHTS, data=params, meta=dict(update.meta)).update_shareable(shareable)
-        self.log_info(fl_ctx, f"decrypted {len(update.sections)} summed sections in {time.perf_counter() - started:.2f} s")
+        seconds = time.perf_counter() - started
+        self.log_info(fl_ctx, f"decrypted {len(update.sections)} summed sections in {seconds:.2f} s")
         return shareable

@@ -60,11 +60,13 @@ class EncryptedUpdate:
 
     def to_dxo(self) -> DXO:
         meta = dict(self.meta)
-        meta.update({
-            META_FORMAT: HE_FORMAT,
-            META_LAYOUT: {name: s.layout.to_meta() for name, s in self.sections.items()},
-            MetaKey.PROCESSED_ALGORITHM: HE_ALGORITHM,
-        })
+        meta.update(
+            {
+                META_FORMAT: HE_FORMAT,
+                META_LAYOUT: {name: s.layout.to_meta() for name, s in self.sections.items()},
+                MetaKey.PROCESSED_ALGORITHM: HE_ALGORITHM,
+            }
+        )
         data = {DATA_KEY: {name: list(s.chunks) for name, s in self.sections.items()}}
         return DXO(data_kind=ENCRYPTED_KIND, data=data, meta=meta)
 
@@ -153,7 +155,9 @@ class CiphertextSum:
         if not self._sections:
             raise ValueError("no encrypted contribution was accepted this round; nothing to aggregate")
         return EncryptedUpdate(
-            sections={n: EncryptedSection([v.serialize() for v in t], self._layouts[n]) for n, t in self._totals.items()},
+            sections={
+                n: EncryptedSection([v.serialize() for v in t], self._layouts[n]) for n, t in self._totals.items()
+            },
             meta={SECTIONS_META: {n: s.to_meta() for n, s in self._sections.items()}},
         )
 

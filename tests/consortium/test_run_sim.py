@@ -46,33 +46,41 @@ def test_report_has_every_member_task_and_figure(sim_run: Path):
         assert set(info["tasks"]) == {f"{member[-1]}_response", f"{member[-1]}_marker", f"{member[-1]}_pfs"}
         for entry in info["tasks"].values():
             assert entry["metric"] in {"auroc", "r2", "c_index"}
-            for kind in ("federated", "local", "pooled"):
-                assert isinstance(entry[kind], float)
+            for arm in ("federated", "local", "pooled", "linear_local", "linear_pooled"):
+                assert isinstance(entry[arm], float)
+                low, high = entry["ci"][arm]
+                assert low <= entry[arm] <= high
+            for key in ("federated-local", "federated-pooled"):
+                diff = entry["difference"][key]
+                assert diff["gain"] == (diff["ci"][0] > 0)
             if entry["metric"] in ("auroc", "c_index"):
                 assert 0.0 <= entry["federated"] <= 1.0
             assert 0.0 <= entry["precision_at_k"]["federated"] <= 1.0
     assert [r["round"] for r in report["rounds"]] == [0, 1]
-    assert report["timing"]["rounds"] == 2 and report["timing"]["bytes_sent_per_round"] > 0
-    consensus = report["biomarkers"]["consensus"]
-    assert [row["rank"] for row in consensus[:3]] == [1, 2, 3]
-    assert consensus[0]["score"] >= consensus[1]["score"] >= consensus[2]["score"]
-    assert set(report["biomarkers"]["tasks"]) == {"a_response", "a_marker", "a_pfs", "b_response", "b_marker", "b_pfs"}
-    assert report["privacy"]["he"] is False and "trunk parameters only" in report["privacy"]["shared"]
+    assert report["timing"]["rounds"] == 2 and report["timing"]["bytes_received_per_round"] > 0
+    for name in ("a_response", "b_pfs"):
+        stats = report["biomarkers"]["statistics"][name]
+        assert [row["pvalue"] for row in stats] == sorted(row["pvalue"] for row in stats)
+        assert set(stats[0]) == {"feature", "statistic", "effect", "pvalue", "qvalue", "members"}
+        assert {"feature", "score", "direction", "frequency", "rank"} <= set(report["biomarkers"]["model"][name][0])
+    truth = report["biomarkers"]["ground_truth"]
+    top = {row["feature"] for row in report["biomarkers"]["statistics"]["b_pfs"][:10]}
+    assert len(top & set(truth["b_pfs"])) >= 5  # the planted survival markers lead the federated statistics
+    assert report["privacy"]["he"] is False and "trunk and the heads of shared endpoints" in report["privacy"]["shared"]
     assert report["privacy"]["dp"] is True and report["privacy"]["epsilon_target"] == 4.0
     for epsilon in report["privacy"]["epsilon_spent"].values():
         assert 1.0 < epsilon <= 4.0 + 1e-6  # the budget spans all planned rounds and is not exceeded
-    assert "| pharma-a | a_response | auroc |" in (sim_run / "report.md").read_text()
+    markdown = (sim_run / "report.md").read_text()
+    assert "| pharma-a | a_response | auroc |" in markdown
+    assert "federated - local" in markdown and "gain" in markdown
 
 
-def test_bytes_sent_are_the_trunk_only(sim_run: Path, tiny_consortium: Path):
-    from models.network import SharedTrunk
-    from schema.config import load_config
-
-    config = load_config(tiny_consortium)
-    trunk = SharedTrunk(200, trunk_widths=config.training.trunk_widths, dropout=config.training.dropout)
-    trunk_bytes = sum(t.numel() * t.element_size() for t in trunk.state_dict().values())
+def test_per_round_records_carry_validation_only_and_test_once(sim_run: Path):
     report = json.loads((sim_run / "report.json").read_text())
-    assert report["timing"]["bytes_sent_per_round_per_member"] == {"pharma-a": trunk_bytes, "pharma-b": trunk_bytes}
+    first, last = report["rounds"]
+    for site in ("pharma-a", "pharma-b"):
+        assert set(first["sites"][site]["val"]) == {f"{site[-1]}_response", f"{site[-1]}_marker", f"{site[-1]}_pfs"}
+        assert "test" not in first["sites"][site]
 
 
 def test_mlflow_holds_member_runs_and_the_shared_model(sim_run: Path):
@@ -84,11 +92,12 @@ def test_mlflow_holds_member_runs_and_the_shared_model(sim_run: Path):
     client = mlflow.MlflowClient()
     for run_id in site_runs.run_id:
         assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [0, 1]
-    model = mlflow.pytorch.load_model(f"runs:/{report['tracking']['model_run_id']}/shared_trunk")
+        assert not [k for k in client.get_run(run_id).data.metrics if k.startswith("test/")]
+    model = mlflow.pytorch.load_model(f"runs:/{report['tracking']['model_run_id']}/shared_model")
     assert model(torch.zeros(4, 200)).shape == (4, 64)
     shared = runs[runs["tags.kind"].eq("shared-model")].iloc[0]
     artifacts = {a.path for a in client.list_artifacts(shared.run_id, "biomarkers")}
-    assert "biomarkers/consensus.csv" in artifacts
+    assert {"biomarkers/statistics_a_pfs.csv", "biomarkers/model_b_marker.csv"} <= artifacts
     assert not (Path.cwd() / "mlruns").exists() or not any((Path.cwd() / "mlruns").iterdir())
 
 
@@ -97,6 +106,9 @@ def test_audit_log_records_the_run(sim_run: Path):
     assert report.ok
     events = [json.loads(line)["event"] for line in (sim_run / "audit.jsonl").read_text().splitlines()]
     assert events == ["job_submitted", "round_completed", "round_completed", "model_released"]
+    entries = [json.loads(line) for line in (sim_run / "audit.jsonl").read_text().splitlines()]
+    job_id = json.loads((sim_run / "report.json").read_text())["job_id"]
+    assert {e["details"]["job_id"] for e in entries} == {job_id}
 
 
 def test_notebook_runs_top_to_bottom(sim_run: Path, monkeypatch):
@@ -110,6 +122,8 @@ def test_notebook_runs_top_to_bottom(sim_run: Path, monkeypatch):
         assert (sim_run / "figures" / name).stat().st_size > 10_000
     scores = ad.read_h5ad(sim_run / "biomarker_scores.h5ad")
     assert scores.n_vars == 200
-    assert {"score_a_response", "rank_b_pfs", "consensus_score", "planted"} <= set(scores.var.columns)
+    assert {"effect_a_response", "qvalue_b_pfs", "score_a_response", "rank_b_pfs", "consensus_score", "planted"} <= set(
+        scores.var.columns
+    )
     assert scores.var["consensus_rank"].min() == 1
     assert os.environ["CONSORTIUM_RUN_DIR"] == str(sim_run)

@@ -12,8 +12,8 @@ def test_models_imports_no_nvflare_and_no_anndata():
     # a fresh interpreter: the test session itself has anndata loaded by other fixtures
     code = (
         "import sys\n"
-        "import models.attribution, models.baselines, models.losses, models.metrics\n"
-        "import models.network, models.privacy, models.training\n"
+        "import models.attribution, models.baselines, models.classical, models.losses, models.metrics\n"
+        "import models.network, models.privacy, models.training, models.uncertainty\n"
         "print(sorted(m for m in ('nvflare', 'anndata', 'scanpy') if m in sys.modules))\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

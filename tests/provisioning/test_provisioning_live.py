@@ -2,7 +2,7 @@
 
 Shows what the unit tests can only simulate: one member's lead cannot abort another member's job,
 a site refuses to deploy a job whose meta scope its privacy.json does not define, and the scope's
-result filter (jobs.filters.RequireEncryptedResult) stops a plaintext model at the site.
+result filter (jobs.site_policy.RequireEncryptedResult) stops a plaintext model at the site.
 """
 
 from __future__ import annotations
@@ -86,15 +86,15 @@ def _write_job(folder: Path, *, name: str, scope: str, sites: list[str], sleep_t
     return folder
 
 
-def _start(
-    kit: Path, module: str, config_file: str, extra: list[str], env: dict[str, str] | None = None
-) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+def _start(kit: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a site from its own kit, as its operator would: ``startup/sub_start.sh`` (it runs ``python3``
+    from PATH, so this interpreter's folder goes first)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     log = open(kit / "console.txt", "wb")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
-        [sys.executable, "-u", "-m", module, "-m", str(kit), "-s", config_file, "--set", "secure_train=true", *extra],
+        ["bash", str(kit / "startup" / "sub_start.sh")],
         cwd=kit,
-        env=env,
+        env={**os.environ, "PATH": path, **(env or {})},
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: job processes die with it
@@ -153,21 +153,12 @@ def test_leads_and_scopes_on_a_live_system(tmp_path, make_config, operator_raw):
     fl_port, admin_port = _free_ports(2)
     config = make_config(operator={**operator_raw, "fl_port": fl_port, "admin_port": admin_port})
     kits = provision(config, out=tmp_path / "kits").out
-    processes = [
-        _start(kits / "localhost", "nvflare.private.fed.app.server.server_train", "fed_server.json", ["org=neutral_op"])
-    ]
+    processes = [_start(kits / "localhost")]
     sessions = []
     try:
         time.sleep(3)
         for member in config.members:
-            processes.append(
-                _start(
-                    kits / member.name,
-                    "nvflare.private.fed.app.client.client_train",
-                    "fed_client.json",
-                    [f"uid={member.name}", f"org={member.org}"],
-                )
-            )
+            processes.append(_start(kits / member.name))
         lead_a = new_secure_session("lead@pharma-a.org", str(kits / "lead@pharma-a.org"), timeout=60)
         sessions.append(lead_a)
         lead_b = new_secure_session("boss@pharma-b.com", str(kits / "boss@pharma-b.com"), timeout=60)
