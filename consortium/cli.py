@@ -13,6 +13,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from consortium.commands import audit, data, provisioning, report, run, synth
 from schema.errors import UserError
@@ -46,8 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         # click returns the code of a typer.Exit instead of raising it when standalone_mode is off
         code = app(args=argv, standalone_mode=False)
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _print_error(str(exc))
         return exc.exit_code
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        # a path the user gave that cannot be read or written: no traceback, the path and the reason
+        _print_error(f"{exc.filename}: {exc.strerror}; check the path and its permissions, or choose another")
+        return 2
     except typer.Exit as exc:
         return exc.exit_code
     except typer.Abort:
@@ -60,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             return exc.exit_code
         raise
     return code if isinstance(code, int) else 0
+
+
+def _print_error(message: str) -> None:
+    # Text, not markup: a message's own square brackets ("coeff_mod_bit_sizes=[60, 40]") must survive
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

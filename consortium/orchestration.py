@@ -26,7 +26,7 @@ from consortium.audit import (
     AuditLog,
 )
 from consortium.flare_env import FederatedRunError, JobOutcome, poc_system, run_poc, run_sim
-from consortium.report import build_report, write_report
+from consortium.report import build_report, write_biomarker_tables, write_report
 from consortium.results import JobResults, Released, read_job, read_records, release
 from consortium.shared_model import ensure_experiment, log_shared_model, tracking_uri_for
 from jobs import member_data
@@ -36,7 +36,7 @@ from omics.contract import label_counts
 from provisioning.he_keys import create_keys, load_context, public_fingerprint
 from schema.config import ConsortiumConfig, dump_config, load_config
 from schema.errors import UserError
-from schema.names import CLIENT_CONTEXT_FILE, SERVER_CONTEXT_FILE
+from schema.names import CLIENT_CONTEXT_FILE, PUBLISHED_FILE, SERVER_CONTEXT_FILE
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,11 @@ def run_consortium(
             "startup kits holding the members' HE contexts); use --env poc, or --no-he for a plaintext quick look"
         )
     folds = folds or config.data.folds
+    check_folds(config, folds=folds)  # before anything is written
     say = status or (lambda line: log.info(line))
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     config = _run_config(config, out=out, folds=folds)
-    check_folds(config)
     total = int(rounds or config.training.rounds)
     audit = AuditLog(out / "audit.jsonl")
     keys = _keys(config, out, audit) if he else None
@@ -151,15 +151,16 @@ def run_consortium(
         config, outcomes[-1][2], report=report, tracking_uri=tracking_uri
     )
     report_path, md_path = write_report(report, out)
+    write_biomarker_tables(outcomes[-1][2], out / "biomarkers")
     audit.append(EVENT_MODEL_RELEASED, job_id=outcomes[-1][0].job_id, model_run_id=report["tracking"]["model_run_id"])
     return RunResult(
         report=report, report_path=report_path, markdown_path=md_path, job_ids=[o.job_id for o, _, _ in outcomes]
     )
 
 
-def check_folds(config: ConsortiumConfig) -> None:
-    """``data.folds`` must leave every fold a sample of each class (binary) and an event (survival)."""
-    k = config.data.folds
+def check_folds(config: ConsortiumConfig, *, folds: int | None) -> None:
+    """``folds`` must leave every fold a sample of each class (binary) and an event (survival)."""
+    k = folds
     if not k:
         return
     for member in config.members:
@@ -239,9 +240,10 @@ def _watch(folder: Path, total: int, progress: Progress | None) -> Iterator[None
         return
     done = threading.Event()
     seen = {"rounds": -1}
+    earlier = frozenset(folder.rglob(PUBLISHED_FILE)) if folder.exists() else frozenset()  # other folds' jobs
 
     def poll() -> None:
-        records = read_records(folder) if folder.exists() else {}
+        records = read_records(folder, exclude=earlier) if folder.exists() else {}
         finished = min((len(r) for r in records.values()), default=0)
         if finished > seen["rounds"]:
             seen["rounds"] = finished
@@ -294,6 +296,7 @@ def report_from_job(
     )
     report["tracking"]["model_run_id"] = log_shared_model(config, opened, report=report, tracking_uri=tracking_uri)
     report_path, md_path = write_report(report, out)
+    write_biomarker_tables(opened, out / "biomarkers")
     AuditLog(out / "audit.jsonl").append(
         EVENT_MODEL_RELEASED, job_id=job_id, model_run_id=report["tracking"]["model_run_id"]
     )

@@ -120,8 +120,12 @@ def _members(config: ConsortiumConfig, records: Mapping[str, list[dict]]) -> dic
 
 
 def _biomarkers(config: ConsortiumConfig, released, *, truth: dict | None) -> dict[str, Any]:
-    statistics = {
-        name: _records(table, ["feature", "statistic", "effect", "pvalue", "qvalue", "members"])
+    columns = ["feature", "statistic", "effect", "pvalue", "qvalue", "members"]
+    statistics = {name: _records(table, columns) for name, table in released.statistics.items()}
+    # scanpy's rank_genes_groups convention: the features higher in the positive class (higher risk, larger
+    # target) first, by statistic; what a biologist calls the endpoint's markers
+    markers = {
+        name: _records(table[table["effect"] > 0].sort_values("statistic", ascending=False, kind="mergesort"), columns)
         for name, table in released.statistics.items()
     }
     model = {
@@ -135,6 +139,7 @@ def _biomarkers(config: ConsortiumConfig, released, *, truth: dict | None) -> di
         both[name] = sorted(top_stats & top_model)
     out: dict[str, Any] = {
         "statistics": statistics,
+        "markers": markers,
         "model": model,
         f"both_top{TOP_K_OVERLAP}": both,
         "consensus": _consensus(released.rankings),
@@ -280,3 +285,15 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
         partial.write_text(text)
         os.replace(partial, path)
     return json_path, md_path
+
+
+def write_biomarker_tables(released, folder: Path) -> list[Path]:
+    """Full tables, one CSV per endpoint: ``statistics_<endpoint>.csv`` and ``model_<endpoint>.csv``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for prefix, tables in (("statistics", released.statistics), ("model", released.rankings)):
+        for name, table in tables.items():
+            path = folder / f"{prefix}_{name}.csv"
+            table.to_csv(path, index=False)
+            written.append(path)
+    return written

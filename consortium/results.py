@@ -28,6 +28,7 @@ from jobs.he.payload import decrypt_update
 from jobs.sections import finalize, select
 from jobs.store import read_aggregate
 from models.attribution import ranking_from_vector
+from models.network import HEAD_PREFIX, TRUNK_PREFIX
 from omics.association import association_table
 from schema.config import ConsortiumConfig
 from schema.errors import UserError
@@ -62,10 +63,11 @@ class Released:
     rankings: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
-def read_records(folder: Path) -> dict[str, list[dict[str, Any]]]:
-    """The published records under ``folder`` by site; a record being written is skipped."""
+def read_records(folder: Path, *, exclude: frozenset[Path] = frozenset()) -> dict[str, list[dict[str, Any]]]:
+    """The published records under ``folder`` by site (files in ``exclude`` skipped, e.g. earlier jobs');
+    a record being written is skipped."""
     records: dict[str, list[dict[str, Any]]] = {}
-    for path in sorted(Path(folder).rglob(PUBLISHED_FILE)):
+    for path in sorted(set(Path(folder).rglob(PUBLISHED_FILE)) - exclude):
         for line in path.read_text().splitlines(keepends=True):
             if line.endswith("\n") and line.strip():
                 record = json.loads(line)
@@ -119,5 +121,5 @@ def release(results: JobResults, config: ConsortiumConfig, *, client_context: by
         rankings[name] = ranking_from_vector(
             features, values["score"] / members, frequency=values["frequency"] / members
         )
-    state = {k: v for k, v in plain.items() if k.startswith(("trunk.", "heads."))}
+    state = {k: v for k, v in plain.items() if k.startswith((TRUNK_PREFIX, HEAD_PREFIX))}
     return Released(state=state, statistics=statistics, rankings=rankings)

@@ -20,7 +20,8 @@ samples would otherwise outgrow the CKKS headroom), attribution vectors grow (``
 the panel, so an entry is about ``1 / p``, which CKKS noise of ~1e-8 would drown). In plaintext the
 round trip is exact to float64 rounding.
 
-Pure NumPy: the HE filters, the server's aggregator, the site and the release step all call it.
+NumPy only (the key prefixes come from the network): the HE filters, the server's aggregator, the site
+and the release step all call it.
 """
 
 from __future__ import annotations
@@ -30,14 +31,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.network import HEAD_PREFIX, TRUNK_PREFIX
+
 SECTIONS_META = "consortium_sections"
 PUBLISHED_META = "consortium_published"
 MEAN, SUM = "mean", "sum"
 SUM_SCALES = {"stats": 1e4, "consensus": 1e-3}
 """Divisor of each kind of sum section on the way to the server (undone by :func:`finalize`)."""
 _PREFIXES = {
-    "trunk.": ("trunk", MEAN),
-    "heads.": ("head", MEAN),
+    TRUNK_PREFIX: ("trunk", MEAN),
+    HEAD_PREFIX: ("head", MEAN),
     "stats.": ("stats", SUM),
     "consensus.": ("consensus", SUM),
 }

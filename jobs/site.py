@@ -28,7 +28,7 @@ from jobs.sections import PUBLISHED_META, finalize, section_of, weighted_update
 from jobs.site_outputs import SiteOutputs
 from models.attribution import normalized_scores, rank_features
 from models.metrics import primary_metric
-from models.network import MultitaskNet
+from models.network import HEAD_PREFIX, TRUNK_PREFIX, MultitaskNet
 from models.privacy import PrivacySettings
 from models.training import LocalTrainer, TrainSettings
 from models.uncertainty import metric_interval
@@ -129,7 +129,7 @@ class MemberSite:
         trainer = self._trainer(total)
         # heads of private endpoints untouched; round 0 brings the server's initial trunk and shared heads
         state = finalize(received.params, received.meta)
-        self.model.load_shared_state({k: v for k, v in state.items() if k.startswith(("trunk.", "heads."))})
+        self.model.load_shared_state({k: v for k, v in state.items() if k.startswith((TRUNK_PREFIX, HEAD_PREFIX))})
         stats = trainer.train(epochs=self.config.training.local_epochs)
         val = trainer.evaluate("val")
         published: dict[str, Any] = {
@@ -237,7 +237,7 @@ def outgoing_state(model: MultitaskNet) -> dict[str, np.ndarray]:
     ever slips into it.
     """
     state = model.shared_state()
-    allowed = ("trunk.", *(f"heads.{t.name}." for t in model.tasks if t.shared))
+    allowed = (TRUNK_PREFIX, *(f"{HEAD_PREFIX}{t.name}." for t in model.tasks if t.shared))
     leaked = sorted(k for k in state if not k.startswith(allowed) or k.endswith(_SCALING_BUFFERS))
     if leaked:
         raise PrivateStateLeak(f"refusing to send {leaked}; private heads and other state never leave a site")

@@ -139,15 +139,21 @@ def _groups(kind: str, task: str, labels: np.ndarray | None, output: np.ndarray)
         if not np.isin(labels[~np.isnan(labels)], (0.0, 1.0)).all():
             raise ValueError(f"labels of binary task '{task}' hold values other than 0, 1, NaN; use 0/1")
         groups = np.where(np.isnan(labels), -1, labels).astype(np.int64)
-        how = "0/1 labels"
-    else:
-        groups = (output > np.median(output)).astype(np.int64)  # ties at the median go low
-        how = "the predicted output, above/below its median"
-    high, low = int((groups == 1).sum()), int((groups == 0).sum())
-    if not high or not low:
+        if (groups == 1).any() and (groups == 0).any():
+            return groups
+        # a member may hold one class only; its model still separates samples by predicted output
+        logger.warning(
+            "task '%s': labels hold %d positives and %d negatives; ranking on the predicted output's "
+            "median split instead",
+            task,
+            int((groups == 1).sum()),
+            int((groups == 0).sum()),
+        )
+    groups = (output > np.median(output)).astype(np.int64)  # ties at the median go low
+    if groups.all() or not groups.any():
         raise ValueError(
-            f"task '{task}': the contrast needs samples in both groups (split on {how}); found {high} high "
-            f"and {low} low. Pass data_X rows of both classes, or a model whose output varies"
+            f"task '{task}': the model's output is the same for all {n} rows of data_X, so they cannot "
+            "be split into high and low groups; rank a trained model on varied samples"
         )
     return groups
 
@@ -208,9 +214,9 @@ def rank_features(
     Samples are split in two groups:
 
     * binary task with ``labels``: positives (1) vs negatives (0); NaN rows are left out;
-    * binary without ``labels``, regression and survival: predicted output (logit, value,
-      log-risk) above vs at or below its median. Survival uses the model's own high- and
-      low-risk halves because censored times give no clean class label.
+    * binary without ``labels`` (or with one class only: logged), regression and survival:
+      predicted output (logit, value, log-risk) above vs at or below its median. Survival uses
+      the model's own high- and low-risk halves because censored times give no clean class label.
 
     Integrated gradients (:func:`attributions`) give ``a_ij``, sample ``i``'s share of the
     output due to feature ``j``. Each feature's effect is the least-squares slope of its
@@ -223,11 +229,12 @@ def rank_features(
     gradient paths. It is what a differential-expression test measures, in the model's output
     units: for a linear model it equals the raw attribution contrast ``mean a_j | high - mean
     a_j | low``. The raw contrast averages per-sample gradients over the smaller group alone,
-    which is noisy for rare classes; on scanpy's PBMC set (B cells and NK cells one-vs-rest,
-    30 splits) the linearized contrast put at least 3 canonical markers in the top 10 in 97% of
-    runs, the raw contrast in 90%, the mean absolute attribution in 70%. Each group weighs the
-    same whatever its size, so a rare class is not drowned. The contrast is invariant to the
-    inputs' units (z-scores or log counts): ``s_j`` scales inversely to ``d_j``.
+    which is noisy for rare classes. On scanpy's ``pbmc68k_reduced`` (B and NK cells one-vs-rest,
+    50 random or B-skewed train splits) the linearized contrast put 3 or more canonical markers
+    in the top 10 in 96% of rankings (raw contrast 94%, mean absolute attribution 76%), and on
+    average 5.2 NK markers (raw contrast 4.1). Each group weighs the same whatever its size, so
+    a rare class is not drowned. The contrast does not depend on the inputs' units (z-scores or
+    log values): ``s_j`` scales inversely to ``d_j``.
 
     Parameters
     ----------
@@ -272,8 +279,9 @@ def rank_features(
     data_X = _as_samples(model, data_X)
     groups = _groups(kind, task, labels, model.predict(data_X)[task])
     used = groups >= 0
-    values = attributions(model, data_X[used], task, n_steps=n_steps, baseline=_baseline(data_X, baseline))
-    displacement = (data_X[used] - _baseline(data_X, baseline)).astype(np.float64)
+    reference = _baseline(data_X, baseline)  # over all rows, as documented in attributions
+    values = attributions(model, data_X[used], task, n_steps=n_steps, baseline=reference)
+    displacement = (data_X[used] - reference).astype(np.float64)
     groups = groups[used]
     contrast, slope = _linearized_contrast(
         values, displacement, (groups == 1).astype(np.float64)[None], (groups == 0).astype(np.float64)[None]

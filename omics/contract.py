@@ -22,6 +22,9 @@ from omics.identifiers import count_kinds
 
 Level = Literal["error", "warning"]
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+"""X and the targets become float32 for training: a larger finite value would turn into inf there."""
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -158,6 +161,14 @@ def _check_values(adata: ad.AnnData, rules: ContractRules, report: ContractRepor
             f"{n_nan} NaN and {n_inf} infinite values",
             "remove or re-quantify the affected measurements; missing values are not allowed in X",
         )
+    n_huge = _beyond_float32(data)
+    if n_huge:
+        report.error(
+            "X",
+            f"{n_huge} values beyond the float32 range (|x| > {FLOAT32_MAX:.3g}); they become infinite when "
+            "the platform converts X to float32",
+            "re-quantify the affected measurements or correct the units: counts and log values are far smaller",
+        )
     if rules.values == "counts":
         finite = data[np.isfinite(data)] if np.issubdtype(data.dtype, np.floating) else data
         n_neg = int((finite < 0).sum())
@@ -243,6 +254,14 @@ def _check_regression(series: pd.Series, task: Any, rules: ContractRules, report
     if np.isinf(labeled).any():
         report.error(field_, f"task '{task.name}' holds infinite values", "replace them with measured values or NaN")
         return
+    if _beyond_float32(labeled.to_numpy()):
+        report.error(
+            field_,
+            f"task '{task.name}' holds values beyond the float32 range (|y| > {FLOAT32_MAX:.3g}), e.g. "
+            f"{float(labeled.abs().max()):.3g}",
+            "rescale the target (e.g. log-transform or change its unit)",
+        )
+        return
     report.tasks[task.name] = {"type": "regression", "labeled": int(labeled.size)}
     if labeled.size < rules.min_labeled:
         report.error(
@@ -269,7 +288,15 @@ def _check_survival(time: pd.Series, event: pd.Series, task: Any, rules: Contrac
             "time without an event or the reverse",
             "they are treated as unlabelled; fill both or neither",
         )
-    non_positive = int((t[both] <= 0).sum())
+    unusable = t.notna() & (np.isinf(t) | (t.abs() > FLOAT32_MAX))
+    if unusable.any():
+        report.error(
+            f"obs.{task.time}",
+            f"task '{task.name}': {int(unusable.sum())} survival times are infinite or beyond the float32 "
+            f"range, e.g. {t[unusable].iloc[0]:g}",
+            "give a censored sample its last follow-up time with event 0, or leave the time empty (NaN)",
+        )
+    non_positive = int((t[both & ~unusable] <= 0).sum())
     if non_positive:
         report.error(
             f"obs.{task.time}",
@@ -313,6 +340,20 @@ def _check_split(obs: pd.DataFrame, report: ContractReport) -> None:
     for part in ("train", "val", "test"):
         if counts.get(part, 0) == 0:
             report.error("obs.split", f"no '{part}' samples", "re-create the split with 'consortium data split'")
+    if counts.get("train", 0) == 1:
+        report.error(
+            "obs.split",
+            "1 'train' sample; the scaling statistics need at least 2",
+            "re-create the split with 'consortium data split'",
+        )
+
+
+def _beyond_float32(values: np.ndarray) -> int:
+    """How many finite values are too large for float32."""
+    if not np.issubdtype(values.dtype, np.floating) or values.dtype.itemsize <= 4:
+        return 0
+    with np.errstate(invalid="ignore"):
+        return int((np.abs(values[np.isfinite(values)]) > FLOAT32_MAX).sum())
 
 
 def _preview(items: Sequence[str], limit: int = 8) -> str:

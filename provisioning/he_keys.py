@@ -9,13 +9,16 @@ machine) runs :func:`create_keys`, then :func:`install_keys` on the kits before 
 - ``server_context.tenseal``: the public context (no secret key), copied to ``<server>/startup/``.
 
 These are the file names NVFlare's HEBuilder writes. :func:`verify_keys` proves the server holds no
-secret key and that every site shares the same public key and parameters; the public fingerprint (the
-sha256 of the context's public part: parameters, scale and public key, re-serialized so that it does
-not depend on how a file was written) names the key set in the audit log and in ``he_context.json``.
+secret key (it parses every file of the server kit, and of its workspace when given, as a TenSEAL
+context, whatever its name) and that every site shares the same public key and parameters. The public
+fingerprint (the sha256 of the context's public part: parameters, scale and public key, re-serialized so
+that it does not depend on how a file was written) names the key set in the audit log and in
+``he_context.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,6 +34,9 @@ from schema.config import ConsortiumConfig, HomomorphicEncryption
 from schema.names import CLIENT_CONTEXT_FILE as CLIENT_CONTEXT
 from schema.names import HE_MANIFEST_FILE as MANIFEST
 from schema.names import SERVER_CONTEXT_FILE as SERVER_CONTEXT
+
+MAX_SCAN_BYTES = 50 * 1024 * 1024
+"""Files larger than this are not parsed when searching for secret keys (a context is far smaller)."""
 
 
 @dataclass
@@ -58,6 +64,10 @@ class KeyReport:
     fingerprint: str | None = None
     checked: dict[str, str] = field(default_factory=dict)  # site -> "secret" | "public"
     findings: list[Finding] = field(default_factory=list)
+    scanned: int = 0
+    """Files of the server kit (and workspace) parsed in the search for secret keys."""
+    skipped: list[Path] = field(default_factory=list)
+    """Files too large to parse (over :data:`MAX_SCAN_BYTES`)."""
 
     @property
     def ok(self) -> bool:
@@ -99,6 +109,8 @@ def create_keys(he_settings: HomomorphicEncryption, *, out: Path) -> KeySet:
     key pair makes every model encrypted under the old one undecryptable.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise KeyCeremonyError(f"--out {out}: is a file; give a folder for the key pair (it is created if absent)")
     secret_path, public_path = out / CLIENT_CONTEXT, out / SERVER_CONTEXT
     existing = [p for p in (secret_path, public_path) if p.exists()]
     if existing:
@@ -110,11 +122,19 @@ def create_keys(he_settings: HomomorphicEncryption, *, out: Path) -> KeySet:
     context = ts.context_from(public)
     fingerprint = public_fingerprint(context)
 
-    out.mkdir(parents=True, exist_ok=True)
-    _write_private(secret_path, secret)
-    public_path.write_bytes(public)
     manifest = out / MANIFEST
-    manifest.write_text(json.dumps(_manifest(he_settings, fingerprint), indent=2) + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_private(secret_path, secret)
+        public_path.write_bytes(public)
+        manifest.write_text(json.dumps(_manifest(he_settings, fingerprint), indent=2) + "\n")
+    except OSError as exc:
+        for written in (secret_path, public_path, manifest):  # none existed before: leave no half key pair
+            with contextlib.suppress(OSError):
+                written.unlink(missing_ok=True)
+        raise KeyCeremonyError(
+            f"--out {out}: cannot write the key pair ({exc.strerror}: {exc.filename}); choose a folder you can write"
+        ) from None
     return KeySet(secret_path, public_path, manifest, fingerprint)
 
 
@@ -150,12 +170,19 @@ def install_keys(kits: Path, keys: Path, *, config: ConsortiumConfig, members: l
 
 
 def verify_keys(
-    kits: Path, *, config: ConsortiumConfig, sites: list[str] | None = None, fingerprint: str | None = None
+    kits: Path,
+    *,
+    config: ConsortiumConfig,
+    sites: list[str] | None = None,
+    fingerprint: str | None = None,
+    workspace: Path | None = None,
 ) -> KeyReport:
     """Check the HE contexts in the kits; each failure names the file and what is wrong.
 
     The server kit must hold a public context only (and no client context at all); every member kit a
     secret context; all of them the same public key and parameters, and the scale of ``privacy.he``.
+    Every file of the server kit (and of ``workspace``) that parses as a TenSEAL context is checked for
+    a secret key, whatever its name or folder: a copy at ``local/backup.tenseal`` is found too.
 
     Parameters
     ----------
@@ -164,6 +191,8 @@ def verify_keys(
     fingerprint
         The public fingerprint the contexts must have (from the audit log or ``he_context.json``);
         without it, the fingerprint most kits share is the reference.
+    workspace
+        The server's running workspace, searched for secret contexts like the server kit.
     """
     kits = Path(kits)
     report = KeyReport()
@@ -174,6 +203,11 @@ def verify_keys(
     fingerprints: dict[Path, str] = {}
     if wanted is None or config.operator.host in wanted:
         _check_server(kits / config.operator.host / "startup", config, report, fingerprints)
+        _search_secret_contexts(kits / config.operator.host, "server kit", report)
+    if workspace is not None:
+        if not Path(workspace).is_dir():
+            raise KeyCeremonyError(f"--workspace {workspace}: no such folder; pass the server's workspace folder")
+        _search_secret_contexts(Path(workspace), "server workspace", report)
     for member in config.members:
         if wanted is None or member.name in wanted:
             _check_member(kits / member.name / "startup" / CLIENT_CONTEXT, member.name, config, report, fingerprints)
@@ -203,6 +237,41 @@ def _check_server(startup: Path, config: ConsortiumConfig, report: KeyReport, fi
     else:
         report.checked[config.operator.host] = "public"
     fingerprints[server_file] = public_fingerprint(context)
+
+
+def _search_secret_contexts(folder: Path, where: str, report: KeyReport) -> None:
+    """Parse every file under ``folder`` as a TenSEAL context; a finding for each one with a secret key."""
+    reported = {f.path.resolve() for f in report.findings}
+    for root, folders, names in os.walk(folder):  # symlinked folders are not followed: no loops
+        folders.sort()
+        for name in sorted(names):
+            path = Path(root) / name
+            if not path.is_file() or path.resolve() in reported:
+                continue
+            if path.stat().st_size > MAX_SCAN_BYTES:
+                report.skipped.append(path)
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                report.findings.append(
+                    Finding(path, f"unreadable ({exc.strerror}): cannot prove it holds no secret key")
+                )
+                continue
+            report.scanned += 1
+            try:
+                context = ts.context_from(data)
+            except Exception:  # tenseal raises bare exceptions on bytes that are not a context: not a key file
+                continue
+            if context.is_private() or context.has_secret_key():
+                report.findings.append(
+                    Finding(
+                        path,
+                        f"a secret HE context (secret key) in the operator's {where}: the operator could "
+                        "decrypt every update; delete it (members keep the secret context, never the operator)",
+                    )
+                )
+                reported.add(path.resolve())
 
 
 def _check_member(path: Path, name: str, config: ConsortiumConfig, report: KeyReport, fingerprints: dict) -> None:

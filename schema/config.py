@@ -238,6 +238,30 @@ class ConsortiumConfig(_Strict):
             raise ValueError(f"training.task_weights names unknown tasks {unknown}; known tasks: {sorted(known)}")
         return self
 
+    @model_validator(mode="after")
+    def _one_org_per_member(self) -> ConsortiumConfig:
+        # Site policies (authorization.json) grant rights by org: two members sharing an org would each
+        # pass the other's policy, and a member in the operator's org would let the operator's admin in.
+        # Orgs differing only in case are a typo far more often than two organisations.
+        owners: dict[str, str | None] = {self.operator.org.lower(): None}  # None: the operator
+        for member in self.members:
+            org = member.org.lower()
+            if org not in owners:
+                owners[org] = member.name
+                continue
+            hint = f"give member '{member.name}' its own org, e.g. '{_org_hint(member.name)}'"
+            if owners[org] is None:
+                raise ValueError(
+                    f"member '{member.name}' has the operator's org '{member.org}' (operator.org is "
+                    f"'{self.operator.org}'); site policies are keyed on org, so the operator's admin would pass "
+                    f"this member's policy: {hint}"
+                )
+            raise ValueError(
+                f"members '{owners[org]}' and '{member.name}' share the org '{member.org}'; site policies are "
+                f"keyed on org, so each would pass the other's policy: {hint}"
+            )
+        return self
+
     def member(self, name: str) -> Member:
         """The member called ``name``; a :class:`ConfigError` lists the known names otherwise."""
         for member in self.members:
@@ -266,6 +290,10 @@ class ConsortiumConfig(_Strict):
         return list(self.panel.features) if self.panel.features is not None else _read_panel(self.panel.file)
 
 
+def _org_hint(member: str) -> str:
+    return "".join(part.capitalize() + "_" for part in re.split(r"[-_]", member) if part).rstrip("_")
+
+
 def _no_duplicates(names: list[str], field: str) -> None:
     seen: set[str] = set()
     dupes = sorted({n for n in names if n in seen or seen.add(n)})
@@ -276,9 +304,13 @@ def _no_duplicates(names: list[str], field: str) -> None:
 def _read_panel(path: Path | None) -> list[str]:
     assert path is not None
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise ConfigError(f"panel.file: cannot read '{path}' ({exc.strerror}); write one feature id a line") from exc
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"panel.file: '{path}' is not UTF-8 text; write one feature id a line, saved as UTF-8"
+        ) from None
     features = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     if not features:
         raise ConfigError(f"panel.file: '{path}' lists no features; write one feature id a line")
@@ -298,9 +330,19 @@ def load_config(path: str | Path) -> ConsortiumConfig:
     """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file; run 'consortium synth --out DIR' or write one") from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"{path}: is a folder; pass the consortium.yaml file in it (--config {path / 'consortium.yaml'})"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror}); check the path and its permissions") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc}); fix the syntax at the position shown") from None
     if not isinstance(raw, dict):

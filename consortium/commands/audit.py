@@ -1,4 +1,4 @@
-"""``consortium audit verify LOG``: check the hash chain of an audit log (exit 0 intact, 1 broken)."""
+"""``consortium audit verify LOG``: check the chain and signatures of an audit log (exit 0 intact, 1 broken)."""
 
 from __future__ import annotations
 
@@ -6,42 +6,70 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from consortium.audit import EVENT_AUDIT_VERIFIED, AuditLog, verify_log
+from consortium.audit import EVENT_AUDIT_VERIFIED, AuditError, AuditLog, load_public_key, verify_log
 
 console = Console()
 
-audit_app = typer.Typer(help="The consortium's hash-chained audit log.")
+audit_app = typer.Typer(help="The consortium's hash-chained, signed audit log.")
 
 
 @audit_app.command("verify")
 def audit_verify(
-    log: Path = typer.Argument(..., help="The audit.jsonl to check.", dir_okay=False),
+    log: Path = typer.Argument(..., help="The audit.jsonl to check."),
     expected_head: str | None = typer.Option(
         None,
         "--expected-head",
         help="A head hash recorded elsewhere earlier; catches a cut or replaced tail.",
     ),
+    public_key: Path | None = typer.Option(
+        None,
+        "--public-key",
+        help="A copy of the log's <log>.pub kept elsewhere; catches a log re-signed with another key.",
+    ),
+    expected_key_fingerprint: str | None = typer.Option(
+        None,
+        "--expected-key-fingerprint",
+        help="The sha256 fingerprint of the log's public key, recorded elsewhere (instead of --public-key).",
+    ),
     audit: Path | None = typer.Option(
         None, "--audit", help="Log to record a successful check in (default: LOG itself; never a broken log)."
     ),
 ) -> None:
-    """Verify that no entry was edited, deleted, inserted or reordered, and that the tail is complete."""
-    report = verify_log(log, expected_head=expected_head)
+    """Verify that no entry was edited, forged, deleted, inserted or reordered, and that the tail is complete."""
+    key = load_public_key(public_key) if public_key is not None else None
+    report = verify_log(log, expected_head=expected_head, public_key=key, expected_fingerprint=expected_key_fingerprint)
     if not report.ok:
-        table = Table("first bad entry", "why", title=f"audit log {log}: BROKEN")
-        table.add_row("-" if report.first_bad is None else str(report.first_bad), report.reason)
+        table = Table("first bad entry", "why", title=Text(f"audit log {log}: BROKEN"))
+        table.add_row("-" if report.first_bad is None else str(report.first_bad), Text(report.reason))
         console.print(table)
         report.raise_for_failure()
-    table = Table("event", "entries", title=f"audit log {log}: intact")
+    table = Table("event", "entries", title=Text(f"audit log {log}: intact"))
     for event, count in sorted(report.events.items()):
-        table.add_row(event, str(count))
+        table.add_row(Text(event), str(count))
     console.print(table)
     console.print(f"[green]ok[/]: {report.entries} entries, head hash [bold]{report.head_hash}[/]")
-    AuditLog(audit if audit is not None else log).append(
-        EVENT_AUDIT_VERIFIED, log=str(Path(log).resolve()), entries=report.entries, head_hash=report.head_hash
-    )
+    console.print(f"signing key fingerprint [bold]{report.key_fingerprint}[/] (from {escape(report.key_source)})")
+    if not report.independent_key:
+        console.print(
+            "[yellow]note[/]: the key was read next to the log; to rule out a log re-signed with another key, "
+            "pass --public-key or --expected-key-fingerprint with a copy kept elsewhere",
+            highlight=False,
+        )
+    try:
+        AuditLog(audit if audit is not None else log).append(
+            EVENT_AUDIT_VERIFIED,
+            log=str(Path(log).resolve()),
+            entries=report.entries,
+            head_hash=report.head_hash,
+            key_fingerprint=report.key_fingerprint,
+        )
+    except AuditError as exc:
+        # a verifier who is not the log's writer cannot sign into it: the check itself still passed
+        console.print(Text(f"not recorded: {exc}; pass --audit LOG to record the check in a log you write"))
 
 
 def register(app: typer.Typer) -> None:

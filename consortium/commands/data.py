@@ -7,7 +7,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from omics.contract import ContractReport, ContractRules, check_member
 from omics.errors import DataFileError
@@ -15,6 +17,7 @@ from omics.io import read_member, write_member
 from omics.split import assign_split
 from schema import settings
 from schema.config import load_config
+from schema.errors import UserError
 
 console = Console()
 data_app = typer.Typer(help="Check and prepare a member's omics data.", no_args_is_help=True)
@@ -58,9 +61,12 @@ def split(
     """Store a stratified, seeded train/val/test split in the member's file (obs['split'])."""
     cfg = load_config(config)
     entry = cfg.member(member)
-    adata = read_member(entry.data)
+    try:
+        adata = read_member(entry.data)
+    except DataFileError as exc:
+        raise UserError(f"{exc} (member '{member}' in {cfg.source})") from None
     if "split" in adata.obs.columns and not force:
-        console.print(f"{entry.data} already holds a split; pass --force to replace it")
+        console.print(Text(f"{entry.data} already holds a split; pass --force to replace it"))
         raise typer.Exit(1)
     assign_split(
         adata,
@@ -69,15 +75,20 @@ def split(
         test_fraction=cfg.data.test_fraction,
         seed=cfg.data.split_seed,
     )
-    write_member(adata, entry.data)
-    console.print(f"stored split in {entry.data}: {dict(adata.obs['split'].value_counts())}")
+    try:
+        write_member(adata, entry.data)
+    except OSError as exc:
+        raise UserError(
+            f"{entry.data}: cannot store the split ({exc.strerror}); make the file and its folder writable"
+        ) from None
+    console.print(Text(f"stored split in {entry.data}: {dict(adata.obs['split'].value_counts())}"))
 
 
 def _print_report(report: ContractReport, member: str) -> None:
     verdict = "[green]fit to join[/]" if report.fit else "[red]NOT fit to join[/]"
     console.print(
-        f"[bold]{member}[/] ({report.path}): {report.n_samples} samples x {report.n_features} features, "
-        f"panel coverage {report.coverage:.1%}: {verdict}",
+        f"[bold]{escape(member)}[/] ({escape(report.path)}): {report.n_samples} samples x {report.n_features} "
+        f"features, panel coverage {report.coverage:.1%}: {verdict}",
         highlight=False,
     )
     if report.tasks:
@@ -92,14 +103,15 @@ def _print_report(report: ContractReport, member: str) -> None:
                 if info["type"] == "survival"
                 else ""
             )
-            tasks.add_row(name, info["type"], str(info["labeled"]), detail)
+            tasks.add_row(Text(name), info["type"], str(info["labeled"]), detail)
         console.print(tasks)
     if report.findings:
         table = Table(title="findings", show_lines=True)
         for column in ("level", "field", "problem", "fix"):
             table.add_column(column, overflow="fold")
         for f in report.findings:
-            table.add_row("[red]error[/]" if f.level == "error" else "[yellow]warning[/]", f.field, f.message, f.fix)
+            level = Text("error", style="red") if f.level == "error" else Text("warning", style="yellow")
+            table.add_row(level, Text(f.field), Text(f.message), Text(f.fix))
         console.print(table)
 
 

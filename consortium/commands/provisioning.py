@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from consortium.audit import (
     EVENT_KEYS_CREATED,
@@ -20,6 +21,8 @@ from consortium.audit import (
     EVENT_MEMBER_ADDED,
     EVENT_PROVISIONED,
     AuditLog,
+    key_fingerprint,
+    load_public_key,
 )
 from provisioning import he_keys, kits
 from provisioning.policies import SCOPE
@@ -33,8 +36,17 @@ _CONFIG = typer.Option(..., "--config", "-c", help="The consortium.yaml file.", 
 _AUDIT = typer.Option(None, "--audit", help="Audit log to append to (default: audit.jsonl in the output folder).")
 
 
-def _audit(path: Path | None, default_folder: Path) -> AuditLog:
-    return AuditLog(path if path is not None else Path(default_folder) / AUDIT_FILE)
+def _record(path: Path | None, default_folder: Path, event: str, **details) -> None:
+    """Append to the audit log; on a new log, say where its signing key is and what to record elsewhere."""
+    log = AuditLog(path if path is not None else Path(default_folder) / AUDIT_FILE)
+    if log.append(event, **details)["index"] == 0:
+        fingerprint = key_fingerprint(load_public_key(log.public_key_path))
+        console.print(
+            Text(
+                f"new audit log {log.path}: signed with {log.key_path} (keep it private). Record its public key "
+                f"{log.public_key_path} or fingerprint {fingerprint} elsewhere, and verify against that copy"
+            )
+        )
 
 
 def provision_command(
@@ -46,7 +58,7 @@ def provision_command(
     consortium = load_config(config)
     with console.status("provisioning startup kits with NVFlare..."):
         result = kits.provision(consortium, out=out)
-    _audit(audit, result.out).append(EVENT_PROVISIONED, config=str(consortium.source), **result.summary())
+    _record(audit, result.out, EVENT_PROVISIONED, config=str(consortium.source), **result.summary())
     table = Table("kit", "role", "folder", title=f"startup kits for '{consortium.name}'")
     table.add_row(result.server.name, "server (operator)", str(result.server))
     for name, path in result.members.items():
@@ -70,7 +82,7 @@ def add_member_command(
     """Add a member to existing kits, reusing the root CA; no other site's kit or HE key changes."""
     consortium = load_config(config)
     result = kits.add_member(consortium, kits=kits_dir, member=member)
-    _audit(audit, result.out).append(EVENT_MEMBER_ADDED, member=member, **result.summary())
+    _record(audit, result.out, EVENT_MEMBER_ADDED, member=member, **result.summary())
     console.print(f"Added '{member}': site kit {result.members[member]}, lead kit {', '.join(result.admins)}.")
     console.print(
         "The new site has no HE context yet. The key custodian installs the EXISTING one (no site is "
@@ -93,7 +105,9 @@ def keys_create(
     kits.refuse_inside_git(Path(out).resolve(), what="HE keys")
     with console.status("creating the CKKS key pair..."):
         keyset = he_keys.create_keys(consortium.privacy.he, out=out)
-    _audit(audit, out).append(
+    _record(
+        audit,
+        out,
         EVENT_KEYS_CREATED,
         fingerprint=keyset.fingerprint,
         keys=str(Path(out).resolve()),
@@ -119,7 +133,9 @@ def keys_install(
     installed = he_keys.install_keys(kits_dir, keys, config=consortium, members=member or None)
     report = he_keys.verify_keys(kits_dir, config=consortium)
     fingerprint = he_keys.public_fingerprint(he_keys.load_context(Path(keys) / he_keys.SERVER_CONTEXT))
-    _audit(audit, kits_dir).append(
+    _record(
+        audit,
+        kits_dir,
         EVENT_KEYS_INSTALLED,
         fingerprint=fingerprint,
         sites=[p.parent.parent.name for p in installed],
@@ -141,15 +157,26 @@ def keys_verify(
     fingerprint: str | None = typer.Option(
         None, "--fingerprint", help="The public fingerprint expected (from the audit log or he_context.json)."
     ),
+    workspace: Path | None = typer.Option(
+        None, "--workspace", help="The server's running workspace: searched for secret contexts like its kit."
+    ),
     audit: Path | None = _AUDIT,
 ) -> None:
-    """Prove the server kit holds no secret key and every site shares one key pair (exit 1 otherwise)."""
+    """Prove the server kit holds no secret key and every site shares one key pair (exit 1 otherwise).
+
+    Every file of the server kit (and of --workspace) is parsed as a TenSEAL context, whatever its name.
+    """
     consortium = load_config(config)
-    report = he_keys.verify_keys(kits_dir, config=consortium, sites=site or None, fingerprint=fingerprint)
-    _audit(audit, kits_dir).append(
+    report = he_keys.verify_keys(
+        kits_dir, config=consortium, sites=site or None, fingerprint=fingerprint, workspace=workspace
+    )
+    _record(
+        audit,
+        kits_dir,
         EVENT_KEYS_VERIFIED,
         ok=report.ok,
         fingerprint=report.fingerprint,
+        scanned=report.scanned,
         findings=[f"{f.path}: {f.problem}" for f in report.findings],
     )
     _print_report(report)
@@ -157,16 +184,26 @@ def keys_verify(
 
 
 def _print_report(report: he_keys.KeyReport) -> None:
+    if report.skipped:
+        console.print(
+            Text(
+                f"note: {len(report.skipped)} file(s) over {he_keys.MAX_SCAN_BYTES // 2**20} MB not parsed, e.g. "
+                f"{report.skipped[0]}; check them by hand"
+            )
+        )
     if report.ok:
         table = Table("site", "context", title="HE contexts")
         for site, kind in report.checked.items():
-            table.add_row(site, kind)
+            table.add_row(Text(site), kind)
         console.print(table)
-        console.print(f"[green]ok[/]: one key pair, public fingerprint [bold]{report.fingerprint}[/]")
+        console.print(
+            f"[green]ok[/]: one key pair, public fingerprint [bold]{report.fingerprint}[/]; "
+            f"{report.scanned} server files searched, no secret key"
+        )
         return
     table = Table("file", "problem", title="HE key verification: findings", show_lines=True)
     for finding in report.findings:
-        table.add_row(str(finding.path), finding.problem)
+        table.add_row(Text(str(finding.path)), Text(finding.problem))
     console.print(table)
 
 

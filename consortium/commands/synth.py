@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from omics.synthetic import DEFAULT_SIZES, make_consortium
 from schema.config import config_from_dict, dump_config
@@ -39,6 +41,29 @@ def synthesize(out: Path, *, sizes: list[int], n_features: int, seed: int, round
     return config_path
 
 
+def check_out_folder(out: Path, *, force: bool) -> None:
+    """Refuse an ``--out`` that is a file, cannot be written, or already holds files (unless ``force``).
+
+    Checked before anything is written, so a refused run leaves the disk as it was.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; give a folder for the synthetic consortium (created if absent)")
+    if out.is_dir():
+        present = sorted(p.name for p in out.iterdir())
+        if present and not force:
+            shown = ", ".join(present[:5]) + (f", ... ({len(present)} in all)" if len(present) > 5 else "")
+            raise UserError(
+                f"--out {out}: already holds {shown}; choose a new or empty folder, or pass --force to "
+                "overwrite the synthetic consortium's files in it"
+            )
+    existing = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a folder; choose a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {existing} is not writable; choose a folder you can write")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("synth")
     def synth(
@@ -50,12 +75,19 @@ def register(app: typer.Typer) -> None:
         features: int = typer.Option(2000, "--features", min=96, help="Panel size."),
         seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same consortium."),
         rounds: int = typer.Option(5, "--rounds", min=1, help="Federated rounds written into consortium.yaml."),
+        force: bool = typer.Option(False, "--force", help="Write into a folder that already holds files."),
     ) -> None:
         """Synthesize a consortium whose true biomarkers are known (written to ground_truth.json)."""
         counts = _parse_sizes(sizes, members)
+        check_out_folder(out, force=force)
         with console.status("synthesizing members..."):
-            config_path = synthesize(out, sizes=counts, n_features=features, seed=seed, rounds=rounds)
-        table = Table(title=f"synthetic consortium in {out}")
+            try:
+                config_path = synthesize(out, sizes=counts, n_features=features, seed=seed, rounds=rounds)
+            except OSError as exc:
+                raise UserError(
+                    f"--out {out}: cannot write {exc.filename} ({exc.strerror}); choose another folder"
+                ) from None
+        table = Table(title=Text(f"synthetic consortium in {out}"))
         for column in ("member", "samples", "file"):
             table.add_column(column)
         for name, n in zip([f"pharma-{chr(97 + i)}" for i in range(len(counts))], counts, strict=True):

@@ -11,6 +11,7 @@ so every site shares a public fingerprint; relinearization keys; no Galois keys:
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
@@ -133,7 +134,10 @@ def check_key_pair(client: ts.Context, server: ts.Context) -> None:
         decrypted = ts.ckks_vector_from(client, vector.serialize()).decrypt()
     except Exception as exc:  # TenSEAL raises bare errors on mismatched parameters
         raise ValueError(f"the client and server contexts do not fit together ({exc}); use one key ceremony") from exc
-    if max(abs(a - b) for a, b in zip(decrypted, expected, strict=True)) > 1e-3:
+    # fresh CKKS noise is a few thousand units of 2^-scale (~2e-3 at a 2^20 scale); a wrong key gives values
+    # of the order of the modulus over the scale, so this bound tells the two apart at every allowed scale
+    tolerance = max(1e-3, 2.0 ** (15 - math.log2(client.global_scale)))
+    if max(abs(a - b) for a, b in zip(decrypted, expected, strict=True)) > tolerance:
         raise ValueError("the client and server contexts are not one key pair; install both from one key ceremony")
 
 

@@ -127,6 +127,18 @@ def test_contexts_of_two_key_ceremonies_do_not_fit(he_settings, member_context):
         check_key_pair(member_context, context_from_bytes(other_server, source="other", private=False))
 
 
+def test_the_key_pair_check_tolerates_the_noise_of_the_smallest_scale():
+    """At a 2^20 scale a fresh ciphertext is off by up to ~2e-3: one key pair must still pass, every time."""
+    settings = HomomorphicEncryption(poly_modulus_degree=4096, coeff_mod_bit_sizes=[40, 20, 40], global_scale_bits=20)
+    for _ in range(10):
+        client, server = make_contexts(settings)
+        member = context_from_bytes(client, source="client", private=True)
+        check_key_pair(member, context_from_bytes(server, source="server", private=False))
+    other = context_from_bytes(make_contexts(settings)[1], source="other", private=False)
+    with pytest.raises(ValueError, match="not one key pair|do not fit together"):
+        check_key_pair(member, other)
+
+
 def test_packing_is_dense_and_carries_no_context(members, member_context, he_contexts):
     weighted, meta = _weighted(members[0], 4.0)
     update = encrypt_update(member_context, weighted, meta=meta)
@@ -142,15 +154,16 @@ def test_values_that_could_overflow_the_modulus_are_refused(member_context):
     limit = headroom(member_context) / MAX_CONTRIBUTORS
     assert limit == 2.0 ** (60 - 40 - 1) / 64  # data prime 60 bits, scale 2^40
     weighted, meta = weighted_update({"trunk.0.weight": np.array([1.0, -2.0])}, weights={"trunk": limit / 1.5})
-    with pytest.raises(ValueError, match=r"section 'trunk': max \|value\| .* exceeds .* the share of the CKKS headroom"):
+    with pytest.raises(ValueError, match=r"section 'trunk': max \|value\| .* exceeds .* share of the CKKS headroom"):
         encrypt_update(member_context, weighted, meta=meta)
     fine, meta = weighted_update({"trunk.0.weight": np.array([1.0, -2.0])}, weights={"trunk": limit / 4})
     encrypt_update(member_context, fine, meta=meta)
 
 
 def test_a_larger_first_prime_gives_more_headroom():
-    small = context_from_bytes(make_contexts(HomomorphicEncryption(coeff_mod_bit_sizes=[50, 40]))[1],
-                               source="s", private=False)
+    small = context_from_bytes(
+        make_contexts(HomomorphicEncryption(coeff_mod_bit_sizes=[50, 40]))[1], source="s", private=False
+    )
     assert headroom(small) == 2.0 ** (50 - 40 - 1)
 
 

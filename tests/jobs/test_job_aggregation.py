@@ -85,10 +85,14 @@ def test_plaintext_aggregator_adds_sections(members, kits, site_ctx):
     assert dxo.data_kind == DataKind.WEIGHTS and dxo.get_meta_prop(AppConstants.CURRENT_ROUND) == 2
     sections = sections_of(dxo.meta)
     assert {n: (s.weight, s.contributors) for n, s in sections.items()} == {
-        "trunk": (40.0, 3), "head:os": (32.0, 2), "stats:os": (3.0, 3), "consensus:os": (3.0, 3),
+        "trunk": (40.0, 3),
+        "head:os": (32.0, 2),
+        "stats:os": (3.0, 3),
+        "consensus:os": (3.0, 3),
     }
     # the server holds sums, not means: nothing was divided there
-    np.testing.assert_allclose(dxo.data["trunk.0.bias"], sum(n * m["trunk.0.bias"] for m, n in zip(members, STEPS)))
+    summed = sum(n * m["trunk.0.bias"] for m, n in zip(members, STEPS, strict=True))
+    np.testing.assert_allclose(dxo.data["trunk.0.bias"], summed)
     _check_means_and_sums(finalize(dxo.data, dxo.meta), members, tol=1e-12)
 
 
@@ -107,9 +111,12 @@ def test_aggregator_refuses_errors_duplicates_late_and_unsectioned_results(membe
     other = _result({"trunk.0.bias": np.ones(32)}, 3, site="site-3", current_round=1)
     assert not aggregator.accept(other, server)  # other trunk keys than the first contribution's
     assert sections_of(from_shareable(aggregator.aggregate(server)).meta)["trunk"].contributors == 1
-    for reason in ("site-1 already contributed to round 1", "site-2 sent round 0 in round 1; late",
-                   "refusing site-3's result: the result carries no sections meta",
-                   "refusing site-3's result: section 'trunk' arrives with other keys"):
+    for reason in (
+        "site-1 already contributed to round 1",
+        "site-2 sent round 0 in round 1; late",
+        "refusing site-3's result: the result carries no sections meta",
+        "refusing site-3's result: section 'trunk' arrives with other keys",
+    ):
         assert reason in caplog.text
 
     aggregator.reset(server)
@@ -137,13 +144,18 @@ def test_generator_sends_round_zero_plain_and_the_sum_as_is(members, kits, site_
     model = generator.shareable_to_learnable(aggregator.aggregate(fl_ctx), fl_ctx)
     assert is_sectioned(model)
     task = from_shareable(generator.learnable_to_shareable(model, fl_ctx))
-    assert task.data_kind == DataKind.WEIGHTS and set(sections_of(task.meta)) == {"trunk", "head:os", "stats:os",
-                                                                                  "consensus:os"}
+    assert task.data_kind == DataKind.WEIGHTS and set(sections_of(task.meta)) == {
+        "trunk",
+        "head:os",
+        "stats:os",
+        "consensus:os",
+    }
     np.testing.assert_array_equal(task.data["trunk.0.bias"], 5 * members[0]["trunk.0.bias"])
 
     with pytest.raises(ValueError, match="the aggregate carries no sections meta; the job needs SectionSumAggregator"):
-        generator.shareable_to_learnable(DXO(DataKind.WEIGHTS, data={"trunk.0.bias": np.ones(2)}).to_shareable(),
-                                         fl_ctx)
+        generator.shareable_to_learnable(
+            DXO(DataKind.WEIGHTS, data={"trunk.0.bias": np.ones(2)}).to_shareable(), fl_ctx
+        )
 
 
 def test_persistor_stores_the_plaintext_sum(members, kits, site_ctx, tmp_path):
@@ -228,8 +240,9 @@ def test_he_aggregator_refuses_plaintext_duplicates_and_late_results(members, ki
 def test_server_refuses_a_secret_context(kits, site_ctx, tmp_path):
     (tmp_path / "startup").mkdir()
     (tmp_path / "local").mkdir()
-    (tmp_path / "startup" / SERVER_CONTEXT_FILE).write_bytes((kits["site-1"] / "startup" / CLIENT_CONTEXT_FILE)
-                                                            .read_bytes())
+    (tmp_path / "startup" / SERVER_CONTEXT_FILE).write_bytes(
+        (kits["site-1"] / "startup" / CLIENT_CONTEXT_FILE).read_bytes()
+    )
     with pytest.raises(ValueError, match="holds a SECRET key, but the operator's server must only hold the public"):
         SectionSumAggregator(he=True).handle_event(EventType.START_RUN, site_ctx(tmp_path))
 
@@ -246,7 +259,8 @@ def test_persistor_stores_the_encrypted_sum_as_is(members, kits, site_ctx, tmp_p
     stored = read_aggregate(tmp_path / GLOBAL_MODEL_FILE)
     assert stored.params is None and set(stored.encrypted.sections) == {"trunk", "head:os", "stats:os", "consensus:os"}
     assert stored.meta[SECTIONS_META] == stored.encrypted.meta[SECTIONS_META]
-    secret = context_from_bytes((kits["site-1"] / "startup" / CLIENT_CONTEXT_FILE).read_bytes(), source="member",
-                                private=True)
+    secret = context_from_bytes(
+        (kits["site-1"] / "startup" / CLIENT_CONTEXT_FILE).read_bytes(), source="member", private=True
+    )
     plain = finalize(decrypt_update(secret, stored.encrypted), stored.meta)
     _check_means_and_sums(plain, members, tol=TOLERANCE)

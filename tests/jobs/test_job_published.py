@@ -80,8 +80,9 @@ def test_each_result_appends_one_record(server):
 
 def test_encrypted_results_record_their_ciphertext_bytes(server, kits, site_ctx):
     fl_ctx, path = server
-    encrypted = EncryptSections().process(_result({"round": 0}, site="pharma-a", current_round=0),
-                                          site_ctx(kits["site-1"]))
+    encrypted = EncryptSections().process(
+        _result({"round": 0}, site="pharma-a", current_round=0), site_ctx(kits["site-1"])
+    )
     PublishedResultsRecorder().process(encrypted, fl_ctx)
     (record,) = _records(path)
     assert record["bytes_received"] > 16 * 8  # a CKKS ciphertext is far larger than 16 float64 values
@@ -91,8 +92,11 @@ def test_encrypted_results_record_their_ciphertext_bytes(server, kits, site_ctx)
 def test_results_without_a_published_record_are_not_recorded(server):
     fl_ctx, path = server
     recorder = PublishedResultsRecorder()
-    for result in (_result(None, site="pharma-a", current_round=0), make_reply(ReturnCode.EXECUTION_EXCEPTION),
-                   Shareable()):
+    for result in (
+        _result(None, site="pharma-a", current_round=0),
+        make_reply(ReturnCode.EXECUTION_EXCEPTION),
+        Shareable(),
+    ):
         assert recorder.process(result, fl_ctx) is result
     with pytest.raises(FileNotFoundError):
         _records(path)

@@ -71,11 +71,19 @@ def test_weighted_update_multiplies_means_and_scales_sums():
     assert SUM_SCALES["stats"] > 1 > SUM_SCALES["consensus"]
     assert all(v.dtype == np.float64 for v in weighted.values())
     sections = meta[SECTIONS_META]
-    assert sections["trunk"] == {"keys": ["trunk.0.weight", "trunk.0.bias"], "weight": 12.0, "reduce": "mean",
-                                 "contributors": 1}
+    assert sections["trunk"] == {
+        "keys": ["trunk.0.weight", "trunk.0.bias"],
+        "weight": 12.0,
+        "reduce": "mean",
+        "contributors": 1,
+    }
     assert sections["head:os"]["keys"] == ["heads.os.0.weight"] and sections["head:os"]["weight"] == 12.0
-    assert sections["stats:os"] == {"keys": ["stats.os.n", "stats.os.sum_sq"], "weight": 1.0, "reduce": "sum",
-                                    "contributors": 1}
+    assert sections["stats:os"] == {
+        "keys": ["stats.os.n", "stats.os.sum_sq"],
+        "weight": 1.0,
+        "reduce": "sum",
+        "contributors": 1,
+    }
     assert sections["consensus:os"]["reduce"] == "sum"
 
 
@@ -141,8 +149,12 @@ def test_a_mean_section_needs_its_weight_and_finite_values():
 
 
 def test_select_groups_statistics_by_endpoint():
-    params = {"stats.os.n": np.ones(2), "stats.resp.sum_x": np.zeros(3), "consensus.os.score": np.ones(3),
-              "trunk.0.bias": np.ones(1)}
+    params = {
+        "stats.os.n": np.ones(2),
+        "stats.resp.sum_x": np.zeros(3),
+        "consensus.os.score": np.ones(3),
+        "trunk.0.bias": np.ones(1),
+    }
     stats = select(params, "stats")
     assert set(stats) == {"os", "resp"} and set(stats["resp"]) == {"sum_x"}
     assert set(select(params, "consensus")) == {"os"}

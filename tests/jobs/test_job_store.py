@@ -65,8 +65,11 @@ def test_a_truncated_or_padded_file_is_refused(tmp_path, member_context, encrypt
     data = (tmp_path / "agg").read_bytes()
     for cut, damaged in [(data[:-1], "bad-1"), (data[: len(data) // 2], "bad-half"), (data + b"\x00", "bad-padded")]:
         (tmp_path / damaged).write_bytes(cut)
-        with pytest.raises(ValueError, match=rf"{damaged}: the file is truncated or corrupt; copy {damaged} from the "
-                                             r"server again \(header announces \d+ payload bytes"):
+        with pytest.raises(
+            ValueError,
+            match=rf"{damaged}: the file is truncated or corrupt; copy {damaged} from the "
+            r"server again \(header announces \d+ payload bytes",
+        ):
             read_aggregate(tmp_path / damaged)
     (tmp_path / "bad-header").write_bytes(data[:40])
     with pytest.raises(ValueError, match=r"bad-header: the file is truncated or corrupt.*header unreadable"):
@@ -75,7 +78,7 @@ def test_a_truncated_or_padded_file_is_refused(tmp_path, member_context, encrypt
 
 def test_other_files_and_arguments_are_refused(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"PK\x03\x04 a torch checkpoint")
-    with pytest.raises(ValueError, match="model.pt: not a consortium aggregate; pick the job's model.pt from the server"):
+    with pytest.raises(ValueError, match="model.pt: not a consortium aggregate; pick the job's model.pt from the"):
         read_aggregate(tmp_path / "model.pt")
     params, meta = _update()
     with pytest.raises(ValueError, match="give either plaintext params or an encrypted update"):

@@ -132,3 +132,50 @@ def test_scaling_is_fitted_on_the_training_split_only(small_adata):
     np.testing.assert_allclose(prepared.X[train].mean(axis=0), 0.0, atol=1e-4)
     assert prepared.uns["normalization"]["fitted_on"] == "train split"
     assert (prepared.obs["split"] == split.obs["split"]).all()
+
+
+# -- what a run would fail on later is caught by the check ---------------------------------------
+
+
+def _prepare(adata):
+    return prepare_member(adata, tasks=TASKS, rules=rules(), val_fraction=0.2, test_fraction=0.2, seed=0)
+
+
+def test_x_beyond_float32_is_an_error_not_a_later_nan(small_adata):
+    small_adata.X = small_adata.X.astype(np.float64)
+    small_adata.X[0, 0] = 1e39  # finite here, inf once the platform casts X to float32
+    report = check_member(small_adata, tasks=TASKS, rules=rules())
+    assert any("1 values beyond the float32 range" in m for f, m in errors(report) if f == "X")
+    with pytest.raises(ContractError, match="beyond the float32 range"):
+        _prepare(small_adata)
+
+
+def test_infinite_x_is_an_error(small_adata):
+    small_adata.X[3, 3] = np.inf
+    report = check_member(small_adata, tasks=TASKS, rules=rules(values="normalized"))
+    assert ("X", "0 NaN and 1 infinite values") in errors(report)
+
+
+@pytest.mark.parametrize("value", [np.inf, 1e39])
+def test_unusable_survival_time_is_an_error(small_adata, value):
+    small_adata.obs.loc["s0", "os_days"] = value
+    small_adata.obs.loc["s0", "os_event"] = 0.0
+    report = check_member(small_adata, tasks=TASKS, rules=rules())
+    assert any(
+        f == "obs.os_days" and "1 survival times are infinite or beyond the float32 range" in m
+        for f, m in errors(report)
+    ), errors(report)
+
+
+def test_regression_target_beyond_float32_is_an_error(small_adata):
+    small_adata.obs["level"] = small_adata.obs["level"] * 1e300
+    report = check_member(small_adata, tasks=TASKS, rules=rules())
+    assert any(f == "obs.level" and "beyond the float32 range" in m for f, m in errors(report))
+
+
+def test_stored_split_with_one_training_sample_is_an_error(small_adata):
+    small_adata.obs["split"] = ["train"] + ["val"] * 40 + ["test"] * 39
+    report = check_member(small_adata, tasks=TASKS, rules=rules())
+    assert ("obs.split", "1 'train' sample; the scaling statistics need at least 2") in errors(report)
+    with pytest.raises(ContractError, match="1 'train' sample"):
+        _prepare(small_adata)

@@ -3,6 +3,7 @@ import shutil
 import pytest
 import tenseal as ts
 
+from consortium.cli import main
 from provisioning.errors import KeyCeremonyError
 from provisioning.he_keys import (
     CLIENT_CONTEXT,
@@ -13,6 +14,23 @@ from provisioning.he_keys import (
     verify_keys,
 )
 from provisioning.kits import add_member
+from schema.config import dump_config
+
+# A 2^40 scale: at the shared conftest's 2^20 the CKKS noise (~1e-3) sits at the key-pair probe's
+# tolerance, and install_keys failed now and then.
+PRECISE_HE = {"he": {"poly_modulus_degree": 4096, "coeff_mod_bit_sizes": [60, 40], "global_scale_bits": 40}}
+
+
+@pytest.fixture
+def config(make_config):
+    return make_config(privacy=PRECISE_HE)
+
+
+@pytest.fixture
+def config_file(config, tmp_path):
+    path = tmp_path / "consortium.yaml"
+    dump_config(config, path)
+    return path
 
 
 def _load(path):
@@ -36,7 +54,7 @@ def test_created_contexts_split_secret_and_public(keys, config):
     # a ciphertext made with the public context decrypts with the secret one
     vector = ts.ckks_vector(public, [0.25, -1.5])
     decrypted = ts.ckks_vector_from(secret, vector.serialize()).decrypt()
-    assert decrypted == pytest.approx([0.25, -1.5], abs=1e-3)
+    assert decrypted == pytest.approx([0.25, -1.5], abs=1e-6)
 
 
 def test_create_refuses_to_overwrite(keys, config):
@@ -107,7 +125,7 @@ def test_install_refuses_swapped_key_files(kits, keys, config, tmp_path):
 
 def test_new_member_gets_the_existing_key_without_rekeying(keyed_kits, keys, make_config, new_member):
     before = {p: p.read_bytes() for p in keyed_kits.rglob("*.tenseal")}
-    grown = make_config(extra_members=[new_member])
+    grown = make_config(extra_members=[new_member], privacy=PRECISE_HE)
     add_member(grown, kits=keyed_kits, member="pharma-c")
     installed = install_keys(keyed_kits, keys.secret_context.parent, config=grown, members=["pharma-c"])
     assert installed == [keyed_kits / "pharma-c/startup" / CLIENT_CONTEXT]
@@ -128,3 +146,51 @@ def test_verify_one_site_against_a_recorded_fingerprint(keyed_kits, keys, config
     assert "a different key pair" in finding.problem
     with pytest.raises(KeyCeremonyError, match="pharma-z"):
         verify_keys(keyed_kits, config=config, sites=["pharma-z"])
+
+
+# -- the server kit is searched, not looked up: a secret key under any name is found ----------------
+
+
+def test_verify_searches_the_whole_server_kit(keyed_kits, keys, config):
+    backup = keyed_kits / "localhost/local/backup.tenseal"
+    shutil.copyfile(keys.secret_context, backup)
+    report = verify_keys(keyed_kits, config=config)
+    [finding] = report.findings
+    assert finding.path == backup
+    assert "a secret HE context (secret key) in the operator's server kit" in finding.problem
+    assert report.scanned >= 10  # certificates, scripts, policies and the public context were all parsed
+
+
+def test_public_copies_elsewhere_in_the_server_kit_pass(keyed_kits, keys, config):
+    shutil.copyfile(keys.public_context, keyed_kits / "localhost/local/public-copy.bin")
+    assert verify_keys(keyed_kits, config=config).ok
+
+
+def test_verify_searches_the_server_workspace(keyed_kits, keys, config, tmp_path):
+    workspace = tmp_path / "server-workspace"
+    (workspace / "run_1" / "app_server").mkdir(parents=True)
+    (workspace / "run_1" / "app_server" / "model.bin").write_bytes(b"\0" * 4096)
+    assert verify_keys(keyed_kits, config=config, workspace=workspace).ok
+    hidden = workspace / "run_1" / "app_server" / "ctx"
+    shutil.copyfile(keys.secret_context, hidden)
+    [finding] = verify_keys(keyed_kits, config=config, workspace=workspace).findings
+    assert finding.path == hidden and "server workspace" in finding.problem
+    with pytest.raises(KeyCeremonyError, match="--workspace .*no such folder"):
+        verify_keys(keyed_kits, config=config, workspace=tmp_path / "absent")
+
+
+def test_cli_keys_verify_names_a_secret_backup_in_the_server_kit(keyed_kits, keys, config_file, capsys):
+    assert main(["keys", "verify", "--config", str(config_file), "--kits", str(keyed_kits)]) == 0
+    assert "server files searched, no secret key" in " ".join(capsys.readouterr().out.split())
+    shutil.copyfile(keys.secret_context, keyed_kits / "localhost/local/backup.tenseal")
+    assert main(["keys", "verify", "--config", str(config_file), "--kits", str(keyed_kits)]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.replace("\n", "")
+    assert "localhost/local/backup.tenseal: a secret HE context" in err
+    assert "Traceback" not in err + captured.out
+
+
+def test_create_keys_refuses_a_file_as_out(config, tmp_path):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(KeyCeremonyError, match="taken: is a file"):
+        create_keys(config.privacy.he, out=tmp_path / "taken")

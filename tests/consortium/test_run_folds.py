@@ -1,0 +1,44 @@
+"""`consortium run --folds K`: K federated jobs over a stratified K-fold partition, every sample tested once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from consortium.cli import main
+from schema.config import load_config
+
+
+def test_more_folds_than_the_smallest_class_is_refused_before_anything_is_written(tiny_consortium, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", "--config", str(tiny_consortium), "--env", "sim", "--no-he", "--out", str(out), "--folds", "20"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--folds 20" in err and "smallest class" in err and "or fewer" in err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_folds_test_every_labelled_sample_once(tiny_consortium: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    code = main(["run", "--config", str(tiny_consortium), "--env", "sim", "--no-he", "--out", str(out),
+                 "--folds", "2", "--rounds", "1"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["folds"] == 2 and len(report["job_ids"]) == 2 and len(set(report["job_ids"])) == 2
+    config = load_config(tiny_consortium)
+    for member in config.members:
+        obs = ad.read_h5ad(member.data, backed="r").obs
+        for task in member.tasks:
+            entry = report["members"][member.name]["tasks"][task.name]
+            columns = [task.time, task.event] if task.type == "survival" else [task.column]
+            labelled = int(obs[columns].notna().all(axis=1).sum())
+            assert entry["n_test"] == labelled  # out of fold: every labelled sample is a test sample once
+            low, high = entry["ci"]["federated"]
+            assert low <= entry["federated"] <= high
+    for name, endpoint in report["endpoints"].items():
+        assert endpoint["federated"] is not None and np.isfinite(endpoint["federated"]), name
