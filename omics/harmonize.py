@@ -37,15 +37,20 @@ def harmonize_to_panel(adata: ad.AnnData, *, panel: Sequence[str], min_coverage:
             f"the data covers {coverage:.1%} of the {len(panel_index)}-feature panel, below the required "
             f"{min_coverage:.0%}; measure more panel features or check identifiers"
         )
-    X = np.zeros((adata.n_obs, len(panel_index)), dtype=np.float32)
-    source = np.asarray(adata.X, dtype=np.float32)
     positions = pd.Index(names).get_indexer(panel_index[measured])
-    X[:, measured] = source[:, positions]
+
+    def to_panel(matrix) -> np.ndarray:
+        out = np.zeros((adata.n_obs, len(panel_index)), dtype=np.float32)
+        out[:, measured] = np.asarray(matrix, dtype=np.float32)[:, positions]
+        return out
+
+    X = to_panel(adata.X)
+    layers = {name: to_panel(layer) for name, layer in adata.layers.items()}
     var = pd.DataFrame(index=panel_index)
     var["measured"] = measured
     for column in adata.var.columns:
         var[column] = adata.var[column].reindex(panel_index).to_numpy()
-    out = ad.AnnData(X=X, obs=adata.obs.copy(), var=var, uns=dict(adata.uns))
+    out = ad.AnnData(X=X, obs=adata.obs.copy(), var=var, uns=dict(adata.uns), layers=layers)
     missing = panel_index[~measured]
     out.uns["harmonization"] = {
         "panel_size": int(len(panel_index)),

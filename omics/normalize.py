@@ -1,7 +1,8 @@
 """Normalization with scanpy: library size + log1p for counts, then per-feature scaling.
 
 The parameters, and the per-feature statistics a member may share (mean and standard deviation of
-the log values, never raw values), are recorded in ``uns['normalization']`` and ``var``.
+the log values, never raw values), are recorded in ``uns['normalization']`` and ``var``; the log-scale
+values before scaling are kept in ``layers['log']``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def normalize(
         sc.pp.normalize_total(adata, target_sum=target_sum)
         sc.pp.log1p(adata)
         steps += [f"normalize_total(target_sum={target_sum:g})", "log1p"]
+    # the log-scale values before scaling: what association statistics and fold changes are computed on
+    adata.layers["log"] = np.asarray(adata.X, dtype=np.float32).copy()
     rows = np.ones(adata.n_obs, dtype=bool) if fit_rows is None else np.asarray(fit_rows, dtype=bool)
     if rows.shape != (adata.n_obs,) or rows.sum() < 2:
         raise ValueError(f"fit_rows must mark at least 2 of the {adata.n_obs} samples, got {int(rows.sum())}")

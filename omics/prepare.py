@@ -78,15 +78,8 @@ def member_arrays(adata: ad.AnnData, *, tasks: Sequence[Any]) -> dict[str, Any]:
 
 
 def log_expression(adata: ad.AnnData) -> np.ndarray:
-    """The log-scale expression of a prepared AnnData, before per-feature scaling (for statistics).
-
-    Undoes the scaling recorded in ``var['norm_mean']`` / ``var['norm_std']`` (values clipped by the
-    scaling stay clipped); features the member did not measure (``var['measured']`` False) are 0.
-    """
-    mean = adata.var["norm_mean"].to_numpy(dtype=np.float64)
-    std = adata.var["norm_std"].to_numpy(dtype=np.float64)
-    measured = adata.var["measured"].to_numpy(dtype=bool)
-    std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
-    values = np.asarray(adata.X, dtype=np.float64) * std + np.where(np.isfinite(mean), mean, 0.0)
-    values[:, ~measured] = 0.0
+    """The log-scale expression of a prepared AnnData before per-feature scaling (``layers['log']``,
+    unclipped), for association statistics; features the member did not measure are 0 (and masked)."""
+    values = np.asarray(adata.layers["log"], dtype=np.float64)
+    values[:, ~adata.var["measured"].to_numpy(dtype=bool)] = 0.0
     return values

@@ -16,7 +16,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -255,14 +254,3 @@ def _outcomes(
         f"{letter}_pfs": list(programs["shared_3"]),
     }
     return obs, truth, tasks
-
-
-def describe(consortium: SyntheticConsortium) -> dict[str, Any]:
-    """A JSON-ready summary (members, sizes, tasks, planted programs)."""
-    return {
-        "panel_size": len(consortium.panel),
-        "members": [
-            {"name": m.name, "samples": m.n_samples, "tasks": [t["name"] for t in m.tasks]} for m in consortium.members
-        ],
-        "programs": {k: len(v) for k, v in consortium.programs.items()},
-    }

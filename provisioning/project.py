@@ -66,7 +66,6 @@ _FIX = {
     "server": "use a host name such as 'fl.operator.org' or 'localhost'",
     "client": "use letters, digits, '-' or '_'",
     "admin": "use an e-mail address such as 'lead@pharma-a.org'",
-    "org": "NVFlare allows only letters, digits and '_' in an org (for example 'pharma_a')",
 }
 
 
@@ -78,10 +77,7 @@ def _check_names(config: ConsortiumConfig, participants: list[dict]) -> None:
         invalid, _ = name_check(participant["name"], kind)
         if invalid:
             problems.append(f"{_FIELD_OF[kind]} = {participant['name']!r}: {_FIX[kind]}")
-        invalid, _ = name_check(participant["org"], "org")
-        if invalid:
-            field = "operator.org" if participant["org"] == config.operator.org else "members[].org"
-            problems.append(f"{field} = {participant['org']!r}: {_FIX['org']}")
+        # orgs are checked when consortium.yaml is read (schema.config), with NVFlare's own rule
     names = [p["name"] for p in participants]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:

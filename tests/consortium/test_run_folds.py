@@ -15,7 +15,9 @@ from schema.config import load_config
 
 def test_more_folds_than_the_smallest_class_is_refused_before_anything_is_written(tiny_consortium, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["run", "--config", str(tiny_consortium), "--env", "sim", "--no-he", "--out", str(out), "--folds", "20"])
+    code = main(
+        ["run", "--config", str(tiny_consortium), "--env", "sim", "--no-he", "--out", str(out), "--folds", "20"]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "--folds 20" in err and "smallest class" in err and "or fewer" in err
@@ -25,8 +27,22 @@ def test_more_folds_than_the_smallest_class_is_refused_before_anything_is_writte
 @pytest.mark.slow
 def test_two_folds_test_every_labelled_sample_once(tiny_consortium: Path, tmp_path: Path):
     out = tmp_path / "run"
-    code = main(["run", "--config", str(tiny_consortium), "--env", "sim", "--no-he", "--out", str(out),
-                 "--folds", "2", "--rounds", "1"])
+    code = main(
+        [
+            "run",
+            "--config",
+            str(tiny_consortium),
+            "--env",
+            "sim",
+            "--no-he",
+            "--out",
+            str(out),
+            "--folds",
+            "2",
+            "--rounds",
+            "1",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["folds"] == 2 and len(report["job_ids"]) == 2 and len(set(report["job_ids"])) == 2

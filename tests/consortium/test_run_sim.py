@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -126,4 +125,3 @@ def test_notebook_runs_top_to_bottom(sim_run: Path, monkeypatch):
         scores.var.columns
     )
     assert scores.var["consensus_rank"].min() == 1
-    assert os.environ["CONSORTIUM_RUN_DIR"] == str(sim_run)

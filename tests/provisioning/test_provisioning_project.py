@@ -2,7 +2,6 @@ import pytest
 
 from provisioning.errors import ProvisioningError
 from provisioning.project import build_project
-from schema.errors import ConfigError
 
 
 def _by_name(project):
@@ -45,12 +44,6 @@ def test_project_builders_exclude_hebuilder(config):
         "nvflare.lighter.impl.signature.SignatureBuilder",
     ]
     assert not any("he" in p.rsplit(".", 2)[-2] for p in paths)
-
-
-def test_org_nvflare_would_reject_is_named(make_config, operator_raw):
-    # consortium.yaml validation catches it on load, before provisioning starts
-    with pytest.raises(ConfigError, match=r"operator.org = 'Neutral Operator'.*letters, digits and '_'"):
-        make_config(operator={**operator_raw, "org": "Neutral Operator"})
 
 
 def test_clashing_participant_names_are_rejected(make_config, operator_raw):
