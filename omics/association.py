@@ -4,9 +4,12 @@ Each member runs :func:`site_statistics` on its own samples; the server only add
 element-wise (:func:`combine`, possibly under CKKS); whoever holds the sum runs
 :func:`association_table`. The result equals the pooled analysis stratified by member:
 
-- ``"binary"``: Welch difference of mean log expression per member, fixed-effect inverse-variance
-  combination over members (z test). The effect is the difference of mean log values, a natural-log
-  fold change when ``X`` is ``log1p`` of normalized counts.
+- ``"binary"``: Welch difference of mean log expression per member, combined over members with the
+  sample-size weights of a stratified (Cochran-Mantel-Haenszel / van Elteren) analysis,
+  ``w = n1 n0 / (n1 + n0)``, and each member's Welch variance (z test). With one member it is exactly
+  Welch's t statistic. The effect is the difference of mean log values, a natural-log fold change when
+  ``X`` is ``log1p`` of normalized counts. (Inverse-variance weights were tried and dropped: on sparse
+  single-cell genes a member's variance estimate is too noisy to weight by; see benchmarks/science.py.)
 - ``"regression"``: OLS ``target ~ x + C(member)``; effect = slope, t test with ``N - M - 1`` df.
 - ``"survival"``: Cox score (log-rank type) test stratified by member, Breslow ties, at beta = 0.
   The effect is the one-step Newton estimate from beta = 0 of the log hazard ratio per pooled
@@ -16,8 +19,8 @@ element-wise (:func:`combine`, possibly under CKKS); whoever holds the sum runs
 Sent arrays (all float64, shape ``(p,)``, summed across members), see :data:`KEYS`:
 
 - every kind: ``samples`` (samples used) and ``members`` (1.0 where the member contributed).
-- binary: ``weighted_effect`` (``d / v``) and ``weight`` (``1 / v``), with ``d`` the difference of
-  class means and ``v = s1^2/n1 + s0^2/n0``.
+- binary: ``weighted_effect`` (``w d``), ``weight`` (``w``) and ``weighted_variance`` (``w^2 v``), with
+  ``d`` the difference of class means and ``v = s1^2/n1 + s0^2/n0``.
 - regression: ``sxx``, ``sxy``, ``syy``: within-member centered sums of squares and cross-products.
 - survival: ``score`` (``U``), ``information`` (``I``) and ``sxx`` (within-member centered sum of
   squares of ``x``, for the pooled within-member SD).
@@ -39,13 +42,13 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["binary", "regression", "survival"]
 KEYS: dict[str, tuple[str, ...]] = {
-    "binary": ("weighted_effect", "weight", "samples", "members"),
+    "binary": ("weighted_effect", "weight", "weighted_variance", "samples", "members"),
     "regression": ("sxx", "sxy", "syy", "samples", "members"),
     "survival": ("score", "information", "sxx", "samples", "members"),
 }
 COLUMNS = ["feature", "statistic", "effect", "pvalue", "qvalue", "members"]
 METHODS = {
-    "binary": "federated_welch_fixed_effect",
+    "binary": "federated_stratified_welch",
     "regression": "federated_ols_member_fixed_effect",
     "survival": "federated_cox_score_stratified",
 }
@@ -246,11 +249,12 @@ def _binary_pieces(x, y, *, min_cell):
     m1, m0 = g1.mean(axis=0), g0.mean(axis=0)
     v1, v0 = g1.var(axis=0, ddof=1), g0.var(axis=0, ddof=1)
     contributes = ~(_constant(v1, m1) & _constant(v0, m0))
-    with np.errstate(divide="ignore"):
-        weight = np.where(contributes, 1.0 / (v1 / len(g1) + v0 / len(g0)), 0.0)
+    n1, n0 = len(g1), len(g0)
+    weight = np.where(contributes, n1 * n0 / (n1 + n0), 0.0)
     return {
         "weighted_effect": weight * (m1 - m0),
         "weight": weight,
+        "weighted_variance": weight**2 * (v1 / n1 + v0 / n0),
         "samples": np.full(x.shape[1], float(len(y))),
         "members": contributes.astype(np.float64),
     }
@@ -312,7 +316,7 @@ def _survival_pieces(x, y, *, min_cell):
 
 def _binary_test(s):
     effect = s["weighted_effect"] / s["weight"]
-    z = s["weighted_effect"] / np.sqrt(s["weight"])
+    z = s["weighted_effect"] / np.sqrt(s["weighted_variance"])
     return z, effect, 2.0 * norm.sf(np.abs(z))
 
 

@@ -11,7 +11,6 @@ import pytest
 import statsmodels.formula.api as smf
 from scipy import stats
 from statsmodels.duration.hazard_regression import PHReg
-from statsmodels.stats.meta_analysis import combine_effects
 from statsmodels.stats.multitest import multipletests
 
 from omics.association import KEYS, association_table, combine, rank_genes_groups_record, site_statistics
@@ -85,24 +84,37 @@ def _by_feature(table):
     return table.set_index("feature")
 
 
-def test_binary_equals_fixed_effect_meta_analysis_of_welch_tests():
+def test_binary_equals_the_stratified_combination_of_per_member_welch_tests():
+    """Each member's Welch pieces from scipy, combined with stratified (CMH) sample-size weights."""
     members, measured = _consortium("binary")
     _, table = _federated("binary", members, measured)
     rows = _by_feature(table)
     for j, name in enumerate(NAMES):
         pooled = _pooled(members, j)
-        effects, variances = [], []
+        num = den = var = 0.0
         for _, part in pooled.groupby("member"):
             g1, g0 = part.loc[part.y == 1, "x"], part.loc[part.y == 0, "x"]
             welch = stats.ttest_ind(g1, g0, equal_var=False)
-            effects.append(g1.mean() - g0.mean())
-            variances.append((effects[-1] / welch.statistic) ** 2)
-        ref = combine_effects(np.array(effects), np.array(variances), use_t=False)
-        z = ref.mean_effect_fe / ref.sd_eff_w_fe
-        assert rows.loc[name, "effect"] == pytest.approx(ref.mean_effect_fe, abs=1e-6)
+            d = g1.mean() - g0.mean()
+            w = len(g1) * len(g0) / (len(g1) + len(g0))
+            num, den, var = num + w * d, den + w, var + w**2 * (d / welch.statistic) ** 2
+        z = num / np.sqrt(var)
+        assert rows.loc[name, "effect"] == pytest.approx(num / den, abs=1e-6)
         assert rows.loc[name, "statistic"] == pytest.approx(z, rel=1e-6, abs=1e-6)
         assert rows.loc[name, "pvalue"] == pytest.approx(2 * stats.norm.sf(abs(z)), rel=1e-6, abs=1e-12)
-        assert rows.loc[name, "members"] == len(effects)
+        assert rows.loc[name, "members"] == pooled["member"].nunique()
+
+
+def test_binary_with_one_member_is_welchs_t():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(60, 4))
+    y = (np.arange(60) % 3 == 0).astype(float)
+    x[y == 1, 0] += 1.5
+    table = association_table(site_statistics(x, y, kind="binary"), kind="binary", feature_names=list("abcd"))
+    welch = stats.ttest_ind(x[y == 1], x[y == 0], equal_var=False)
+    rows = table.set_index("feature")
+    assert rows["statistic"].reindex(list("abcd")).to_numpy() == pytest.approx(welch.statistic, rel=1e-9)
+    assert table["feature"].iloc[0] == "a"
 
 
 def test_regression_equals_ols_with_member_covariate():
