@@ -1,98 +1,111 @@
-"""Plaintext vs our packed HE vs NVFlare's stock HE, one round of FedAvg over the shared trunk.
+"""Plaintext vs our sectioned CKKS vs NVFlare's stock HE: one round of FedAvg over the shared trunk.
 
-Each scheme runs its real FLARE components, in this process, on the consortium's default trunk
-(``models.SharedTrunk``: 2000 features x [256, 64] = 529,344 parameters):
+Each scheme aggregates, in this process, the consortium's default trunk (``models.network.SharedTrunk``:
+2000 features x [256, 64] = 529,344 parameters) of every member, weighted by its local steps:
 
-- ``plaintext``: the Client API result (``WEIGHTS``), NVFlare's ``InTimeAccumulateWeightedAggregator``;
-- ``ours``: ``jobs.he`` (``EncryptWeightedUpdate`` -> ``CiphertextSumAggregator`` ->
-  ``EncryptedAggregateShareableGenerator`` -> ``DecryptAggregate``), CKKS N=8192, [60, 40], 2^40;
+- ``plaintext``: ``jobs.sections.weighted_update`` -> the server's ``jobs.aggregation.SectionSumAggregator``
+  (float64 sums) -> ``jobs.sections.finalize`` at the member;
+- ``ours``: ``weighted_update`` -> ``jobs.he.payload.encrypt_update`` (CKKS N=8192, [60, 40], 2^40: the
+  ``privacy.he`` defaults) -> the server's ``CiphertextSum`` under the public context -> the member's
+  ``decrypt_update`` + ``finalize``; ``--ckks N,BITS,... --scale S`` adds a candidate parameter set;
 - ``stock``: ``nvflare.app_opt.he`` (``HEModelEncryptor`` -> ``HEInTimeAccumulateWeightedAggregator`` ->
-  ``HEModelShareableGenerator`` -> ``HEModelDecryptor``), CKKS N=8192, [60, 40, 40], 2^40 (HEBuilder's).
+  ``HEModelShareableGenerator`` -> ``HEModelDecryptor``) with ``HEBuilder``'s N=8192, [60, 40, 40], 2^40.
 
-Every message crosses a simulated wire: FOBS-serialized by the sender and deserialized by the
-receiver, as FLARE does; its size is the bytes sent. "round s" adds, one after the other on this
-machine, the slowest member's encryption, all (de)serializations, the server's aggregation and the
-slowest member's decryption (members would run theirs in parallel). Not included: FLARE's task
-polling and network latency (seconds per round on POC, the same for all three schemes).
+Every message crosses a simulated wire: FOBS-serialized by the sender and deserialized by the receiver,
+as FLARE does; its size is the bytes sent. "encrypt" is the slowest member's preparation of its update
+(weighting, encryption, DXO), "add" the server's whole aggregation, "decrypt" one member's decryption and
+finalization (members run theirs in parallel), "wire" all (de)serializations of the round. Local steps
+are those of the default synthetic consortium (300, 800, 2000 samples; training defaults). The error is
+the max abs difference of the member's final trunk from float64 FedAvg; the relative error is the worst
+array's max abs difference over its largest |weight| (the first layer's weights are ~0.03, LayerNorm's ~1).
+Not included: FLARE's task polling and network latency (the same for every scheme).
 
-    PYTHONPATH=. python benchmarks/he_benchmark.py [--members 3] [--features 2000] [--widths 256 64]
+    .venv/bin/python benchmarks/he_benchmark.py [--members 3] [--ckks 4096,30,20 --scale 20] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import contextlib
+import ctypes
 import logging
+import math
 import os
-import re
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import tenseal as ts
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import FLContextKey, ReservedKey
+from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
-from nvflare.apis.workspace import Workspace
 from nvflare.app_common.abstract.model import make_model_learnable
-from nvflare.app_common.aggregators.intime_accumulate_model_aggregator import InTimeAccumulateWeightedAggregator
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.decomposers import common_decomposers
 from nvflare.fuel.utils import fobs
 
-STEPS_PER_MEMBER = (40, 64, 25, 50, 33, 70, 12, 45)
+from jobs.aggregation import SectionSumAggregator
+from jobs.he.context import make_contexts
+from jobs.he.packing import encrypt_flat, flatten
+from jobs.he.payload import (
+    CiphertextSum,
+    EncryptedSection,
+    EncryptedUpdate,
+    decrypt_update,
+    encrypt_update,
+)
+from jobs.sections import finalize, sections_of, weighted_update
+from models.network import SharedTrunk
+from omics.synthetic import DEFAULT_SIZES
+from schema.config import DataContract, HomomorphicEncryption, Training
+
+Params = dict[str, np.ndarray]
 
 
 @dataclass
 class RoundFigures:
     scheme: str
+    ckks: str
     encrypt_s: float = 0.0  # slowest member
+    add_s: float = 0.0  # server: accept all + aggregate
+    decrypt_s: float = 0.0  # one member
     wire_s: float = 0.0  # all FOBS (de)serializations of the round
-    aggregate_s: float = 0.0  # server: accept all + aggregate + shareable generator
-    decrypt_s: float = 0.0  # slowest member
     upload_bytes: int = 0  # one member's result
-    download_bytes: int = 0  # the global model sent to one member
+    download_bytes: int = 0  # the aggregate sent to one member
     max_error: float = 0.0  # vs float64 weighted FedAvg
-
-    @property
-    def round_s(self) -> float:
-        return self.encrypt_s + self.wire_s + self.aggregate_s + self.decrypt_s
-
-    def bytes_per_round(self, members: int) -> int:
-        return members * (self.upload_bytes + self.download_bytes)
+    rel_error: float = 0.0  # worst array's max error / its max |FedAvg weight|
+    note: str = ""
 
 
-def default_trunk(n_features: int, widths: list[int], *, seed: int = 0) -> dict[str, np.ndarray]:
-    from models.network import SharedTrunk
+def local_steps(members: int) -> list[int]:
+    """Optimizer steps per round of each member of the default synthetic consortium (sizes cycled)."""
+    data, training = DataContract(), Training()
+    train_share = 1.0 - data.val_fraction - data.test_fraction
+    sizes = [DEFAULT_SIZES[i % len(DEFAULT_SIZES)] for i in range(members)]
+    return [math.ceil(round(n * train_share) / training.batch_size) * training.local_epochs for n in sizes]
 
-    trunk = SharedTrunk(n_features, trunk_widths=widths, seed=seed)
-    return {k: v.detach().numpy().astype(np.float32) for k, v in trunk.state_dict().items()}
 
-
-def member_trunks(base: dict[str, np.ndarray], members: int, *, seed: int = 1) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
+def member_trunks(n_features: int, widths: list[int], members: int, *, seed: int = 0) -> list[Params]:
+    """The default trunk's initial weights, perturbed per member as a round of training would."""
+    base = SharedTrunk(n_features, trunk_widths=widths, seed=seed).state_dict()
+    rng = np.random.default_rng(seed + 1)
     return [
-        {k: (v + rng.normal(scale=0.01, size=v.shape)).astype(np.float32) for k, v in base.items()}
+        {k: (v.numpy() + rng.normal(scale=0.01, size=v.shape)).astype(np.float32) for k, v in base.items()}
         for _ in range(members)
     ]
 
 
-def fedavg(trunks: list[dict[str, np.ndarray]], steps: list[int]) -> dict[str, np.ndarray]:
+def fedavg(trunks: list[Params], steps: list[int]) -> Params:
     total = float(sum(steps))
     return {k: sum(n * t[k].astype(np.float64) for t, n in zip(trunks, steps, strict=True)) / total for k in trunks[0]}
 
 
 class Wire:
-    """FOBS both ways, timed; what a FLARE cell does to every message."""
+    """FOBS both ways, timed: what a FLARE cell does to every message."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
@@ -105,108 +118,122 @@ class Wire:
         return received, len(data)
 
 
-def _timed(fn: Callable, *args):
+def timed(fn: Callable, *args, **kwargs):
     started = time.perf_counter()
-    out = fn(*args)
+    out = fn(*args, **kwargs)
     return out, time.perf_counter() - started
 
 
-def _result(trunk: dict[str, np.ndarray], steps: int, site: str) -> Shareable:
-    shareable = DXO(DataKind.WEIGHTS, data=dict(trunk), meta={MetaKey.NUM_STEPS_CURRENT_ROUND: steps}).to_shareable()
-    shareable.set_peer_props({ReservedKey.IDENTITY_NAME: site})
-    shareable.add_cookie(AppConstants.CONTRIBUTION_ROUND, 0)
-    return shareable
-
-
-class _QuietEngine:
-    """Stands in for FLARE's engine: the components report events through it; nobody listens here."""
+class QuietEngine:
+    """Stands in for FLARE's engine: the stock components fire events through it; nobody listens here."""
 
     def fire_event(self, event_type: str, fl_ctx: FLContext) -> None:
         pass
 
 
-def _server_ctx(root: Path | None = None) -> FLContext:
+def server_ctx() -> FLContext:
     fl_ctx = FLContext()
-    fl_ctx.put(ReservedKey.ENGINE, _QuietEngine(), private=True, sticky=False)
-    if root is not None:
-        fl_ctx.set_prop(FLContextKey.WORKSPACE_OBJECT, Workspace(root_dir=str(root)), private=True, sticky=False)
+    fl_ctx.put(ReservedKey.ENGINE, QuietEngine(), private=True, sticky=False)
     fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 0, private=True, sticky=False)
     fl_ctx.set_peer_context(FLContext())
     return fl_ctx
 
 
-def _max_error(received: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> float:
-    return max(
-        float(np.max(np.abs(np.asarray(received[k]).reshape(expected[k].shape) - expected[k]))) for k in expected
-    )
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Silence C++ writes to stdout (TenSEAL warns once per vector longer than one ciphertext)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+            ctypes.CDLL(None).fflush(None)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
-def run_plaintext(trunks, steps) -> RoundFigures:
-    figures, wire = RoundFigures("plaintext"), Wire()
-    aggregator = InTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHTS)
-    fl_ctx = _server_ctx()
-    aggregator.handle_event(EventType.START_RUN, fl_ctx)
+def as_result(dxo: DXO, site: str) -> Shareable:
+    shareable = dxo.to_shareable()
+    shareable.set_peer_props({ReservedKey.IDENTITY_NAME: site})
+    shareable.add_cookie(AppConstants.CONTRIBUTION_ROUND, 0)
+    return shareable
+
+
+def score(figures: RoundFigures, received: Params, expected: Params) -> RoundFigures:
+    errors = {k: float(np.max(np.abs(np.asarray(received[k]).reshape(v.shape) - v))) for k, v in expected.items()}
+    figures.max_error = max(errors.values())
+    figures.rel_error = max(errors[k] / float(np.max(np.abs(v))) for k, v in expected.items())
+    return figures
+
+
+def run_plaintext(trunks: list[Params], steps: list[int]) -> RoundFigures:
+    figures, wire, fl_ctx = RoundFigures("plaintext", "-"), Wire(), server_ctx()
+    aggregator = SectionSumAggregator(he=False)
     results = []
     for i, (trunk, n) in enumerate(zip(trunks, steps, strict=True)):
-        received, figures.upload_bytes = wire.send(_result(trunk, n, f"m{i}"))
+        (params, meta), seconds = timed(weighted_update, trunk, weights={"trunk": n})
+        figures.encrypt_s = max(figures.encrypt_s, seconds)
+        received, figures.upload_bytes = wire.send(as_result(DXO(DataKind.WEIGHTS, data=params, meta=meta), f"m{i}"))
         results.append(received)
     started = time.perf_counter()
     for received in results:
-        aggregator.accept(received, fl_ctx)
+        assert aggregator.accept(received, fl_ctx)
     aggregate = aggregator.aggregate(fl_ctx)
-    figures.aggregate_s = time.perf_counter() - started
+    figures.add_s = time.perf_counter() - started
     task, figures.download_bytes = wire.send(aggregate)
+    dxo = from_shareable(task)
+    plain, figures.decrypt_s = timed(finalize, dxo.data, dxo.meta)
     figures.wire_s = wire.seconds
-    figures.max_error = _max_error(from_shareable(task).data, fedavg(trunks, steps))
-    return figures
+    return score(figures, plain, fedavg(trunks, steps))
 
 
-def run_ours(trunks, steps) -> RoundFigures:
-    from jobs.he.context import CLIENT_CONTEXT_FILE, SERVER_CONTEXT_FILE, make_contexts
-    from jobs.he.filters import DecryptAggregate, EncryptWeightedUpdate
-    from jobs.he.server import CiphertextSumAggregator, EncryptedAggregateShareableGenerator
+def encrypt_unguarded(context: ts.Context, params: Params, *, meta: dict) -> EncryptedUpdate:
+    """``encrypt_update`` without its headroom guard: to measure a parameter set the guard refuses."""
+    sections = {}
+    for name, section in sections_of(meta).items():
+        flat, layout = flatten({k: params[k] for k in section.keys})
+        sections[name] = EncryptedSection(encrypt_flat(context, flat), layout)
+    return EncryptedUpdate(sections=sections, meta=dict(meta))
 
-    figures, wire = RoundFigures("ours"), Wire()
-    client_bytes, server_bytes = make_contexts()
-    with tempfile.TemporaryDirectory() as scratch:
-        kits = {}
-        for name, file, data in (
-            ("member", CLIENT_CONTEXT_FILE, client_bytes),
-            ("server", SERVER_CONTEXT_FILE, server_bytes),
-        ):
-            for sub in ("startup", "local"):
-                (Path(scratch) / name / sub).mkdir(parents=True)
-            (Path(scratch) / name / "startup" / file).write_bytes(data)
-            kits[name] = _server_ctx(Path(scratch) / name)
-        encrypt, decrypt = EncryptWeightedUpdate(), DecryptAggregate()
-        aggregator, generator = CiphertextSumAggregator(), EncryptedAggregateShareableGenerator()
-        encrypt.process(DXO(DataKind.METRICS, data={}).to_shareable(), kits["member"])  # loads nothing; warm-up
-        (
-            encrypt._context_for(kits["member"]),
-            decrypt._context_for(kits["member"]),
-            aggregator._context_for(kits["server"]),
-        )
-        results = []
-        for i, (trunk, n) in enumerate(zip(trunks, steps, strict=True)):
-            encrypted, seconds = _timed(encrypt.process, _result(trunk, n, f"m{i}"), kits["member"])
-            figures.encrypt_s = max(figures.encrypt_s, seconds)
-            received, figures.upload_bytes = wire.send(encrypted)
-            results.append(received)
+
+def run_ours(trunks: list[Params], steps: list[int], *, he: HomomorphicEncryption) -> RoundFigures:
+    ckks = f"N={he.poly_modulus_degree} {list(he.coeff_mod_bit_sizes)} 2^{he.global_scale_bits}"
+    figures, wire = RoundFigures("ours", ckks), Wire()
+    client_bytes, server_bytes = make_contexts(he)
+    member, server = ts.context_from(client_bytes), ts.context_from(server_bytes)
+    encrypt = encrypt_update
+    try:  # the member with the most steps sends the largest values: the guard's worst case
+        params, meta = weighted_update(trunks[int(np.argmax(steps))], weights={"trunk": max(steps)})
+        encrypt_update(member, params, meta=meta)
+    except ValueError as exc:
+        figures.note = f"encrypt_update refuses ({exc}); measured without its guard"
+        encrypt = encrypt_unguarded
+    results = []
+    for trunk, n in zip(trunks, steps, strict=True):
         started = time.perf_counter()
-        for received in results:
-            assert aggregator.accept(received, kits["server"])
-        task = generator.learnable_to_shareable(
-            generator.shareable_to_learnable(aggregator.aggregate(kits["server"]), kits["server"]), kits["server"]
-        )
-        figures.aggregate_s = time.perf_counter() - started
-        task, figures.download_bytes = wire.send(task)
-        plain, figures.decrypt_s = _timed(decrypt.process, task, kits["member"])
+        params, meta = weighted_update(trunk, weights={"trunk": n})
+        shareable = encrypt(member, params, meta=meta).to_dxo().to_shareable()
+        figures.encrypt_s = max(figures.encrypt_s, time.perf_counter() - started)
+        received, figures.upload_bytes = wire.send(shareable)
+        results.append(received)
+    started = time.perf_counter()
+    total = CiphertextSum(server)
+    for received in results:
+        total.add(EncryptedUpdate.from_dxo(from_shareable(received)))
+    aggregate = total.result().to_dxo().to_shareable()
+    figures.add_s = time.perf_counter() - started
+    task, figures.download_bytes = wire.send(aggregate)
+    started = time.perf_counter()
+    update = EncryptedUpdate.from_dxo(from_shareable(task))
+    plain = finalize(decrypt_update(member, update), update.meta)
+    figures.decrypt_s = time.perf_counter() - started
     figures.wire_s = wire.seconds
-    figures.max_error = _max_error(from_shareable(plain).data, fedavg(trunks, steps))
-    return figures
+    return score(figures, plain, fedavg(trunks, steps))
 
 
-def run_stock(trunks, steps) -> RoundFigures:
+def run_stock(trunks: list[Params], steps: list[int]) -> RoundFigures:
     from nvflare.app_opt.he import decomposers
     from nvflare.app_opt.he.intime_accumulate_model_aggregator import HEInTimeAccumulateWeightedAggregator
     from nvflare.app_opt.he.model_decryptor import HEModelDecryptor
@@ -215,23 +242,25 @@ def run_stock(trunks, steps) -> RoundFigures:
     from nvflare.lighter.impl.he import HEBuilder
 
     decomposers.register()
-    figures, wire = RoundFigures("stock"), Wire()
-    builder = HEBuilder()  # N=8192, [60, 40, 40], 2^40, exactly what POC/provisioning would write
+    builder = HEBuilder()  # what POC/provisioning would write
     builder.initialize(None, None)
+    ckks = f"N={builder.poly_modulus_degree} {builder.coeff_mod_bit_sizes} 2^{builder.scale_bits}"
+    figures, wire, fl_ctx = RoundFigures("stock", ckks), Wire(), server_ctx()
     client_ctx = ts.context_from(builder.get_serialized_context(is_client=True))
-    server_ctx = ts.context_from(builder.get_serialized_context(is_client=False))
+    server_context = ts.context_from(builder.get_serialized_context(is_client=False))
     encrypt = HEModelEncryptor(weigh_by_local_iter=True)
-    encrypt.tenseal_context, encrypt.encrypt_layers = client_ctx, [True]
+    encrypt.tenseal_context, encrypt.encrypt_layers = client_ctx, [True]  # what START_RUN would load
     decrypt = HEModelDecryptor()
     decrypt.tenseal_context = client_ctx
     aggregator = HEInTimeAccumulateWeightedAggregator(expected_data_kind=DataKind.WEIGHTS, weigh_by_local_iter=False)
     generator = HEModelShareableGenerator()
-    generator.tenseal_context = server_ctx
-    fl_ctx = _server_ctx()
+    generator.tenseal_context = server_context
     aggregator.handle_event(EventType.START_RUN, fl_ctx)
     results = []
     for i, (trunk, n) in enumerate(zip(trunks, steps, strict=True)):
-        encrypted, seconds = _timed(encrypt.process, _result(trunk, n, f"m{i}"), fl_ctx)
+        dxo = DXO(DataKind.WEIGHTS, data=dict(trunk), meta={MetaKey.NUM_STEPS_CURRENT_ROUND: n})
+        with quiet_stdout():
+            encrypted, seconds = timed(encrypt.process, as_result(dxo, f"m{i}"), fl_ctx)
         figures.encrypt_s = max(figures.encrypt_s, seconds)
         received, figures.upload_bytes = wire.send(encrypted)  # FOBS attaches the context to every layer
         results.append(received)
@@ -241,168 +270,60 @@ def run_stock(trunks, steps) -> RoundFigures:
     aggregate = aggregator.aggregate(fl_ctx)
     fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, make_model_learnable({}, {}), private=True, sticky=False)
     task = generator.learnable_to_shareable(generator.shareable_to_learnable(aggregate, fl_ctx), fl_ctx)
-    figures.aggregate_s = time.perf_counter() - started
+    figures.add_s = time.perf_counter() - started
     task, figures.download_bytes = wire.send(task)
-    plain, figures.decrypt_s = _timed(decrypt.process, task, fl_ctx)
+    plain, figures.decrypt_s = timed(decrypt.process, task, fl_ctx)
     figures.wire_s = wire.seconds
-    figures.max_error = _max_error(from_shareable(plain).data, fedavg(trunks, steps))
-    return figures
-
-
-def print_table(rows: list[RoundFigures], *, members: int, n_params: int) -> None:
-    header = (
-        f"{'scheme':<10} {'round s':>8} {'encrypt':>8} {'wire':>7} {'aggr.':>7} {'decrypt':>8} "
-        f"{'up MB/member':>13} {'down MB/member':>15} {'MB/round':>9} {'B/param up':>11} {'max error':>10}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r.scheme:<10} {r.round_s:8.2f} {r.encrypt_s:8.2f} {r.wire_s:7.2f} {r.aggregate_s:7.2f} "
-            f"{r.decrypt_s:8.2f} "
-            f"{r.upload_bytes / 1e6:13.2f} {r.download_bytes / 1e6:15.2f} {r.bytes_per_round(members) / 1e6:9.1f} "
-            f"{r.upload_bytes / n_params:11.2f} {r.max_error:10.1e}"
-        )
-    by_name = {r.scheme: r for r in rows}
-    plain, ours, stock = by_name["plaintext"], by_name["ours"], by_name["stock"]
-    print()
-    print(
-        f"bytes per round:   ours/plaintext {ours.bytes_per_round(members) / plain.bytes_per_round(members):5.1f}x   "
-        f"stock/plaintext {stock.bytes_per_round(members) / plain.bytes_per_round(members):5.1f}x   "
-        f"stock/ours {stock.bytes_per_round(members) / ours.bytes_per_round(members):5.1f}x"
-    )
-    print(
-        f"upload per member: ours/plaintext {ours.upload_bytes / plain.upload_bytes:5.1f}x   "
-        f"stock/plaintext {stock.upload_bytes / plain.upload_bytes:5.1f}x   "
-        f"stock/ours {stock.upload_bytes / ours.upload_bytes:5.1f}x"
-    )
-    print(
-        f"round seconds:     ours-plaintext {ours.round_s - plain.round_s:+.2f} s   "
-        f"stock-plaintext {stock.round_s - plain.round_s:+.2f} s   stock/ours {stock.round_s / ours.round_s:5.1f}x"
-    )
+    return score(figures, from_shareable(plain).data, fedavg(trunks, steps))
 
 
 def median_figures(runs: list[RoundFigures]) -> RoundFigures:
-    """Median of each timing over repeats (bytes and errors do not vary)."""
+    """Median of each timing over repeats (bytes do not vary; the worst error is kept)."""
     out = runs[0]
-    for name in ("encrypt_s", "wire_s", "aggregate_s", "decrypt_s"):
+    for name in ("encrypt_s", "add_s", "decrypt_s", "wire_s"):
         setattr(out, name, float(np.median([getattr(r, name) for r in runs])))
     out.max_error = max(r.max_error for r in runs)
+    out.rel_error = max(r.rel_error for r in runs)
     return out
 
 
-# -- end to end on POC ------------------------------------------------------------------------------
-
-
-_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - ")
-_ROUND_STARTED = re.compile(r"Round (\d+) started")
-
-
-def round_seconds(poc_workspace: Path) -> dict[int, float]:
-    """Seconds from each round's start to the next one's, from the job's server log.
-
-    The log comes back with the job result (``<admin>/transfer/<job>/workspace/log.txt``). FedAvg prints
-    its "Round N started" banner without a time stamp: the last stamp before it counts. The last round
-    has no successor and is left out.
-    """
-    starts: dict[int, datetime.datetime] = {}
-    for log in poc_workspace.glob("*/prod_*/*/transfer/*/workspace/log.txt"):
-        last = None
-        for line in log.read_text(errors="replace").splitlines():
-            stamp = _STAMP.match(line)
-            if stamp:
-                last = datetime.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f")
-            started = _ROUND_STARTED.search(line)
-            if started and last is not None:
-                starts.setdefault(int(started.group(1)), last)
-    rounds = sorted(starts)
-    return {r: (starts[r + 1] - starts[r]).total_seconds() for r in rounds if r + 1 in starts}
-
-
-def run_poc(scheme: str, config_path: Path, out: Path, *, rounds: int, timeout: float = 900.0) -> dict:
-    """One job of ``scheme`` on a fresh POC; returns job seconds and per-round seconds."""
-    import yaml
-    from nvflare.app_opt.pt.recipes.fedavg_he import FedAvgRecipeWithHE
-    from nvflare.recipe import PocEnv, add_experiment_tracking
-
-    from jobs.biomarker_mtl.job import build_recipe, client_args, job_name, server_model
-    from jobs.he.context import make_contexts
-    from jobs.he.poc import HEPocEnv
-    from jobs.runner import POC_ADMIN, poc_project
-    from provisioning.policies import privacy_policy
-    from schema.config import load_config
-
-    config = load_config(config_path)
-    members = [m.name for m in config.members]
-    workspace = out / scheme
-    workspace.mkdir(parents=True)
-    project = workspace / "project.yml"
-    project_config = poc_project(config)
-    if scheme == "stock":  # stock HE: the operator's provisioning makes and signs the contexts
-        project_config["builders"].insert(-1, {"path": "nvflare.lighter.impl.he.HEBuilder", "args": {}})
-    project.write_text(yaml.safe_dump(project_config, sort_keys=False))
-    os.environ["NVFLARE_POC_WORKSPACE"] = str(workspace / "poc")
-    poc_args = {
-        "clients": members,
-        "num_clients": len(members),
-        "project_conf_path": str(project),
-        "username": POC_ADMIN,
-    }
-    sites = workspace / "sites"
-    if scheme == "plaintext":
-        env, recipe = PocEnv(**poc_args), build_recipe(config, config_path=config_path, outputs=sites, rounds=rounds)
-    elif scheme == "ours":
-        client, server = make_contexts(config.privacy.he)
-        env = HEPocEnv(**poc_args, server_context=server, client_context=client, privacy_policy=privacy_policy(config))
-        recipe = build_recipe(config, config_path=config_path, outputs=sites, rounds=rounds, he=True)
-    else:
-        env = PocEnv(**poc_args, use_he=True)
-        recipe = FedAvgRecipeWithHE(
-            name=job_name(config),
-            model=server_model(config),
-            min_clients=len(members),
-            num_rounds=rounds,
-            train_script=str(Path(__file__).resolve().parents[1] / "jobs" / "biomarker_mtl" / "client.py"),
-            train_args=client_args(config_path=config_path, outputs=sites),
+def print_table(rows: list[RoundFigures], *, n_params: int) -> None:
+    header = (
+        f"{'scheme':<10} {'CKKS':<26} {'encrypt s':>9} {'add s':>6} {'decrypt s':>9} {'wire s':>6} "
+        f"{'up MB/member':>12} {'B/param up':>10} {'down MB':>8} {'max error':>9} {'rel error':>9}"
+    )
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        print(
+            f"{r.scheme:<10} {r.ckks:<26} {r.encrypt_s:9.2f} {r.add_s:6.2f} {r.decrypt_s:9.2f} {r.wire_s:6.2f} "
+            f"{r.upload_bytes / 1e6:12.2f} {r.upload_bytes / n_params:10.2f} {r.download_bytes / 1e6:8.2f} "
+            f"{r.max_error:9.1e} {r.rel_error:9.1e}"
         )
-        # the same server-side MLflow receiver as the consortium job, so all three do the same work
-        add_experiment_tracking(recipe, "mlflow", {"kw_args": {"experiment_name": config.tracking.experiment}})
-    started = time.perf_counter()
+    plain, ours, stock = rows[0], rows[1], rows[2]
+    print(
+        f"\nupload per member: ours/plaintext {ours.upload_bytes / plain.upload_bytes:.1f}x, "
+        f"stock/plaintext {stock.upload_bytes / plain.upload_bytes:.1f}x, stock/ours "
+        f"{stock.upload_bytes / ours.upload_bytes:.1f}x (an fp32 trunk is 4.00 B/param)"
+    )
+    for r in rows[3:]:
+        print(f"candidate {r.ckks}: {r.upload_bytes / ours.upload_bytes:.2f}x the bytes of the default")
+    for r in rows:
+        if r.note:
+            print(f"note, {r.scheme} {r.ckks}: {r.note}")
+
+
+def parse_ckks(text: str, *, scale: int | None) -> HomomorphicEncryption:
+    """``"4096,30,20"`` and a scale in bits -> checked CKKS settings (the same checks as consortium.yaml)."""
     try:
-        run = recipe.run(env)
-        result = run.get_result(timeout=timeout, clean_up=False)
-        status = run.get_status()
-    finally:
-        env.stop(clean_up=False)
-    seconds = time.perf_counter() - started
-    return {
-        "scheme": scheme,
-        "status": status,
-        "ok": result is not None,
-        "seconds": seconds,
-        "rounds": round_seconds(workspace / "poc"),
-    }
-
-
-def print_poc_table(results: list[dict]) -> None:
-    print()
-    print(f"{'scheme':<10} {'status':<20} {'job s':>7} {'round 0 s':>10} {'steady round s':>15}   per round")
-    for r in results:
-        steady = [s for k, s in r["rounds"].items() if k > 0]
-        per_round = " ".join(f"{s:.1f}" for _, s in sorted(r["rounds"].items()))
-        print(
-            f"{r['scheme']:<10} {str(r['status'])[:20]:<20} {r['seconds']:7.1f} "
-            f"{r['rounds'].get(0, float('nan')):10.1f} "
-            f"{float(np.median(steady)) if steady else float('nan'):15.1f}   {per_round}"
-        )
-    by_name = {r["scheme"]: r for r in results}
-    steady = {k: float(np.median([s for i, s in v["rounds"].items() if i > 0] or [np.nan])) for k, v in by_name.items()}
-    if {"plaintext", "ours", "stock"} <= set(steady):
-        print(
-            f"steady round: ours/plaintext {steady['ours'] / steady['plaintext']:4.1f}x   "
-            f"stock/plaintext {steady['stock'] / steady['plaintext']:4.1f}x   "
-            f"stock/ours {steady['stock'] / steady['ours']:4.1f}x"
-        )
+        degree, *bits = (int(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--ckks {text!r}: give N and the prime bit sizes, e.g. 4096,30,20 --scale 20") from None
+    if scale is None:
+        raise SystemExit(f"--ckks {text}: give its scale too, e.g. --scale 20 (bits of 2^scale)")
+    try:
+        return HomomorphicEncryption(poly_modulus_degree=degree, coeff_mod_bit_sizes=bits, global_scale_bits=scale)
+    except ValueError as exc:
+        raise SystemExit(f"--ckks {text} --scale {scale}: {exc}") from None
 
 
 def main() -> None:
@@ -411,80 +332,29 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=2000)
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 64])
     parser.add_argument("--repeats", type=int, default=3, help="timings are the median over repeats")
-    parser.add_argument("--poc", action="store_true", help="also run the three jobs end to end on POC (minutes)")
-    parser.add_argument("--poc-rounds", type=int, default=6)
-    parser.add_argument("--poc-members", type=int, default=2)
-    parser.add_argument("--poc-out", type=Path, default=None, help="where POC runs go; default: a temporary folder")
-    parser.add_argument("--poc-scheme", choices=["plaintext", "ours", "stock"], help=argparse.SUPPRESS)
-    parser.add_argument("--poc-config", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--ckks", help="a candidate CKKS parameter set for ours: N,BITS,... e.g. 4096,30,20")
+    parser.add_argument("--scale", type=int, help="bits of the candidate's scale (2^scale), e.g. 20")
     args = parser.parse_args()
-    if args.poc_scheme:  # one POC job, in its own process (see run_poc_suite)
-        logging.basicConfig(level=logging.ERROR)
-        result = run_poc(args.poc_scheme, args.poc_config, args.poc_out, rounds=args.poc_rounds)
-        print(json.dumps(result, default=str))
-        return
-    logging.basicConfig(level=logging.ERROR)
-    logging.getLogger().setLevel(logging.ERROR)  # FLARE components log every step at INFO
+    candidate = parse_ckks(args.ckks, scale=args.scale) if args.ckks else None
+    logging.basicConfig(level=logging.ERROR)  # FLARE components log every step at INFO
+    logging.getLogger().setLevel(logging.ERROR)
     common_decomposers.register()
-    base = default_trunk(args.features, args.widths)
-    n_params = sum(v.size for v in base.values())
-    trunks = member_trunks(base, args.members)
-    steps = list(STEPS_PER_MEMBER[: args.members])
+    trunks = member_trunks(args.features, args.widths, args.members)
+    n_params = sum(v.size for v in trunks[0].values())
+    steps = local_steps(args.members)
     print(
-        f"trunk: {args.features} features x {args.widths} = {n_params:,} parameters in {len(base)} arrays; "
+        f"trunk: {args.features} features x {args.widths} = {n_params:,} parameters in {len(trunks[0])} arrays; "
         f"{args.members} members, local steps {steps}; timings: median of {args.repeats} runs"
     )
-    rows = [
-        median_figures([run(trunks, steps) for _ in range(args.repeats)])
-        for run in (run_plaintext, run_ours, run_stock)
+    schemes: list[Callable[[], RoundFigures]] = [
+        lambda: run_plaintext(trunks, steps),
+        lambda: run_ours(trunks, steps, he=HomomorphicEncryption()),
+        lambda: run_stock(trunks, steps),
     ]
-    print_table(rows, members=args.members, n_params=n_params)
-    if args.poc:
-        with tempfile.TemporaryDirectory() as scratch:
-            out = (args.poc_out or Path(scratch)).resolve()
-            run_poc_suite(out, members=args.poc_members, features=args.features, rounds=args.poc_rounds)
-
-
-def run_poc_suite(out: Path, *, members: int, features: int, rounds: int) -> None:
-    """Each job on a fresh POC, each in a fresh process (FLARE's admin session does not survive this
-    process's earlier FOBS work, and a crashed job must not take the others' POC with it)."""
-    import jobs
-    from consortium.commands.synth import synthesize
-
-    root = str(Path(jobs.__file__).resolve().parent.parent)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    config_path = synthesize(out / "consortium", sizes=[200] * members, n_features=features, seed=3, rounds=rounds)
-    _use_free_ports(config_path)
-    print(f"\nPOC: {members} members x {rounds} rounds, synthetic consortium with {features} features, in {out}")
-    results = []
-    for scheme in ("plaintext", "ours", "stock"):
-        done = subprocess.run(
-            [sys.executable, __file__, "--poc-scheme", scheme, "--poc-config", str(config_path),
-             "--poc-out", str(out), "--poc-rounds", str(rounds)],
-            env=env, capture_output=True, text=True, timeout=1200,
-        )  # fmt: skip
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode != 0 or not lines:
-            print(f"{scheme}: failed (exit {done.returncode}); see {out / scheme}\n{done.stderr[-2000:]}")
-            continue
-        result = json.loads(lines[-1])
-        result["rounds"] = {int(k): v for k, v in result["rounds"].items()}
-        results.append(result)
-    print_poc_table(results)
-
-
-def _use_free_ports(config_path: Path) -> None:
-    """Other FLARE servers on this machine may hold the default ports: take two free ones."""
-    import yaml
-
-    raw = yaml.safe_load(config_path.read_text())
-    ports = []
-    for _ in range(2):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            ports.append(probe.getsockname()[1])
-    raw["operator"].update({"fl_port": ports[0], "admin_port": ports[1]})
-    config_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    if candidate is not None:
+        schemes.append(lambda: run_ours(trunks, steps, he=candidate))
+    rows = [median_figures([scheme() for _ in range(args.repeats)]) for scheme in schemes]
+    print_table(rows, n_params=n_params)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from consortium.commands.synth import synthesize
 from consortium.flare_env import FederatedRunError
-from consortium.orchestration import RunResult, run_consortium
+from consortium.orchestration import RunResult, check_folds, run_consortium
 from schema.config import load_config
 from schema.errors import UserError
 
@@ -90,6 +90,7 @@ def execute(
     folds: int | None = None,
 ) -> RunResult:
     config = load_config(config_path)
+    check_folds(config, folds=folds or config.data.folds)  # a usage error writes nothing
     total = rounds or config.training.rounds
     log_path = out / "console.log"
     console.print(f"FLARE's own output goes to {log_path}")

@@ -8,19 +8,23 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
+import yaml
 
 from consortium.cli import main
 from schema.config import load_config
 
 
-def test_more_folds_than_the_smallest_class_is_refused_before_anything_is_written(tiny_consortium, tmp_path, capsys):
+def test_more_folds_than_the_smallest_class_is_refused_before_anything_is_written(small_config_dict, tmp_path, capsys):
+    adata = ad.read_h5ad(tmp_path / "m.h5ad")
+    adata.obs["response"] = (np.arange(adata.n_obs) < 6).astype(float)  # 6 positives
+    adata.write_h5ad(tmp_path / "m.h5ad")
+    config = tmp_path / "consortium.yaml"
+    config.write_text(yaml.safe_dump(small_config_dict))
     out = tmp_path / "run"
-    code = main(
-        ["run", "--config", str(tiny_consortium), "--env", "sim", "--no-he", "--out", str(out), "--folds", "20"]
-    )
+    code = main(["run", "--config", str(config), "--env", "sim", "--no-he", "--out", str(out), "--folds", "10"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "--folds 20" in err and "smallest class" in err and "or fewer" in err
+    assert "--folds 10" in err and "'resp'" in err and "smallest class" in err and "--folds 6 or fewer" in err
     assert not out.exists()
 
 
