@@ -172,6 +172,15 @@ class AuditLog:
 
     def _append_locked(self, handle, event: str, details: dict) -> dict:
         last = _last_entry(handle, self.path)
+        head = _read_head(self.head_path)
+        recorded = head.get("index") if head is not None else None
+        if isinstance(recorded, int) and recorded > (-1 if last is None else last["index"]):
+            # appending would overwrite the head, the one record that the log was emptied or cut
+            raise AuditError(
+                f"cannot append to {self.path}: {self.head_path.name} records entry {recorded} but the log ends "
+                f"{'before its first entry' if last is None else 'at ' + str(last['index'])}: it was emptied or "
+                "cut. Keep the files as evidence, run 'consortium audit verify', and start a new log elsewhere"
+            )
         key = self._key_for(last)
         public = public_key_hex(key.public_key())
         if last is not None and last["public_key"] != public:

@@ -36,7 +36,8 @@ DEFINITIONS = {
     "local": "the same network trained on the member's data alone, the same number of passes, no selection",
     "pooled": "one network on all members' data together (one head per endpoint), the same passes, no selection",
     "linear_local / linear_pooled": (
-        "penalized logistic / ridge / Cox (scikit-learn, scikit-survival), penalty chosen on the validation split"
+        "penalized logistic / ridge / Cox (scikit-learn, scikit-survival), penalty chosen on the validation split; "
+        "for an endpoint only one member holds, linear_pooled is linear_local (no one else has its labels)"
     ),
     "budget": "every network arm gets rounds x local_epochs passes over its training data; none selects an epoch",
     "ci": "95% percentile bootstrap over the test samples (within members for endpoint figures); 1000 resamples",

@@ -400,10 +400,16 @@ def _explain(path: Path, exc: ValidationError) -> str:
         field = ".".join(str(p) for p in error["loc"]) or "(top level)"
         field = re.sub(r"\.(binary|regression|survival)(?=\.|$)", "", field)
         value = error.get("input")
-        shown = repr(value) if not isinstance(value, dict | list) else type(value).__name__
         message = error["msg"].removeprefix("Value error, ")
         hint = _hint(error)
-        lines.append(f"  {field} = {shown}: {message}{hint}")
+        if not error["loc"]:  # a check across fields: its message names them
+            lines.append(f"  {message}{hint}")
+        elif error["type"] == "missing" or isinstance(value, dict):  # the input is the parent mapping
+            lines.append(f"  {field}: {message}{hint}")
+        else:
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 or not isinstance(value, list) else f"a list of {len(value)} items"
+            lines.append(f"  {field} = {shown}: {message}{hint}")
     return "\n".join(lines)
 
 

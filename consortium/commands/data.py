@@ -32,7 +32,12 @@ def check_member_file(config_path: Path, member_name: str) -> ContractReport:
         adata = read_member(member.data)
     except DataFileError as exc:
         report = ContractReport(path=str(member.data))
-        report.error("file", str(exc), "re-export the member's data as an AnnData .h5ad file")
+        report.error(
+            "file",
+            str(exc),
+            "point the member's 'data' in consortium.yaml at its .h5ad file, or re-export it with "
+            "anndata's adata.write_h5ad(path)",
+        )
         return report
     return check_member(adata, tasks=member.tasks, rules=rules, path=member.data)
 

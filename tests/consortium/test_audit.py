@@ -280,3 +280,12 @@ def test_cli_verify_against_a_recorded_key(log, recorded_pub, capsys):
     assert main(["audit", "verify", str(log.path), "--public-key", str(recorded_pub)]) == 1
     err = capsys.readouterr().err.replace("\n", " ")
     assert "holds another key than the public key given" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("keep", [0, 3])
+def test_append_refuses_to_paper_over_an_emptied_or_cut_log(log, keep):
+    _write(log, _lines(log)[:keep])
+    with pytest.raises(AuditError, match="records entry 4 but the log ends .*emptied or cut"):
+        log.append("model_released")
+    assert len(log.entries()) == keep
+    assert "records entry 4" in verify_log(log.path).reason

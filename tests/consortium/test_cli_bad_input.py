@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
@@ -67,10 +66,10 @@ def _drop(path: str) -> Callable[[dict], dict]:
 
 
 CONFIG_CASES = {
-    "missing name": (_drop("name"), ["name", "Field required", "add this field"]),
+    "missing name": (_drop("name"), ["name: Field required (add this field)"]),
     "missing members": (_drop("members"), ["members", "add this field"]),
     "missing operator org": (_drop("operator.org"), ["operator.org", "add this field"]),
-    "no members": (_set("members", []), ["members = list", "at least 1 item"]),
+    "no members": (_set("members", []), ["members = []", "at least 1 item"]),
     "bad consortium name": (_set("name", "My Consortium"), ["name = 'My Consortium'", "lower-case letters"]),
     "rounds not a number": (_set("training.rounds", "five"), ["training.rounds = 'five'", "valid integer"]),
     "rounds zero": (_set("training.rounds", 0), ["training.rounds = 0", "greater than or equal to 1"]),
@@ -181,14 +180,7 @@ def _config_file_cases():
         return path, ["consortium.yaml: expected a mapping"]
 
     def missing_panel_file(tmp_path):
-        raw = {
-            "name": "tiny",
-            "operator": {"org": "op"},
-            "panel": {"file": "panel.txt"},
-            "members": [
-                {"name": "m1", "org": "O", "data": "m.h5ad", "tasks": [{"name": "r", "type": "binary", "column": "c"}]}
-            ],
-        }
+        raw = {**_tiny_raw(), "panel": {"file": "panel.txt"}}
         return _write_config(tmp_path, raw), ["panel.file: cannot read", "panel.txt", "one feature id a line"]
 
     return [missing, folder, not_utf8, bad_yaml, a_list, empty, missing_panel_file]
@@ -361,7 +353,7 @@ def _out_cases():
         argv = ["synth", "--out", str(tmp_path / "o"), "--sizes", "60,60,60", "--features", "100"]
         return argv, ["n_features=100 is too small", "use at least 144"]
 
-    def keys_out_is_a_file(tmp_path, config=None):
+    def keys_out_is_a_file(tmp_path):
         (tmp_path / "taken").write_text("x")
         config = _write_config(tmp_path, _tiny_raw())
         return ["keys", "create", "--config", str(config), "--out", str(tmp_path / "taken")], ["taken: is a file"]
@@ -418,7 +410,12 @@ def _tiny_raw() -> dict:
         "operator": {"org": "op"},
         "panel": {"features": ["GENE0", "GENE1"]},
         "members": [
-            {"name": "m1", "org": "Org_One", "data": "m.h5ad", "tasks": [{"name": "r", "type": "binary", "column": "c"}]}
+            {
+                "name": "m1",
+                "org": "Org_One",
+                "data": "m.h5ad",
+                "tasks": [{"name": "r", "type": "binary", "column": "c"}],
+            },
         ],
     }
 
