@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from consortium import comparison
 from consortium.audit import (
     EVENT_JOB_SUBMITTED,
@@ -27,7 +29,7 @@ from consortium.audit import (
 )
 from consortium.flare_env import FederatedRunError, JobOutcome, poc_system, run_poc, run_sim
 from consortium.report import build_report, write_biomarker_tables, write_report
-from consortium.results import JobResults, Released, read_job, read_records, release
+from consortium.results import JobResults, read_job, read_records, release
 from consortium.shared_model import ensure_experiment, log_shared_model, tracking_uri_for
 from jobs import member_data
 from jobs.recipe import build_recipe
@@ -65,6 +67,7 @@ def run_consortium(
     baselines: bool = False,
     he: bool | None = None,
     folds: int | None = None,
+    seeds: int = 1,
     progress: Progress | None = None,
     status: Callable[[str], None] | None = None,
     timeout: float = 3600.0,
@@ -78,6 +81,10 @@ def run_consortium(
     folds
         Cross-validation over the federation (overrides ``data.folds``): K jobs, every sample a test
         sample once; figures come from the out-of-fold predictions.
+    seeds
+        Repeat the whole comparison with ``seeds`` training and split seeds (``training.seed + i``,
+        ``data.split_seed + i``); the report's figures are the first repetition's, and ``report["seeds"]``
+        holds every repetition's paired differences with their mean and standard deviation.
     status
         Called with a short line before each long step (for the CLI).
     """
@@ -99,63 +106,107 @@ def run_consortium(
     tracking_uri = tracking_uri_for(config, out=out)
     ensure_experiment(config, tracking_uri=tracking_uri)
     fold_ids = list(range(folds)) if folds else [None]
-    outcomes: list[tuple[JobOutcome, JobResults, Released]] = []
+    repetitions = []
     started = time.perf_counter()
     with _flare(config, env, out, keys=keys) as submit:
-        for fold in fold_ids:
-            label = f" (fold {fold + 1} of {folds})" if fold is not None else ""
-            mode = "on" if he else "off"
-            say(f"federated job{label}: {len(config.members)} members x {total} rounds in {env} (HE {mode})")
-            recipe = build_recipe(
-                config,
-                he=he,
-                config_path=config.source,
-                outputs=_outputs(out, fold),
-                rounds=total,
-                fold=fold,
-                tracking_uri=tracking_uri,
-            )
-            with _watch(out / "flare", total, progress):
-                outcome = submit(recipe, timeout)
-            audit.append(
-                EVENT_JOB_SUBMITTED,
-                job_id=outcome.job_id,
-                consortium=config.name,
-                env=env,
-                rounds=total,
-                he=he,
-                dp=config.privacy.dp.enabled,
-                fold=fold,
-                members=[m.name for m in config.members],
-            )
-            results = read_job(outcome.result_dir, config=config)
-            _check_finished(results, total, outcome)
-            for round_ in range(total):
-                audit.append(
-                    EVENT_ROUND_COMPLETED,
-                    job_id=outcome.job_id,
-                    round=round_,
-                    sites=sorted(s for s, r in results.records.items() if len(r) > round_),
+        for index in range(seeds):
+            run_config = config if index == 0 else _seeded_config(config, out=out, index=index)
+            where = out if index == 0 else out / f"seed{index}"
+            outcomes = []
+            for fold in fold_ids:
+                label = f" (fold {fold + 1} of {folds})" if fold is not None else ""
+                label += f" (seed {index + 1} of {seeds})" if seeds > 1 else ""
+                mode = "on" if he else "off"
+                say(f"federated job{label}: {len(config.members)} members x {total} rounds in {env} (HE {mode})")
+                recipe = build_recipe(
+                    run_config,
+                    he=he,
+                    config_path=run_config.source,
+                    outputs=_outputs(where, fold),
+                    rounds=total,
+                    fold=fold,
+                    tracking_uri=tracking_uri,
                 )
-            opened = release(results, config, client_context=keys / CLIENT_CONTEXT_FILE if keys else None)
-            outcomes.append((outcome, results, opened))
+                with _watch(out / "flare", total, progress):
+                    outcome = submit(recipe, timeout)
+                outcomes.append(
+                    _record_job(outcome, run_config, audit, env=env, he=he, total=total, fold=fold, keys=keys)
+                )
+            repetitions.append((run_config, where, outcomes))
     seconds = time.perf_counter() - started
-    arms = None
+    arms_by_seed = []
     if baselines or folds:
         say("comparison: each member alone, all members pooled, penalized linear models; intervals")
-        arms = _arms(config, out, fold_ids, baselines=baselines, passes=total * config.training.local_epochs)
+        passes = total * config.training.local_epochs
+        arms_by_seed = [_arms(c, where, fold_ids, baselines=baselines, passes=passes) for c, where, _ in repetitions]
+    outcomes = repetitions[0][2]
+    arms = arms_by_seed[0] if arms_by_seed else None
     report = build_report(
         config, outcomes, env=env, he=he, seconds=seconds, arms=arms, tracking_uri=tracking_uri, folds=folds
     )
     report["tracking"]["model_run_id"] = log_shared_model(
         config, outcomes[-1][2], report=report, tracking_uri=tracking_uri
     )
+    if seeds > 1 and arms_by_seed:
+        report["seeds"] = seed_summary(config, arms_by_seed)
     report_path, md_path = write_report(report, out)
     write_biomarker_tables(outcomes[-1][2], out / "biomarkers")
     audit.append(EVENT_MODEL_RELEASED, job_id=outcomes[-1][0].job_id, model_run_id=report["tracking"]["model_run_id"])
     return RunResult(
         report=report, report_path=report_path, markdown_path=md_path, job_ids=[o.job_id for o, _, _ in outcomes]
     )
+
+
+def _record_job(outcome: JobOutcome, config: ConsortiumConfig, audit: AuditLog, *, env, he, total, fold, keys):
+    """Audit a finished job, read what its server received and open the aggregate."""
+    audit.append(
+        EVENT_JOB_SUBMITTED,
+        job_id=outcome.job_id,
+        consortium=config.name,
+        env=env,
+        rounds=total,
+        he=he,
+        dp=config.privacy.dp.enabled,
+        fold=fold,
+        members=[m.name for m in config.members],
+    )
+    results = read_job(outcome.result_dir, config=config)
+    _check_finished(results, total, outcome)
+    for round_ in range(total):
+        audit.append(
+            EVENT_ROUND_COMPLETED,
+            job_id=outcome.job_id,
+            round=round_,
+            sites=sorted(s for s, r in results.records.items() if len(r) > round_),
+        )
+    opened = release(results, config, client_context=keys / CLIENT_CONTEXT_FILE if keys else None)
+    return outcome, results, opened
+
+
+def seed_summary(config: ConsortiumConfig, arms_by_seed: list) -> dict[str, Any]:
+    """Per member and endpoint, each repetition's paired differences and their mean and sd."""
+    kinds = {name: info["type"] for name, info in config.endpoints().items()}
+    per_seed = [comparison.member_figures(arms, kinds=kinds, seed=config.training.seed) for arms in arms_by_seed]
+    summary: dict[str, Any] = {"n": len(arms_by_seed), "paired_differences": {}}
+    for member, tasks in per_seed[0].items():
+        for task in tasks:
+            for key in tasks[task]["difference"]:
+                values = [s[member][task]["difference"][key]["estimate"] for s in per_seed]
+                summary["paired_differences"].setdefault(member, {}).setdefault(task, {})[key] = {
+                    "values": values,
+                    "mean": float(np.mean(values)),
+                    "sd": float(np.std(values, ddof=1)),
+                }
+    return summary
+
+
+def _seeded_config(config: ConsortiumConfig, *, out: Path, index: int) -> ConsortiumConfig:
+    """The run's config with the training and split seeds moved by ``index`` (a repetition)."""
+    training = config.training.model_copy(update={"seed": config.training.seed + index})
+    data = config.data.model_copy(update={"split_seed": config.data.split_seed + index})
+    path = out / f"consortium.seed{index}.yaml"
+    dump_config(config.model_copy(update={"training": training, "data": data}), path)
+    return load_config(path)
 
 
 def check_folds(config: ConsortiumConfig, *, folds: int | None) -> None:

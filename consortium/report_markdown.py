@@ -68,6 +68,20 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"Paired gains (interval above 0): federated over local in {gains['federated-local']} of "
             f"{gains['tasks']} member endpoints, over pooled in {gains['federated-pooled']}.",
         ]
+    seeds = report.get("seeds")
+    if seeds:
+        lines += [
+            "",
+            f"## Paired differences over {seeds['n']} seeds (mean +- sd)",
+            "",
+            "| member | endpoint | federated - local | federated - pooled |",
+            "|---|---|---|---|",
+        ]
+        for member, tasks in seeds["paired_differences"].items():
+            for task, diffs in tasks.items():
+                cells = [diffs.get(k) for k in ("federated-local", "federated-pooled")]
+                shown = [f"{c['mean']:+.3f} +- {c['sd']:.3f}" if c else "" for c in cells]
+                lines.append(f"| {member} | {task} | {shown[0]} | {shown[1]} |")
     lines += ["", "## Biomarkers per endpoint", ""]
     bio = report["biomarkers"]
     for name in report["endpoints"]:

@@ -88,6 +88,7 @@ def execute(
     baselines: bool,
     he: bool | None,
     folds: int | None = None,
+    seeds: int = 1,
 ) -> RunResult:
     config = load_config(config_path)
     check_folds(config, folds=folds or config.data.folds)  # a usage error writes nothing
@@ -106,6 +107,7 @@ def execute(
                     baselines=baselines,
                     he=he,
                     folds=folds,
+                    seeds=seeds,
                     progress=update,
                     status=lambda line: bar.console.print(line, markup=False, style="dim"),
                 )
@@ -180,11 +182,20 @@ def register(app: typer.Typer) -> None:
         folds: int = typer.Option(
             None, "--folds", min=2, max=20, help="K-fold cross-validation: K jobs, every sample tested once."
         ),
+        seeds: int = typer.Option(
+            1,
+            "--seeds",
+            min=1,
+            max=20,
+            help="Repeat the comparison with N seeds; mean and sd of the paired differences.",
+        ),
     ) -> None:
         """Run the federated biomarker job and write DIR/report.json and DIR/report.md."""
         if env not in ("sim", "poc"):
             raise UserError(f"--env '{env}': use 'sim' (FLARE simulator) or 'poc' (a real server and clients)")
-        print_summary(execute(config, env=env, out=out, rounds=rounds, baselines=baselines, he=he, folds=folds))
+        print_summary(
+            execute(config, env=env, out=out, rounds=rounds, baselines=baselines, he=he, folds=folds, seeds=seeds)
+        )
 
     @app.command("demo")
     def demo(

@@ -29,7 +29,7 @@ def test_more_folds_than_the_smallest_class_is_refused_before_anything_is_writte
 
 
 @pytest.mark.slow
-def test_two_folds_test_every_labelled_sample_once(tiny_consortium: Path, tmp_path: Path):
+def test_two_folds_two_seeds_test_every_labelled_sample_once(tiny_consortium: Path, tmp_path: Path):
     out = tmp_path / "run"
     code = main(
         [
@@ -43,6 +43,8 @@ def test_two_folds_test_every_labelled_sample_once(tiny_consortium: Path, tmp_pa
             str(out),
             "--folds",
             "2",
+            "--seeds",
+            "2",
             "--rounds",
             "1",
         ]
@@ -50,6 +52,13 @@ def test_two_folds_test_every_labelled_sample_once(tiny_consortium: Path, tmp_pa
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["folds"] == 2 and len(report["job_ids"]) == 2 and len(set(report["job_ids"])) == 2
+    seeds = report["seeds"]
+    assert seeds["n"] == 2
+    for tasks in seeds["paired_differences"].values():
+        for diffs in tasks.values():
+            for diff in diffs.values():
+                assert len(diff["values"]) == 2 and diff["mean"] == pytest.approx(np.mean(diff["values"]))
+    assert "over 2 seeds" in (out / "report.md").read_text()
     config = load_config(tiny_consortium)
     for member in config.members:
         obs = ad.read_h5ad(member.data, backed="r").obs
