@@ -15,8 +15,9 @@ from schema.errors import UserError
 console = Console()
 
 
-def download_job(job_id: str, *, kit: Path, username: str | None, into: Path) -> Path:
-    """Download a finished job with a lead's (or the operator's) admin kit; returns its folder."""
+def download_job(job_id: str, *, kit: Path, username: str | None = None) -> Path:
+    """Download a finished job with a lead's (or the operator's) admin kit into the kit's transfer folder;
+    returns its folder. The user name defaults to the kit folder's name (provisioning names it so)."""
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
     user = username or Path(kit).name
@@ -48,6 +49,6 @@ def register(app: typer.Typer) -> None:
         if (kit is None) == (job_dir is None):
             raise UserError("give either --kit LEAD_KIT (download the job) or --job-dir FOLDER (already downloaded)")
         consortium = load_config(config)
-        folder = job_dir or download_job(job, kit=kit, username=None, into=out)
+        folder = job_dir or download_job(job, kit=kit)
         result = report_from_job(consortium, job_folder=folder, job_id=job, out=out, client_context=client_context)
         print_summary(result)
