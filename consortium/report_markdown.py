@@ -68,6 +68,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"Paired gains (interval above 0): federated over local in {gains['federated-local']} of "
             f"{gains['tasks']} member endpoints, over pooled in {gains['federated-pooled']}.",
         ]
+        lines += _pooled_below_federated(report, gains["tasks"])
     seeds = report.get("seeds")
     if seeds:
         lines += [
@@ -101,3 +102,25 @@ def _diff(entry: dict | None) -> str:
         return ""
     verdict = "gain" if entry.get("gain") else "no gain shown"
     return f"{_with_ci(entry.get('estimate'), entry.get('ci'))} ({verdict})"
+
+
+def _pooled_below_federated(report: dict[str, Any], compared: int) -> list[str]:
+    """Where pooled falls below federated beyond the paired interval, say so with the numbers, and how
+    many such cases chance alone gives (each one-sided 2.5%, no multiplicity correction)."""
+    cases = [
+        (member, task, t["difference"]["federated-pooled"])
+        for member, info in report["members"].items()
+        for task, t in info["tasks"].items()
+        if (t.get("difference") or {}).get("federated-pooled", {}).get("gain")
+    ]
+    if not cases:
+        return []
+    lines = ["", "Pooled below federated beyond the paired interval:"]
+    for member, task, diff in cases:
+        lines.append(f"- {member} {task}: federated - pooled {_with_ci(diff['estimate'], diff['ci'])}")
+    lines.append(
+        f"With {compared} member endpoints compared and no multiplicity correction, about {0.025 * compared:.2f} "
+        "such cases are expected by chance alone; the pooled arm also trains one network for every member's "
+        "endpoints with the same number of passes, while each federated member ends on its own heads."
+    )
+    return lines
