@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from schema.errors import UserError
 log = logging.getLogger(__name__)
 
 POC_WORKSPACE_ENV = "NVFLARE_POC_WORKSPACE"
+INTERRUPTED = threading.Event()
+"""Set by the CLI's SIGINT/SIGTERM handler: a failure that follows is the interrupt, not the job."""
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exceeded|Leak)\w*: ")
 
 
@@ -64,7 +67,12 @@ def run_sim(recipe, config: ConsortiumConfig, workspace: Path) -> JobOutcome:
     logs = workspace / recipe.name
     try:
         run = recipe.run(sim)
-    except RuntimeError as exc:
+    except BaseException as exc:
+        stop_processes_under(workspace)  # interrupted or failed: no simulator process outlives the command
+        if INTERRUPTED.is_set():
+            raise KeyboardInterrupt("interrupted") from exc
+        if not isinstance(exc, RuntimeError):
+            raise
         raise FederatedRunError(
             f"simulated job failed; logs in {logs}/server/log.txt and {logs}/<member>/log.txt{first_errors(logs)}"
         ) from exc
@@ -119,8 +127,11 @@ def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float) -> 
     try:
         run = recipe.run(env)
         job_id = run.get_job_id()
-        result = run.get_result(timeout=timeout)
-        status = run.get_status()
+        status = _wait_until_finished(run, timeout=timeout)
+        result = run.get_result(timeout=120) if status else None
+        status = run.get_status() or status
+    except (KeyboardInterrupt, FederatedRunError):
+        raise
     except Exception as exc:
         raise FederatedRunError(
             f"POC job {job_id or '(not submitted)'} failed: {exc}; logs under {prod}{first_errors(prod, job_id)}"
@@ -138,6 +149,17 @@ def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float) -> 
         )
     kits = {name: prod / name for name in [config.operator.host, *(m.name for m in config.members)]}
     return JobOutcome(job_id=job_id, result_dir=Path(result), logs=prod, kits=kits)
+
+
+def _wait_until_finished(run, *, timeout: float, poll: float = 2.0) -> str | None:
+    """Poll the job's status (our own loop, so an interrupt ends it at once); ``None`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = run.get_status()
+        if status and status.startswith("FINISHED"):
+            return status
+        time.sleep(poll)
+    return None
 
 
 def check_ports_free(config: ConsortiumConfig) -> None:

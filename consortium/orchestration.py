@@ -9,7 +9,9 @@ reads the federated arm's test predictions the sites kept.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -99,6 +101,47 @@ def run_consortium(
     say = status or (lambda line: log.info(line))
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        return _run_locked(
+            config,
+            env=env,
+            out=out,
+            rounds=rounds,
+            baselines=baselines,
+            he=he,
+            folds=folds,
+            seeds=seeds,
+            progress=progress,
+            say=say,
+            timeout=timeout,
+        )
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """One run at a time in a run folder: a second one is refused with the holder's pid."""
+    path = out / ".consortium-run.lock"
+    handle = open(path, "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunError(
+                f"{out}: another consortium run (pid {holder}) is writing to this folder; wait for it to end "
+                "or give another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def _run_locked(config, *, env, out, rounds, baselines, he, folds, seeds, progress, say, timeout) -> RunResult:
     config = _run_config(config, out=out, folds=folds)
     total = int(rounds or config.training.rounds)
     audit = AuditLog(out / "audit.jsonl")

@@ -31,11 +31,19 @@ from nvflare.apis.shareable import ReservedHeaderKey, Shareable
 
 from jobs.he.payload import is_encrypted_dxo
 
-SAFE, PLAINTEXT = "safe", "plaintext"
+SAFE, PLAINTEXT, UNDECLARED = "safe", "plaintext", "undeclared"
+# what may travel in plaintext besides the encrypted update: named summaries, never per-sample content
+MAX_METRICS = 256
+MAX_META_ENTRIES = 256
+MAX_META_LIST = 4096
+MAX_META_NUMBERS = 64
+MAX_META_STRING = 512
 
 
 def classify_result(shareable: Shareable) -> str:
-    """``"safe"`` (no payload, scalar metrics, or our encrypted update) or ``"plaintext"``."""
+    """``"safe"`` (no payload, a bounded set of numeric metrics, or our encrypted update, each with a
+    meta of bounded summaries), ``"plaintext"`` (a model in the clear) or ``"undeclared"`` (data dressed
+    as metrics or meta: arrays, strings such as sample IDs, long lists, too many entries)."""
     if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
         return SAFE  # error replies carry no model
     try:
@@ -43,16 +51,43 @@ def classify_result(shareable: Shareable) -> str:
     except ValueError:
         payload = {k: v for k, v in shareable.items() if k != ReservedHeaderKey.HEADERS}
         return PLAINTEXT if payload else SAFE  # a raw, non-DXO payload could be anything
+    if not _declared(dxo.meta or {}):
+        return UNDECLARED
     if is_encrypted_dxo(dxo):
         return SAFE
-    if dxo.data_kind == DataKind.METRICS and _all_scalars(dxo.data):
-        return SAFE
+    if dxo.data_kind == DataKind.METRICS:
+        return SAFE if _few_numbers(dxo.data) else UNDECLARED
     return PLAINTEXT
 
 
-def _all_scalars(data) -> bool:
-    values = data.values() if isinstance(data, dict) else [data]
-    return all(isinstance(v, (numbers.Number, str, bool)) or np.ndim(v) == 0 for v in values)
+def _few_numbers(data) -> bool:
+    """Metrics are a bounded number of named numbers: no strings (sample IDs), no arrays (a data matrix)."""
+    values = list(data.values()) if isinstance(data, dict) else [data]
+    return len(values) <= MAX_METRICS and all(
+        isinstance(v, (numbers.Number, bool)) or (isinstance(v, np.ndarray | np.generic) and np.ndim(v) == 0)
+        for v in values
+    )
+
+
+def _declared(meta, *, depth: int = 0) -> bool:
+    """The plaintext meta holds summaries only: short lists, short strings, numbers, bounded in size."""
+    if depth > 8:
+        return False
+    if isinstance(meta, dict):
+        if len(meta) > MAX_META_ENTRIES:
+            return False
+        return all(isinstance(k, str) and _declared(v, depth=depth + 1) for k, v in meta.items())
+    if isinstance(meta, list | tuple):
+        numeric = sum(isinstance(v, (numbers.Number, np.generic)) and not isinstance(v, bool) for v in meta)
+        # key names and shapes may be long lists; numbers in a list (one per sample?) may not
+        return numeric <= MAX_META_NUMBERS and len(meta) <= MAX_META_LIST and all(
+            _declared(v, depth=depth + 1) for v in meta
+        )
+    if isinstance(meta, str):
+        return len(meta) <= MAX_META_STRING
+    if isinstance(meta, np.ndarray):
+        return meta.ndim == 0
+    return meta is None or isinstance(meta, (numbers.Number, bool, np.generic))
 
 
 class RequireEncryptedResult(Filter):
@@ -82,14 +117,21 @@ class RequireEncryptedResult(Filter):
         if event_type != EventType.AFTER_TASK_RESULT_FILTER:
             return
         result = fl_ctx.get_prop(FLContextKey.TASK_RESULT)
-        if isinstance(result, Shareable) and classify_result(result) != SAFE:
+        verdict = classify_result(result) if isinstance(result, Shareable) else SAFE
+        if verdict != SAFE:
             scrub_result(result)
             self.log_error(
                 fl_ctx,
-                "site policy RequireEncryptedResult: this job would send a plaintext model; it was removed and "
-                "the result marked UNSAFE_JOB. Run the consortium's HE job (consortium run --he, or "
-                "jobs.recipe.build_recipe(..., he=True)) so that EncryptSections encrypts the update",
+                f"site policy RequireEncryptedResult: this job would send {_WHAT[verdict]}; it was "
+                "removed and the result marked UNSAFE_JOB. Run the consortium's HE job (consortium run --he, or "
+                "jobs.recipe.build_recipe(..., he=True)), which sends only the encrypted update and bounded summaries",
             )
+
+
+_WHAT = {
+    PLAINTEXT: "a plaintext model",
+    UNDECLARED: "content that is not a declared result (arrays, strings or long lists as metrics or meta)",
+}
 
 
 def scrub_result(result: Shareable) -> None:

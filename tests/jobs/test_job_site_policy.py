@@ -16,7 +16,7 @@ from nvflare.app_common.app_constant import AppConstants
 from jobs.he.filters import EncryptSections
 from jobs.he.payload import encrypt_update
 from jobs.sections import weighted_update
-from jobs.site_policy import PLAINTEXT, SAFE, RequireEncryptedResult, classify_result, scrub_result
+from jobs.site_policy import PLAINTEXT, SAFE, UNDECLARED, RequireEncryptedResult, classify_result, scrub_result
 from schema.names import HE_SCOPE, TRAIN_TASK
 
 
@@ -85,7 +85,6 @@ def test_ciphertext_scalar_metrics_and_errors_are_safe(member_context):
 
 def test_model_payloads_in_any_other_form_are_plaintext():
     stock_he = DXO(DataKind.WEIGHTS, data={"w": b"\x00" * 64}, meta={MetaKey.PROCESSED_ALGORITHM: "CKKS"})
-    arrays_as_metrics = DXO(DataKind.METRICS, data={"w": np.ones(10)})
     diff = DXO(DataKind.WEIGHT_DIFF, data={"w": np.ones(3)})
     forged = DXO(DataKind.APP_DEFINED, data={"ciphertexts": {"trunk": [np.ones(3)]}}, meta={"he_format": "x"})
     raw = Shareable()
@@ -93,7 +92,6 @@ def test_model_payloads_in_any_other_form_are_plaintext():
     for result in (
         _plain(),
         stock_he.to_shareable(),
-        arrays_as_metrics.to_shareable(),
         diff.to_shareable(),
         forged.to_shareable(),
         raw,
@@ -156,3 +154,50 @@ def test_an_encryptor_for_another_task_does_not_count(kits):
     job_filters = {"submit_model" + FilterKey.DELIMITER + FilterKey.OUT: [EncryptSections()]}
     out = apply_filters("task_result_filters", _plain(), fl_ctx, job_filters, TRAIN_TASK, FilterKey.OUT)
     assert _final(policy, out, fl_ctx).get_return_code() == ReturnCode.UNSAFE_JOB
+
+
+def test_data_dressed_as_metrics_or_meta_is_refused(member_context):
+    rng = np.random.default_rng(0)
+    whole_matrix = DXO(DataKind.METRICS, data={f"v{i}": float(v) for i, v in enumerate(rng.normal(size=100_000))})
+    sample_ids = DXO(DataKind.METRICS, data={f"s{i}": f"patient-{i}:1" for i in range(20)})
+    per_sample_meta = _encrypted(member_context)
+    dxo = from_shareable(per_sample_meta)
+    dxo.meta["consortium_published"] = {"round": 1, "test": {"os": {"risk": rng.normal(size=500).tolist()}}}
+    dxo.update_shareable(per_sample_meta)
+    arrays_as_metrics = DXO(DataKind.METRICS, data={"w": np.ones(10)})
+    for result in (
+        whole_matrix.to_shareable(),
+        sample_ids.to_shareable(),
+        per_sample_meta,
+        arrays_as_metrics.to_shareable(),
+    ):
+        assert classify_result(result) == UNDECLARED
+
+
+def test_a_sites_real_last_round_result_is_declared(member_context):
+    """What jobs/site.py publishes in its last round (figures, intervals, sample counts) passes the bound."""
+    published = {
+        "round": 1,
+        "total_rounds": 2,
+        "steps": 44,
+        "train_loss": 0.7,
+        "epsilon": None,
+        "seconds": 3.2,
+        "val": {t: {"auroc": 0.8, "auprc": 0.7} for t in ("a", "b", "c")},
+        "test": {t: {"auroc": 0.8, "auprc": 0.7, "ci": [0.7, 0.9], "n": 45} for t in ("a", "b", "c")},
+        "samples": {"train": 210, "val": 45, "test": 45},
+    }
+    result = _encrypted(member_context)
+    dxo = from_shareable(result)
+    dxo.meta["consortium_published"] = published
+    dxo.update_shareable(result)
+    assert classify_result(result) == SAFE
+    assert classify_result(DXO(DataKind.METRICS, data={"val_primary": 0.8, "n": 40}).to_shareable()) == SAFE
+
+
+def test_undeclared_content_is_scrubbed_at_the_end_of_the_chain():
+    policy = RequireEncryptedResult()
+    result = DXO(DataKind.METRICS, data={f"v{i}": 0.5 for i in range(1000)}).to_shareable()
+    _final(policy, result, _member_ctx(policy))
+    assert result.get_return_code() == ReturnCode.UNSAFE_JOB
+    assert classify_result(result) == SAFE  # nothing is left in it

@@ -1,0 +1,65 @@
+"""A run folder takes one run at a time, and SIGTERM stops every FLARE process a run started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from consortium.cli import main
+from consortium.flare_env import stop_processes_under
+from consortium.orchestration import run_lock
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(tiny_consortium: Path, tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    with run_lock(out):
+        code = main(["run", "--config", str(tiny_consortium), "--env", "sim", "--no-he", "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"pid {os.getpid()}" in err and "give another --out" in err
+
+
+def test_the_lock_is_released_after_a_run(tmp_path: Path):
+    with run_lock(tmp_path):
+        pass
+    with run_lock(tmp_path):  # would raise if the first one were still held
+        pass
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_run_and_every_flare_process(tiny_consortium: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "consortium.cli",
+        "run",
+        "--config",
+        str(tiny_consortium),
+        "--env",
+        "sim",
+        "--no-he",
+        "--out",
+        str(out),
+        "--rounds",
+        "20",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not list((out / "flare").rglob("published.jsonl")) and time.monotonic() < deadline:
+        time.sleep(1)  # the simulator's sites are running once the first round is recorded
+    assert process.poll() is None, process.communicate()
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "interrupted; every FLARE process this command started has been stopped" in err
+    assert time.monotonic() - sent < 120
+    assert stop_processes_under(out / "flare") == 0
