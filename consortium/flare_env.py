@@ -29,11 +29,13 @@ from pathlib import Path
 
 import yaml
 
+from consortium.results import read_records
 from provisioning.he_keys import install_keys
 from provisioning.policies import write_site_policies
 from provisioning.project import build_project, member_lead
 from schema.config import ConsortiumConfig
 from schema.errors import UserError
+from schema.names import GLOBAL_MODEL_FILE, PUBLISHED_FILE
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +119,13 @@ def poc_system(
         stop_processes_under(poc_workspace)
 
 
-def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float) -> JobOutcome:
-    """Submit ``recipe`` with the first member lead's admin kit and wait for it to finish."""
+def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float, rounds: int) -> JobOutcome:
+    """Submit ``recipe`` with the first member lead's admin kit and wait for it to finish.
+
+    With members that dropped out, FLARE keeps the job RUNNING until its heartbeat gives up on them
+    (10 minutes); once the server has aggregated every round from ``training.min_members`` and stored
+    the last aggregate, the job's work is done: it is ended and read from the (local) server workspace.
+    """
     from nvflare.recipe import ProdEnv
 
     lead = member_lead(config.members[0])
@@ -127,9 +134,16 @@ def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float) -> 
     try:
         run = recipe.run(env)
         job_id = run.get_job_id()
-        status = _wait_until_finished(run, timeout=timeout)
-        result = run.get_result(timeout=120) if status else None
-        status = run.get_status() or status
+        server_run = prod / config.operator.host / job_id
+        status = _wait_until_finished(run, timeout=timeout, done=lambda: _ended_locally(config, server_run, rounds))
+        if status in (_DONE_WITHOUT_SILENT, _ENDED_INCOMPLETE):
+            with contextlib.suppress(Exception):
+                run.abort()  # the job's processes are gone; stop FLARE waiting for the silent members' heartbeat
+            result = server_run
+            status = "FINISHED:COMPLETED" if status == _DONE_WITHOUT_SILENT else "FINISHED:EXECUTION_EXCEPTION"
+        else:
+            result = run.get_result(timeout=120) if status else None
+            status = run.get_status() or status
     except (KeyboardInterrupt, FederatedRunError):
         raise
     except Exception as exc:
@@ -145,21 +159,71 @@ def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float) -> 
         )
     if status and "COMPLETED" not in status:
         raise FederatedRunError(
-            f"POC job {job_id} ended with status {status}; logs under {prod}{first_errors(prod, job_id)}"
+            f"POC job {job_id} ended with status {status}{silent_members(config, prod)}; logs under {prod}"
+            f"{first_errors(prod, job_id)}"
         )
     kits = {name: prod / name for name in [config.operator.host, *(m.name for m in config.members)]}
     return JobOutcome(job_id=job_id, result_dir=Path(result), logs=prod, kits=kits)
 
 
-def _wait_until_finished(run, *, timeout: float, poll: float = 2.0) -> str | None:
+def silent_members(config: ConsortiumConfig, folder: Path) -> str:
+    """Who stopped answering, from what the server recorded: the usual cause of a failed round."""
+    records = read_records(folder)
+    done = {m.name: len(records.get(m.name, [])) for m in config.members}
+    last = max(done.values(), default=0)
+    silent = [f"{m} (no update from round {n})" for m, n in done.items() if n < last or n == 0]
+    if not silent:
+        return ""
+    return (
+        f"; members silent: {', '.join(silent)}, while training.min_members = {config.min_members()} "
+        f"had to answer within training.round_deadline = {config.training.round_deadline:g} s"
+    )
+
+
+_DONE_WITHOUT_SILENT = "DONE_WITHOUT_SILENT_MEMBERS"
+_ENDED_INCOMPLETE = "ENDED_INCOMPLETE"
+
+
+def _wait_until_finished(run, *, timeout: float, done=None, poll: float = 2.0) -> str | None:
     """Poll the job's status (our own loop, so an interrupt ends it at once); ``None`` on timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = run.get_status()
         if status and status.startswith("FINISHED"):
             return status
+        ended = done() if done is not None else None
+        if ended:
+            return ended
         time.sleep(poll)
     return None
+
+
+def _ended_locally(config: ConsortiumConfig, server_run: Path, rounds: int) -> str | None:
+    """POC only (the server is on this machine). With members that dropped out, FLARE keeps the job
+    RUNNING until its heartbeat gives up on them; decide from the server's own files and processes:
+    every round aggregated from at least min_members and the last aggregate stored after it -> done;
+    no process of the job left -> ended incomplete."""
+    if not server_run.exists():
+        return None
+    published, models = list(server_run.rglob(PUBLISHED_FILE)), list(server_run.rglob(GLOBAL_MODEL_FILE))
+    records = read_records(server_run)
+    full = sum(len(records.get(m.name, [])) >= rounds for m in config.members)
+    enough = published and models and config.min_members() <= full < len(config.members)
+    if enough and max(m.stat().st_mtime for m in models) >= max(p.stat().st_mtime for p in published):
+        return _DONE_WITHOUT_SILENT
+    if not _processes_naming(server_run.name):
+        return _ENDED_INCOMPLETE if full < len(config.members) else None
+    return None
+
+
+def _processes_naming(marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
 
 
 def check_ports_free(config: ConsortiumConfig) -> None:
@@ -180,15 +244,10 @@ def check_ports_free(config: ConsortiumConfig) -> None:
 def stop_processes_under(folder: Path) -> int:
     """End every process whose command line names ``folder`` (FLARE's job processes start sessions of
     their own, so they outlive their parent otherwise); returns how many were signalled."""
-    marker = str(Path(folder).resolve()).encode()
+    marker = str(Path(folder).resolve())
     signalled = 0
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and int(entry.name) != os.getpid():
-                with contextlib.suppress(OSError):
-                    if marker in (entry / "cmdline").read_bytes():
-                        pids.append(int(entry.name))
+        pids = _processes_naming(marker)
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)

@@ -29,13 +29,13 @@ from consortium.audit import (
     EVENT_ROUND_COMPLETED,
     AuditLog,
 )
-from consortium.flare_env import FederatedRunError, JobOutcome, poc_system, run_poc, run_sim
+from consortium.flare_env import FederatedRunError, JobOutcome, first_errors, poc_system, run_poc, run_sim
 from consortium.report import build_report, write_biomarker_tables, write_report
 from consortium.results import JobResults, read_job, read_records, release
 from consortium.shared_model import ensure_experiment, log_shared_model, tracking_uri_for
 from jobs import member_data
 from jobs.recipe import build_recipe
-from jobs.site_outputs import read_predictions, site_folder
+from jobs.site_outputs import PREDICTIONS_FILE, read_predictions, site_folder
 from omics.contract import label_counts
 from provisioning.he_keys import create_keys, load_context, public_fingerprint
 from schema.config import ConsortiumConfig, dump_config, load_config
@@ -171,7 +171,7 @@ def _run_locked(config, *, env, out, rounds, baselines, he, folds, seeds, progre
                     tracking_uri=tracking_uri,
                 )
                 with _watch(out / "flare", total, progress):
-                    outcome = submit(recipe, timeout)
+                    outcome = submit(recipe, timeout, total)
                 outcomes.append(
                     _record_job(outcome, run_config, audit, env=env, he=he, total=total, fold=fold, keys=keys)
                 )
@@ -214,7 +214,7 @@ def _record_job(outcome: JobOutcome, config: ConsortiumConfig, audit: AuditLog, 
         members=[m.name for m in config.members],
     )
     results = read_job(outcome.result_dir, config=config)
-    _check_finished(results, total, outcome)
+    _check_finished(results, total, outcome, config)
     for round_ in range(total):
         audit.append(
             EVENT_ROUND_COMPLETED,
@@ -290,24 +290,29 @@ def _keys(config: ConsortiumConfig, out: Path, audit: AuditLog) -> Path:
 @contextlib.contextmanager
 def _flare(config: ConsortiumConfig, env: str, out: Path, *, keys: Path | None) -> Iterator[Callable]:
     if env == "sim":
-        yield lambda recipe, timeout: run_sim(recipe, config, out / "flare")
+        yield lambda recipe, timeout, rounds: run_sim(recipe, config, out / "flare")
         return
     if env != "poc":
         raise RunError(f"env='{env}': use 'sim' (FLARE simulator) or 'poc' (a real server and clients)")
     with poc_system(config, out / "flare", keys=keys) as prod:
-        yield lambda recipe, timeout: run_poc(recipe, config, prod, timeout=timeout)
+        yield lambda recipe, timeout, rounds: run_poc(recipe, config, prod, timeout=timeout, rounds=rounds)
 
 
 def _outputs(out: Path, fold: int | None) -> Path:
     return out / "sites" if fold is None else out / "sites" / f"fold{fold}"
 
 
-def _check_finished(results: JobResults, total: int, outcome: JobOutcome) -> None:
-    unfinished = {site: len(r) for site, r in results.records.items() if len(r) < total}
-    if unfinished:
+def _check_finished(results: JobResults, total: int, outcome: JobOutcome, config: ConsortiumConfig) -> None:
+    """Members may drop out while ``training.min_members`` stay; fewer is an error naming the silent ones."""
+    dropped = results.dropped([m.name for m in config.members], total)
+    for member, round_ in dropped.items():
+        log.warning("member %s dropped out in round %d of job %s", member, round_, outcome.job_id)
+    if len(config.members) - len(dropped) < config.min_members():
+        silent = ", ".join(f"{m} (silent from round {r})" for m, r in dropped.items())
         raise FederatedRunError(
-            f"job {outcome.job_id}: sites did not finish all {total} rounds (rounds done: {unfinished}); "
-            f"see the logs under {outcome.logs}"
+            f"job {outcome.job_id}: only {len(config.members) - len(dropped)} of {len(config.members)} members "
+            f"finished all {total} rounds, fewer than training.min_members = {config.min_members()}; silent: "
+            f"{silent}. See the logs under {outcome.logs}{first_errors(outcome.logs, outcome.job_id)}"
         )
 
 
@@ -319,7 +324,11 @@ def _arms(config: ConsortiumConfig, out: Path, fold_ids: list, *, baselines: boo
         if baselines:
             fold_arms = comparison.baseline_predictions(config, data, passes=passes)
         for member in config.members:
-            kept = read_predictions(site_folder(_outputs(out, fold), member.name))
+            folder = site_folder(_outputs(out, fold), member.name)
+            if not (folder / PREDICTIONS_FILE).exists():
+                log.warning("member %s kept no test predictions (it dropped out); no comparison for it", member.name)
+                continue
+            kept = read_predictions(folder)
             fold_arms.add("federated", member.name, kept["prediction"])
             fold_arms.targets.setdefault(member.name, kept["target"])
         arms.extend(fold_arms)

@@ -92,8 +92,9 @@ def build_report(
         "definitions": DEFINITIONS,
         "biomarkers": biomarkers,
         "rounds": _rounds(last_results.records),
+        "dropped": last_results.dropped([m.name for m in config.members], _total_rounds(last_results.records)),
         "privacy": _privacy(config, he, last_results.records),
-        "timing": _timing(last_results.records, seconds=seconds, rounds=len(next(iter(last_results.records.values())))),
+        "timing": _timing(last_results.records, seconds=seconds, rounds=_total_rounds(last_results.records)),
         "tracking": {"uri": tracking_uri, "experiment": config.tracking.experiment},
     }
     if arms is not None:
@@ -101,10 +102,16 @@ def build_report(
     return report
 
 
+def _total_rounds(records: Mapping[str, list[dict]]) -> int:
+    return max((int(r[-1].get("total_rounds") or len(r)) for r in records.values() if r), default=0)
+
+
 def _members(config: ConsortiumConfig, records: Mapping[str, list[dict]]) -> dict[str, Any]:
     members = {}
     for member in config.members:
-        final = records[member.name][-1]
+        final = (records.get(member.name) or [{}])[-1]
+        if "test" not in final:
+            final = {}  # the member dropped out before the last round: no final figures from it
         tasks = {}
         for task in member.tasks:
             metric = primary_metric(task.type)
@@ -247,7 +254,8 @@ def _add_comparison(report, arms, *, kinds, endpoints, seed) -> None:
             entry["ci"] = values["ci"]
             entry["difference"] = values["difference"]
             entry["n_test"] = values.get("n")
-    holders = {name: info["members"] for name, info in endpoints.items()}
+    holders = {name: [m for m in info["members"] if m in arms.targets] for name, info in endpoints.items()}
+    holders = {name: members for name, members in holders.items() if members}
     for name, values in comparison.endpoint_figures(arms, kinds=kinds, holders=holders, seed=seed).items():
         report["endpoints"][name].update({k: v for k, v in values.items() if k not in ("type", "metric", "members")})
     report["summary"] = summarize(report)

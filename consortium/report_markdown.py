@@ -28,6 +28,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- bytes the server received per round (all members): {timing['bytes_received_per_round']:,}",
         f"- homomorphic encryption: {'on' if privacy['he'] else 'off'}; DP-SGD: {'on' if privacy['dp'] else 'off'}",
         "",
+        *[
+            f"- **{m} dropped out in round {r}**: no update from it from then on; the run went on with the others"
+            for m, r in (report.get("dropped") or {}).items()
+        ],
+        "",
         "## Test metric per member and endpoint (95% bootstrap intervals)",
         "",
         "| member | endpoint | metric | federated | local only | pooled | linear pooled | federated - local "

@@ -49,6 +49,10 @@ class JobResults:
     records: dict[str, list[dict[str, Any]]]
     global_model: Path | None
 
+    def dropped(self, members: list[str], total: int) -> dict[str, int]:
+        """Members that did not answer every round: the first round the server got nothing from them."""
+        return {m: len(self.records.get(m, [])) for m in members if len(self.records.get(m, [])) < total}
+
     def rounds_done(self) -> int:
         """Rounds every site has reported (0 when a site has reported none)."""
         return min((len(r) for r in self.records.values()), default=0)
@@ -84,10 +88,10 @@ def read_job(folder: Path, *, config: ConsortiumConfig) -> JobResults:
         raise ResultsError(f"{folder}: no such job folder; download the job first (nvflare job download)")
     records = read_records(folder)
     models = sorted(folder.rglob(GLOBAL_MODEL_FILE))
-    missing = [m.name for m in config.members if m.name not in records]
-    if missing:
+    if not set(records) & {m.name for m in config.members}:
         raise ResultsError(
-            f"{folder}: the server received nothing from {missing}; was this job run with this consortium.yaml?"
+            f"{folder}: the server received nothing from any member of {config.name}; was this job run with "
+            "this consortium.yaml?"
         )
     return JobResults(folder=folder, records=records, global_model=models[-1] if models else None)
 

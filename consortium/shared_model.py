@@ -48,15 +48,18 @@ def tracking_uri_for(config: ConsortiumConfig, *, out: Path) -> str:
 
 def shared_module(config: ConsortiumConfig, state: dict[str, np.ndarray]) -> SharedModel:
     t = config.training
-    model = SharedModel(len(config.panel_features()), shared_tasks=config.shared_endpoints(),
-                        trunk_widths=list(t.trunk_widths), head_width=t.head_width, dropout=t.dropout)
+    model = SharedModel(
+        len(config.panel_features()),
+        shared_tasks=config.shared_endpoints(),
+        trunk_widths=list(t.trunk_widths),
+        head_width=t.head_width,
+        dropout=t.dropout,
+    )
     model.load_state_dict({k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in state.items()})
     return model.eval()
 
 
-def log_shared_model(
-    config: ConsortiumConfig, released: Released, *, report: dict[str, Any], tracking_uri: str
-) -> str:
+def log_shared_model(config: ConsortiumConfig, released: Released, *, report: dict[str, Any], tracking_uri: str) -> str:
     """Log the shared model as an MLflow model, with the biomarker tables and the report."""
     experiment_id = ensure_experiment(config, tracking_uri=tracking_uri)
     model = shared_module(config, released.state)

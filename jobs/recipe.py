@@ -91,7 +91,11 @@ class ConsortiumRecipe(Recipe):
         train_script: str,
         train_args: str = "",
         he: bool = False,
+        all_clients: int | None = None,
+        round_deadline: float = 600.0,
     ) -> None:
+        """``min_clients`` members must answer each round; with fewer than ``all_clients``, a round waits
+        up to ``round_deadline`` seconds for the others, then goes on without them."""
         if num_rounds < 1:
             raise ValueError(f"num_rounds={num_rounds}; a federated run needs at least one round")
         self.name, self.min_clients, self.num_rounds, self.he = name, min_clients, num_rounds, he
@@ -105,7 +109,10 @@ class ConsortiumRecipe(Recipe):
             ScatterAndGather(
                 min_clients=min_clients,
                 num_rounds=num_rounds,
-                wait_time_after_min_received=0,
+                # every member answering ends a round at once; a silent one is waited for until the deadline
+                wait_time_after_min_received=int(round_deadline) if min_clients < (all_clients or min_clients) else 0,
+                # a round that has not heard from min_clients by the deadline ends the job, naming who was silent
+                train_timeout=int(round_deadline),
                 aggregator_id=aggregator_id,
                 persistor_id=job.comp_ids["persistor_id"],
                 shareable_generator_id=generator_id,
@@ -169,7 +176,9 @@ def build_recipe(
     recipe = ConsortiumRecipe(
         name=job_name(config) if fold is None else f"{job_name(config)}-fold{fold}",
         model=server_model(config),
-        min_clients=len(config.members),
+        min_clients=config.min_members(),
+        all_clients=len(config.members),
+        round_deadline=config.training.round_deadline,
         num_rounds=num_rounds,
         train_script=str(CLIENT_SCRIPT),
         train_args=client_args(config_path=config_path, outputs=outputs, fold=fold),

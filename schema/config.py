@@ -144,6 +144,12 @@ class Training(_Strict):
     task_weights: dict[str, float] = Field(default_factory=dict)
     patience: int = Field(default=5, ge=1, description="Epochs without validation gain before early stopping.")
     seed: int = 0
+    min_members: int | None = Field(
+        default=None, ge=1, description="Members whose update a round needs; the others may drop out (default: all)."
+    )
+    round_deadline: float = Field(
+        default=600.0, gt=0.0, description="Seconds a round waits for the members beyond min_members before going on."
+    )
 
     @field_validator("trunk_widths")
     @classmethod
@@ -218,6 +224,11 @@ class ConsortiumConfig(_Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> ConsortiumConfig:
+        if self.training.min_members is not None and self.training.min_members > len(self.members):
+            raise ValueError(
+                f"training.min_members = {self.training.min_members} but the consortium has {len(self.members)} "
+                f"members; give at most {len(self.members)} (or leave it out: every member is needed)"
+            )
         _no_duplicates([m.name for m in self.members], "members[].name")
         for member in self.members:
             _no_duplicates([t.name for t in member.tasks], f"members[{member.name}].tasks[].name")
@@ -281,6 +292,10 @@ class ConsortiumConfig(_Strict):
             for task in member.tasks:
                 found.setdefault(task.name, {"type": task.type, "members": []})["members"].append(member.name)
         return found
+
+    def min_members(self) -> int:
+        """Members a round needs (``training.min_members``, by default every member)."""
+        return self.training.min_members or len(self.members)
 
     def shared_endpoints(self) -> list[str]:
         """Endpoints held by two or more members: their heads are aggregated like the trunk."""

@@ -136,6 +136,8 @@ def print_summary(result: RunResult) -> None:
                         markup=False,
                         highlight=False,
                     )
+    for member, round_ in (report.get("dropped") or {}).items():
+        console.print(f"{member} dropped out in round {round_}; the run went on without it", style="yellow")
     bio = report["biomarkers"]
     for name in report["endpoints"]:
         stats = ", ".join(r["feature"] for r in bio["statistics"].get(name, [])[:8])
