@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from consortium.results import read_records
+from consortium.results import JobResults, read_records
 from provisioning.he_keys import install_keys
 from provisioning.policies import write_site_policies
 from provisioning.project import build_project, member_lead
@@ -168,10 +168,10 @@ def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float, rou
 
 def silent_members(config: ConsortiumConfig, folder: Path) -> str:
     """Who stopped answering, from what the server recorded: the usual cause of a failed round."""
-    records = read_records(folder)
-    done = {m.name: len(records.get(m.name, [])) for m in config.members}
-    last = max(done.values(), default=0)
-    silent = [f"{m} (no update from round {n})" for m, n in done.items() if n < last or n == 0]
+    results = JobResults(folder=folder, records=read_records(folder), global_model=None)
+    last = max((len(r) for r in results.records.values()), default=0)
+    dropped = results.dropped([m.name for m in config.members], max(last, 1))
+    silent = [f"{m} (no update from round {n})" for m, n in dropped.items()]
     if not silent:
         return ""
     return (
