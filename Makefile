@@ -12,7 +12,7 @@ $(STAMP): setup.cfg constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned: 2.13.0 (CPU) lies on this machine's disk; a looser pin pulls a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,notebook]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -57,14 +57,17 @@ TRAINING = {
         "dropout": 0.1,
         "patience": 5,
     },
+    # 198 patients x 76 probes: a small, near-linear network (one hidden layer, linear head) and more,
+    # shorter rounds; every network arm trains the same 20 passes, none selects an epoch
     "gse7390": {
-        "rounds": 5,
-        "local_epochs": 2,
+        "rounds": 20,
+        "local_epochs": 1,
         "batch_size": 16,
-        "learning_rate": 0.001,
-        "trunk_widths": [64, 32],
-        "head_width": 16,
-        "dropout": 0.2,
+        "learning_rate": 0.003,
+        "weight_decay": 0.001,
+        "trunk_widths": [32],
+        "head_width": 0,
+        "dropout": 0.3,
         "patience": 5,
     },
 }
@@ -221,10 +224,38 @@ def print_metrics(report: dict) -> None:
         )
 
 
-def marker_recovery(report: dict, present: set[str]) -> list[dict]:
+def pooled_reference(data: dict[str, ad.AnnData]) -> dict[str, dict[str, list[str]]]:
+    """What the same rankings give on the pooled cells, with scipy and scikit-learn (a yardstick only:
+    the consortium never pools). ``welch p``: Welch t-test by two-sided p-value; ``welch t``: by the
+    t statistic, higher in the cell type (scanpy's rank_genes_groups order); ``logistic``: the
+    standardized coefficients of an L2-penalized logistic regression, largest first (a linear model's
+    ranking, the yardstick for the network's)."""
+    from scipy import stats
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    full = ad.concat(list(data.values()))
+    X, genes = np.asarray(full.X, dtype=np.float64), np.asarray(full.var_names)
+    scaled = StandardScaler().fit_transform(X)
+    reference = {}
+    for name in PBMC_ENDPOINTS:
+        y = full.obs[name].to_numpy() > 0.5
+        t, p = stats.ttest_ind(X[y], X[~y], equal_var=False)
+        t, p = np.nan_to_num(t), np.nan_to_num(p, nan=1.0)
+        coef = LogisticRegression(C=0.05, max_iter=5000).fit(scaled, y).coef_[0]
+        reference[name] = {
+            "pooled welch p": list(genes[np.lexsort((-np.abs(t), p))[:TOP]]),
+            "pooled welch t": list(genes[np.argsort(-t, kind="stable")[:TOP]]),
+            "pooled logistic": list(genes[np.argsort(-coef, kind="stable")[:TOP]]),
+        }
+    return reference
+
+
+def marker_recovery(report: dict, present: set[str], reference: dict[str, dict[str, list[str]]]) -> list[dict]:
     """Canonical markers in the top 10 of each ranking: the statistics by two-sided p-value (genes absent
     from a cell type compete with its markers there), the statistics' markers (higher in the cell type,
-    by statistic: scanpy's rank_genes_groups order) and the model ranking."""
+    by statistic: scanpy's rank_genes_groups order) and the model ranking; then the pooled yardsticks of
+    :func:`pooled_reference`."""
     rows = []
     for name, markers in CANONICAL.items():
         if name not in report["endpoints"]:
@@ -235,18 +266,27 @@ def marker_recovery(report: dict, present: set[str]) -> list[dict]:
             "statistics": [r["feature"] for r in stats[:TOP]],
             "markers": [r["feature"] for r in report["biomarkers"]["markers"].get(name, [])[:TOP]],
             "model": [r["feature"] for r in report["biomarkers"]["model"].get(name, [])[:TOP]],
+            **reference.get(name, {}),
         }
         hits = {source: [f for f in features if f in known] for source, features in top.items()}
         rows.append({"endpoint": name, "present": len(known), "of": len(markers), "top": top, "hits": hits})
     return rows
 
 
-def verdict(row: dict, stats_source: str) -> str:
+def verdict(row: dict) -> str:
+    """The brief's targets, judged on the statistics in rank_genes_groups order (up in the cell type,
+    the order of the pooled Welch reference the brief quotes) and on the model ranking; next to them
+    what the pooled yardsticks get on the same cells."""
+    hits = {source: len(found) for source, found in row["hits"].items()}
+    seen = (
+        f"statistics {hits['markers']} (pooled welch t {hits.get('pooled welch t', 'n/a')}), "
+        f"model {hits['model']} (pooled logistic {hits.get('pooled logistic', 'n/a')})"
+    )
     target = TARGETS.get(row["endpoint"])
     if target is None:
-        return "no target"
-    met = len(row["hits"][stats_source]) >= target[0] and len(row["hits"]["model"]) >= target[1]
-    return f"{stats_source} >= {target[0]} and model >= {target[1]}: {'MET' if met else 'NOT MET'}"
+        return f"{seen}: no target set"
+    met = hits["markers"] >= target[0] and hits["model"] >= target[1]
+    return f"{seen}; target >= {target[0]} and >= {target[1]}: {'MET' if met else 'NOT MET'}"
 
 
 def print_recovery(rows: list[dict]) -> None:
@@ -257,7 +297,7 @@ def print_recovery(rows: list[dict]) -> None:
             f"{TOP}: {counts}"
         )
         for source, features in row["top"].items():
-            print(f"    {source:13} {len(row['hits'][source])} {row['hits'][source]}  top: {', '.join(features)}")
+            print(f"    {source:16} {len(row['hits'][source])} {row['hits'][source]}  top: {', '.join(features)}")
 
 
 def run_one(out: Path, dataset: str, split: str | None, *, folds: int, seed: int, resume: bool) -> dict:
@@ -280,7 +320,7 @@ def run_one(out: Path, dataset: str, split: str | None, *, folds: int, seed: int
     print_metrics(report)
     result = {"label": label, "endpoints": report["endpoints"]}
     if dataset == "pbmc":
-        result["recovery"] = marker_recovery(report, present)
+        result["recovery"] = marker_recovery(report, present, pooled_reference(data))
         print(f"\n{label}: canonical-marker recovery")
         print_recovery(result["recovery"])
     else:
@@ -294,12 +334,7 @@ def print_acceptance(results: list[dict]) -> None:
     print("\n===== acceptance =====")
     for result in results:
         for row in result.get("recovery", []):
-            if row["endpoint"] in TARGETS:
-                for source in ("statistics", "markers"):
-                    print(
-                        f"{result['label']:15} {row['endpoint']:10} {len(row['hits'][source])}/"
-                        f"{len(row['hits']['model'])}: {verdict(row, source)}"
-                    )
+            print(f"{result['label']:15} {row['endpoint']:10} {verdict(row)}")
         if result["label"] == "gse7390":
             for name, e in result["endpoints"].items():
                 linear_ci = e.get("ci", {}).get("linear_pooled") or [None]

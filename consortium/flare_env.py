@@ -99,24 +99,52 @@ def poc_system(
     env = {**os.environ, POC_WORKSPACE_ENV: str(poc_workspace), "PATH": _path_with_python()}
     _nvflare(["poc", "prepare", "-i", str(project_file), "--force"], env=env, what="POC prepare")
     prod = _prod_dir(poc_workspace, config)
-    write_site_policies(prod / config.operator.host, config=config, member_site=False)
+    # POC runs the recipe in place, with its code (byoc); kits get the exported job, which ships none
+    write_site_policies(prod / config.operator.host, config=config, member_site=False, lead_byoc=True)
     for member in config.members:
         # a member's privacy scope only admits the HE job: a plaintext POC run gets the authorization alone
-        write_site_policies(prod / member.name, config=config, member_site=keys is not None)
+        write_site_policies(prod / member.name, config=config, member_site=keys is not None, lead_byoc=True)
     if keys is not None:
         install_keys(prod, keys, config=config)
     try:
-        _nvflare(
-            ["poc", "start", "--timeout", str(int(start_timeout)), *_exclude_admins(config)],
-            env=env,
-            what="POC start",
-            timeout=start_timeout + 30,
-        )
+        try:
+            _nvflare(
+                ["poc", "start", "--timeout", str(int(start_timeout)), *_exclude_admins(config)],
+                env=env,
+                what="POC start",
+                timeout=start_timeout + 30,
+            )
+        except FederatedRunError as exc:
+            raise FederatedRunError(f"{exc}\n{sites_not_up(config, prod)}") from None
         yield prod
     finally:
-        with contextlib.suppress(Exception):
-            _nvflare(["poc", "stop"], env=env, what="POC stop", timeout=60)
+        if server_down(config) is None:  # a dead server cannot be asked to stop; its clients are ended below
+            with contextlib.suppress(Exception):
+                _nvflare(["poc", "stop"], env=env, what="POC stop", timeout=60)
         stop_processes_under(poc_workspace)
+
+
+def sites_not_up(config: ConsortiumConfig, prod: Path) -> str:
+    """Which POC process did not come up, and the log that says why (after a failed start)."""
+    lines = []
+    if (reason := server_down(config)) is not None:
+        lines.append(
+            f"server '{config.operator.host}' is not up ({reason}); its log: {_site_log(prod, config.operator.host)}"
+        )
+    for member in config.members:
+        site_log = prod / member.name / "log.txt"
+        registered = site_log.exists() and "Successfully registered client" in site_log.read_text(errors="replace")
+        if not registered:
+            lines.append(
+                f"member '{member.name}' did not register with the server; its log: {_site_log(prod, member.name)}"
+            )
+    return "\n".join(lines) or f"every process came up late; the logs are under {prod}"
+
+
+def _site_log(prod: Path, site: str) -> Path:
+    """The site's FLARE log, or its console output when FLARE died before it could log."""
+    site_log = prod / site / "log.txt"
+    return site_log if site_log.exists() and site_log.stat().st_size else prod / site / "poc_console.log"
 
 
 def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float, rounds: int) -> JobOutcome:
@@ -135,7 +163,14 @@ def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float, rou
         run = recipe.run(env)
         job_id = run.get_job_id()
         server_run = prod / config.operator.host / job_id
-        status = _wait_until_finished(run, timeout=timeout, done=lambda: _ended_locally(config, server_run, rounds))
+        status = _wait_until_finished(
+            run,
+            timeout=timeout,
+            stopped=lambda: _server_stopped(config),
+            done=lambda: _ended_locally(config, server_run, rounds),
+        )
+        if status == _SERVER_STOPPED:
+            raise FederatedRunError(server_stopped_message(config, prod, job_id))
         if status in (_DONE_WITHOUT_SILENT, _ENDED_INCOMPLETE):
             with contextlib.suppress(Exception):
                 run.abort()  # the job's processes are gone; stop FLARE waiting for the silent members' heartbeat
@@ -147,6 +182,8 @@ def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float, rou
     except (KeyboardInterrupt, FederatedRunError):
         raise
     except Exception as exc:
+        if server_down(config):  # FLARE's admin API fails in its own words when the server dies mid-call
+            raise FederatedRunError(server_stopped_message(config, prod, job_id)) from exc
         raise FederatedRunError(
             f"POC job {job_id or '(not submitted)'} failed: {exc}; logs under {prod}{first_errors(prod, job_id)}"
         ) from exc
@@ -180,15 +217,58 @@ def silent_members(config: ConsortiumConfig, folder: Path) -> str:
     )
 
 
+def server_down(config: ConsortiumConfig) -> str | None:
+    """POC only (the server is on this machine): why the operator's server is not there, or ``None``.
+
+    Both of its ports refusing connections means its process is gone (a busy server still accepts)."""
+    refused = []
+    for field_name in ("fl_port", "admin_port"):
+        port = getattr(config.operator, field_name)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                return None
+        except ConnectionRefusedError:
+            refused.append(f"operator.{field_name} = {port}")
+        except OSError:
+            return None  # slow or unreachable is not proof of death; the job's own deadlines cover it
+    return f"nothing listens on {' or '.join(refused)} any more"
+
+
+def server_stopped_message(config: ConsortiumConfig, prod: Path, job_id: str | None) -> str:
+    server_log = prod / config.operator.host / "log.txt"
+    return (
+        f"the FLARE server '{config.operator.host}' stopped while job {job_id} was running "
+        f"({server_down(config) or 'it stopped answering'}); the job cannot finish without it. "
+        f"The server's log: {server_log}{first_errors(prod, job_id)}\n"
+        "Every FLARE process this run started has been stopped; run the command again to start over"
+    )
+
+
+def _server_stopped(config: ConsortiumConfig) -> str | None:
+    """Two looks a poll apart, so a server restarting its listener is not taken for a dead one."""
+    if server_down(config) is None:
+        return None
+    time.sleep(1.0)
+    return server_down(config)
+
+
+_SERVER_STOPPED = "SERVER_STOPPED"
 _DONE_WITHOUT_SILENT = "DONE_WITHOUT_SILENT_MEMBERS"
 _ENDED_INCOMPLETE = "ENDED_INCOMPLETE"
 
 
-def _wait_until_finished(run, *, timeout: float, done=None, poll: float = 2.0) -> str | None:
-    """Poll the job's status (our own loop, so an interrupt ends it at once); ``None`` on timeout."""
+def _wait_until_finished(run, *, timeout: float, done=None, stopped=None, poll: float = 2.0) -> str | None:
+    """Poll the job's status (our own loop, so an interrupt ends it at once); ``None`` on timeout.
+
+    ``stopped`` is asked first and while FLARE's admin API waits on a server (its login times out after
+    30 s, then it retries): a dead server ends the wait within seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = run.get_status()
+        if stopped is not None and stopped():
+            return _SERVER_STOPPED
+        status = _status_unless_stopped(run, stopped)
+        if status == _SERVER_STOPPED:
+            return status
         if status and status.startswith("FINISHED"):
             return status
         ended = done() if done is not None else None
@@ -196,6 +276,31 @@ def _wait_until_finished(run, *, timeout: float, done=None, poll: float = 2.0) -
             return ended
         time.sleep(poll)
     return None
+
+
+def _status_unless_stopped(run, stopped, *, look_every: float = 1.0) -> str | None:
+    """``run.get_status()`` from a thread, abandoned (the thread ends with FLARE's login timeout) once
+    ``stopped`` says the server is gone."""
+    if stopped is None:
+        return run.get_status()
+    answer: dict = {}
+
+    def ask() -> None:
+        try:
+            answer["status"] = run.get_status()
+        except Exception as exc:  # raised in the caller's thread below
+            answer["error"] = exc
+
+    asker = threading.Thread(target=ask, name="flare-job-status", daemon=True)
+    asker.start()
+    asker.join(look_every)
+    while asker.is_alive():
+        if stopped():
+            return _SERVER_STOPPED
+        asker.join(look_every)
+    if "error" in answer:
+        raise answer["error"]
+    return answer.get("status")
 
 
 def _ended_locally(config: ConsortiumConfig, server_run: Path, rounds: int) -> str | None:
@@ -212,7 +317,13 @@ def _ended_locally(config: ConsortiumConfig, server_run: Path, rounds: int) -> s
     if enough and max(m.stat().st_mtime for m in models) >= max(p.stat().st_mtime for p in published):
         return _DONE_WITHOUT_SILENT
     if not _processes_naming(server_run.name):
-        return _ENDED_INCOMPLETE if full < len(config.members) else None
+        # a job that ended normally has its folder archived into job storage and removed, maybe while it
+        # was read above: only a folder still there, read again, tells an incomplete end
+        if not server_run.exists():
+            return None
+        records = read_records(server_run)
+        full = sum(len(records.get(m.name, [])) >= rounds for m in config.members)
+        return _ENDED_INCOMPLETE if full < len(config.members) and server_run.exists() else None
     return None
 
 

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from consortium import comparison
+from consortium.anndata_export import write_results_anndata
 from consortium.audit import (
     EVENT_JOB_SUBMITTED,
     EVENT_KEYS_CREATED,
@@ -194,6 +195,7 @@ def _run_locked(config, *, env, out, rounds, baselines, he, folds, seeds, progre
         report["seeds"] = seed_summary(config, arms_by_seed)
     report_path, md_path = write_report(report, out)
     write_biomarker_tables(outcomes[-1][2], out / "biomarkers")
+    write_results_anndata(outcomes[-1][2], config=config, report=report, out=out)
     audit.append(EVENT_MODEL_RELEASED, job_id=outcomes[-1][0].job_id, model_run_id=report["tracking"]["model_run_id"])
     return RunResult(
         report=report, report_path=report_path, markdown_path=md_path, job_ids=[o.job_id for o, _, _ in outcomes]
@@ -397,9 +399,13 @@ def report_from_job(
         tracking_uri=tracking_uri,
         folds=None,
     )
-    report["tracking"]["model_run_id"] = log_shared_model(config, opened, report=report, tracking_uri=tracking_uri)
+    # on kits the members' own runs are in the server's store: nest what they published under the release
+    report["tracking"]["model_run_id"] = log_shared_model(
+        config, opened, report=report, tracking_uri=tracking_uri, member_records=results.records
+    )
     report_path, md_path = write_report(report, out)
     write_biomarker_tables(opened, out / "biomarkers")
+    write_results_anndata(opened, config=config, report=report, out=out)
     AuditLog(out / "audit.jsonl").append(
         EVENT_MODEL_RELEASED, job_id=job_id, model_run_id=report["tracking"]["model_run_id"]
     )

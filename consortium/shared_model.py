@@ -1,9 +1,15 @@
-"""The shared model at the end of a run (trunk and shared heads), released to MLflow with the biomarker tables."""
+"""The shared model at the end of a run (trunk and shared heads), released to MLflow with the biomarker tables.
+
+One MLflow run per release (``kind=shared-model``): the trunk as a PyTorch model, the scoring model
+registered as ``models:/<consortium>/<version>`` (:mod:`consortium.registry`), the biomarker tables and
+the report; for a job on provisioned kits, one nested run per member with what it published.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +19,7 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
+from consortium.registry import log_registered_model
 from consortium.results import Released
 from models.network import SharedModel
 from schema.config import ConsortiumConfig
@@ -59,8 +66,20 @@ def shared_module(config: ConsortiumConfig, state: dict[str, np.ndarray]) -> Sha
     return model.eval()
 
 
-def log_shared_model(config: ConsortiumConfig, released: Released, *, report: dict[str, Any], tracking_uri: str) -> str:
-    """Log the shared model as an MLflow model, with the biomarker tables and the report."""
+def log_shared_model(
+    config: ConsortiumConfig,
+    released: Released,
+    *,
+    report: dict[str, Any],
+    tracking_uri: str,
+    member_records: dict[str, list[dict[str, Any]]] | None = None,
+) -> str:
+    """Log the shared model as an MLflow model, register it, with the biomarker tables and the report.
+
+    ``member_records``: what each member published, by member (:class:`consortium.results.JobResults`);
+    each becomes a run nested under this one (for kits, whose member runs are in the server's store).
+    ``report["tracking"]["registered_model"]`` gets the registered model's URI.
+    """
     experiment_id = ensure_experiment(config, tracking_uri=tracking_uri)
     model = shared_module(config, released.state)
     with mlflow.start_run(experiment_id=experiment_id, run_name="shared-model") as run:
@@ -104,6 +123,10 @@ def log_shared_model(config: ConsortiumConfig, released: Released, *, report: di
             input_example=np.zeros((2, n_features), dtype=np.float32),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
+        with tempfile.TemporaryDirectory(prefix="consortium-model-") as folder:
+            report["tracking"]["registered_model"] = log_registered_model(config, released.state, folder=Path(folder))
+        for member, records in (member_records or {}).items():
+            _log_member_run(config, member, records, experiment_id=experiment_id, job_id=report["job_id"])
         for name, table in released.statistics.items():
             mlflow.log_text(table.to_csv(index=False), f"biomarkers/statistics_{name}.csv")
         for name, table in released.rankings.items():
@@ -111,3 +134,25 @@ def log_shared_model(config: ConsortiumConfig, released: Released, *, report: di
         mlflow.log_text(json.dumps(report, indent=2, default=str), "report.json")
         log.info("logged the shared trunk to MLflow run %s", run.info.run_id)
         return run.info.run_id
+
+
+def _log_member_run(
+    config: ConsortiumConfig, member: str, records: list[dict[str, Any]], *, experiment_id: str, job_id: str
+) -> None:
+    """A member's run nested under the release: its parameters, per-round figures and published records."""
+    info = config.member(member)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=member, nested=True):
+        mlflow.set_tags({"consortium": config.name, "job_id": job_id, "kind": "member", "member": member})
+        params: dict[str, Any] = {"member": member, "org": info.org, "tasks": ",".join(t.name for t in info.tasks)}
+        last = records[-1] if records else {}
+        params |= {f"samples_{k}": v for k, v in (last.get("samples") or {}).items()}
+        mlflow.log_params(params)
+        for record in records:
+            step = int(record.get("round") or 0)
+            metrics = {"train_loss": record.get("train_loss")}
+            for split in ("val", "test"):
+                for task, figures in (record.get(split) or {}).items():
+                    metrics |= {f"{split}/{task}/{k}": v for k, v in figures.items() if k not in ("ci", "n")}
+            finite = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and np.isfinite(v)}
+            mlflow.log_metrics(finite, step=step)
+        mlflow.log_text("".join(json.dumps(r) + "\n" for r in records), f"published/{member}.jsonl")

@@ -3,7 +3,9 @@
     python jobs/job.py --config consortium.yaml [--rounds N]             # FLARE simulator, plaintext
     python jobs/job.py --config consortium.yaml --export-to DIR [--no-he]  # for nvflare job submit
 
-An export takes HE from ``privacy.he.enabled``; ``--no-he`` may only turn it off (with a warning).
+An export takes HE from ``privacy.he.enabled``; ``--no-he`` may only turn it off (with a warning). It
+ships no code (leads have no ``byoc`` right on provisioned kits): every site runs the ``jobs`` package
+it installed, which its ``local/resources.json`` allows.
 ``consortium run`` / ``consortium export`` do the same with progress, reports and POC.
 """
 

@@ -14,6 +14,7 @@ import numpy as np
 from models.data import MemberData, TaskSpec
 from omics.contract import ContractRules
 from omics.io import read_member
+from omics.layout import MemberLayout
 from omics.prepare import log_expression, member_arrays, prepare_member
 from schema import settings
 from schema.config import ConsortiumConfig
@@ -57,6 +58,7 @@ def load_member(config: ConsortiumConfig, member_name: str, *, fold: int | None 
         seed=config.data.split_seed,
         folds=config.data.folds,
         fold=fold,
+        layout=MemberLayout(**settings.member_layout(config, member_name)),
         path=str(member.data),
     )
     return LoadedMember(

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from captum.attr import IntegratedGradients
 from torch import nn
 
 from models.network import MultitaskNet
@@ -23,8 +22,9 @@ logger = logging.getLogger(__name__)
 
 COLUMNS = ["feature", "score", "direction", "rank"]
 # Interpolated input values per Captum call: each call holds a few tensors of this size (path
-# points, their gradients, scaled gradients), so 2**24 float32 values keep it near 300 MB.
-_MAX_PATH_VALUES = 2**24
+# points, their gradients, scaled gradients), so 2**22 float32 values keep it near 75 MB (a member
+# site's whole process stays small, whatever the panel's width).
+_MAX_PATH_VALUES = 2**22
 
 
 class _TaskOutput(nn.Module):
@@ -96,6 +96,9 @@ def attributions(
         raise ValueError(f"n_steps={n_steps}; use at least 1 (32 is a good default)")
     if task not in model.heads:
         raise KeyError(f"no head for task '{task}'; this model has {model.task_names}")
+    # captum is imported here, not at module import: a member site loads it only in its last round
+    from captum.attr import IntegratedGradients
+
     data_X = _as_samples(model, data_X)
     device = next(model.parameters()).device
     base = torch.from_numpy(_baseline(data_X, baseline))[None].to(device)
@@ -196,6 +199,16 @@ def _bootstrap_frequency(
     return counts / n_boot
 
 
+def _bounded_rows(groups: np.ndarray, *, max_per_group: int | None, seed: int) -> np.ndarray:
+    """Rows to attribute over: every labelled row, or at most ``max_per_group`` drawn at random
+    (seeded, without replacement) from each group; a smaller group is kept whole."""
+    rows = [np.flatnonzero(groups == group) for group in (1, 0)]
+    if max_per_group is not None:
+        rng = np.random.default_rng(seed)
+        rows = [r if r.size <= max_per_group else np.sort(rng.choice(r, max_per_group, replace=False)) for r in rows]
+    return np.sort(np.concatenate(rows))
+
+
 def rank_features(
     model: MultitaskNet,
     data_X: np.ndarray,
@@ -207,6 +220,7 @@ def rank_features(
     baseline: float | np.ndarray | None = None,
     n_boot: int = 0,
     top_k: int = 20,
+    max_per_group: int | None = None,
     seed: int = 0,
 ) -> pd.DataFrame:
     """Rank input features by how much of the gap between high and low outcomes they explain.
@@ -255,8 +269,12 @@ def rank_features(
         once; rows are resampled within each group and the contrast recomputed.
     top_k
         ``frequency`` counts the resamples in which a feature ranks within the top ``top_k``.
+    max_per_group
+        Attribute over at most this many rows of each group (a seeded random draw; the baseline is
+        still the mean over all rows). Integrated gradients cost ``n_rows x n_steps`` passes, so this
+        bounds a member's last round whatever its size; ``None`` uses every row.
     seed
-        Seed of the bootstrap.
+        Seed of the bootstrap and of the row draw.
 
     Returns
     -------
@@ -275,10 +293,12 @@ def rank_features(
         )
     if int(n_boot) < 0 or int(top_k) < 1:
         raise ValueError(f"n_boot={n_boot}, top_k={top_k}; use n_boot >= 0 and top_k >= 1")
+    if max_per_group is not None and int(max_per_group) < 2:
+        raise ValueError(f"max_per_group={max_per_group}; use at least 2 (e.g. 128) or None for every row")
     kind = _task_kind(model, task)
     data_X = _as_samples(model, data_X)
     groups = _groups(kind, task, labels, model.predict(data_X)[task])
-    used = groups >= 0
+    used = _bounded_rows(groups, max_per_group=None if max_per_group is None else int(max_per_group), seed=seed)
     reference = _baseline(data_X, baseline)  # over all rows, as documented in attributions
     values = attributions(model, data_X[used], task, n_steps=n_steps, baseline=reference)
     displacement = (data_X[used] - reference).astype(np.float64)
@@ -286,7 +306,7 @@ def rank_features(
     contrast, slope = _linearized_contrast(
         values, displacement, (groups == 1).astype(np.float64)[None], (groups == 0).astype(np.float64)[None]
     )
-    logger.debug("task '%s' (%s): contrast over %d samples", task, kind, int(used.sum()))
+    logger.debug("task '%s' (%s): contrast over %d samples", task, kind, int(used.size))
     frequency = None
     if n_boot:
         frequency = _bootstrap_frequency(values, displacement, groups, n_boot=int(n_boot), top_k=int(top_k), seed=seed)

@@ -19,12 +19,17 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from opacus import PrivacyEngine
-from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
+
+# opacus is imported where DP-SGD is set up, not here: a member site with DP off never loads it
+# (about 115 MB and seconds of start-up per member process).
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,8 @@ class PrivacySettings:
 
 def validate_for_dp(model: nn.Module) -> None:
     """Raise ``ValueError`` listing the layers Opacus cannot train privately (e.g. BatchNorm)."""
+    from opacus.validators import ModuleValidator
+
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         details = "; ".join(str(e) for e in errors)
@@ -153,6 +160,8 @@ def make_private(
             privacy.delta,
             1.0 / n_samples,
         )
+    from opacus import PrivacyEngine
+
     validate_for_dp(model)
     indices = DataLoader(TensorDataset(torch.arange(n_samples)), batch_size=int(batch_size))
     with warnings.catch_warnings():

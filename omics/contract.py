@@ -19,6 +19,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from omics.identifiers import count_kinds
+from omics.labels import LabelError, binary_labels
+from omics.layout import LayoutError, MemberLayout, apply_layout
 
 Level = Literal["error", "warning"]
 
@@ -55,6 +57,9 @@ class ContractReport:
     coverage: float = 0.0
     findings: list[Finding] = field(default_factory=list)
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    layout: dict[str, Any] = field(default_factory=dict)
+    """What was read (``uns['layout']`` of :func:`omics.layout.apply_layout`): the matrix, the
+    identifiers, how many Ensembl version suffixes were stripped, the symbol column."""
 
     @property
     def fit(self) -> bool:
@@ -74,15 +79,35 @@ class ContractReport:
             "n_features": self.n_features,
             "coverage": round(self.coverage, 4),
             "tasks": self.tasks,
+            "layout": self.layout,
             "findings": [asdict(f) for f in self.findings],
         }
 
 
 def check_member(
+    adata: ad.AnnData,
+    *,
+    tasks: Sequence[Any],
+    rules: ContractRules,
+    layout: MemberLayout = MemberLayout(),
+    path: str | Path = "",
+) -> ContractReport:
+    """Check a member's data, read through ``layout``, against the contract; see the module docstring."""
+    try:
+        view = apply_layout(adata, layout=layout, path=path)
+    except LayoutError as exc:
+        report = ContractReport(path=str(path), n_samples=adata.n_obs, n_features=adata.n_vars)
+        report.error(exc.field, exc.problem, exc.fix)
+        return report
+    return check_view(view, tasks=tasks, rules=rules, path=path)
+
+
+def check_view(
     adata: ad.AnnData, *, tasks: Sequence[Any], rules: ContractRules, path: str | Path = ""
 ) -> ContractReport:
-    """Check a member's data against the contract; see the module docstring."""
+    """Check the platform's view of a member's data (the output of :func:`omics.layout.apply_layout`)."""
     report = ContractReport(path=str(path), n_samples=adata.n_obs, n_features=adata.n_vars)
+    report.layout = dict(adata.uns.get("layout", {}))
     if adata.n_obs == 0 or adata.n_vars == 0:
         report.error(
             "X",
@@ -114,6 +139,13 @@ def _check_identifiers(adata: ad.AnnData, rules: ContractRules, report: Contract
             "obs_names",
             f"{len(dup_samples)} duplicate sample IDs, e.g. {list(dup_samples[:5])}",
             "give every sample a unique ID (obs_names)",
+        )
+    stripped = int(report.layout.get("versions_stripped") or 0)
+    if stripped:
+        report.warn(
+            "var_names",
+            f"{stripped} Ensembl IDs carried a version suffix (e.g. '.12'); matched to the panel without it",
+            "nothing to do: versions are ignored when matching the panel",
         )
     kinds = count_kinds(names)
     present = [k for k, n in kinds.items() if n]
@@ -222,8 +254,10 @@ def _numeric(series: pd.Series, field_: str, task: Any, report: ContractReport) 
 
 def _check_binary(series: pd.Series, task: Any, rules: ContractRules, report: ContractReport) -> None:
     field_ = f"obs.{task.column}"
-    values = _numeric(series, field_, task, report)
-    if values is None:
+    try:
+        values = binary_labels(series, task)
+    except LabelError as exc:
+        report.error(field_, exc.problem, exc.fix)
         return
     labeled = values.dropna()
     other = sorted(float(v) for v in set(labeled.unique()) - {0.0, 1.0})
@@ -231,11 +265,14 @@ def _check_binary(series: pd.Series, task: Any, rules: ContractRules, report: Co
         report.error(
             field_,
             f"task '{task.name}' is binary but holds values {other[:5]}",
-            "encode labels as 0/1 and leave missing labels empty (NaN)",
+            "encode labels as 0/1 and leave missing labels empty (NaN), or name the label that means 1 with "
+            f"`positive:` in task '{task.name}' of consortium.yaml",
         )
         return
     pos, neg = int((labeled == 1).sum()), int((labeled == 0).sum())
     report.tasks[task.name] = {"type": "binary", "labeled": pos + neg, "positives": pos, "negatives": neg}
+    if getattr(task, "positive", None) is not None:
+        report.tasks[task.name]["positive"] = task.positive
     if min(pos, neg) < rules.min_class_count:
         report.error(
             field_,
@@ -370,7 +407,10 @@ def label_counts(path: str | Path, tasks: Sequence[Any]) -> dict[str, int]:
     counts = {}
     for task in tasks:
         if task.type == "binary":
-            values = pd.to_numeric(obs[task.column], errors="coerce").dropna()
+            try:
+                values = binary_labels(obs[task.column], task).dropna()
+            except LabelError:
+                values = pd.Series(dtype=float)  # check_member names the problem; no class has labels here
             counts[task.name] = int(min((values == 1).sum(), (values == 0).sum()))
         elif task.type == "survival":
             counts[task.name] = int((pd.to_numeric(obs[task.event], errors="coerce") == 1).sum())

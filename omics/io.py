@@ -10,17 +10,22 @@ import anndata as ad
 import h5py
 
 from omics.errors import DataFileError
+from omics.split import read_split_file, split_file
 
 log = logging.getLogger(__name__)
 
 
 def read_member(path: str | Path) -> ad.AnnData:
-    """Read a member's ``.h5ad`` file into memory.
+    """Read a member's ``.h5ad`` file into memory, with the split stored beside it if there is one.
+
+    A split written by ``consortium data split`` (``<name>.split.csv``, see :func:`omics.split.split_file`)
+    replaces any ``obs['split']`` of the file.
 
     Raises
     ------
     DataFileError
-        The file is missing, not HDF5 (truncated or another format), or HDF5 without AnnData's layout.
+        The file is missing, not HDF5 (truncated or another format), or HDF5 without AnnData's layout;
+        or the split beside it does not fit the file.
     """
     path = Path(path)
     if not path.exists():
@@ -49,6 +54,11 @@ def read_member(path: str | Path) -> ad.AnnData:
             f"{path}: unreadable AnnData file ({type(exc).__name__}: {exc}); the file may be truncated, re-export it"
         ) from None
     log.info("read %s: %d samples x %d features", path, adata.n_obs, adata.n_vars)
+    stored = split_file(path)
+    if stored.is_file():
+        adata.obs["split"] = read_split_file(stored, adata.obs_names)
+        adata.uns["split_file"] = str(stored)
+        log.info("read the split stored beside it: %s", stored)
     return adata
 
 

@@ -1,4 +1,8 @@
-"""Normalization with scanpy: library size + log1p for counts, then per-feature scaling.
+"""Normalization with numpy: library size + log1p for counts, then per-feature scaling.
+
+The steps are scanpy's ``normalize_total``, ``log1p`` and ``scale`` (same results), written with numpy so
+that a member's FLARE process does not import scanpy (seconds of start-up and a large dependency tree
+for three lines of arithmetic).
 
 The parameters, and the per-feature statistics a member may share (mean and standard deviation of
 the log values, never raw values), are recorded in ``uns['normalization']`` and ``var``; the log-scale
@@ -11,7 +15,6 @@ import logging
 
 import anndata as ad
 import numpy as np
-import scanpy as sc
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +43,14 @@ def normalize(
         Library-size normalization and log1p are per sample and need no fit.
     """
     adata = adata.copy() if copy else adata
-    adata.X = np.asarray(adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X, dtype=np.float32)
+    X = np.asarray(adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X, dtype=np.float32)
     steps = []
     if values == "counts":
-        sc.pp.normalize_total(adata, target_sum=target_sum)
-        sc.pp.log1p(adata)
+        X = np.log1p(library_size_normalized(X, target_sum=target_sum))
         steps += [f"normalize_total(target_sum={target_sum:g})", "log1p"]
     # the log-scale values before scaling: what association statistics and fold changes are computed on
-    adata.layers["log"] = np.asarray(adata.X, dtype=np.float32).copy()
+    adata.layers["log"] = np.array(X, dtype=np.float32, copy=True)
+    adata.X = X
     rows = np.ones(adata.n_obs, dtype=bool) if fit_rows is None else np.asarray(fit_rows, dtype=bool)
     if rows.shape != (adata.n_obs,) or rows.sum() < 2:
         raise ValueError(f"fit_rows must mark at least 2 of the {adata.n_obs} samples, got {int(rows.sum())}")
@@ -68,3 +71,11 @@ def normalize(
     }
     log.info("normalized %d x %d: %s", adata.n_obs, adata.n_vars, ", ".join(steps))
     return adata if copy else None
+
+
+def library_size_normalized(X: np.ndarray, *, target_sum: float) -> np.ndarray:
+    """Each sample scaled to ``target_sum`` counts (scanpy's ``normalize_total``); a sample without
+    counts stays 0. A new float32 array."""
+    totals = X.sum(axis=1, dtype=np.float64, keepdims=True)
+    totals[totals == 0] = 1.0
+    return (X / totals * target_sum).astype(np.float32)

@@ -1,4 +1,4 @@
-"""From a member's raw AnnData to model-ready arrays: check, normalize, harmonize, split."""
+"""From a member's raw AnnData to model-ready arrays: read its layout, check, split, normalize, harmonize."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from omics.contract import ContractRules, check_member
+from omics.contract import ContractRules, check_view
 from omics.errors import ContractError
 from omics.harmonize import harmonize_to_panel
+from omics.labels import binary_labels
+from omics.layout import MemberLayout, apply_layout
 from omics.normalize import normalize
 from omics.split import assign_folds, assign_split
 
@@ -29,9 +31,11 @@ def prepare_member(
     seed: int,
     folds: int | None = None,
     fold: int | None = None,
+    layout: MemberLayout = MemberLayout(),
     path: str = "",
 ) -> ad.AnnData:
-    """Check the contract, then split (a stored split is kept), normalize and harmonize to the panel.
+    """Read ``adata`` through ``layout``, check the contract, then split (a stored split is kept),
+    normalize and harmonize to the panel.
 
     With ``folds`` and ``fold``, the split is fold ``fold`` of a stratified cross-validation
     (:func:`omics.split.assign_folds`) instead, whatever split the file stores.
@@ -39,13 +43,14 @@ def prepare_member(
     Raises
     ------
     ContractError
-        The data is not fit to join; the message lists every error with its fix.
+        The layout does not fit the file, or the data is not fit to join; the message lists every
+        error with its fix.
     """
-    report = check_member(adata, tasks=tasks, rules=rules, path=path)
+    work = apply_layout(adata, layout=layout, path=path)  # a new object: the caller's adata is not changed
+    report = check_view(work, tasks=tasks, rules=rules, path=path)
     if not report.fit:
         errors = [f"  {f.field}: {f.message} (fix: {f.fix})" for f in report.findings if f.level == "error"]
         raise ContractError(f"{path or 'member data'} is not fit to join:\n" + "\n".join(errors))
-    work = adata.copy()
     if folds:
         assign_folds(work, tasks=tasks, folds=folds, fold=fold or 0, val_fraction=val_fraction, seed=seed)
     elif "split" not in work.obs.columns:
@@ -64,6 +69,8 @@ def task_targets(obs: pd.DataFrame, task: Any) -> np.ndarray:
         time[either_missing] = np.nan
         event[either_missing] = np.nan
         return np.stack([time, event], axis=1)
+    if task.type == "binary":
+        return binary_labels(obs[task.column], task).to_numpy(dtype=np.float64)
     return pd.to_numeric(obs[task.column], errors="coerce").to_numpy(dtype=np.float64)
 
 

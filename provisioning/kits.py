@@ -102,7 +102,7 @@ def provision(config: ConsortiumConfig, *, out: Path) -> ProvisionResult:
             if kit.is_dir():
                 shutil.move(str(kit), final / kit.name)
         shutil.copytree(_state_dir(staging / "nvflare", project), final / CA_STATE_DIR)
-        _write_policies(final, config, [m.name for m in config.members], server=True)
+        _write_policies(final, config, [m.name for m in config.members], server=True, location=out)
         _write_project_file(final / PROJECT_FILE, project)
         if out.exists():
             out.rmdir()
@@ -137,7 +137,7 @@ def add_member(config: ConsortiumConfig, *, kits: Path, member: str) -> Provisio
     staging = Path(tempfile.mkdtemp(prefix=f".{kits.name}.add-{member}-", dir=kits.parent))
     try:
         prod = _run_nvflare(project, workspace=staging / "nvflare", ca_state=ca_state.parent)
-        _write_policies(prod, config, [new.name], server=False)
+        _write_policies(prod, config, [new.name], server=False, location=kits)
         for name in (new.name, lead):
             shutil.move(str(prod / name), staging / name)
         new_state = _state_dir(staging / "nvflare", project) / "cert.json"
@@ -173,11 +173,15 @@ def _state_dir(workspace: Path, project: dict) -> Path:
     return workspace / project["name"] / "state"
 
 
-def _write_policies(folder: Path, config: ConsortiumConfig, members: list[str], *, server: bool) -> None:
+def _write_policies(
+    folder: Path, config: ConsortiumConfig, members: list[str], *, server: bool, location: Path
+) -> None:
+    """Site policies into the kits under ``folder``, which will live under ``location``."""
     if server:
-        write_site_policies(folder / config.operator.host, config=config, member_site=False)
+        host = config.operator.host
+        write_site_policies(folder / host, config=config, member_site=False, location=location / host)
     for name in members:
-        write_site_policies(folder / name, config=config, member_site=True)
+        write_site_policies(folder / name, config=config, member_site=True, location=location / name)
 
 
 def _write_project_file(path: Path, project: dict) -> None:

@@ -7,9 +7,10 @@ moved as a whole.
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -65,7 +66,11 @@ class Panel(_Strict):
 class BinaryTask(_Strict):
     name: Annotated[str, Field(pattern=_NAME)]
     type: Literal["binary"]
-    column: str = Field(description="obs column holding 0/1 labels (missing labels allowed).")
+    column: str = Field(description="obs column holding the labels (missing labels allowed).")
+    positive: str | int | float | bool | None = Field(
+        default=None,
+        description="The label that means 1 (the others mean 0); needed for text labels. Without it: 0/1.",
+    )
 
 
 class RegressionTask(_Strict):
@@ -97,6 +102,16 @@ class Member(_Strict):
     data: Path = Field(description="The member's AnnData file (.h5ad), resolved relative to consortium.yaml.")
     admin: str | None = Field(default=None, pattern=_EMAIL, description="E-mail of the member's lead (submits jobs).")
     tasks: list[Task] = Field(min_length=1)
+    layer: str | None = Field(
+        default=None,
+        description="Where the member's counts are: a key of adata.layers, or 'raw' (adata.raw). Default: X.",
+    )
+    var_id_column: str | None = Field(
+        default=None, description="A var column holding the panel identifiers. Default: var_names."
+    )
+    symbol_column: str | None = Field(
+        default=None, description="A var column of gene symbols shown in the results (default: 'gene_symbols')."
+    )
 
     @field_validator("data")
     @classmethod
@@ -419,6 +434,8 @@ def _explain(path: Path, exc: ValidationError) -> str:
         hint = _hint(error)
         if not error["loc"]:  # a check across fields: its message names them
             lines.append(f"  {message}{hint}")
+        elif error["type"] == "extra_forbidden":
+            lines.append(f"  {_unknown_key(error['loc'])}")
         elif error["type"] == "missing" or isinstance(value, dict):  # the input is the parent mapping
             lines.append(f"  {field}: {message}{hint}")
         else:
@@ -428,13 +445,49 @@ def _explain(path: Path, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _unknown_key(loc: tuple) -> str:
+    """``unknown key 'ruonds' in training (did you mean 'rounds'?)``: the closest known keys of the mapping
+    the key sits in, or all of them when none is close."""
+    key, parent = str(loc[-1]), loc[:-1]
+    known = _known_keys(parent)
+    where = re.sub(r"\.(binary|regression|survival)(?=\.|$)", "", ".".join(str(p) for p in parent))
+    where = f"in {where}" if where else "at the top level"
+    close = difflib.get_close_matches(key, known, n=2, cutoff=0.6)
+    if close:
+        return f"unknown key '{key}' {where} (did you mean {' or '.join(repr(c) for c in close)}?)"
+    return f"unknown key '{key}' {where}: remove it, or use one of {', '.join(known)}"
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    """The keys the schema accepts in the mapping at ``loc`` (list indices skipped, task types picked)."""
+    models: list[type[BaseModel]] = [ConsortiumConfig]
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        tagged = [m for m in models if part in get_args(getattr(m.model_fields.get("type"), "annotation", None))]
+        if tagged:  # a discriminated union: pydantic puts the task type into the location
+            models = tagged
+            continue
+        models = [
+            inner for m in models if part in m.model_fields for inner in _models_in(m.model_fields[part].annotation)
+        ]
+    return list(dict.fromkeys(name for m in models for name, info in m.model_fields.items() if not info.exclude))
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds (through lists, unions, Optional and Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if get_origin(annotation) in (Annotated, Union) or get_args(annotation):
+        return [m for arg in get_args(annotation) for m in _models_in(arg)]
+    return []
+
+
 def _hint(error: dict) -> str:
     kind = error["type"]
     if kind == "string_pattern_mismatch":
         pattern = error.get("ctx", {}).get("pattern")
         return f" ({_ORG_FIX if pattern == _ORG else _EMAIL_FIX if pattern == _EMAIL else _SITE_NAME_FIX})"
-    if kind == "extra_forbidden":
-        return " (unknown field: remove it or check its spelling)"
     if kind == "missing":
         return " (add this field)"
     if kind == "union_tag_invalid":

@@ -2,6 +2,7 @@
 
 The bottom package imports neither layer, so each adapter returns plain keyword arguments:
 ``omics.contract.ContractRules(**contract_rules(config))``,
+``omics.layout.MemberLayout(**member_layout(config, member))``,
 ``models.training.TrainSettings(**train_settings(config))``, and so on. Every caller (a FLARE site, the
 baselines, ``consortium data check``) goes through these, so a setting is read in one place.
 """
@@ -23,6 +24,17 @@ def contract_rules(config: ConsortiumConfig) -> dict[str, Any]:
         "min_class_count": config.data.min_class_count,
         "min_events": config.data.min_events,
         "min_labeled": config.data.min_labeled,
+    }
+
+
+def member_layout(config: ConsortiumConfig, member: str) -> dict[str, Any]:
+    """Keyword arguments of ``omics.layout.MemberLayout``: where the member's file keeps its data."""
+    entry = config.member(member)
+    return {
+        "layer": entry.layer,
+        "var_id_column": entry.var_id_column,
+        "symbol_column": entry.symbol_column,
+        "member": entry.name,
     }
 
 

@@ -1,9 +1,13 @@
-"""``consortium data check`` and ``consortium data split``: a member's data against the contract."""
+"""``consortium data check`` and ``consortium data split``: a member's data against the contract.
+
+The data libraries (anndata, pandas) are imported inside the commands, so the CLI starts without them.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -11,13 +15,11 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from omics.contract import ContractReport, ContractRules, check_member
-from omics.errors import DataFileError
-from omics.io import read_member, write_member
-from omics.split import assign_split
-from schema import settings
-from schema.config import load_config
 from schema.errors import UserError
+
+if TYPE_CHECKING:
+    from omics.contract import ContractReport
+    from schema.config import ConsortiumConfig
 
 console = Console()
 data_app = typer.Typer(help="Check and prepare a member's omics data.", no_args_is_help=True)
@@ -25,9 +27,22 @@ data_app = typer.Typer(help="Check and prepare a member's omics data.", no_args_
 
 def check_member_file(config_path: Path, member_name: str) -> ContractReport:
     """The contract report of one member's file; an unreadable file is a report with one error."""
-    config = load_config(config_path)
+    from schema.config import load_config
+
+    return check_member_data(load_config(config_path), member_name)
+
+
+def check_member_data(config: ConsortiumConfig, member_name: str) -> ContractReport:
+    """The contract report of one member of a loaded consortium (see :func:`check_member_file`)."""
+    from omics.contract import ContractReport, ContractRules, check_member
+    from omics.errors import DataFileError
+    from omics.io import read_member
+    from omics.layout import MemberLayout
+    from schema import settings
+
     member = config.member(member_name)
     rules = ContractRules(**settings.contract_rules(config))
+    layout = MemberLayout(**settings.member_layout(config, member_name))
     try:
         adata = read_member(member.data)
     except DataFileError as exc:
@@ -39,7 +54,7 @@ def check_member_file(config_path: Path, member_name: str) -> ContractReport:
             "anndata's adata.write_h5ad(path)",
         )
         return report
-    return check_member(adata, tasks=member.tasks, rules=rules, path=member.data)
+    return check_member(adata, tasks=member.tasks, rules=rules, layout=layout, path=member.data)
 
 
 @data_app.command("check")
@@ -53,7 +68,7 @@ def check(
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        _print_report(report, member)
+        print_report(report, member)
     raise typer.Exit(0 if report.fit else 1)
 
 
@@ -61,17 +76,35 @@ def check(
 def split(
     config: Path = typer.Option(..., "--config", help="The consortium.yaml."),
     member: str = typer.Option(..., "--member", help="The member whose data to split."),
-    force: bool = typer.Option(False, "--force", help="Replace a split already stored in the file."),
+    force: bool = typer.Option(False, "--force", help="Replace a split already stored."),
+    in_place: bool = typer.Option(
+        False, "--in-place", help="Write the split into the member's .h5ad (obs['split']) instead of beside it."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
-    """Store a stratified, seeded train/val/test split in the member's file (obs['split'])."""
+    """Store a stratified, seeded train/val/test split beside the member's file (<name>.split.csv).
+
+    The member's .h5ad is not rewritten unless --in-place is given; every command reads the split
+    stored beside it into obs['split'].
+    """
+    from omics.errors import DataFileError
+    from omics.io import read_member, write_member
+    from omics.split import assign_split, split_file, write_split_file
+    from schema.config import load_config
+
     cfg = load_config(config)
     entry = cfg.member(member)
     try:
         adata = read_member(entry.data)
     except DataFileError as exc:
         raise UserError(f"{exc} (member '{member}' in {cfg.source})") from None
+    beside = split_file(entry.data)
     if "split" in adata.obs.columns and not force:
-        console.print(Text(f"{entry.data} already holds a split; pass --force to replace it"))
+        message = f"{beside if beside.is_file() else entry.data} already holds a split; pass --force to replace it"
+        if as_json:
+            typer.echo(json.dumps({"path": str(entry.data), "member": member, "stored": False, "reason": message}))
+        else:
+            console.print(Text(message))
         raise typer.Exit(1)
     assign_split(
         adata,
@@ -80,22 +113,36 @@ def split(
         test_fraction=cfg.data.test_fraction,
         seed=cfg.data.split_seed,
     )
+    target = entry.data if in_place else beside
     try:
-        write_member(adata, entry.data)
+        if in_place:
+            adata.uns.pop("split_file", None)
+            write_member(adata, entry.data)
+            beside.unlink(missing_ok=True)  # it would replace the split just written whenever the file is read
+        else:
+            write_split_file(adata, beside)
     except OSError as exc:
         raise UserError(
-            f"{entry.data}: cannot store the split ({exc.strerror}); make the file and its folder writable"
+            f"{target}: cannot store the split ({exc.strerror}); make {target.parent} writable"
+            + ("" if in_place else ", or pass --in-place to write it into the member's file")
         ) from None
-    console.print(Text(f"stored split in {entry.data}: {dict(adata.obs['split'].value_counts())}"))
+    counts = {str(k): int(v) for k, v in adata.obs["split"].value_counts().items()}
+    if as_json:
+        result = {"path": str(target), "data": str(entry.data), "member": member, "stored": True, "split": counts}
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console.print(Text(f"stored split in {target}: {counts}"))
 
 
-def _print_report(report: ContractReport, member: str) -> None:
+def print_report(report: ContractReport, member: str) -> None:
     verdict = "[green]fit to join[/]" if report.fit else "[red]NOT fit to join[/]"
     console.print(
         f"[bold]{escape(member)}[/] ({escape(report.path)}): {report.n_samples} samples x {report.n_features} "
         f"features, panel coverage {report.coverage:.1%}: {verdict}",
         highlight=False,
     )
+    if report.layout:
+        console.print(Text(_layout_line(report.layout)))
     if report.tasks:
         tasks = Table(title="tasks", show_edge=False)
         for column in ("task", "type", "labelled", "classes / events"):
@@ -103,6 +150,7 @@ def _print_report(report: ContractReport, member: str) -> None:
         for name, info in report.tasks.items():
             detail = (
                 f"{info['positives']} pos / {info['negatives']} neg"
+                + (f" (positive: {info['positive']!r})" if "positive" in info else "")
                 if info["type"] == "binary"
                 else f"{info['events']} events"
                 if info["type"] == "survival"
@@ -118,6 +166,15 @@ def _print_report(report: ContractReport, member: str) -> None:
             level = Text("error", style="red") if f.level == "error" else Text("warning", style="yellow")
             table.add_row(level, Text(f.field), Text(f.message), Text(f.fix))
         console.print(table)
+
+
+def _layout_line(layout: dict) -> str:
+    line = f"read {layout.get('matrix', 'X')}, identifiers from {layout.get('identifiers', 'var_names')}"
+    if layout.get("versions_stripped"):
+        line += f" ({layout['versions_stripped']} Ensembl version suffixes stripped)"
+    if layout.get("symbols"):
+        line += f", symbols from {layout['symbols']}"
+    return line
 
 
 def register(app: typer.Typer) -> None:

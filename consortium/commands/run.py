@@ -1,7 +1,13 @@
-"""``consortium run`` and ``consortium demo``: a federated run with its report."""
+"""``consortium run`` and ``consortium demo``: a federated run with its report.
+
+Before FLARE starts, every member's data is checked against the contract (as ``consortium data check``
+does); an unfit member stops the run with its contract report (exit 1). The run's libraries (NVFlare,
+torch, MLflow) are imported inside the commands, so the CLI starts without them.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -9,38 +15,68 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from consortium.commands.data import check_member_data, print_report
 from consortium.commands.synth import synthesize
-from consortium.flare_env import FederatedRunError
-from consortium.orchestration import RunResult, check_folds, run_consortium
-from schema.config import load_config
 from schema.errors import UserError
 
+if TYPE_CHECKING:
+    from consortium.orchestration import RunResult
+    from schema.config import ConsortiumConfig
+
 console = Console()
+err_console = Console(stderr=True)
 
 
 class RunFailed(UserError):
     exit_code = 1
 
 
+class DataNotFit(RunFailed):
+    """A member's data does not meet the contract: the run does not start."""
+
+
+def check_members(config: ConsortiumConfig, *, as_json: bool = False) -> None:
+    """Check every member's data against the contract before FLARE starts; print the unfit members'
+    reports (the JSON object of every member's report with ``as_json``) and raise :class:`DataNotFit`."""
+    reports = {m.name: check_member_data(config, m.name) for m in config.members}
+    unfit = [name for name, report in reports.items() if not report.fit]
+    if not unfit:
+        (err_console if as_json else console).print(f"data contract: all {len(reports)} members fit to join")
+        return
+    if as_json:
+        members = {name: report.to_dict() for name, report in reports.items()}
+        typer.echo(json.dumps({"started": False, "fit": False, "unfit": unfit, "members": members}, indent=2))
+    else:
+        for name in unfit:
+            print_report(reports[name], name)
+    source = config.source or "consortium.yaml"
+    raise DataNotFit(
+        f"run not started: the data of {', '.join(repr(n) for n in unfit)} does not meet the consortium contract "
+        f"(report above); fix the findings, check with 'consortium data check --config {source} --member "
+        f"{unfit[0]}', and run again"
+    )
+
+
 @contextmanager
-def _console_output_to(log_path: Path) -> Iterator[TextIO]:
+def _console_output_to(log_path: Path, *, terminal_fd: int = 1) -> Iterator[TextIO]:
     """Send this process's and FLARE's child processes' stdout/stderr to ``log_path``.
 
     FLARE's simulator and POC print job metadata, dots and every log line to the terminal; the user
-    should see the progress bar and the summary. Yields a stream to the real terminal for them.
+    should see the progress bar and the summary. Yields a stream to the real terminal (its stdout, or
+    its stderr with ``terminal_fd=2``) for them.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1)
+    terminal = os.fdopen(os.dup(saved[0] if terminal_fd == 1 else saved[1]), "w", buffering=1)
     with open(log_path, "ab") as log_file:
         os.dup2(log_file.fileno(), 1)
         os.dup2(log_file.fileno(), 2)
@@ -89,13 +125,21 @@ def execute(
     he: bool | None,
     folds: int | None = None,
     seeds: int = 1,
+    as_json: bool = False,
 ) -> RunResult:
+    """Check the data, then run; with ``as_json`` every line for the user goes to stderr (stdout stays free
+    for the caller's JSON object)."""
+    from consortium.flare_env import FederatedRunError
+    from consortium.orchestration import check_folds, run_consortium
+    from schema.config import load_config
+
     config = load_config(config_path)
     check_folds(config, folds=folds or config.data.folds)  # a usage error writes nothing
+    check_members(config, as_json=as_json)  # before FLARE starts: an unfit member stops the run here
     total = rounds or config.training.rounds
     log_path = out / "console.log"
-    console.print(f"FLARE's own output goes to {log_path}")
-    with _console_output_to(log_path) as terminal:
+    (err_console if as_json else console).print(f"FLARE's own output goes to {log_path}")
+    with _console_output_to(log_path, terminal_fd=2 if as_json else 1) as terminal:
         bar, update = _progress_bar(total, stream=terminal)
         with bar:
             try:
@@ -113,6 +157,14 @@ def execute(
                 )
             except FederatedRunError as exc:
                 raise RunFailed(str(exc)) from None
+
+
+def result_json(result: RunResult, **extra: Any) -> str:
+    """The JSON object ``--json`` prints: where the report is, the job ids, ``extra``, and the report itself
+    (as written to report.json, so NaN has become null)."""
+    report = json.loads(Path(result.report_path).read_text())
+    paths = {"report_path": str(result.report_path), "markdown_path": str(result.markdown_path)}
+    return json.dumps({**paths, "job_ids": list(result.job_ids), **extra, "report": report}, indent=2)
 
 
 def print_summary(result: RunResult) -> None:
@@ -191,13 +243,28 @@ def register(app: typer.Typer) -> None:
             max=20,
             help="Repeat the comparison with N seeds; mean and sd of the paired differences.",
         ),
+        as_json: bool = typer.Option(
+            False, "--json", help="Print the result as one JSON object on stdout; progress goes to stderr."
+        ),
     ) -> None:
-        """Run the federated biomarker job and write DIR/report.json and DIR/report.md."""
+        """Check every member's data, run the federated biomarker job, write DIR/report.json and DIR/report.md."""
         if env not in ("sim", "poc"):
             raise UserError(f"--env '{env}': use 'sim' (FLARE simulator) or 'poc' (a real server and clients)")
-        print_summary(
-            execute(config, env=env, out=out, rounds=rounds, baselines=baselines, he=he, folds=folds, seeds=seeds)
+        result = execute(
+            config,
+            env=env,
+            out=out,
+            rounds=rounds,
+            baselines=baselines,
+            he=he,
+            folds=folds,
+            seeds=seeds,
+            as_json=as_json,
         )
+        if as_json:
+            typer.echo(result_json(result))
+        else:
+            print_summary(result)
 
     @app.command("demo")
     def demo(
@@ -206,13 +273,23 @@ def register(app: typer.Typer) -> None:
         rounds: int = typer.Option(None, "--rounds", min=1, help="Override the demo's rounds."),
         he: bool = typer.Option(None, "--he/--no-he", help="Encrypted aggregation (default: on with POC)."),
         seed: int = typer.Option(0, "--seed"),
+        as_json: bool = typer.Option(
+            False, "--json", help="Print the result as one JSON object on stdout; progress goes to stderr."
+        ),
     ) -> None:
         """Synthesize the default consortium, run it federated with baselines, and compare."""
+        say = err_console if as_json else console
         consortium_dir = out / "consortium"
         config_path = consortium_dir / "consortium.yaml"
         if not config_path.exists():
-            with console.status("synthesizing the default consortium (3 members: 300, 800, 2000 samples)..."):
+            with say.status("synthesizing the default consortium (3 members: 300, 800, 2000 samples)..."):
                 synthesize(consortium_dir, sizes=[300, 800, 2000], n_features=2000, seed=seed, rounds=10)
-        console.print(f"consortium: {config_path}")
+        say.print(f"consortium: {config_path}")
         use_he = (env == "poc") if he is None else he
-        print_summary(execute(config_path, env=env, out=out / "run", rounds=rounds, baselines=True, he=use_he))
+        result = execute(
+            config_path, env=env, out=out / "run", rounds=rounds, baselines=True, he=use_he, as_json=as_json
+        )
+        if as_json:
+            typer.echo(result_json(result))
+        else:
+            print_summary(result)

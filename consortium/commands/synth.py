@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,8 +11,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from omics.synthetic import DEFAULT_SIZES, make_consortium
-from schema.config import config_from_dict, dump_config
 from schema.errors import UserError
 
 console = Console()
@@ -19,6 +18,9 @@ console = Console()
 
 def synthesize(out: Path, *, sizes: list[int], n_features: int, seed: int, rounds: int = 5) -> Path:
     """Write a synthetic consortium into ``out``; return the path of its consortium.yaml."""
+    from omics.synthetic import make_consortium
+    from schema.config import config_from_dict, dump_config
+
     out = Path(out).resolve()  # the config's paths are written relative to its own folder
     try:
         synthetic = make_consortium(out, sizes=sizes, n_features=n_features, seed=seed)
@@ -76,28 +78,40 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same consortium."),
         rounds: int = typer.Option(5, "--rounds", min=1, help="Federated rounds written into consortium.yaml."),
         force: bool = typer.Option(False, "--force", help="Write into a folder that already holds files."),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     ) -> None:
         """Synthesize a consortium whose true biomarkers are known (written to ground_truth.json)."""
         counts = _parse_sizes(sizes, members)
         check_out_folder(out, force=force)
-        with console.status("synthesizing members..."):
+        progress = Console(stderr=True) if as_json else console  # stdout holds only the JSON
+        with progress.status("synthesizing members..."):
             try:
                 config_path = synthesize(out, sizes=counts, n_features=features, seed=seed, rounds=rounds)
             except OSError as exc:
                 raise UserError(
                     f"--out {out}: cannot write {exc.filename} ({exc.strerror}); choose another folder"
                 ) from None
+        written = [
+            {"name": name, "samples": n, "file": str(out / f"{name}.h5ad")}
+            for name, n in zip([f"pharma-{chr(97 + i)}" for i in range(len(counts))], counts, strict=True)
+        ]
+        if as_json:
+            ground_truth = str(out / "ground_truth.json")
+            typer.echo(json.dumps({"config": str(config_path), "ground_truth": ground_truth, "members": written}))
+            return
         table = Table(title=Text(f"synthetic consortium in {out}"))
         for column in ("member", "samples", "file"):
             table.add_column(column)
-        for name, n in zip([f"pharma-{chr(97 + i)}" for i in range(len(counts))], counts, strict=True):
-            table.add_row(name, str(n), str(out / f"{name}.h5ad"))
+        for row in written:
+            table.add_row(row["name"], str(row["samples"]), row["file"])
         console.print(table)
         console.print(f"config: {config_path}\nground truth: {out / 'ground_truth.json'}")
 
 
 def _parse_sizes(sizes: str | None, members: int) -> list[int]:
     if sizes is None:
+        from omics.synthetic import DEFAULT_SIZES
+
         default = list(DEFAULT_SIZES)
         return (default * members)[:members] if members != len(default) else default
     try:

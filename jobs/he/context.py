@@ -6,6 +6,8 @@ contexts cannot drift apart. The two files keep the names NVFlare's ``HEBuilder`
 (``client_context.tenseal`` with the secret key for members, ``server_context.tenseal`` without
 it for the operator) and the serialization of ``provisioning.he_keys.create_keys`` (public-key CKKS,
 so every site shares a public fingerprint; relinearization keys; no Galois keys: the server only adds).
+Members encrypt their updates with the secret key they hold (symmetric CKKS, :mod:`jobs.he.packing`:
+half the bytes on the wire); the public key serves the key ceremony's fingerprint and pair check.
 """
 
 from __future__ import annotations

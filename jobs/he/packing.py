@@ -1,20 +1,31 @@
-"""Packed CKKS payloads: the whole trunk as one flat vector, chunked by slot count.
+"""Packed CKKS payloads: the whole trunk as one flat vector, two values per slot, half a ciphertext on the wire.
 
 NVFlare's stock ``HEModelEncryptor`` makes one ciphertext per layer (so a 64-value bias costs a
-whole 4096-slot ciphertext) and FOBS attaches a copy of the context to every one of them. Here all
-layers are flattened into one vector in a recorded :class:`Layout`, cut into ``slots``-sized
-chunks, and each chunk is serialized without its context: the receiver deserializes against its own.
+whole 4096-slot ciphertext) and FOBS attaches a copy of the context to every one of them. Here:
 
-Everything here is plain TenSEAL + NumPy, testable without a FLARE process.
+- all layers are flattened into one vector in a recorded :class:`Layout` and cut into chunks;
+- a chunk fills the CKKS slots' real *and* imaginary parts (TenSEAL's vectors leave the imaginary
+  half empty): ``N`` values per ciphertext instead of ``N / 2``;
+- a member encrypts with the secret key it holds anyway (symmetric CKKS), so SEAL serializes the
+  ciphertext's uniformly random half as a 64-byte seed: half the bytes of a public-key ciphertext;
+- each chunk is serialized without its context: the receiver deserializes against its own.
+
+Together: 8 bytes per value at N=8192, [60, 40], scale 2^40 (TenSEAL's public-key vectors: 32), with
+the same CKKS noise (~1e-9). The server's sum is a full ciphertext again (16 bytes per value).
+Plain ``tenseal.sealapi`` (TenSEAL's public SEAL bindings) + NumPy, testable without a FLARE process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import tenseal as ts
+from tenseal import sealapi
 
 from jobs.he.context import slot_count
 
@@ -77,41 +88,161 @@ def unflatten(flat: np.ndarray, layout: Layout, *, dtype: np.dtype = np.float32)
     return out
 
 
+def chunk_capacity(context: ts.Context) -> int:
+    """Values one ciphertext carries: two per slot (real and imaginary part), i.e. the ring degree N."""
+    return 2 * slot_count(context)
+
+
+def pack_slots(values: np.ndarray) -> np.ndarray:
+    """A chunk's values as complex slots: the first half in the real parts, the second in the imaginary."""
+    half = -(-values.size // 2)
+    slots = np.zeros(half, dtype=np.complex128)
+    slots.real = values[:half]
+    slots.imag[: values.size - half] = values[half:]
+    return slots
+
+
+def unpack_slots(slots: np.ndarray, *, n_values: int) -> np.ndarray:
+    """Inverse of :func:`pack_slots` for a chunk of ``n_values`` values."""
+    half = -(-n_values // 2)
+    return np.concatenate([slots.real[:half], slots.imag[: n_values - half]])
+
+
+def slot_peak(values: np.ndarray, *, capacity: int) -> float:
+    """Largest slot magnitude ``|re + i im|`` of ``values`` packed in chunks of ``capacity``.
+
+    It bounds every coefficient of the encoded plaintext (divided by the scale), so it is what the
+    headroom guard must compare against the modulus.
+    """
+    peak = 0.0
+    for start in range(0, values.size, capacity):
+        chunk = pack_slots(values[start : start + capacity])
+        peak = max(peak, float(np.max(np.abs(chunk))))
+    return peak
+
+
+class ScratchFile:
+    """A scratch file for SEAL's path-only ``save``/``load`` bindings: in memory (memfd) where Linux allows."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd, self.path = fd, path
+
+    def read(self) -> bytes:
+        return os.pread(self.fd, os.fstat(self.fd).st_size, 0)
+
+    def write(self, data: bytes) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+
+@contextlib.contextmanager
+def scratch_file() -> Iterator[ScratchFile]:
+    """A scratch file for one batch of SEAL saves/loads, removed afterwards."""
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        fd = os.memfd_create("consortium-ckks")
+        try:
+            yield ScratchFile(fd, f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="consortium-ckks-") as folder:
+        path = os.path.join(folder, "chunk")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            yield ScratchFile(fd, path)
+        finally:
+            os.close(fd)
+
+
 def encrypt_flat(context: ts.Context, flat: np.ndarray) -> list[bytes]:
-    """Encrypt ``flat`` in chunks of the context's slot count; each chunk serialized without context."""
-    slots = slot_count(context)
-    return [ts.ckks_vector(context, flat[start : start + slots]).serialize() for start in range(0, flat.size, slots)]
+    """Encrypt ``flat`` with the member's secret key, :func:`chunk_capacity` values a ciphertext.
+
+    Each chunk is a seeded symmetric ciphertext, serialized without context.
+    """
+    if not context.is_private():
+        raise ValueError("this context holds no secret key; only a member encrypts its update (symmetric CKKS)")
+    seal_context = context.seal_context().data
+    encoder = sealapi.CKKSEncoder(seal_context)
+    encryptor = sealapi.Encryptor(seal_context, context.secret_key().data)
+    capacity, scale = chunk_capacity(context), context.global_scale
+    chunks = []
+    with scratch_file() as scratch:
+        for start in range(0, flat.size, capacity):
+            plain = sealapi.Plaintext()
+            encoder.encode(pack_slots(flat[start : start + capacity]).tolist(), scale, plain)
+            encryptor.encrypt_symmetric(plain).save(scratch.path)
+            chunks.append(scratch.read())
+    return chunks
 
 
-def load_chunks(context: ts.Context, chunks: Iterable[bytes]) -> list[ts.CKKSVector]:
-    """Deserialize ciphertext chunks against ``context`` (public or secret, both work)."""
+def load_chunks(context: ts.Context, chunks: Iterable[bytes]) -> list[sealapi.Ciphertext]:
+    """Deserialize ciphertext chunks against ``context`` (public or secret, both work).
+
+    A chunk must be a fresh two-part ciphertext at the context's first level and scale: anything else
+    cannot be added to the others (or was not made by :func:`encrypt_flat` under this key ceremony).
+    """
+    seal_context = context.seal_context().data
+    first = seal_context.first_parms_id()
     vectors = []
-    for index, chunk in enumerate(chunks):
-        if not isinstance(chunk, (bytes, bytearray)):
-            raise TypeError(f"ciphertext chunk {index} is {type(chunk).__name__}, not bytes")
-        vectors.append(ts.ckks_vector_from(context, bytes(chunk)))
+    with scratch_file() as scratch:
+        for index, chunk in enumerate(chunks):
+            if not isinstance(chunk, (bytes, bytearray)):
+                raise TypeError(f"ciphertext chunk {index} is {type(chunk).__name__}, not bytes")
+            scratch.write(bytes(chunk))
+            vector = sealapi.Ciphertext()
+            try:
+                vector.load(seal_context, scratch.path)
+            except (RuntimeError, ValueError) as exc:  # SEAL's own checks: version, parameters, sizes
+                raise ValueError(
+                    f"ciphertext chunk {index} is not a CKKS ciphertext of this key ceremony's parameters ({exc})"
+                ) from exc
+            if vector.size() != 2 or vector.parms_id() != first or vector.scale != context.global_scale:
+                raise ValueError(
+                    f"ciphertext chunk {index}: size {vector.size()}, scale 2^{np.log2(vector.scale):.0f}; expected a "
+                    f"fresh ciphertext at scale 2^{np.log2(context.global_scale):.0f} (jobs.he.packing.encrypt_flat)"
+                )
+            vectors.append(vector)
     return vectors
 
 
-def add_into(total: list[ts.CKKSVector] | None, addend: list[ts.CKKSVector]) -> list[ts.CKKSVector]:
+def add_into(
+    context: ts.Context, total: list[sealapi.Ciphertext] | None, addend: list[sealapi.Ciphertext]
+) -> list[sealapi.Ciphertext]:
     """Element-wise ciphertext addition, in place on ``total``: no multiplication, no modulus level used."""
     if total is None:
         return list(addend)
     if len(total) != len(addend):
         raise ValueError(f"cannot add {len(addend)} ciphertext chunks to {len(total)}; the layouts differ")
+    evaluator = sealapi.Evaluator(context.seal_context().data)
     for chunk, other in zip(total, addend, strict=True):
-        if chunk.size() != other.size():
-            raise ValueError(f"cannot add a {other.size()}-value chunk to a {chunk.size()}-value chunk")
-        chunk.add_(other)
+        evaluator.add_inplace(chunk, other)
     return total
 
 
-def decrypt_flat(context: ts.Context, chunks: Iterable[bytes], *, n_values: int) -> np.ndarray:
+def serialize_chunks(vectors: Iterable[sealapi.Ciphertext]) -> list[bytes]:
+    """Serialize ciphertexts (a sum is a full ciphertext: no seed to stand for its random half)."""
+    out = []
+    with scratch_file() as scratch:
+        for vector in vectors:
+            vector.save(scratch.path)
+            out.append(scratch.read())
+    return out
+
+
+def decrypt_flat(context: ts.Context, chunks: Sequence[bytes], *, n_values: int) -> np.ndarray:
     """Decrypt serialized chunks with a secret context into one float64 vector of ``n_values``."""
     if not context.is_private():
         raise ValueError("this context holds no secret key; only a member can decrypt the aggregate")
-    values = [np.asarray(vector.decrypt(), dtype=np.float64) for vector in load_chunks(context, chunks)]
-    flat = np.concatenate(values) if values else np.zeros(0)
-    if flat.size != n_values:
-        raise ValueError(f"decrypted {flat.size} values, the layout has {n_values}")
-    return flat
+    capacity = chunk_capacity(context)
+    if len(chunks) != -(-n_values // capacity):
+        raise ValueError(f"{len(chunks)} ciphertext chunks cannot hold the layout's {n_values} values")
+    seal_context = context.seal_context().data
+    encoder = sealapi.CKKSEncoder(seal_context)
+    decryptor = sealapi.Decryptor(seal_context, context.secret_key().data)
+    values = []
+    for index, vector in enumerate(load_chunks(context, chunks)):
+        plain = sealapi.Plaintext()
+        decryptor.decrypt(vector, plain)
+        slots = np.asarray(encoder.decode_complex(plain), dtype=np.complex128)
+        values.append(unpack_slots(slots, n_values=min(capacity, n_values - index * capacity)))
+    return np.concatenate(values) if values else np.zeros(0)

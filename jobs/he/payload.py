@@ -2,8 +2,8 @@
 
 An encrypted DXO (kind ``APP_DEFINED``, so no plaintext component mistakes it for weights)::
 
-    data = {"ciphertexts": {section: [bytes, ...]}}   # CKKS chunks of each section's sum-ready values
-    meta = {"he_format": "consortium-ckks-sections/1",
+    data = {"ciphertexts": {section: [bytes, ...]}}   # seeded CKKS chunks, N values each (jobs.he.packing)
+    meta = {"he_format": "consortium-ckks-sections/2",
             "he_layout": {section: [[key, [dims]], ...]},   # names and shapes (public: the model is)
             "consortium_sections": {section: {keys, weight, reduce, contributors}},   # plaintext
             "PROCESSED_ALGORITHM": "CKKS", ...}               # plus the rest of the site's meta
@@ -21,12 +21,24 @@ from dataclasses import dataclass, field
 import numpy as np
 import tenseal as ts
 from nvflare.apis.dxo import DXO, DataKind, MetaKey
+from tenseal import sealapi
 
 from jobs.he.context import headroom
-from jobs.he.packing import Layout, add_into, decrypt_flat, encrypt_flat, flatten, load_chunks, unflatten
+from jobs.he.packing import (
+    Layout,
+    add_into,
+    chunk_capacity,
+    decrypt_flat,
+    encrypt_flat,
+    flatten,
+    load_chunks,
+    serialize_chunks,
+    slot_peak,
+    unflatten,
+)
 from jobs.sections import SECTIONS_META, Section, add_sections, sections_of
 
-HE_FORMAT = "consortium-ckks-sections/1"
+HE_FORMAT = "consortium-ckks-sections/2"  # /2: symmetric seeded ciphertexts, two values per slot
 HE_ALGORITHM = "CKKS"
 ENCRYPTED_KIND = DataKind.APP_DEFINED
 DATA_KEY = "ciphertexts"
@@ -119,14 +131,16 @@ def encrypt_update(context: ts.Context, params: Mapping[str, np.ndarray], *, met
     if stray:
         raise ValueError(f"keys {stray[:5]} belong to no described section; refusing to encrypt a partial update")
     limit = headroom(context) / MAX_CONTRIBUTORS
+    capacity = chunk_capacity(context)
     sections = {}
     for name, section in described.items():
         flat, layout = flatten({k: params[k] for k in section.keys})
-        peak = float(np.max(np.abs(flat))) if flat.size else 0.0
+        peak = slot_peak(flat, capacity=capacity)  # |re + i im| of a slot bounds the plaintext's coefficients
         if peak >= limit:
             raise ValueError(
-                f"section '{name}': max |value| {peak:.3g} exceeds {limit:.3g}, the share of the CKKS headroom one "
-                f"of {MAX_CONTRIBUTORS} members may use; give privacy.he a larger first prime"
+                f"section '{name}': max |value| {peak:.3g} (a slot's |re + i im|: it holds two values) exceeds "
+                f"{limit:.3g}, the share of the CKKS headroom one of {MAX_CONTRIBUTORS} members may use; give "
+                "privacy.he a larger first prime"
             )
         sections[name] = EncryptedSection(encrypt_flat(context, flat), layout)
     return EncryptedUpdate(sections=sections, meta=dict(meta))
@@ -139,25 +153,30 @@ class CiphertextSum:
         self.context = context
         self._sections: dict[str, Section] | None = None
         self._layouts: dict[str, Layout] = {}
-        self._totals: dict[str, list[ts.CKKSVector]] = {}
+        self._totals: dict[str, list[sealapi.Ciphertext]] = {}
 
     def add(self, update: EncryptedUpdate) -> None:
         sections = add_sections(self._sections, update.described)  # checks keys agree, before touching sums
         for name, part in update.sections.items():
             if name in self._layouts and part.layout != self._layouts[name]:
                 raise ValueError(f"section '{name}': layout differs from the first contribution's")
-        for name, part in update.sections.items():
-            self._totals[name] = add_into(self._totals.get(name), load_chunks(self.context, part.chunks))
-            self._layouts[name] = part.layout
+        # load every section first: a damaged chunk anywhere is refused before any sum changes
+        loaded = {name: load_chunks(self.context, part.chunks) for name, part in update.sections.items()}
+        for name, vectors in loaded.items():
+            if name in self._totals and len(vectors) != len(self._totals[name]):
+                raise ValueError(
+                    f"section '{name}': {len(vectors)} ciphertext chunks, the sum has {len(self._totals[name])}"
+                )
+        for name, vectors in loaded.items():
+            self._totals[name] = add_into(self.context, self._totals.get(name), vectors)
+            self._layouts[name] = update.sections[name].layout
         self._sections = sections
 
     def result(self) -> EncryptedUpdate:
         if not self._sections:
             raise ValueError("no encrypted contribution was accepted this round; nothing to aggregate")
         return EncryptedUpdate(
-            sections={
-                n: EncryptedSection([v.serialize() for v in t], self._layouts[n]) for n, t in self._totals.items()
-            },
+            sections={n: EncryptedSection(serialize_chunks(t), self._layouts[n]) for n, t in self._totals.items()},
             meta={SECTIONS_META: {n: s.to_meta() for n, s in self._sections.items()}},
         )
 

@@ -15,6 +15,8 @@ from consortium.audit import (
 )
 from consortium.cli import main
 
+pytestmark = pytest.mark.fault
+
 
 @pytest.fixture
 def log(tmp_path):

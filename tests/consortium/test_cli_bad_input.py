@@ -14,6 +14,8 @@ import yaml
 
 from consortium.cli import main
 
+pytestmark = pytest.mark.fault
+
 
 def _flat(text: str) -> str:
     """Rich wraps long lines; compare with the whitespace collapsed."""
@@ -129,8 +131,14 @@ CONFIG_CASES = {
     "unsupported ring size": (_set("privacy.he.poly_modulus_degree", 1000), ["privacy.he.poly_modulus_degree = 1000"]),
     "folds below 2": (_set("data.folds", 1), ["data.folds = 1", "greater than or equal to 2"]),
     "val fraction too large": (_set("data.val_fraction", 0.6), ["data.val_fraction = 0.6", "less than 0.5"]),
-    "unknown top-level key": (_set("trainig", {"rounds": 3}), ["trainig", "unknown field"]),
-    "unknown nested key": (_set("training.learning_rte", 0.1), ["training.learning_rte", "unknown field"]),
+    "unknown top-level key": (
+        _set("trainig", {"rounds": 3}),
+        ["unknown key 'trainig' at the top level (did you mean 'training'"],
+    ),
+    "unknown nested key": (
+        _set("training.learning_rte", 0.1),
+        ["unknown key 'learning_rte' in training (did you mean 'learning_rate'?)"],
+    ),
     "task weight for an unknown task": (
         _set("training.task_weights", {"pfs": 2.0}),
         ["training.task_weights names unknown tasks ['pfs']", "known tasks: ['lvl', 'os', 'resp']"],
@@ -432,3 +440,70 @@ def test_bad_paths_exit_2_without_traceback(tmp_path, capsys, make):
         assert text in err, (text, err)
     assert "Traceback" not in captured.out + captured.err
     assert _listing(tmp_path) == before  # a refused command writes nothing
+
+
+# -- AnnData conventions: a layout or labels that do not fit the file: exit 1, the member, file and fix ------
+
+
+def _versions_that_collide(a: ad.AnnData, raw: dict) -> None:
+    a.var_names = ["ENSG00000000001.1", "ENSG00000000001.2"] + [f"ENSG{i:011d}.1" for i in range(2, 40)]
+    raw["panel"] = {"features": [f"ENSG{i:011d}" for i in range(40)], "id_kind": "ensembl"}
+
+
+def _text_labels(a: ad.AnnData, raw: dict) -> None:
+    a.obs["response"] = np.where(a.obs["response"] == 1, "responder", "non-responder")
+
+
+def _missing_layer(a: ad.AnnData, raw: dict) -> None:
+    a.layers["spliced"] = a.X.copy()
+    raw["members"][0]["layer"] = "counts"
+
+
+def _missing_var_column(a: ad.AnnData, raw: dict) -> None:
+    a.var["gene_name"] = list(a.var_names)
+    raw["members"][0]["var_id_column"] = "gene_ids"
+
+
+LAYOUT_CASES = {
+    "versioned IDs that collide": (
+        _versions_that_collide,
+        "var_names",
+        ["stripping Ensembl version suffixes makes 1 identifiers collide", "'ENSG00000000001'"],
+        "keep one version of each gene",
+    ),
+    "text labels without positive": (
+        _text_labels,
+        "obs.response",
+        ["task 'resp': column 'response' holds text labels ['non-responder', 'responder']"],
+        "add `positive: 'non-responder'` to task 'resp'",
+    ),
+    "missing layer": (
+        _missing_layer,
+        "layer",
+        ["member 'm1'", "m.h5ad", "no layer 'counts'; the file holds layers [spliced]"],
+        "set 'layer' to one of those",
+    ),
+    "missing var column": (
+        _missing_var_column,
+        "var.gene_ids",
+        ["member 'm1'", "m.h5ad", "var_id_column 'gene_ids' is not a column of var; its columns are [gene_name]"],
+        "set var_id_column to one of those",
+    ),
+}
+
+
+@pytest.mark.parametrize("corrupt, field, messages, fix", LAYOUT_CASES.values(), ids=LAYOUT_CASES.keys())
+def test_layout_or_labels_that_do_not_fit_exit_1(tmp_path, small_config_dict, capsys, corrupt, field, messages, fix):
+    adata = ad.read_h5ad(tmp_path / "m.h5ad")
+    corrupt(adata, small_config_dict)
+    adata.write_h5ad(tmp_path / "m.h5ad")
+    code = main(_check(_write_config(tmp_path, small_config_dict)))
+    captured = capsys.readouterr()
+    assert code == 1, captured
+    errors = [f for f in json.loads(captured.out)["findings"] if f["level"] == "error"]
+    assert len(errors) == 1, errors
+    assert errors[0]["field"] == field, errors
+    for text in messages:
+        assert text in errors[0]["message"], (text, errors[0])
+    assert fix in errors[0]["fix"], errors[0]
+    assert "Traceback" not in captured.out + captured.err

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from consortium.cli import main
+from omics.io import read_member
 
 
 def write_config(tmp_path, raw):
@@ -140,16 +141,74 @@ def test_config_errors_name_field_value_and_fix(tmp_path, small_config_dict, cap
     assert code == 2
     assert "members.0.name = 'Pharma One'" in err and "lower-case letters" in err
     assert "training.rounds = 0" in err
-    assert "training.learning_rte" in err and "unknown field" in err
+    assert "unknown key 'learning_rte' in training (did you mean 'learning_rate'?)" in err
 
 
-def test_data_split_stores_a_reproducible_split(tmp_path, small_config_dict, capsys):
+def test_data_split_stores_a_reproducible_split_beside_the_file(tmp_path, small_config_dict, capsys):
+    config = write_config(tmp_path, small_config_dict)
+    original = (tmp_path / "m.h5ad").read_bytes()
+    assert main(["data", "split", "--config", str(config), "--member", "m1"]) == 0
+    assert (tmp_path / "m.h5ad").read_bytes() == original  # the member's file is not rewritten
+    assert f"stored split in {tmp_path / 'm.split.csv'}" in capsys.readouterr().out.replace("\n", "")
+    first = read_member(tmp_path / "m.h5ad").obs["split"].astype(str).tolist()
+    assert set(first) == {"train", "val", "test"}
+    assert main(["data", "split", "--config", str(config), "--member", "m1"]) == 1  # refuses to overwrite
+    assert "m.split.csv already holds a split" in capsys.readouterr().out.replace("\n", "")
+    assert main(["data", "split", "--config", str(config), "--member", "m1", "--force"]) == 0
+    assert read_member(tmp_path / "m.h5ad").obs["split"].astype(str).tolist() == first
+    capsys.readouterr()
+    code, report = check_json(capsys, config)
+    assert code == 0 and not any(f["field"] == "obs.split" for f in report["findings"])  # the check reads it
+
+
+def test_data_split_in_place_writes_into_the_file(tmp_path, small_config_dict, capsys):
     config = write_config(tmp_path, small_config_dict)
     assert main(["data", "split", "--config", str(config), "--member", "m1"]) == 0
-    first = ad.read_h5ad(tmp_path / "m.h5ad").obs["split"].astype(str).tolist()
-    assert main(["data", "split", "--config", str(config), "--member", "m1"]) == 1  # refuses to overwrite
-    assert main(["data", "split", "--config", str(config), "--member", "m1", "--force"]) == 0
-    assert ad.read_h5ad(tmp_path / "m.h5ad").obs["split"].astype(str).tolist() == first
+    assert main(["data", "split", "--config", str(config), "--member", "m1", "--in-place", "--force"]) == 0
+    assert not (tmp_path / "m.split.csv").exists()  # it would override the split in the file
+    assert set(ad.read_h5ad(tmp_path / "m.h5ad").obs["split"].astype(str)) == {"train", "val", "test"}
+
+
+def test_stored_split_that_does_not_fit_the_file_is_reported(tmp_path, small_config_dict, capsys):
+    (tmp_path / "m.split.csv").write_text("sample,split\ns0,train\n")
+    code, report = check_json(capsys, write_config(tmp_path, small_config_dict))
+    assert code == 1
+    assert "m.split.csv: 79 samples of the data are not in it" in report["findings"][0]["message"]
+
+
+def test_check_reports_stripped_ensembl_versions_and_layout(tmp_path, small_config_dict, capsys):
+    adata = ad.read_h5ad(tmp_path / "m.h5ad")
+    ensembl = [f"ENSG{i:011d}" for i in range(40)]
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = np.log1p(adata.X)
+    adata.var["gene_symbols"] = list(adata.var_names)
+    adata.var_names = [f"{e}.2" for e in ensembl]
+    adata.write_h5ad(tmp_path / "m.h5ad")
+    small_config_dict["panel"] = {"features": ensembl, "id_kind": "ensembl"}
+    small_config_dict["members"][0]["layer"] = "counts"
+    config = write_config(tmp_path, small_config_dict)
+    code, report = check_json(capsys, config)
+    assert code == 0, report
+    assert report["coverage"] == 1.0
+    assert report["layout"] == {
+        "matrix": "layers['counts']",
+        "identifiers": "var_names",
+        "versions_stripped": 40,
+        "symbols": "var['gene_symbols']",
+    }
+    assert main(["data", "check", "--config", str(config), "--member", "m1"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "read layers['counts'], identifiers from var_names (40 Ensembl version suffixes stripped)" in out
+
+
+def test_text_labels_with_positive_are_fit(tmp_path, small_config_dict, capsys):
+    adata = ad.read_h5ad(tmp_path / "m.h5ad")
+    adata.obs["response"] = np.where(adata.obs["response"] == 1, "CR", "PD")
+    adata.write_h5ad(tmp_path / "m.h5ad")
+    small_config_dict["members"][0]["tasks"][0]["positive"] = "CR"
+    code, report = check_json(capsys, write_config(tmp_path, small_config_dict))
+    assert code == 0, report
+    assert report["tasks"]["resp"]["positive"] == "CR" and report["tasks"]["resp"]["positives"] > 0
 
 
 def test_synth_into_a_relative_folder(tmp_path, monkeypatch, capsys):

@@ -14,7 +14,7 @@ from consortium.cli import main
 from consortium.flare_env import stop_processes_under
 from consortium.results import read_records
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
 
 def _config(tiny_consortium: Path, tmp_path: Path, **training) -> Path:
@@ -28,13 +28,15 @@ def _config(tiny_consortium: Path, tmp_path: Path, **training) -> Path:
     return path
 
 
-def _kill_after_round(flare: Path, member: str, round_: int, done: threading.Event) -> None:
+def _kill_after_round(flare: Path, member: str, round_: int, done: threading.Event, killed: list | None = None) -> None:
     """Kill ``member``'s client (and its job process) once the server has its update of ``round_``."""
     while not done.is_set():
         if len(read_records(flare).get(member, [])) > round_:
             for kit in flare.rglob(member):
                 if (kit / "startup").is_dir():
                     stop_processes_under(kit)
+            if killed is not None:
+                killed.append(time.monotonic())
             return
         time.sleep(0.5)
 
@@ -42,13 +44,16 @@ def _kill_after_round(flare: Path, member: str, round_: int, done: threading.Eve
 def test_a_dead_member_drops_out_and_the_run_completes(tiny_consortium: Path, tmp_path: Path, capsys):
     config = _config(tiny_consortium, tmp_path, rounds=3, min_members=1, round_deadline=30)
     out = tmp_path / "run"
-    done = threading.Event()
-    killer = threading.Thread(target=_kill_after_round, args=(out / "flare", "pharma-b", 0, done), daemon=True)
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_after_round, args=(out / "flare", "pharma-b", 0, done, killed), daemon=True)
     killer.start()
     try:
         code = main(["run", "--config", str(config), "--env", "poc", "--he", "--out", str(out)])
     finally:
         done.set()
+    if killed:
+        with capsys.disabled():
+            print(f"\nfault timing: member killed -> run completed without it {time.monotonic() - killed[0]:.1f} s")
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["dropped"] == {"pharma-b": 1}
@@ -62,14 +67,17 @@ def test_a_dead_member_drops_out_and_the_run_completes(tiny_consortium: Path, tm
 def test_too_few_members_left_is_a_clear_error(tiny_consortium: Path, tmp_path: Path, capsys):
     config = _config(tiny_consortium, tmp_path, rounds=3, round_deadline=30)  # every member needed
     out = tmp_path / "run"
-    done = threading.Event()
-    killer = threading.Thread(target=_kill_after_round, args=(out / "flare", "pharma-b", 0, done), daemon=True)
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_after_round, args=(out / "flare", "pharma-b", 0, done, killed), daemon=True)
     killer.start()
     started = time.monotonic()
     try:
         code = main(["run", "--config", str(config), "--env", "poc", "--no-he", "--out", str(out)])
     finally:
         done.set()
+    if killed:
+        with capsys.disabled():
+            print(f"\nfault timing: member killed (too few left) -> error {time.monotonic() - killed[0]:.1f} s")
     err = capsys.readouterr().err
     assert code == 1
     assert "pharma-b" in err and "min_members" in err

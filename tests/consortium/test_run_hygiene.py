@@ -15,6 +15,8 @@ from consortium.cli import main
 from consortium.flare_env import stop_processes_under
 from consortium.orchestration import run_lock
 
+pytestmark = pytest.mark.fault
+
 
 def test_a_second_run_into_a_busy_folder_is_refused(tiny_consortium: Path, tmp_path: Path, capsys):
     out = tmp_path / "run"
@@ -34,7 +36,7 @@ def test_the_lock_is_released_after_a_run(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_run_and_every_flare_process(tiny_consortium: Path, tmp_path: Path):
+def test_sigterm_stops_the_run_and_every_flare_process(tiny_consortium: Path, tmp_path: Path, capsys):
     out = tmp_path / "run"
     command = [
         sys.executable,
@@ -59,6 +61,8 @@ def test_sigterm_stops_the_run_and_every_flare_process(tiny_consortium: Path, tm
     sent = time.monotonic()
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
+    with capsys.disabled():
+        print(f"\nfault timing: SIGTERM -> exit 130 with its message {time.monotonic() - sent:.1f} s")
     assert process.returncode == 130
     assert "interrupted; every FLARE process this command started has been stopped" in err
     assert time.monotonic() - sent < 120

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import anndata as ad
 import mlflow
-import nbclient
-import nbformat
+import papermill
 import pytest
 import torch
 import yaml
 
 from consortium.audit import verify_log
-from consortium.cli import main
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "explore_results.ipynb"
 pytestmark = pytest.mark.slow
@@ -34,8 +34,24 @@ def sim_run(tiny_consortium: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     config.write_text(yaml.safe_dump(raw))
     shutil.copy(tiny_consortium.parent / "ground_truth.json", out / "ground_truth.json")
     args = ["run", "--config", str(config), "--env", "sim", "--out", str(out), "--rounds", "2", "--baselines"]
-    assert main([*args, "--no-he"]) == 0
+    # the console script, as a user runs it: with --json, stdout must hold the JSON object and nothing else
+    done = subprocess.run(
+        [sys.executable, "-m", "consortium.cli", *args, "--no-he", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    (out.parent / f"{out.name}.stdout").write_text(done.stdout)
     return out
+
+
+def test_run_json_is_one_object_on_stdout(sim_run: Path):
+    result = json.loads((sim_run.parent / f"{sim_run.name}.stdout").read_text())
+    assert result["report_path"] == str(sim_run / "report.json")
+    assert result["markdown_path"] == str(sim_run / "report.md")
+    assert result["report"] == json.loads((sim_run / "report.json").read_text())
+    assert result["job_ids"] == [result["report"]["job_id"]]
 
 
 def test_report_has_every_member_task_and_figure(sim_run: Path):
@@ -110,15 +126,36 @@ def test_audit_log_records_the_run(sim_run: Path):
     assert {e["details"]["job_id"] for e in entries} == {job_id}
 
 
-def test_notebook_runs_top_to_bottom(sim_run: Path, monkeypatch):
-    monkeypatch.setenv("CONSORTIUM_RUN_DIR", str(sim_run))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(
-        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
-    ).execute()
-    for name in ("metrics_comparison.png", "learning_curves.png", "biomarkers.png"):
-        assert (sim_run / "figures" / name).stat().st_size > 10_000
+def test_report_plots_are_written_with_the_report(sim_run: Path):
+    written = {p.name for p in (sim_run / "plots").glob("*.png")}
+    assert written == {
+        "metrics.png",
+        "learning_curves.png",
+        "volcano.png",
+        "effect_directions.png",
+        "roc.png",
+        "kaplan_meier.png",
+    }
+    assert all((sim_run / "plots" / name).stat().st_size > 10_000 for name in written)
+
+
+def test_notebook_runs_top_to_bottom(sim_run: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("CONSORTIUM_RUN_DIR", raising=False)  # the parameter alone says which run
+    executed = papermill.execute_notebook(
+        str(NOTEBOOK),
+        str(tmp_path / "explore_results.ipynb"),
+        parameters=dict(run_dir=str(sim_run), top_features=5),
+        cwd=str(NOTEBOOK.parent),
+        kernel_name="python3",
+        progress_bar=False,
+    )
+    outputs = [o for cell in executed.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("injected-parameters" in cell.metadata.get("tags", []) for cell in executed.cells)
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 6  # metric bars, learning curves, volcano, effect directions, ROC, Kaplan-Meier
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "predictions here for: pharma-a, pharma-b" in text and "no predictions.npz" not in text
     scores = ad.read_h5ad(sim_run / "biomarker_scores.h5ad")
     assert scores.n_vars == 200
     assert {"effect_a_response", "qvalue_b_pfs", "score_a_response", "rank_b_pfs", "consensus_score", "planted"} <= set(

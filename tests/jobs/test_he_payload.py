@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tenseal as ts
 from nvflare.apis.dxo import DXO, DataKind
 
 from jobs.he.context import check_key_pair, context_from_bytes, headroom, make_contexts, slot_count
-from jobs.he.packing import Layout, flatten, unflatten
+from jobs.he.packing import (
+    Layout,
+    add_into,
+    chunk_capacity,
+    decrypt_flat,
+    encrypt_flat,
+    flatten,
+    load_chunks,
+    pack_slots,
+    serialize_chunks,
+    slot_peak,
+    unflatten,
+    unpack_slots,
+)
 from jobs.he.payload import (
     MAX_CONTRIBUTORS,
     CiphertextSum,
@@ -27,10 +39,10 @@ STEPS = (30.0, 50.0, 20.0)
 
 
 def _params(seed: int, *, head: bool) -> dict[str, np.ndarray]:
-    """A stand-in update: a trunk of 7.5k values (two 4096-slot chunks), a shared head, statistics, attributions."""
+    """A stand-in update: a trunk of 9.6k values (two 8192-value chunks), a shared head, statistics, attributions."""
     rng = np.random.default_rng(seed)
     params = {
-        "trunk.0.weight": rng.normal(scale=0.5, size=(64, 100)),
+        "trunk.0.weight": rng.normal(scale=0.5, size=(64, 130)),
         "trunk.0.bias": rng.normal(scale=0.1, size=64),
         "trunk.1.weight": np.ones(64),
         "trunk.4.weight": rng.normal(scale=0.5, size=(16, 64)),
@@ -95,7 +107,7 @@ def test_a_shared_head_is_averaged_over_its_holders_only(members, decrypted):
 def test_the_aggregate_is_ciphertext_the_server_cannot_read(members, decrypted, server_context):
     _, aggregate = decrypted
     trunk = aggregate.sections["trunk"]
-    assert len(trunk.chunks) == -(-trunk.layout.total // slot_count(server_context)) == 2
+    assert len(trunk.chunks) == -(-trunk.layout.total // (2 * slot_count(server_context))) == 2
     blob = b"".join(c for s in aggregate.sections.values() for c in s.chunks)
     for name, array in members[0].items():
         head = array.ravel()[:4]
@@ -103,9 +115,8 @@ def test_the_aggregate_is_ciphertext_the_server_cannot_read(members, decrypted, 
         assert head.astype(np.float64).tobytes() not in blob, name
     with pytest.raises(ValueError, match="holds no secret key; only a member can decrypt the aggregate"):
         decrypt_update(server_context, aggregate)
-    vector = ts.ckks_vector_from(server_context, trunk.chunks[0])
-    with pytest.raises(ValueError, match="secret"):
-        vector.decrypt()
+    with pytest.raises(ValueError, match="no secret key"):  # nor can it encrypt: members encrypt symmetrically
+        encrypt_update(server_context, {"trunk.0.bias": np.ones(2)}, meta=_weighted({"trunk.0.bias": np.ones(2)}, 1)[1])
     assert is_encrypted_dxo(aggregate.to_dxo())
 
 
@@ -143,11 +154,15 @@ def test_packing_is_dense_and_carries_no_context(members, member_context, he_con
     weighted, meta = _weighted(members[0], 4.0)
     update = encrypt_update(member_context, weighted, meta=meta)
     trunk = update.sections["trunk"]
-    assert trunk.layout.total == 6400 + 64 + 64 + 1024 + 16
-    assert len(trunk.chunks) == 2  # one ciphertext per 4096 values, not one per layer
+    assert trunk.layout.total == 8320 + 64 + 64 + 1024 + 16
+    assert chunk_capacity(member_context) == 8192  # N=8192: two values in each of the 4096 slots
+    assert len(trunk.chunks) == 2  # one ciphertext per 8192 values, not one per layer
     assert len(update.sections["head:os"].chunks) == 1
     # each chunk is a bare ciphertext: far smaller than the public context NVFlare's FOBS attaches to each
     assert max(len(c) for s in update.sections.values() for c in s.chunks) < len(he_contexts[1]) / 2
+    # seeded symmetric ciphertexts: one 60-bit polynomial (+ a seed) per 8192 values, i.e. ~8 bytes a value;
+    # a public-key TenSEAL vector of the same chunk takes ~32 bytes a value
+    assert 7.5 < len(trunk.chunks[0]) / 8192 < 8.5
 
 
 def test_values_that_could_overflow_the_modulus_are_refused(member_context):
@@ -158,6 +173,72 @@ def test_values_that_could_overflow_the_modulus_are_refused(member_context):
         encrypt_update(member_context, weighted, meta=meta)
     fine, meta = weighted_update({"trunk.0.weight": np.array([1.0, -2.0])}, weights={"trunk": limit / 4})
     encrypt_update(member_context, fine, meta=meta)
+    # the two values of a slot count together: each alone is under the limit, the slot |1 + 1i| = 1.41 is not
+    pair, meta = weighted_update({"trunk.0.weight": np.array([1.0, 1.0])}, weights={"trunk": limit / 1.2})
+    with pytest.raises(ValueError, match=r"max \|value\| .* \(a slot's \|re \+ i im\|"):
+        encrypt_update(member_context, pair, meta=meta)
+
+
+def test_a_sum_of_the_most_members_at_the_limit_decrypts_without_wrapping(member_context, server_context):
+    """MAX_CONTRIBUTORS members just under their share of the headroom; a little over it, the sum wraps.
+
+    A chunk of equal real slots is the worst case: its plaintext is one constant coefficient of value x scale.
+    """
+
+    def summed_chunk(value: float, *, guarded: bool) -> np.ndarray:
+        slots = member_context.seal_context().data.first_context_data().parms().poly_modulus_degree() // 2
+        values = np.concatenate([np.full(slots, value), np.zeros(slots)])  # real parts only
+        weighted, meta = weighted_update({"trunk.0.weight": values}, weights={"trunk": 1.0})
+        if guarded:
+            chunks = encrypt_update(member_context, weighted, meta=meta).sections["trunk"].chunks
+        else:
+            chunks = encrypt_flat(member_context, weighted["trunk.0.weight"])
+        total = None
+        for _ in range(MAX_CONTRIBUTORS):
+            total = add_into(server_context, total, load_chunks(server_context, chunks))
+        return decrypt_flat(member_context, serialize_chunks(total), n_values=values.size)[:slots]
+
+    limit = headroom(member_context) / MAX_CONTRIBUTORS
+    np.testing.assert_allclose(summed_chunk(0.99 * limit, guarded=True), MAX_CONTRIBUTORS * 0.99 * limit, rtol=1e-9)
+    wrapped = summed_chunk(1.05 * limit, guarded=False)  # what the guard refuses would decrypt to garbage
+    assert np.max(np.abs(wrapped - MAX_CONTRIBUTORS * 1.05 * limit)) > limit
+
+
+def test_values_are_packed_two_to_a_slot():
+    values = np.arange(7.0)
+    slots = pack_slots(values)
+    assert slots.tolist() == [0 + 4j, 1 + 5j, 2 + 6j, 3 + 0j]
+    assert np.array_equal(unpack_slots(slots, n_values=7), values)
+    assert slot_peak(np.array([3.0, 0.0, 4.0, 0.0]), capacity=4) == 5.0  # |3 + 4i|
+    assert slot_peak(np.array([3.0, 0.0, 4.0, 0.0]), capacity=2) == 4.0  # two chunks: 3 + 0i, 4 + 0i
+
+
+def test_a_chunk_from_other_parameters_or_garbage_is_refused(member_context, server_context):
+    other_client, _ = make_contexts(
+        HomomorphicEncryption(poly_modulus_degree=4096, coeff_mod_bit_sizes=[40, 20], global_scale_bits=20)
+    )
+    other = context_from_bytes(other_client, source="other", private=True)
+    weighted, meta = weighted_update({"trunk.0.bias": np.ones(3)}, weights={"trunk": 1.0})
+    foreign = encrypt_update(other, weighted, meta=meta)
+    with pytest.raises(ValueError, match="ciphertext chunk 0 is not a CKKS ciphertext of this key ceremony"):
+        CiphertextSum(server_context).add(foreign)
+    garbage = encrypt_update(member_context, weighted, meta=meta)
+    garbage.sections["trunk"].chunks[0] = b"\x00" * 200
+    with pytest.raises(ValueError, match="ciphertext chunk 0 is not a CKKS ciphertext"):
+        CiphertextSum(server_context).add(garbage)
+
+    # a damaged second section is refused before the first section's sum changes
+    both, meta = weighted_update(
+        {"trunk.0.bias": np.ones(3), "heads.os.0.bias": np.ones(2)}, weights={"trunk": 1.0, "head:os": 1.0}
+    )
+    summed = CiphertextSum(server_context)
+    summed.add(encrypt_update(member_context, both, meta=meta))
+    damaged = encrypt_update(member_context, both, meta=meta)
+    damaged.sections["head:os"].chunks[0] = b"\x00" * 200
+    with pytest.raises(ValueError, match="ciphertext chunk 0 is not a CKKS ciphertext"):
+        summed.add(damaged)
+    plain = decrypt_update(member_context, summed.result())
+    np.testing.assert_allclose(plain["trunk.0.bias"], np.ones(3), atol=1e-6)
 
 
 def test_a_larger_first_prime_gives_more_headroom():

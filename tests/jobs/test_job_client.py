@@ -38,7 +38,9 @@ class OneRoundFlare:
     def is_running(self) -> bool:
         return not self.done
 
-    def receive(self, timeout=None) -> FLModel:
+    def receive(self, timeout=None) -> FLModel | None:
+        if self.done:
+            return None  # the job is over: the real Client API returns None at once
         self.done = True
         return FLModel(params=dict(self.initial), current_round=0, total_rounds=1)
 

@@ -122,9 +122,10 @@ def test_export_job_names_no_local_path(config, tmp_path, he):
     server, client, meta = _exported(folder)
     args = client["executors"][0]["executor"]["args"]
     assert not args.get("task_script_args")  # the sites read CONSORTIUM_CONFIG
-    script = args["task_script_path"]
-    assert not Path(script).is_absolute()
-    assert (folder / "app" / "custom" / script).read_bytes() == CLIENT_SCRIPT.read_bytes()
+    # no code travels (leads have no byoc): the sites run the client script of their installed package
+    assert "task_script_path" not in args
+    assert client["executors"][0]["executor"]["path"] == "jobs.executor.InstalledClientScript"
+    assert not list(folder.rglob("custom")) and not list(folder.rglob("*.py"))
     everything = json.dumps([server, client, meta])
     assert str(CLIENT_SCRIPT.parents[1]) not in everything and str(tmp_path) not in everything
     assert (meta.get("scope") == HE_SCOPE) is he
@@ -163,3 +164,13 @@ def test_job_script_exports_like_hello_pt(shared_consortium, tmp_path, capsys):
     job.main(["--config", str(shared_consortium), "--export-to", str(tmp_path / "plain"), "--no-he"])
     _, _, meta = _exported(tmp_path / "plain" / "synthetic-consortium-biomarker-mtl")
     assert "scope" not in meta
+
+
+def test_the_job_sets_flare_polling_short(exported):
+    """FLARE's 2 s task-request interval and 0.5 s task checks would add ~2.5 s to every round."""
+    _, _, server, client, _ = exported
+    assert server["server"]["task_request_interval"] <= 0.2
+    workflow = next(w for w in server["workflows"] if w["path"].endswith("ScatterAndGather"))
+    assert workflow["args"]["task_check_period"] <= 0.1
+    assert workflow["args"]["memory_gc_rounds"] == 0  # no gc.collect between a round's end and the next
+    assert client["default_task_fetch_interval"] <= 0.2

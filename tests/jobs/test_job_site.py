@@ -46,8 +46,10 @@ class FakeFlare:
     def is_running(self) -> bool:
         return len(self.received) < self.rounds
 
-    def receive(self, timeout=None) -> FLModel:
+    def receive(self, timeout=None) -> FLModel | None:
         current = len(self.received)
+        if current >= self.rounds:
+            return None  # the job is over: the real Client API returns None at once
         if current == 0:
             model = FLModel(params=dict(self.initial), current_round=0, total_rounds=self.rounds)
         else:
@@ -269,3 +271,10 @@ def test_dp_site_spends_epsilon_within_the_budget(config, tmp_path):
     epsilons = [s.meta[PUBLISHED_META]["epsilon"] for s in fake.sent]
     assert 0 < epsilons[0] < epsilons[1] <= dp_config.privacy.dp.epsilon * 1.01  # the budget covers all rounds
     assert set(fake.sent[0].params) == _shared_keys(config)  # no Opacus '_module.' keys
+
+
+def test_the_last_round_publishes_timing_and_memory(served):
+    _, fake, _ = served
+    published = [sent.meta[PUBLISHED_META] for sent in fake.sent]
+    assert published[0]["finished_at"] <= published[1]["finished_at"]
+    assert all(0 < p["peak_rss_mb"] < 1e6 for p in published)

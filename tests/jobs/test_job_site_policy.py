@@ -109,6 +109,7 @@ def test_policy_passes_results_on_and_watches_the_final_one_once(member_context)
     assert engine.handlers == [policy]  # subscribed once per engine
 
 
+@pytest.mark.fault
 def test_a_plaintext_final_result_is_scrubbed_and_marked_unsafe():
     policy = RequireEncryptedResult()
     fl_ctx = _member_ctx(policy, engine=_Engine())
@@ -156,6 +157,7 @@ def test_an_encryptor_for_another_task_does_not_count(kits):
     assert _final(policy, out, fl_ctx).get_return_code() == ReturnCode.UNSAFE_JOB
 
 
+@pytest.mark.fault
 def test_data_dressed_as_metrics_or_meta_is_refused(member_context):
     rng = np.random.default_rng(0)
     whole_matrix = DXO(DataKind.METRICS, data={f"v{i}": float(v) for i, v in enumerate(rng.normal(size=100_000))})
@@ -195,6 +197,7 @@ def test_a_sites_real_last_round_result_is_declared(member_context):
     assert classify_result(DXO(DataKind.METRICS, data={"val_primary": 0.8, "n": 40}).to_shareable()) == SAFE
 
 
+@pytest.mark.fault
 def test_undeclared_content_is_scrubbed_at_the_end_of_the_chain():
     policy = RequireEncryptedResult()
     result = DXO(DataKind.METRICS, data={f"v{i}": 0.5 for i in range(1000)}).to_shareable()

@@ -13,7 +13,7 @@ from jobs.store import read_aggregate, write_aggregate
 def _update(seed: int = 0) -> tuple[dict, dict]:
     rng = np.random.default_rng(seed)
     params = {
-        "trunk.0.weight": rng.normal(size=(70, 80)).astype(np.float32),  # 5600 values: two CKKS chunks
+        "trunk.0.weight": rng.normal(size=(70, 120)).astype(np.float32),  # 8400 values: two 8192-value chunks
         "trunk.0.bias": rng.normal(size=70),
         "heads.os.0.weight": rng.normal(size=(3, 70)),
         "stats.os.samples": np.full(80, 150.0),

@@ -81,6 +81,7 @@ def test_verify_passes_after_install(keyed_kits, keys, config):
     assert report.checked == {"localhost": "public", "pharma-a": "secret", "pharma-b": "secret"}
 
 
+@pytest.mark.fault
 def test_verify_names_a_secret_context_planted_in_the_server_kit(keyed_kits, keys, config):
     server_file = keyed_kits / "localhost/startup" / SERVER_CONTEXT
     shutil.copyfile(keys.secret_context, server_file)
@@ -151,6 +152,7 @@ def test_verify_one_site_against_a_recorded_fingerprint(keyed_kits, keys, config
 # -- the server kit is searched, not looked up: a secret key under any name is found ----------------
 
 
+@pytest.mark.fault
 def test_verify_searches_the_whole_server_kit(keyed_kits, keys, config):
     backup = keyed_kits / "localhost/local/backup.tenseal"
     shutil.copyfile(keys.secret_context, backup)
@@ -166,6 +168,7 @@ def test_public_copies_elsewhere_in_the_server_kit_pass(keyed_kits, keys, config
     assert verify_keys(keyed_kits, config=config).ok
 
 
+@pytest.mark.fault
 def test_verify_searches_the_server_workspace(keyed_kits, keys, config, tmp_path):
     workspace = tmp_path / "server-workspace"
     (workspace / "run_1" / "app_server").mkdir(parents=True)
@@ -179,6 +182,7 @@ def test_verify_searches_the_server_workspace(keyed_kits, keys, config, tmp_path
         verify_keys(keyed_kits, config=config, workspace=tmp_path / "absent")
 
 
+@pytest.mark.fault
 def test_cli_keys_verify_names_a_secret_backup_in_the_server_kit(keyed_kits, keys, config_file, capsys):
     assert main(["keys", "verify", "--config", str(config_file), "--kits", str(keyed_kits)]) == 0
     assert "server files searched, no secret key" in " ".join(capsys.readouterr().out.split())

@@ -124,9 +124,41 @@ def test_add_member_reuses_the_ca_and_leaves_other_kits_alone(kits, make_config,
     assert set(result.admins) == {"lead@pharma-c.org"}
     assert (kits / "pharma-c/startup/client.key").is_file()
     assert (kits / "pharma-c/local/privacy.json").is_file()
+    assert "jobs." in json.loads((kits / "pharma-c/local/resources.json").read_text())["class_allow_list"]
     assert (kits / "pharma-c/startup/rootCA.pem").read_bytes() == (kits / "localhost/startup/rootCA.pem").read_bytes()
     assert {name: _digests(kits / name) for name in KIT_NAMES} == before
     project = yaml.safe_load((kits / "project.yml").read_text())
     assert "pharma-c" in {p["name"] for p in project["participants"]}
     with pytest.raises(ProvisioningError, match="already a member"):
         add_member(grown, kits=kits, member="pharma-c")
+
+
+def test_job_logs_and_no_code_in_jobs_as_nvflare_enforces_them(kits):
+    from nvflare.fuel.sec.authz import AuthzContext, Person
+    from nvflare.security.security import FLAuthorizer
+
+    server = FLAuthorizer("neutral_op", json.loads((kits / "localhost/local/authorization.json").read_text()))
+    lead_a = Person("lead@pharma-a.org", "pharma_a", "lead")
+    lead_b = Person("boss@pharma-b.com", "pharma_b", "lead")
+    operator = Person("admin@operator.org", "neutral_op", "project_admin")
+
+    def allowed(right, user, submitter):
+        return server.authorize(AuthzContext(right, user, submitter=submitter))[0]
+
+    assert allowed("get_job_log", lead_a, lead_a)  # nvflare job logs: its own org's jobs
+    assert not allowed("get_job_log", lead_b, lead_a)
+    assert allowed("get_job_log", operator, lead_b)  # the operator reads every job's logs
+    assert not allowed("byoc", lead_a, lead_a)  # jobs ship no code: the sites run the installed package
+
+
+def test_resources_keep_the_job_store_in_the_server_workspace_and_allow_the_installed_jobs(kits):
+    server = json.loads((kits / "localhost/local/resources.json").read_text())
+    [manager] = [c for c in server["components"] if c["id"] == "job_manager"]
+    assert manager["args"]["uri_root"] == str(kits / "localhost" / "jobs-storage")
+    assert server["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"].startswith(str(kits / "localhost"))
+    assert "/tmp/nvflare" not in json.dumps(server)
+    for site in ("localhost", "pharma-a", "pharma-b"):
+        resources = json.loads((kits / site / "local/resources.json").read_text())
+        allowed = resources["class_allow_list"]
+        assert {"jobs.", "models.network.SharedModel"} <= set(allowed)
+        assert "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather" in allowed

@@ -189,6 +189,9 @@ def test_leads_and_scopes_on_a_live_system(tmp_path, make_config, operator_raw):
             what="the refused job to finish",
         )
         assert status != "FINISHED:COMPLETED"
+        # the submitter sees why (nvflare job meta): the refusing site and its reason
+        detail = " ".join(lead_b.get_job_meta(job_x).get("job_deploy_detail") or [])
+        assert "pharma-b" in detail and "privacy scope 'no-such-scope' is not allowed" in detail, detail
 
         plain = _write_job(tmp_path / "job-p", name="p", scope="consortium-he", sites=["pharma-a"], sleep_time=0)
         lead_a.submit_job(str(plain))

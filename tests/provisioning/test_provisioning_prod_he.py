@@ -2,27 +2,36 @@
 
 The operator provisions kits from consortium.yaml, the members' key custodian runs the key ceremony,
 a server and two member sites start from their own kits' ``startup/sub_start.sh`` on loopback, each
-site in its own workspace (no shared outputs folder), and a member lead submits the HE job through
-``ProdEnv`` with its own admin kit. The server only ever holds ciphertext. Afterwards the lead builds
-the report with ``consortium report --job ID --kit LEAD_KIT``: from what the server received, and the
-custodian's secret context to open the aggregate.
+site in its own workspace (no shared outputs folder), and a member lead submits the exported HE job
+(no custom code: leads have no ``byoc`` right; the sites run the installed ``jobs`` package) with its
+own admin kit. The
+server only ever holds ciphertext, in a job store inside its own workspace. ``nvflare preflight-check``
+passes for every kit. Afterwards the key custodian releases it with ``consortium release --job ID --kit
+LEAD_KIT --keys KEYS``: the report from what the server received, the model registered in MLflow and
+scoring a member's raw file, the audit log chained.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import time
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from test_provisioning_live import _free_ports, _start, _stop, _stop_job_processes, _wait
 
+from consortium.audit import verify_log
 from consortium.cli import main as cli
 from consortium.commands.synth import synthesize
-from jobs.recipe import build_recipe
+from jobs.recipe import export_job
 from jobs.store import read_aggregate
+from omics.io import read_member
 from schema.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -42,9 +51,31 @@ def _tail(kits: Path) -> str:
     return "\n".join(parts)[-20000:]
 
 
-def test_he_job_on_provisioned_kits_and_its_report(tmp_path):
+def _preflight(*kits: Path) -> None:
+    """``nvflare preflight-check -p KIT`` for each kit, side by side; every one must pass."""
+    nvflare = str(Path(sys.executable).parent / "nvflare")
+    # its dry runs start the kit's scripts, which run ``python3`` from PATH: this interpreter's folder first
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    checks = {
+        kit: subprocess.Popen(
+            [nvflare, "preflight-check", "-p", str(kit)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+        )
+        for kit in kits
+    }
+    for kit, check in checks.items():
+        output = check.communicate(timeout=180)[0].decode(errors="replace")
+        assert check.returncode == 0 and "overall: pass" in output, f"preflight-check -p {kit}:\n{output[-3000:]}"
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("localhost", port), timeout=1):
+        return True
+    return False
+
+
+def test_he_job_on_provisioned_kits_and_its_release(tmp_path):
+    import mlflow
     from nvflare.fuel.flare_api.flare_api import new_secure_session
-    from nvflare.recipe import ProdEnv
 
     cfg = synthesize(tmp_path / "c", sizes=[120, 150], n_features=150, seed=1, rounds=ROUNDS)
     raw = yaml.safe_load(cfg.read_text())
@@ -67,10 +98,13 @@ def test_he_job_on_provisioned_kits_and_its_report(tmp_path):
     server_kit = kits / config.operator.host
     assert not list(server_kit.rglob("client_context.tenseal")), "the server kit must hold no secret key"
 
+    _preflight(server_kit)  # before it starts: its ports must be free
     processes = [_start(server_kit)]
-    lead = config.members[0]
+    lead, other = config.members
     try:
-        time.sleep(3)
+        _wait(lambda: _listening(fl_port) and _listening(admin_port), timeout=90, what="the server to listen")
+        admins = [kits / config.operator.admin, *(kits / m.admin for m in config.members)]
+        _preflight(*(kits / m.name for m in config.members), *admins)  # they reach the server
         for member in config.members:
             processes.append(_start(kits / member.name, {"CONSORTIUM_CONFIG": str(cfg)}))
         session = new_secure_session(lead.admin, str(kits / lead.admin), timeout=60)
@@ -83,25 +117,35 @@ def test_he_job_on_provisioned_kits_and_its_report(tmp_path):
         finally:
             session.close()
 
-        recipe = build_recipe(config, he=True, rounds=ROUNDS)  # names no path: sites use CONSORTIUM_CONFIG
-        run = recipe.execute(
-            ProdEnv(startup_kit_location=str(kits / lead.admin), username=lead.admin, login_timeout=30)
-        )
-        result = run.get_result(timeout=300)
-        status = run.get_status()
-        assert status and "COMPLETED" in status, f"job status {status!r}\n{_tail(kits)}"
-        job_id = run.get_job_id()
-
-        for folder in (Path(result), server_kit):
-            assert not list(folder.rglob("FL_global_model.pt")), "the server must never store a plaintext model"
-        [stored] = list(Path(result).rglob("FL_global_model.sections"))
-        assert read_aggregate(stored).encrypted is not None
+        job_folder = export_job(config, tmp_path / "export", he=True, rounds=ROUNDS)  # names no path, no code
+        session = new_secure_session(lead.admin, str(kits / lead.admin), timeout=60)
+        rival = new_secure_session(other.admin, str(kits / other.admin), timeout=60)
+        try:
+            with_code = shutil.copytree(job_folder, tmp_path / "with-code" / job_folder.name)
+            (with_code / "app" / "custom").mkdir()
+            (with_code / "app" / "custom" / "extra.py").write_text("x = 1\n")
+            refused = session.submit_job(str(with_code))  # leads may not ship code: no site deploys it
+            job_id = session.submit_job(str(job_folder))
+            meta = session.wait_for_job(job_id, timeout=300)
+            assert "COMPLETED" in meta["status"], f"job status {meta['status']!r}\n{_tail(kits)}"
+            refusal = session.wait_for_job(refused, timeout=120)
+            assert refusal["status"] != "FINISHED:COMPLETED" and "BYOC not permitted" in str(
+                refusal.get("job_deploy_detail")
+            ), refusal
+            assert session.get_job_logs(job_id)["logs"]["server"]  # nvflare job logs: its own org's job
+            with pytest.raises(Exception, match="not authorized"):
+                rival.get_job_logs(job_id)
+        finally:
+            session.close()
+            rival.close()
+        # the job store lies in the operator's workspace, not in /tmp/nvflare
+        assert (server_kit / "jobs-storage" / job_id).exists()
         for member in config.members:  # each site kept its private outputs in its own workspace
             assert list((kits / member.name).rglob("predictions.npz")), _tail(kits)
 
-        out = tmp_path / "report"
+        out = tmp_path / "release"
         _cli(
-            "report",
+            "release",
             "--config",
             str(cfg),
             "--job",
@@ -110,9 +154,15 @@ def test_he_job_on_provisioned_kits_and_its_report(tmp_path):
             str(kits / lead.admin),
             "--out",
             str(out),
-            "--client-context",
-            str(keys / "client_context.tenseal"),
+            "--keys",
+            str(keys),
         )
+        result = kits / lead.admin / "transfer" / job_id  # what the release downloaded with the lead's kit
+        for folder in (result, server_kit):
+            assert not list(folder.rglob("FL_global_model.pt")), "the server must never store a plaintext model"
+        [stored] = list(result.rglob("FL_global_model.sections"))
+        assert read_aggregate(stored).encrypted is not None
+
         report = json.loads((out / "report.json").read_text())
         assert report["job_id"] == job_id and report["privacy"]["he"] is True
         assert report["endpoints"]["pfs"]["shared"] is True and report["endpoints"]["pfs"]["members"] == [
@@ -125,6 +175,21 @@ def test_he_job_on_provisioned_kits_and_its_report(tmp_path):
         assert len(report["rounds"]) == ROUNDS
         assert report["biomarkers"]["statistics"]["pfs"][0]["members"] == 2
         assert report["biomarkers"]["model"]["pfs"]
+
+        # the registered model scores a member's raw file: one column per shared endpoint
+        mlflow.set_tracking_uri(report["tracking"]["uri"])
+        assert report["tracking"]["registered_model"] == f"models:/{config.name}/1"
+        model = mlflow.pyfunc.load_model(report["tracking"]["registered_model"])
+        adata = read_member(lead.data)
+        scores = model.predict(adata[:, config.panel_features()].to_df())
+        assert list(scores.columns) == ["pfs"] and len(scores) == adata.n_obs
+
+        # the audit log: who submitted, every round, the release; NVFlare's own job audit chained in
+        assert verify_log(out / "audit.jsonl").ok
+        entries = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+        assert [e["event"] for e in entries] == ["job_submitted", *["round_completed"] * ROUNDS, "model_released"]
+        assert entries[0]["details"]["submitter"] == lead.admin
+        assert len(entries[0]["details"]["server_audit_sha256"]) == 64
     finally:
         for process in reversed(processes):
             _stop(process)

@@ -1,0 +1,49 @@
+"""``consortium init``: write a commented ``consortium.yaml`` template to fill in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+import yaml
+from rich.console import Console
+from rich.text import Text
+
+from schema.errors import UserError
+
+console = Console()
+
+
+def write_template(out: Path, *, members: int, force: bool) -> Path:
+    """Write the template to ``out`` (refusing to replace a file unless ``force``), checked by the schema."""
+    from consortium.init_template import render_template
+    from schema.config import config_from_dict
+
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give a file path such as {out / 'consortium.yaml'}")
+    if out.exists() and not force:
+        raise UserError(f"--out {out}: already exists; choose another path, or pass --force to overwrite it")
+    text = render_template(members=members)
+    config_from_dict(yaml.safe_load(text), source=out)  # the template itself must be valid: fail here, not later
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("init")
+    def init(
+        out: Path = typer.Option(Path("consortium.yaml"), "--out", "-o", help="The file to write.", dir_okay=False),
+        members: int = typer.Option(2, "--members", min=1, max=26, help="Placeholder members to write."),
+        force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+    ) -> None:
+        """Write a commented consortium.yaml template (every setting with its default) to fill in."""
+        path = write_template(out, members=members, force=force)
+        if as_json:
+            typer.echo(json.dumps({"config": str(path), "members": members}))
+            return
+        console.print(Text(f"wrote {path} ({members} members); fill in the operator, panel and members, then:"))
+        console.print(Text(f"  consortium data check --config {path} --member pharma-a"))

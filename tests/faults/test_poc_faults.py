@@ -1,0 +1,198 @@
+"""Faults on a real POC system: a member restarted mid-run, a forged certificate, a dead server, a site
+that does not come up. One system start covers the first three (they happen in this order in one run)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from consortium import flare_env
+from consortium.cli import main
+from consortium.flare_env import FederatedRunError, check_ports_free, poc_system, stop_processes_under
+from consortium.results import read_records
+from schema.config import load_config
+from schema.names import PUBLISHED_FILE
+
+pytestmark = [pytest.mark.slow, pytest.mark.fault]
+
+FL_PORT, ADMIN_PORT = 8122, 8123  # apart from the other POC tests' ports
+
+
+def _config(tiny_consortium: Path, tmp_path: Path, **training) -> Path:
+    raw = yaml.safe_load(tiny_consortium.read_text())
+    raw["training"].update(training)
+    raw["operator"].update(fl_port=FL_PORT, admin_port=ADMIN_PORT)
+    raw["panel"]["file"] = str(tiny_consortium.parent / raw["panel"]["file"])
+    for member in raw["members"]:
+        member["data"] = str(tiny_consortium.parent / member["data"])
+    path = tmp_path / "consortium.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _kit(flare: Path, site: str) -> Path:
+    return next(k for k in flare.rglob(site) if (k / "startup").is_dir())
+
+
+def _jobs(flare: Path) -> list[Path]:
+    """The server's job folders that recorded a result, oldest first."""
+    return sorted((p.parent for p in flare.rglob(PUBLISHED_FILE)), key=lambda p: p.stat().st_mtime)
+
+
+def _wait_for(condition, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _self_signed(name: str, folder: Path) -> tuple[Path, Path]:
+    """A certificate and key for ``name`` that no consortium CA signed: what a forger can make."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "client.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "client.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+    )
+    return folder / "client.crt", folder / "client.key"
+
+
+def _server_answers(root_ca: Path, cert: Path, key: Path) -> bytes:
+    """What the FLARE server's port answers a TLS client holding ``cert`` (b'' when it refuses)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(root_ca))
+    context.check_hostname = False
+    context.load_cert_chain(cert, key)
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", FL_PORT), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            return tls.recv(64)
+    except (ssl.SSLError, ConnectionError):
+        return b""
+
+
+def _restart(kit: Path) -> None:
+    """Start a member again the way its operator would: the kit's own start script."""
+    # the kit's scripts start `python3` from PATH: this interpreter, as `nvflare poc start` does
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    subprocess.Popen(
+        ["bash", str(kit / "startup" / "start.sh")],
+        cwd=kit,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def test_restarted_member_forged_certificate_and_dead_server(tiny_consortium: Path, tmp_path: Path, capsys):
+    """fold 0: pharma-b is killed after round 0 and restarted with its start script (the job goes on
+    without it: FLARE 2.9 does not hand a running job to a restarted client); fold 1: it takes part
+    again from round 0. Meanwhile a self-signed 'pharma-b' certificate is refused. Then the server dies:
+    the command ends with the cause and the server's log, and leaves no process and no port behind."""
+    config = _config(tiny_consortium, tmp_path, rounds=2, min_members=1, round_deadline=60)
+    out = tmp_path / "run"
+    flare = out / "flare"
+    stop, seen = threading.Event(), {}
+
+    def faults() -> None:
+        rounds_of = lambda job, site: len(read_records(job).get(site, []))  # noqa: E731
+        if not _wait_for(lambda: _jobs(flare) and rounds_of(_jobs(flare)[0], "pharma-b") >= 1, stop):
+            return
+        first_job, member = _jobs(flare)[0], _kit(flare, "pharma-b")
+        stop_processes_under(member)
+        seen["member_killed"] = time.monotonic()
+        _restart(member)
+        root_ca = member / "startup" / "rootCA.pem"
+        forged = _self_signed("pharma-b", tmp_path / "forged")
+        seen["forging"] = time.monotonic()
+        seen["forged_answer"] = _server_answers(root_ca, *forged)
+        seen["forged_refused"] = time.monotonic()
+        genuine = _kit(flare, "pharma-a") / "startup"
+        seen["genuine_answer"] = _server_answers(root_ca, genuine / "client.crt", genuine / "client.key")
+        later = lambda: [j for j in _jobs(flare) if j != first_job]  # noqa: E731
+        if not _wait_for(lambda: later() and rounds_of(later()[0], "pharma-b") >= 1, stop):
+            return
+        seen["rejoined"] = time.monotonic()
+        stop_processes_under(_kit(flare, "localhost"))
+        seen["server_killed"] = time.monotonic()
+
+    chaos = threading.Thread(target=faults, daemon=True)
+    chaos.start()
+    try:
+        code = main(["run", "--config", str(config), "--env", "poc", "--no-he", "--folds", "2", "--out", str(out)])
+    finally:
+        ended = time.monotonic()
+        stop.set()
+        chaos.join(timeout=30)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "server_killed" in seen, f"the run ended before the server was killed (exit {code}): {err}"
+    with capsys.disabled():
+        print(
+            f"\nfault timings: member killed -> rejoined (next job) {seen['rejoined'] - seen['member_killed']:.1f} s;"
+            f" forged certificate -> refused {seen['forged_refused'] - seen['forging']:.2f} s;"
+            f" server killed -> command ended {ended - seen['server_killed']:.1f} s; it said: {err[:400]}"
+        )
+    assert seen["forged_answer"] == b""  # the TLS handshake is refused: not one byte of FLARE's protocol
+    assert seen["genuine_answer"] != b""  # while a member's real certificate gets an answer on the same port
+    assert code == 1
+    assert "the FLARE server 'localhost' stopped while job" in err and "log.txt" in err
+    assert "run the command again" in err
+    assert ended - seen["server_killed"] < 600  # bounded: the issue saw it wait forever
+    assert stop_processes_under(flare) == 0
+    check_ports_free(load_config(config))  # raises if the dead server's clients or job processes hold a port
+
+
+def test_a_member_that_cannot_start_is_named_with_its_log(tiny_consortium: Path, tmp_path: Path, monkeypatch):
+    config = load_config(_config(tiny_consortium, tmp_path))
+    write_site_policies = flare_env.write_site_policies
+
+    def break_pharma_b(folder: Path, **kwargs) -> None:
+        write_site_policies(folder, **kwargs)
+        if folder.name == "pharma-b":
+            (folder / "startup" / "client.key").unlink()  # its client cannot prove who it is, so never starts
+
+    monkeypatch.setattr(flare_env, "write_site_policies", break_pharma_b)
+    with (
+        pytest.raises(FederatedRunError) as failure,
+        poc_system(config, tmp_path / "flare", keys=None, start_timeout=30),
+    ):
+        pass
+    message = str(failure.value)
+    assert "POC start failed" in message
+    assert "member 'pharma-b' did not register with the server; its log: " in message
+    assert "member 'pharma-a'" not in message
+    assert stop_processes_under(tmp_path / "flare") == 0
