@@ -53,6 +53,7 @@ EVENT_MEMBER_ADDED = "member_added"
 EVENT_JOB_SUBMITTED = "job_submitted"
 EVENT_ROUND_COMPLETED = "round_completed"
 EVENT_MODEL_RELEASED = "model_released"
+EVENT_STATISTICS_RELEASED = "statistics_released"
 EVENT_AUDIT_VERIFIED = "audit_verified"
 
 _HASHED = ("index", "timestamp", "event", "job_id", "details", "prev_hash", "public_key")

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from consortium.commands import audit, data, init, provisioning, release, report, run, synth
+from consortium.commands import audit, data, init, provisioning, release, report, run, stats, synth
 from schema.errors import UserError
 
 DISTRIBUTION = "biomarker-consortium"
@@ -60,7 +60,7 @@ def _root(
     )
 
 
-for _module in (init, data, synth, run, release, report, provisioning, audit):
+for _module in (init, data, synth, run, stats, release, report, provisioning, audit):
     _module.register(app)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import threading
@@ -28,6 +29,7 @@ from consortium.audit import (
     EVENT_KEYS_CREATED,
     EVENT_MODEL_RELEASED,
     EVENT_ROUND_COMPLETED,
+    EVENT_STATISTICS_RELEASED,
     AuditLog,
 )
 from consortium.flare_env import FederatedRunError, JobOutcome, first_errors, poc_system, run_poc, run_sim
@@ -116,6 +118,100 @@ def run_consortium(
             say=say,
             timeout=timeout,
         )
+
+
+@dataclass
+class StatisticsResult:
+    statistics: dict[str, Any]
+    path: Path
+    tables: list[Path]
+    job_id: str
+
+
+def run_statistics(
+    config: ConsortiumConfig,
+    *,
+    env: Literal["sim", "poc"],
+    out: Path,
+    he: bool | None = None,
+    status: Callable[[str], None] | None = None,
+    timeout: float = 3600.0,
+) -> StatisticsResult:
+    """``consortium stats``: one FLARE job in which each member sends only its association statistics'
+    sufficient statistics (encrypted under HE); the server adds them, a member's custodian opens the sum.
+
+    Writes ``out/statistics.json`` (per endpoint: the features sorted by p-value, and the markers: higher
+    in the positive class, by statistic, scanpy's ``rank_genes_groups`` order) and one CSV per endpoint
+    under ``out/statistics/``. The figures equal the pooled analysis stratified by member.
+    """
+    he = config.privacy.he.enabled if he is None else he
+    if he and env == "sim":
+        raise RunError(
+            "privacy.he.enabled is true but the FLARE simulator cannot run encrypted aggregation; use --env poc, "
+            "or --no-he for a plaintext quick look"
+        )
+    say = status or (lambda line: log.info(line))
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        audit = AuditLog(out / "audit.jsonl")
+        keys = _keys(config, out, audit) if he else None
+        with _flare(config, env, out, keys=keys) as submit:
+            say(f"statistics job: {len(config.members)} members, one round in {env} (HE {'on' if he else 'off'})")
+            recipe = build_recipe(
+                config,
+                he=he,
+                config_path=config.source,
+                outputs=out / "sites",
+                tracking_uri=tracking_uri_for(config, out=out),
+                statistics_only=True,
+            )
+            outcome = submit(recipe, timeout, 1)
+        outcome, results, opened = _record_job(outcome, config, audit, env=env, he=he, total=1, fold=None, keys=keys)
+        statistics = _statistics_document(config, opened, job_id=outcome.job_id, env=env, he=he)
+        path = out / "statistics.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(statistics, indent=2, allow_nan=False))
+        tmp.replace(path)
+        tables = write_biomarker_tables(opened, out / "statistics")
+        audit.append(
+            EVENT_STATISTICS_RELEASED,
+            job_id=outcome.job_id,
+            endpoints=sorted(statistics["endpoints"]),
+            members=sorted(results.records),
+        )
+    return StatisticsResult(statistics=statistics, path=path, tables=tables, job_id=outcome.job_id)
+
+
+def _statistics_document(config: ConsortiumConfig, opened, *, job_id: str, env: str, he: bool) -> dict[str, Any]:
+    """What ``statistics.json`` holds; NaN (a feature no test could be made for) becomes ``null``."""
+    holders = {name: info["members"] for name, info in config.endpoints().items()}
+    kinds = {name: info["type"] for name, info in config.endpoints().items()}
+    columns = ["feature", "statistic", "effect", "pvalue", "qvalue", "members"]
+
+    def records(table) -> list[dict[str, Any]]:
+        rows = table[columns].astype(object).where(table[columns].notna(), None)
+        return rows.to_dict(orient="records")
+
+    endpoints = {}
+    for name, table in opened.statistics.items():
+        markers = table[table["effect"] > 0].sort_values("statistic", ascending=False, kind="mergesort")
+        endpoints[name] = {
+            "type": kinds[name],
+            "members": list(holders[name]),
+            "features_tested": int(len(table)),
+            "significant_q05": int((table["qvalue"] < 0.05).sum()),
+            "statistics": records(table),
+            "markers": records(markers),
+        }
+    return {
+        "consortium": config.name,
+        "job_id": job_id,
+        "env": env,
+        "he": he,
+        "method": "per-member sufficient statistics summed by the server; pooled analysis stratified by member",
+        "endpoints": endpoints,
+    }
 
 
 @contextlib.contextmanager

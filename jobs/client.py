@@ -9,6 +9,7 @@ Arguments (paths and the cross-validation fold only)::
     --outputs DIR    private outputs in DIR/<site name>/; default: CONSORTIUM_SITE_OUTPUTS/<site name>/,
                      else consortium_outputs/<job id>/<site name>/ in the site's FLARE workspace
     --fold K         with data.folds: the fold that is this job's test split
+    --stats-only     send only the association statistics (``consortium stats``): no training
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=None, help=f"consortium.yaml (default: ${CONFIG_ENV})")
     parser.add_argument("--outputs", type=Path, default=None, help=f"private outputs root (default: ${OUTPUTS_ENV})")
     parser.add_argument("--fold", type=int, default=None, help="cross-validation fold (with data.folds)")
+    parser.add_argument("--stats-only", action="store_true", help="send only the association statistics")
     return parser.parse_args(argv)
 
 
@@ -70,7 +72,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = load_config(config_path(args.config))
     member = config.member(site_name).name  # the FLARE client name is the member name
     outputs = SiteOutputs(site_folder(outputs_root(args.outputs, job_id=flare.get_job_id()), member))
-    site = MemberSite(config, member, outputs=outputs, tracker=MLflowWriter(), fold=args.fold)
+    site = MemberSite(
+        config,
+        member,
+        outputs=outputs,
+        tracker=MLflowWriter(),
+        fold=args.fold,
+        statistics_only=args.stats_only,
+    )
     rounds = serve(site, flare)
     log.info("site %s: %d rounds done; private outputs in %s", member, rounds, outputs.folder)
 

@@ -75,9 +75,14 @@ def server_model(config: ConsortiumConfig) -> dict[str, Any]:
     }
 
 
-def client_args(*, config_path: Path | None, outputs: Path | None, fold: int | None = None) -> str:
-    """``train_args`` of the client script: paths and the fold only, every setting comes from consortium.yaml."""
+def client_args(
+    *, config_path: Path | None, outputs: Path | None, fold: int | None = None, statistics_only: bool = False
+) -> str:
+    """``train_args`` of the client script: paths, the fold and the job's kind only; every setting comes
+    from consortium.yaml."""
     args: list[str] = [] if fold is None else ["--fold", str(int(fold))]
+    if statistics_only:
+        args.append("--stats-only")
     for flag, path in (("--config", config_path), ("--outputs", outputs)):
         if path is None:
             continue
@@ -174,6 +179,7 @@ def build_recipe(
     rounds: int | None = None,
     fold: int | None = None,
     tracking_uri: str | None = None,
+    statistics_only: bool = False,
 ) -> ConsortiumRecipe:
     """The job for ``config``.
 
@@ -192,17 +198,21 @@ def build_recipe(
     tracking_uri
         MLflow tracking URI of the server's receiver; default ``tracking.uri``, else an SQLite file in
         the server's job result folder.
+    statistics_only
+        The ``consortium stats`` job: one round in which each member sends only its association
+        statistics' sufficient statistics (no training); ``rounds`` is ignored.
     """
-    num_rounds = int(rounds if rounds is not None else config.training.rounds)
+    num_rounds = 1 if statistics_only else int(rounds if rounds is not None else config.training.rounds)
     recipe = ConsortiumRecipe(
-        name=job_name(config) if fold is None else f"{job_name(config)}-fold{fold}",
+        name=(f"{job_name(config)}-stats" if statistics_only else job_name(config))
+        + ("" if fold is None else f"-fold{fold}"),
         model=server_model(config),
         min_clients=config.min_members(),
         all_clients=len(config.members),
         round_deadline=config.training.round_deadline,
         num_rounds=num_rounds,
         train_script=str(CLIENT_SCRIPT),
-        train_args=client_args(config_path=config_path, outputs=outputs, fold=fold),
+        train_args=client_args(config_path=config_path, outputs=outputs, fold=fold, statistics_only=statistics_only),
         he=he,
     )
     _add_tracking(recipe, config, he=he, tracking_uri=tracking_uri or config.tracking.uri)

@@ -98,8 +98,10 @@ class MemberSite:
         outputs: SiteOutputs,
         tracker: MetricLogger | None = None,
         fold: int | None = None,
+        statistics_only: bool = False,
     ) -> None:
         self.config = config
+        self.statistics_only = statistics_only
         self.member = config.member(member).name
         self.outputs = outputs
         self.tracker = tracker
@@ -137,6 +139,8 @@ class MemberSite:
         started = time.perf_counter()
         total = int(received.total_rounds or self.config.training.rounds)
         current = int(received.current_round or 0)
+        if self.statistics_only:
+            return self.statistics_round(current=current, total=total, started=started)
         trainer = self._trainer(total)
         # heads of private endpoints untouched; round 0 brings the server's initial trunk and shared heads
         state = finalize(received.params, received.meta)
@@ -172,6 +176,43 @@ class MemberSite:
             meta=meta,
         )
 
+    def statistics_round(self, *, current: int, total: int, started: float) -> FLModel:
+        """``consortium stats``: only the association statistics' sufficient statistics, no training."""
+        samples = {split: int((self.data.split == split).sum()) for split in ("train", "val", "test")}
+        published: dict[str, Any] = {
+            "round": current,
+            "total_rounds": total,
+            "statistics_only": True,
+            "samples": samples,
+            "seconds": time.perf_counter() - started,
+            "finished_at": time.time(),
+            "peak_rss_mb": peak_rss_mb(),
+        }
+        update, meta = weighted_update(self.association_sections(), weights={})
+        meta[PUBLISHED_META] = published
+        meta[STEPS_META] = 1
+        return FLModel(
+            params={k: torch.from_numpy(v) for k, v in update.items()},
+            params_type=ParamsType.FULL,
+            metrics={KEY_METRIC: 0.0},
+            current_round=current,
+            meta=meta,
+        )
+
+    def association_sections(self) -> dict[str, np.ndarray]:
+        """Each endpoint's summable association statistics (``stats.<endpoint>.*``); small cells suppressed."""
+        params: dict[str, np.ndarray] = {}
+        for task in self.tasks:
+            for key, value in site_statistics(
+                self.log_expression,
+                self.data.targets[task.name],
+                kind=task.kind,
+                measured=self.measured,
+                min_cell=self.config.data.min_cell_count,
+            ).items():
+                params[f"stats.{task.name}.{key}"] = value
+        return params
+
     def key_metric(self, val: Mapping[str, Mapping[str, float]]) -> float:
         values = [val[t.name].get(primary_metric(t.kind), math.nan) for t in self.tasks if t.name in val]
         finite = [v for v in values if math.isfinite(v)]
@@ -203,19 +244,10 @@ class MemberSite:
             test[task.name]["n"] = interval.n
         self.outputs.save_model(self.model, info=self.model_info())
         self.outputs.save_predictions(predictions, targets=part.targets)
-        params: dict[str, np.ndarray] = {}
+        params = self.association_sections()
         train = self.data.subset("train")
         features = list(self.data.feature_names)
         for task in self.tasks:
-            labels = self.data.targets[task.name]
-            for key, value in site_statistics(
-                self.log_expression,
-                labels,
-                kind=task.kind,
-                measured=self.measured,
-                min_cell=self.config.data.min_cell_count,
-            ).items():
-                params[f"stats.{task.name}.{key}"] = value
             table = rank_features(
                 self.model,
                 train.X,

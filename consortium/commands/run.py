@@ -65,7 +65,7 @@ def check_members(config: ConsortiumConfig, *, as_json: bool = False) -> None:
 
 
 @contextmanager
-def _console_output_to(log_path: Path, *, terminal_fd: int = 1) -> Iterator[TextIO]:
+def console_output_to(log_path: Path, *, terminal_fd: int = 1) -> Iterator[TextIO]:
     """Send this process's and FLARE's child processes' stdout/stderr to ``log_path``.
 
     FLARE's simulator and POC print job metadata, dots and every log line to the terminal; the user
@@ -139,7 +139,7 @@ def execute(
     total = rounds or config.training.rounds
     log_path = out / "console.log"
     (err_console if as_json else console).print(f"FLARE's own output goes to {log_path}")
-    with _console_output_to(log_path, terminal_fd=2 if as_json else 1) as terminal:
+    with console_output_to(log_path, terminal_fd=2 if as_json else 1) as terminal:
         bar, update = _progress_bar(total, stream=terminal)
         with bar:
             try:

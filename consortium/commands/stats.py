@@ -1,0 +1,95 @@
+"""``consortium stats``: the exact federated association statistics alone, without training.
+
+One FLARE job of one round: each member sends its endpoints' sufficient statistics (encrypted under HE),
+the server adds them, a member's custodian opens the sum. The result equals the pooled analysis
+stratified by member. NVFlare, torch and statsmodels are imported inside the command, so the CLI
+starts without them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from consortium.commands.run import RunFailed, check_members, console_output_to
+from schema.errors import UserError
+
+console = Console()
+err_console = Console(stderr=True)
+SHOWN = 10
+
+
+def execute(config_path: Path, *, env: str, out: Path, he: bool | None, as_json: bool = False):
+    from consortium.flare_env import FederatedRunError
+    from consortium.orchestration import run_statistics
+    from schema.config import load_config
+
+    config = load_config(config_path)
+    check_members(config, as_json=as_json)  # before FLARE starts
+    log_path = out / "console.log"
+    say = err_console if as_json else console
+    say.print(f"FLARE's own output goes to {log_path}")
+    with console_output_to(log_path, terminal_fd=2 if as_json else 1) as terminal:
+        status = Console(file=terminal)
+        try:
+            return run_statistics(
+                config, env=env, out=out, he=he, status=lambda line: status.print(line, markup=False, style="dim")
+            )
+        except FederatedRunError as exc:
+            raise RunFailed(str(exc)) from None
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
+def print_statistics(result) -> None:
+    for name, entry in result.statistics["endpoints"].items():
+        console.print(
+            f"{name} ({entry['type']}; members {', '.join(entry['members'])}): {entry['features_tested']} features "
+            f"tested, {entry['significant_q05']} with q < 0.05",
+            markup=False,
+            highlight=False,
+        )
+        for row in entry["markers"][:SHOWN]:
+            console.print(
+                f"    {row['feature']:<20} statistic {_fmt(row['statistic'], '8.2f')}  effect "
+                f"{_fmt(row['effect'], '7.3f')}  p {_fmt(row['pvalue'], '.2e')}  q {_fmt(row['qvalue'], '.2e')}",
+                markup=False,
+                highlight=False,
+            )
+    tables = ", ".join(str(p) for p in result.tables)
+    console.print(f"statistics: {result.path}\ntables: {tables}", markup=False, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("stats")
+    def stats(
+        config: Path = typer.Option(..., "--config", help="The consortium.yaml."),
+        env: str = typer.Option("sim", "--env", help="'sim' (FLARE simulator) or 'poc' (real FLARE processes)."),
+        out: Path = typer.Option(..., "--out", help="Folder for statistics.json, the CSV tables and the logs."),
+        he: bool = typer.Option(None, "--he/--no-he", help="Encrypted aggregation (default: privacy.he.enabled)."),
+        as_json: bool = typer.Option(
+            False, "--json", help="Print the result as one JSON object on stdout; progress goes to stderr."
+        ),
+    ) -> None:
+        """Exact federated association statistics per endpoint and feature (no training): Welch t (binary),
+        OLS slope (regression), Cox score test (survival), each stratified by member, with BH q-values."""
+        if env not in ("sim", "poc"):
+            raise UserError(f"--env '{env}': use 'sim' (FLARE simulator) or 'poc' (a real server and clients)")
+        result = execute(config, env=env, out=out, he=he, as_json=as_json)
+        if as_json:
+            document = {
+                "statistics_path": str(result.path),
+                "tables": [str(p) for p in result.tables],
+                "job_id": result.job_id,
+                "statistics": result.statistics,
+            }
+            typer.echo(json.dumps(document, indent=2))
+        else:
+            print_statistics(result)
