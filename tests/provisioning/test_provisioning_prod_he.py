@@ -8,7 +8,7 @@ own admin kit. The
 server only ever holds ciphertext, in a job store inside its own workspace. ``nvflare preflight-check``
 passes for every kit. Afterwards the key custodian releases it with ``consortium release --job ID --kit
 LEAD_KIT --keys KEYS``: the report from what the server received, the model registered in MLflow and
-scoring a member's raw file, the audit log chained.
+scoring a member's raw file, the audit log chained, and the researcher's notebook opens the released job.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import papermill
 import pytest
 import yaml
 from test_provisioning_live import _free_ports, _start, _stop, _stop_job_processes, _wait
@@ -35,6 +36,7 @@ from omics.io import read_member
 from schema.config import load_config
 
 pytestmark = pytest.mark.slow
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "explore_results.ipynb"
 
 ROUNDS = 2
 
@@ -190,6 +192,19 @@ def test_he_job_on_provisioned_kits_and_its_release(tmp_path):
         assert [e["event"] for e in entries] == ["job_submitted", *["round_completed"] * ROUNDS, "model_released"]
         assert entries[0]["details"]["submitter"] == lead.admin
         assert len(entries[0]["details"]["server_audit_sha256"]) == 64
+
+        # the researcher's notebook opens the released job (no member's predictions here: it says so)
+        executed = papermill.execute_notebook(
+            str(NOTEBOOK),
+            str(tmp_path / "explore_release.ipynb"),
+            parameters=dict(run_dir=str(out), top_features=5),
+            cwd=str(NOTEBOOK.parent),
+            kernel_name="python3",
+            progress_bar=False,
+        )
+        outputs = [o for cell in executed.cells if cell.cell_type == "code" for o in cell.outputs]
+        assert not [o for o in outputs if o.output_type == "error"]
+        assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 4  # metrics, curves, volcano, effects
     finally:
         for process in reversed(processes):
             _stop(process)
