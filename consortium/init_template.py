@@ -88,10 +88,14 @@ MEMBER = """\
     org: {org}                  # letters, digits and '_' (written into certificates); one org per member
     data: data/{name}.h5ad        # AnnData: X samples x features, outcomes in obs, feature ids in var_names
     admin: lead@{name}.org        # e-mail of the member's lead (submits jobs)
+    # layer: counts               # read X from this layer, or 'raw' for adata.raw (default: adata.X)
+    # var_id_column: gene_ids     # match the panel against this var column (default: var_names)
+    # symbol_column: gene_symbols # var column of display names (default: gene_symbols when present)
     tasks:                        # the same name and type at several members is one shared endpoint
       - name: response
         type: binary              # binary | regression | survival
         column: response          # obs column of 0/1 labels (missing labels allowed)
+        # positive: responder     # with text labels: the value that means 1 (every other value is 0)
 """
 MEMBER_EXAMPLES = """\
       # - name: overall_survival
