@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import pandas as pd
 
 from omics.association import rank_genes_groups_record
 from omics.errors import OmicsError
+from omics.io import write_member
 from omics.layout import SYMBOLS, MemberLayout, read_symbols
 from schema import settings
 from schema.config import ConsortiumConfig
@@ -137,12 +137,7 @@ def write_results_anndata(
     out = Path(out)
     path = out if out.suffix == ".h5ad" else out / RESULTS_FILE
     adata = results_anndata(released, config=config, report=report)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        adata.write_h5ad(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_member(adata, path)
     log.info("wrote %s: %d endpoints x %d features", path, adata.n_obs, adata.n_vars)
     return path
 

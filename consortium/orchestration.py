@@ -33,6 +33,7 @@ from consortium.audit import (
     AuditLog,
 )
 from consortium.flare_env import FederatedRunError, JobOutcome, first_errors, poc_system, run_poc, run_sim
+from consortium.plots import save_report_plots
 from consortium.report import build_report, write_biomarker_tables, write_report
 from consortium.results import JobResults, read_job, read_records, release
 from consortium.shared_model import ensure_experiment, log_shared_model, tracking_uri_for
@@ -93,12 +94,7 @@ def run_consortium(
     status
         Called with a short line before each long step (for the CLI).
     """
-    he = config.privacy.he.enabled if he is None else he
-    if he and env == "sim":
-        raise RunError(
-            "privacy.he.enabled is true but the FLARE simulator cannot run encrypted aggregation (it needs "
-            "startup kits holding the members' HE contexts); use --env poc, or --no-he for a plaintext quick look"
-        )
+    he = encryption_for(config, env=env, he=he)
     folds = folds or config.data.folds
     check_folds(config, folds=folds)  # before anything is written
     say = status or (lambda line: log.info(line))
@@ -118,6 +114,27 @@ def run_consortium(
             say=say,
             timeout=timeout,
         )
+
+
+def encryption_for(config: ConsortiumConfig, *, env: str, he: bool | None) -> bool:
+    """``he``, by default ``privacy.he.enabled``; the simulator cannot run encrypted aggregation."""
+    he = config.privacy.he.enabled if he is None else he
+    if he and env == "sim":
+        raise RunError(
+            "privacy.he.enabled is true but the FLARE simulator cannot run encrypted aggregation (it needs "
+            "startup kits holding the members' HE contexts); use --env poc, or --no-he for a plaintext quick look"
+        )
+    return he
+
+
+def write_release(report: dict[str, Any], opened, *, config: ConsortiumConfig, out: Path) -> tuple[Path, Path]:
+    """Everything a release writes into ``out``: report.json/report.md, the full biomarker tables,
+    results.h5ad, and the plots (last: the volcano reads the full tables)."""
+    report_path, md_path = write_report(report, out)
+    write_biomarker_tables(opened, out / "biomarkers")
+    write_results_anndata(opened, config=config, report=report, out=out)
+    save_report_plots(out)  # the PNGs researchers expect, under out/plots/
+    return report_path, md_path
 
 
 @dataclass
@@ -144,12 +161,7 @@ def run_statistics(
     in the positive class, by statistic, scanpy's ``rank_genes_groups`` order) and one CSV per endpoint
     under ``out/statistics/``. The figures equal the pooled analysis stratified by member.
     """
-    he = config.privacy.he.enabled if he is None else he
-    if he and env == "sim":
-        raise RunError(
-            "privacy.he.enabled is true but the FLARE simulator cannot run encrypted aggregation; use --env poc, "
-            "or --no-he for a plaintext quick look"
-        )
+    he = encryption_for(config, env=env, he=he)
     say = status or (lambda line: log.info(line))
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -289,9 +301,7 @@ def _run_locked(config, *, env, out, rounds, baselines, he, folds, seeds, progre
     )
     if seeds > 1 and arms_by_seed:
         report["seeds"] = seed_summary(config, arms_by_seed)
-    report_path, md_path = write_report(report, out)
-    write_biomarker_tables(outcomes[-1][2], out / "biomarkers")
-    write_results_anndata(outcomes[-1][2], config=config, report=report, out=out)
+    report_path, md_path = write_release(report, outcomes[-1][2], config=config, out=out)
     audit.append(EVENT_MODEL_RELEASED, job_id=outcomes[-1][0].job_id, model_run_id=report["tracking"]["model_run_id"])
     return RunResult(
         report=report, report_path=report_path, markdown_path=md_path, job_ids=[o.job_id for o, _, _ in outcomes]
@@ -472,15 +482,17 @@ def report_from_job(
     out: Path,
     client_context: Path | None,
     env: str = "kits",
+    results: JobResults | None = None,
 ) -> RunResult:
     """``report.json`` / ``report.md`` of a job run anywhere, from the folder its server kept.
 
     ``job_folder`` is what ``nvflare job download`` (or the admin API) fetched; under HE,
-    ``client_context`` is a member's secret context to open the aggregate with.
+    ``client_context`` is a member's secret context to open the aggregate with. ``results``: the
+    folder as :func:`read_job` already read it, if the caller has.
     """
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    results = read_job(job_folder, config=config)
+    results = results if results is not None else read_job(job_folder, config=config)
     opened = release(results, config, client_context=client_context)
     outcome = JobOutcome(job_id=job_id, result_dir=Path(job_folder), logs=Path(job_folder), kits={})
     tracking_uri = tracking_uri_for(config, out=out)
@@ -499,9 +511,7 @@ def report_from_job(
     report["tracking"]["model_run_id"] = log_shared_model(
         config, opened, report=report, tracking_uri=tracking_uri, member_records=results.records
     )
-    report_path, md_path = write_report(report, out)
-    write_biomarker_tables(opened, out / "biomarkers")
-    write_results_anndata(opened, config=config, report=report, out=out)
+    report_path, md_path = write_release(report, opened, config=config, out=out)
     AuditLog(out / "audit.jsonl").append(
         EVENT_MODEL_RELEASED, job_id=job_id, model_run_id=report["tracking"]["model_run_id"]
     )

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import anndata as ad
 import mlflow
 import numpy as np
 import pandas as pd
@@ -27,6 +28,7 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 
 from models.network import SharedModel
+from omics.normalize import MAX_VALUE, TARGET_SUM, normalize
 from schema.config import ConsortiumConfig
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,6 @@ log = logging.getLogger(__name__)
 REGISTERED_ARTIFACT = "consortium_model"
 STATE_FILE = "state.npz"
 SPEC_FILE = "model.json"
-TARGET_SUM = 1e4  # omics.normalize.normalize's defaults, which members train with
-MAX_VALUE = 10.0
 
 
 def model_spec(config: ConsortiumConfig) -> dict[str, Any]:
@@ -59,16 +59,16 @@ def model_spec(config: ConsortiumConfig) -> dict[str, Any]:
 def normalize_raw(X: np.ndarray, normalization: dict[str, Any]) -> np.ndarray:
     """A member's raw values as the network saw them in training (:func:`omics.normalize.normalize`)."""
     X = np.asarray(X, dtype=np.float32)
-    if normalization["values"] == "counts":
-        totals = X.sum(axis=1, dtype=np.float64, keepdims=True)
-        totals[totals == 0] = 1.0  # scanpy's normalize_total: a sample without counts stays 0
-        X = np.log1p((X / totals * float(normalization["target_sum"])).astype(np.float32))
     if X.shape[0] < 2:
         raise ValueError(f"{X.shape[0]} sample(s): scaling is fitted on the scored samples; give at least 2")
-    mean, std = X.mean(axis=0), X.std(axis=0, ddof=1)
-    scaled = (X - mean) / np.where(std > 0, std, 1.0)
-    limit = float(normalization["max_value"])
-    return np.clip(scaled, -limit, limit).astype(np.float32)
+    adata = ad.AnnData(X)
+    normalize(
+        adata,
+        values=normalization["values"],
+        target_sum=float(normalization["target_sum"]),
+        max_value=float(normalization["max_value"]),
+    )
+    return np.asarray(adata.X, dtype=np.float32)
 
 
 class ConsortiumModel(PythonModel):

@@ -98,7 +98,7 @@ def release_job(
     for round_ in range(max((len(r) for r in results.records.values()), default=0)):
         sites = sorted(s for s, r in results.records.items() if len(r) > round_)
         audit.append(EVENT_ROUND_COMPLETED, job_id=job_id, round=round_, sites=sites)
-    result = report_from_job(config, job_folder=folder, job_id=job_id, out=out, client_context=context)
+    result = report_from_job(config, job_folder=folder, job_id=job_id, out=out, client_context=context, results=results)
     log.info("released job %s into %s", job_id, out)
     return result
 

@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 
 from consortium import comparison
-from consortium.plots import save_report_plots
 from consortium.report_markdown import render_markdown
 from jobs.published import json_safe
 from models.attribution import precision_at_k
@@ -294,7 +293,6 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
         partial = path.with_name(f".{path.name}.partial")
         partial.write_text(text)
         os.replace(partial, path)
-    save_report_plots(out)  # the PNGs researchers expect, under out/plots/
     return json_path, md_path
 
 

@@ -178,12 +178,11 @@ class MemberSite:
 
     def statistics_round(self, *, current: int, total: int, started: float) -> FLModel:
         """``consortium stats``: only the association statistics' sufficient statistics, no training."""
-        samples = {split: int((self.data.split == split).sum()) for split in ("train", "val", "test")}
         published: dict[str, Any] = {
             "round": current,
             "total_rounds": total,
             "statistics_only": True,
-            "samples": samples,
+            "samples": self.split_sizes(),
             "seconds": time.perf_counter() - started,
             "finished_at": time.time(),
             "peak_rss_mb": peak_rss_mb(),
@@ -198,6 +197,9 @@ class MemberSite:
             current_round=current,
             meta=meta,
         )
+
+    def split_sizes(self) -> dict[str, int]:
+        return {split: int((self.data.split == split).sum()) for split in ("train", "val", "test")}
 
     def association_sections(self) -> dict[str, np.ndarray]:
         """Each endpoint's summable association statistics (``stats.<endpoint>.*``); small cells suppressed."""
@@ -263,8 +265,7 @@ class MemberSite:
             params[f"consensus.{task.name}.score"] = normalized_scores(table, features)
             params[f"consensus.{task.name}.frequency"] = frequency
             params[f"consensus.{task.name}.members"] = np.ones(len(features))
-        samples = {split: int((self.data.split == split).sum()) for split in ("train", "val", "test")}
-        return {"params": params, "test": test, "samples": samples}
+        return {"params": params, "test": test, "samples": self.split_sizes()}
 
     def model_info(self) -> dict[str, Any]:
         return {

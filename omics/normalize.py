@@ -18,13 +18,16 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+TARGET_SUM = 1e4  # counts per sample after library-size normalization (scanpy's usual choice)
+MAX_VALUE = 10.0  # scaled values are clipped to [-MAX_VALUE, MAX_VALUE]
+
 
 def normalize(
     adata: ad.AnnData,
     *,
     values: str = "counts",
-    target_sum: float = 1e4,
-    max_value: float = 10.0,
+    target_sum: float = TARGET_SUM,
+    max_value: float = MAX_VALUE,
     fit_rows: np.ndarray | None = None,
     copy: bool = False,
 ) -> ad.AnnData | None:
