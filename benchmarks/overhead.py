@@ -56,11 +56,18 @@ SMALL_SIZES = (300, 800, 2000)
 
 
 class MemorySampler:
-    """Peak summed resident memory of this process and every process whose command line names ``folder``."""
+    """Peak summed resident memory of this process and every process whose command line names ``folder``,
+    and the peak proportional set size (PSS) of the largest such process other than this one.
+
+    RSS counts a shared library's pages in every process that maps them (torch's alone is ~75 MB), so 16
+    members' RSS overstate what they take from the machine together; PSS splits each shared page among
+    the processes that share it, and the processes' PSS add up to what they use."""
 
     def __init__(self, folder: Path, *, every: float = 0.5) -> None:
         self.marker, self.every = str(Path(folder).resolve()).encode(), every
         self.peak_mb = 0.0
+        self.peak_pss_mb = 0.0
+        self.largest_pss_mb = 0.0
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -74,20 +81,28 @@ class MemorySampler:
 
     def _loop(self) -> None:
         while not self._done.wait(self.every):
-            self.peak_mb = max(self.peak_mb, self.sample())
+            rss, pss = self.sample()
+            self.peak_mb = max(self.peak_mb, sum(rss.values()))
+            self.peak_pss_mb = max(self.peak_pss_mb, sum(pss.values()))
+            others = [v for pid, v in pss.items() if pid != os.getpid()]
+            self.largest_pss_mb = max([self.largest_pss_mb, *others])
 
-    def sample(self) -> float:
-        total_kb = 0
+    def sample(self) -> tuple[dict[int, float], dict[int, float]]:
+        """RSS and PSS in MB by process id."""
+        rss, pss = {}, {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             with contextlib.suppress(OSError):
-                if int(entry.name) != os.getpid() and self.marker not in (entry / "cmdline").read_bytes():
+                pid = int(entry.name)
+                if pid != os.getpid() and self.marker not in (entry / "cmdline").read_bytes():
                     continue
-                for line in (entry / "status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total_kb += int(line.split()[1])
-        return total_kb / 1024.0
+                for line in (entry / "smaps_rollup").read_text().splitlines():
+                    if line.startswith("Rss:"):
+                        rss[pid] = int(line.split()[1]) / 1024.0
+                    elif line.startswith("Pss:"):
+                        pss[pid] = int(line.split()[1]) / 1024.0
+        return rss, pss
 
 
 def shared_parameters(config: ConsortiumConfig) -> int:
@@ -211,6 +226,8 @@ def run_case(config_path: Path, *, env: str, he: bool, rounds: int, out: Path) -
         "bytes_per_parameter": per_parameter,
         "member_peak_mb": max(r[-1].get("peak_rss_mb") or 0.0 for r in records.values()),
         "run_peak_mb": memory.peak_mb,
+        "largest_process_pss_mb": memory.largest_pss_mb,
+        "run_peak_pss_mb": memory.peak_pss_mb,
         "report_seconds_total": seconds_total,
         "error": error,
     }
@@ -250,6 +267,8 @@ ROWS = [
     ("bytes per shared parameter (upload)", "bytes_per_parameter", ""),
     ("peak memory, largest member process", "member_peak_mb", " MB"),
     ("peak memory, whole run", "run_peak_mb", " MB"),
+    ("peak PSS, largest FLARE process", "largest_process_pss_mb", " MB"),
+    ("peak PSS, whole run", "run_peak_pss_mb", " MB"),
 ]
 
 
@@ -264,13 +283,17 @@ def print_cases(cases: list[dict[str, Any]], floor: dict[str, float]) -> None:
 
 
 def print_scaling(cells: list[dict[str, Any]]) -> None:
-    print("\n| members | features | wall | steady round | overhead | last round | member peak | run peak |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| members | features | wall | steady round | overhead | last round | member peak RSS | run peak RSS "
+        "| largest process PSS | run peak PSS |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for c in cells:
         print(
             f"| {c['members']} | {c['features']} | {_fmt(c['wall_s'], ' s')} | {_fmt(c['steady_round_s'], ' s')} | "
             f"{_fmt(c['overhead_s'], ' s')} | {_fmt(c['last_round_s'], ' s')} | {_fmt(c['member_peak_mb'], ' MB')} | "
-            f"{_fmt(c['run_peak_mb'], ' MB')} |"
+            f"{_fmt(c['run_peak_mb'], ' MB')} | {_fmt(c['largest_process_pss_mb'], ' MB')} | "
+            f"{_fmt(c['run_peak_pss_mb'], ' MB')} |"
         )
 
 

@@ -46,9 +46,15 @@ _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exceeded|Leak)\w
 
 
 class FederatedRunError(UserError):
-    """A federated run failed or did not finish; the message points at the logs."""
+    """A federated run failed or did not finish; the message points at the logs. ``job_id`` and
+    ``job_folder`` (the server's run folder of the job, on this machine) are set when a job had started:
+    what its server stored can then be kept and continued (``consortium run --resume``)."""
 
     exit_code = 1
+
+    def __init__(self, message: str, *, job_id: str | None = None, job_folder: Path | None = None) -> None:
+        super().__init__(message)
+        self.job_id, self.job_folder = job_id, job_folder
 
 
 @dataclass(frozen=True)
@@ -170,7 +176,7 @@ def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float, rou
             done=lambda: _ended_locally(config, server_run, rounds),
         )
         if status == _SERVER_STOPPED:
-            raise FederatedRunError(server_stopped_message(config, prod, job_id))
+            raise FederatedRunError(server_stopped_message(config, prod, job_id), job_id=job_id, job_folder=server_run)
         if status in (_DONE_WITHOUT_SILENT, _ENDED_INCOMPLETE):
             with contextlib.suppress(Exception):
                 run.abort()  # the job's processes are gone; stop FLARE waiting for the silent members' heartbeat
@@ -182,22 +188,28 @@ def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float, rou
     except (KeyboardInterrupt, FederatedRunError):
         raise
     except Exception as exc:
+        where = {"job_id": job_id, "job_folder": prod / config.operator.host / job_id} if job_id else {}
         if server_down(config):  # FLARE's admin API fails in its own words when the server dies mid-call
-            raise FederatedRunError(server_stopped_message(config, prod, job_id)) from exc
+            raise FederatedRunError(server_stopped_message(config, prod, job_id), **where) from exc
         raise FederatedRunError(
-            f"POC job {job_id or '(not submitted)'} failed: {exc}; logs under {prod}{first_errors(prod, job_id)}"
+            f"POC job {job_id or '(not submitted)'} failed: {exc}; logs under {prod}{first_errors(prod, job_id)}",
+            **where,
         ) from exc
     if result is None:
         with contextlib.suppress(Exception):
             run.abort()
         raise FederatedRunError(
             f"POC job {job_id} did not finish within {timeout:.0f} s (status {status}); "
-            f"logs under {prod}{first_errors(prod, job_id)}"
+            f"logs under {prod}{first_errors(prod, job_id)}",
+            job_id=job_id,
+            job_folder=server_run,
         )
     if status and "COMPLETED" not in status:
         raise FederatedRunError(
             f"POC job {job_id} ended with status {status}{silent_members(config, prod)}; logs under {prod}"
-            f"{first_errors(prod, job_id)}"
+            f"{first_errors(prod, job_id)}",
+            job_id=job_id,
+            job_folder=server_run,
         )
     kits = {name: prod / name for name in [config.operator.host, *(m.name for m in config.members)]}
     return JobOutcome(job_id=job_id, result_dir=Path(result), logs=prod, kits=kits)
@@ -206,8 +218,8 @@ def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float, rou
 def silent_members(config: ConsortiumConfig, folder: Path) -> str:
     """Who stopped answering, from what the server recorded: the usual cause of a failed round."""
     results = JobResults(folder=folder, records=read_records(folder), global_model=None)
-    last = max((len(r) for r in results.records.values()), default=0)
-    dropped = results.dropped([m.name for m in config.members], max(last, 1))
+    last = max((int(r[-1].get("round") or 0) + 1 for r in results.records.values() if r), default=1)
+    dropped = results.dropped([m.name for m in config.members], last)
     silent = [f"{m} (no update from round {n})" for m, n in dropped.items()]
     if not silent:
         return ""
@@ -240,7 +252,7 @@ def server_stopped_message(config: ConsortiumConfig, prod: Path, job_id: str | N
         f"the FLARE server '{config.operator.host}' stopped while job {job_id} was running "
         f"({server_down(config) or 'it stopped answering'}); the job cannot finish without it. "
         f"The server's log: {server_log}{first_errors(prod, job_id)}\n"
-        "Every FLARE process this run started has been stopped; run the command again to start over"
+        "Every FLARE process this run started has been stopped"
     )
 
 

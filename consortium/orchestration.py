@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ import numpy as np
 from consortium import comparison
 from consortium.anndata_export import write_results_anndata
 from consortium.audit import (
+    EVENT_JOB_INTERRUPTED,
     EVENT_JOB_SUBMITTED,
     EVENT_KEYS_CREATED,
     EVENT_MODEL_RELEASED,
@@ -36,6 +38,15 @@ from consortium.flare_env import FederatedRunError, JobOutcome, first_errors, po
 from consortium.plots import save_report_plots
 from consortium.report import build_report, write_biomarker_tables, write_report
 from consortium.results import JobResults, read_job, read_records, release
+from consortium.run_state import (
+    KEPT_FOLDER,
+    STATE_FILE,
+    ResumeError,
+    RunState,
+    job_key,
+    keep_part,
+    kept_folder,
+)
 from consortium.shared_model import ensure_experiment, log_shared_model, tracking_uri_for
 from jobs import member_data
 from jobs.recipe import build_recipe
@@ -77,6 +88,7 @@ def run_consortium(
     progress: Progress | None = None,
     status: Callable[[str], None] | None = None,
     timeout: float = 3600.0,
+    resume: bool = False,
 ) -> RunResult:
     """Run the federated job (one per fold with ``folds``), release it, compare, write ``out/report.json``.
 
@@ -93,6 +105,9 @@ def run_consortium(
         holds every repetition's paired differences with their mean and standard deviation.
     status
         Called with a short line before each long step (for the CLI).
+    resume
+        Continue the run interrupted in ``out`` (same arguments): finished jobs are not run again, and an
+        interrupted one continues after the last round its server stored (:mod:`consortium.run_state`).
     """
     he = encryption_for(config, env=env, he=he)
     folds = folds or config.data.folds
@@ -113,6 +128,7 @@ def run_consortium(
             progress=progress,
             say=say,
             timeout=timeout,
+            resume=resume,
         )
 
 
@@ -250,9 +266,12 @@ def run_lock(out: Path) -> Iterator[None]:
         handle.close()
 
 
-def _run_locked(config, *, env, out, rounds, baselines, he, folds, seeds, progress, say, timeout) -> RunResult:
-    config = _run_config(config, out=out, folds=folds)
+def _run_locked(config, *, env, out, rounds, baselines, he, folds, seeds, progress, say, timeout, resume) -> RunResult:
     total = int(rounds or config.training.rounds)
+    state = _run_state(
+        config, out=out, env=env, rounds=total, he=he, folds=folds, seeds=seeds, baselines=baselines, resume=resume
+    )
+    config = _run_config(config, out=out, folds=folds)
     audit = AuditLog(out / "audit.jsonl")
     keys = _keys(config, out, audit) if he else None
     tracking_uri = tracking_uri_for(config, out=out)
@@ -266,8 +285,15 @@ def _run_locked(config, *, env, out, rounds, baselines, he, folds, seeds, progre
             where = out if index == 0 else out / f"seed{index}"
             outcomes = []
             for fold in fold_ids:
+                key = job_key(index, fold)
+                if state.finished(key):
+                    say(f"job {key}: finished before, read from {kept_folder(out, key)}")
+                    outcomes.append(_read_kept(state, out, key, run_config, keys=keys))
+                    continue
+                first = state.next_round(key)
                 label = f" (fold {fold + 1} of {folds})" if fold is not None else ""
                 label += f" (seed {index + 1} of {seeds})" if seeds > 1 else ""
+                label += f", continuing at round {first}" if first else ""
                 mode = "on" if he else "off"
                 say(f"federated job{label}: {len(config.members)} members x {total} rounds in {env} (HE {mode})")
                 recipe = build_recipe(
@@ -278,12 +304,17 @@ def _run_locked(config, *, env, out, rounds, baselines, he, folds, seeds, progre
                     rounds=total,
                     fold=fold,
                     tracking_uri=tracking_uri,
+                    first_round=first,
+                    resume_from=state.last_aggregate(out, key) if first else None,
                 )
-                with _watch(out / "flare", total, progress):
-                    outcome = submit(recipe, timeout, total)
-                outcomes.append(
-                    _record_job(outcome, run_config, audit, env=env, he=he, total=total, fold=fold, keys=keys)
-                )
+                job = dict(state=state, out=out, key=key, config=run_config, audit=audit, total=total, fold=fold)
+                try:
+                    with _watch(out / "flare", total, progress, first_round=first):
+                        outcome = submit(recipe, timeout, total - first)
+                except FederatedRunError as exc:
+                    _keep_interrupted(exc, first_round=first, **job)
+                    raise
+                outcomes.append(_finish_job(outcome, first_round=first, env=env, he=he, keys=keys, **job))
             repetitions.append((run_config, where, outcomes))
     seconds = time.perf_counter() - started
     arms_by_seed = []
@@ -301,6 +332,11 @@ def _run_locked(config, *, env, out, rounds, baselines, he, folds, seeds, progre
     )
     if seeds > 1 and arms_by_seed:
         report["seeds"] = seed_summary(config, arms_by_seed)
+    report["continued"] = {
+        key: [{"job_id": p.job_id, "rounds": [p.first_round, p.rounds_done - 1]} for p in parts]
+        for key, parts in state.jobs.items()
+        if len(parts) > 1
+    }
     report_path, md_path = write_release(report, outcomes[-1][2], config=config, out=out)
     audit.append(EVENT_MODEL_RELEASED, job_id=outcomes[-1][0].job_id, model_run_id=report["tracking"]["model_run_id"])
     return RunResult(
@@ -310,9 +346,18 @@ def _run_locked(config, *, env, out, rounds, baselines, he, folds, seeds, progre
 
 def _record_job(outcome: JobOutcome, config: ConsortiumConfig, audit: AuditLog, *, env, he, total, fold, keys):
     """Audit a finished job, read what its server received and open the aggregate."""
+    _audit_submitted(audit, outcome.job_id, config, env=env, he=he, total=total, fold=fold)
+    results = read_job(outcome.result_dir, config=config)
+    _check_finished(results, total, outcome, config)
+    _audit_rounds(audit, outcome.job_id, results, rounds=range(total))
+    opened = release(results, config, client_context=keys / CLIENT_CONTEXT_FILE if keys else None)
+    return outcome, results, opened
+
+
+def _audit_submitted(audit: AuditLog, job_id: str, config: ConsortiumConfig, *, env, he, total, fold, **more) -> None:
     audit.append(
         EVENT_JOB_SUBMITTED,
-        job_id=outcome.job_id,
+        job_id=job_id,
         consortium=config.name,
         env=env,
         rounds=total,
@@ -320,16 +365,69 @@ def _record_job(outcome: JobOutcome, config: ConsortiumConfig, audit: AuditLog, 
         dp=config.privacy.dp.enabled,
         fold=fold,
         members=[m.name for m in config.members],
+        **more,
     )
-    results = read_job(outcome.result_dir, config=config)
-    _check_finished(results, total, outcome, config)
-    for round_ in range(total):
-        audit.append(
-            EVENT_ROUND_COMPLETED,
-            job_id=outcome.job_id,
-            round=round_,
-            sites=sorted(s for s, r in results.records.items() if len(r) > round_),
+
+
+def _audit_rounds(audit: AuditLog, job_id: str, results: JobResults, *, rounds: range) -> None:
+    for round_ in rounds:
+        sites = sorted(s for s, records in results.records.items() if any(r.get("round") == round_ for r in records))
+        audit.append(EVENT_ROUND_COMPLETED, job_id=job_id, round=round_, sites=sites)
+
+
+def _run_state(config, *, out: Path, resume: bool, **arguments) -> RunState:
+    """The run folder's :class:`RunState`: the interrupted run's with ``resume``, else a new one."""
+    arguments = {"config": str(config.source), **arguments}
+    state = RunState.load(out)
+    if not resume:
+        if state is not None and state.interrupted():
+            log.warning("%s held an interrupted run; starting over (--resume would have continued it)", out)
+        shutil.rmtree(out / KEPT_FOLDER, ignore_errors=True)
+        state = RunState(arguments=arguments)
+        state.save(out)
+        return state
+    if state is None:
+        raise ResumeError(f"{out}: no run to resume here ({STATE_FILE} missing); run the command without --resume")
+    state.check_arguments(arguments, out=out)
+    return state
+
+
+def _keep_interrupted(exc: FederatedRunError, *, state, out, key, config, audit, total, fold, first_round) -> None:
+    """Keep what the interrupted job's server stored; say how to continue, in the error and the audit log."""
+    part = None
+    if exc.job_id and exc.job_folder is not None:
+        part = keep_part(
+            state, out, key, source=exc.job_folder, job_id=exc.job_id, first_round=first_round, finished=False
         )
+    if part is None:
+        return
+    kept = read_job(out / part.folder, config=config)
+    _audit_rounds(audit, part.job_id, kept, rounds=range(first_round, part.rounds_done))
+    audit.append(EVENT_JOB_INTERRUPTED, job_id=part.job_id, fold=fold, rounds_done=part.rounds_done, rounds=total)
+    exc.args = (
+        f"{exc}\nRounds {first_round} to {part.rounds_done - 1} of job {part.job_id} are kept in {out / part.folder}; "
+        f"run the same command with --resume to continue at round {part.rounds_done}",
+    )
+
+
+def _finish_job(outcome: JobOutcome, *, state, out, key, config, audit, total, fold, first_round, env, he, keys):
+    """Keep a finished job's results in the run folder, audit it, read every part of it and open it."""
+    continues = state.jobs[key][-1].job_id if first_round else None
+    extra = {"continues": continues, "first_round": first_round} if first_round else {}
+    _audit_submitted(audit, outcome.job_id, config, env=env, he=he, total=total, fold=fold, **extra)
+    keep_part(state, out, key, source=outcome.result_dir, job_id=outcome.job_id, first_round=first_round, finished=True)
+    results = read_job(kept_folder(out, key), config=config)
+    _check_finished(results, total, outcome, config)
+    _audit_rounds(audit, outcome.job_id, results, rounds=range(first_round, total))
+    opened = release(results, config, client_context=keys / CLIENT_CONTEXT_FILE if keys else None)
+    return outcome, results, opened
+
+
+def _read_kept(state: RunState, out: Path, key: str, config: ConsortiumConfig, *, keys: Path | None):
+    """A job that finished before ``--resume``: read back from the run folder, not run again."""
+    folder = kept_folder(out, key)
+    results = read_job(folder, config=config)
+    outcome = JobOutcome(job_id=state.jobs[key][-1].job_id, result_dir=folder, logs=folder, kits={})
     opened = release(results, config, client_context=keys / CLIENT_CONTEXT_FILE if keys else None)
     return outcome, results, opened
 
@@ -412,13 +510,17 @@ def _outputs(out: Path, fold: int | None) -> Path:
 
 def _check_finished(results: JobResults, total: int, outcome: JobOutcome, config: ConsortiumConfig) -> None:
     """Members may drop out while ``training.min_members`` stay; fewer is an error naming the silent ones."""
-    dropped = results.dropped([m.name for m in config.members], total)
+    members = [m.name for m in config.members]
+    dropped = results.dropped(members, total)
+    rejoined = results.rejoined(members, total)
     for member, round_ in dropped.items():
-        log.warning("member %s dropped out in round %d of job %s", member, round_, outcome.job_id)
-    if len(config.members) - len(dropped) < config.min_members():
-        silent = ", ".join(f"{m} (silent from round {r})" for m, r in dropped.items())
+        back = f", answered again from round {rejoined[member]}" if member in rejoined else ""
+        log.warning("member %s dropped out in round %d of job %s%s", member, round_, outcome.job_id, back)
+    finished = results.finished(members, total)
+    if len(finished) < config.min_members():
+        silent = ", ".join(f"{m} (silent from round {r})" for m, r in dropped.items() if m not in finished)
         raise FederatedRunError(
-            f"job {outcome.job_id}: only {len(config.members) - len(dropped)} of {len(config.members)} members "
+            f"job {outcome.job_id}: only {len(finished)} of {len(members)} members "
             f"finished all {total} rounds, fewer than training.min_members = {config.min_members()}; silent: "
             f"{silent}. See the logs under {outcome.logs}{first_errors(outcome.logs, outcome.job_id)}"
         )
@@ -444,8 +546,9 @@ def _arms(config: ConsortiumConfig, out: Path, fold_ids: list, *, baselines: boo
 
 
 @contextlib.contextmanager
-def _watch(folder: Path, total: int, progress: Progress | None) -> Iterator[None]:
-    """Report rounds as the server records the sites' results, from a thread, while the job runs."""
+def _watch(folder: Path, total: int, progress: Progress | None, *, first_round: int = 0) -> Iterator[None]:
+    """Report rounds as the server records the sites' results, from a thread, while the job runs (a job
+    continuing an interrupted one starts at ``first_round``)."""
     if progress is None:
         yield
         return
@@ -455,7 +558,7 @@ def _watch(folder: Path, total: int, progress: Progress | None) -> Iterator[None
 
     def poll() -> None:
         records = read_records(folder, exclude=earlier) if folder.exists() else {}
-        finished = min((len(r) for r in records.values()), default=0)
+        finished = first_round + min((len(r) for r in records.values()), default=0)
         if finished > seen["rounds"]:
             seen["rounds"] = finished
             with contextlib.suppress(Exception):  # a broken display must not break the run

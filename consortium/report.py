@@ -93,6 +93,7 @@ def build_report(
         "biomarkers": biomarkers,
         "rounds": _rounds(last_results.records),
         "dropped": last_results.dropped([m.name for m in config.members], _total_rounds(last_results.records)),
+        "rejoined": last_results.rejoined([m.name for m in config.members], _total_rounds(last_results.records)),
         "privacy": _privacy(config, he, last_results.records),
         "timing": _timing(last_results.records, seconds=seconds, rounds=_total_rounds(last_results.records)),
         "tracking": {"uri": tracking_uri, "experiment": config.tracking.experiment},

@@ -29,8 +29,19 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- homomorphic encryption: {'on' if privacy['he'] else 'off'}; DP-SGD: {'on' if privacy['dp'] else 'off'}",
         "",
         *[
-            f"- **{m} dropped out in round {r}**: no update from it from then on; the run went on with the others"
+            f"- **{m} dropped out in round {r}**: "
+            + (
+                f"no update from it until round {report['rejoined'][m]}, when it answered again"
+                if m in (report.get("rejoined") or {})
+                else "no update from it from then on"
+            )
+            + "; the run went on with the others"
             for m, r in (report.get("dropped") or {}).items()
+        ],
+        *[
+            f"- job {key} was interrupted and continued: "
+            + " then ".join(f"`{p['job_id']}` (rounds {p['rounds'][0]}-{p['rounds'][1]})" for p in parts)
+            for key, parts in (report.get("continued") or {}).items()
         ],
         "",
         "## Test metric per member and endpoint (95% bootstrap intervals)",

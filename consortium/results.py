@@ -50,8 +50,28 @@ class JobResults:
     global_model: Path | None
 
     def dropped(self, members: list[str], total: int) -> dict[str, int]:
-        """Members that did not answer every round: the first round the server got nothing from them."""
-        return {m: len(self.records.get(m, [])) for m in members if len(self.records.get(m, [])) < total}
+        """Members that did not answer every round: the first round the server got nothing from them.
+        Rounds count from the first one any site reported (a continuing job's folder alone starts later)."""
+        start = min((int(r.get("round") or 0) for rs in self.records.values() for r in rs), default=0)
+        missing = {m: sorted(set(range(start, total)) - self._rounds(m)) for m in members}
+        return {m: rounds[0] for m, rounds in missing.items() if rounds}
+
+    def rejoined(self, members: list[str], total: int) -> dict[str, int]:
+        """Members that answered again after missing rounds (a job continuing an interrupted one includes
+        every member): the round they came back in."""
+        back = {}
+        for member, first_missing in self.dropped(members, total).items():
+            later = sorted(r for r in self._rounds(member) if r > first_missing)
+            if later:
+                back[member] = later[0]
+        return back
+
+    def finished(self, members: list[str], total: int) -> list[str]:
+        """Members that answered the last round (the one with the test figures)."""
+        return [m for m in members if total - 1 in self._rounds(m)]
+
+    def _rounds(self, member: str) -> set[int]:
+        return {int(r.get("round") or 0) for r in self.records.get(member, [])}
 
     def rounds_done(self) -> int:
         """Rounds every site has reported (0 when a site has reported none)."""

@@ -32,7 +32,7 @@ from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from jobs.he.context import WorkspaceContext
 from jobs.he.payload import DATA_KEY, ENCRYPTED_KIND, CiphertextSum, EncryptedUpdate, is_encrypted_dxo
 from jobs.sections import SECTIONS_META, add_sections, sections_of
-from jobs.store import write_aggregate
+from jobs.store import read_aggregate, write_aggregate
 from schema.names import GLOBAL_MODEL_FILE, SERVER_CONTEXT_FILE
 
 
@@ -157,9 +157,29 @@ def _encrypted_weights(weights: dict) -> bool:
 class SectionAggregatePersistor(PTFileModelPersistor):
     """``PTFileModelPersistor`` for the initial model; stores every summed global model as is.
 
-    The sum is written to ``FL_global_model.sections`` in the run's app folder (:mod:`jobs.store`):
-    plaintext sums, or ciphertext the operator cannot read. A member reads it after the run.
+    The sum is written to ``FL_global_model.sections`` in the run's app folder (:mod:`jobs.store`) after
+    every round, with the round it closes: plaintext sums, or ciphertext the operator cannot read. A
+    member reads it after the run. NVFlare 2.9 restores no interrupted job (its server snapshot is a
+    no-op); a job that continues one starts from such a file instead: ``resume_from`` (a path at the
+    server) is then the global model of its first round, sent as stored, encrypted or not.
     """
+
+    # *args and **kwargs both: FLARE's job export then reads the parent's parameters too
+    def __init__(self, *args, resume_from: str = "", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_from = resume_from
+
+    def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
+        if not self.resume_from:
+            return super().load_model(fl_ctx)
+        stored = read_aggregate(self.resume_from)
+        if stored.encrypted is not None:
+            dxo = stored.encrypted.to_dxo()
+            weights, meta = dict(dxo.data), dict(dxo.meta)
+        else:
+            weights, meta = stored.params, dict(stored.meta)
+        self.log_info(fl_ctx, f"continuing from the aggregate of round {stored.round} stored at {self.resume_from}")
+        return make_model_learnable(weights=weights, meta_props=meta)
 
     def save_model(self, ml: ModelLearnable, fl_ctx: FLContext) -> None:
         if not is_sectioned(ml):
@@ -169,9 +189,9 @@ class SectionAggregatePersistor(PTFileModelPersistor):
         weights, meta = ml[ModelLearnableKey.WEIGHTS], ml[ModelLearnableKey.META]
         if _encrypted_weights(weights):
             update = EncryptedUpdate.from_dxo(DXO(data_kind=ENCRYPTED_KIND, data=weights, meta=meta))
-            size = write_aggregate(path, meta=meta, encrypted=update)
+            size = write_aggregate(path, meta=meta, encrypted=update, round_=meta.get(AppConstants.CURRENT_ROUND))
         else:
-            size = write_aggregate(path, meta=meta, params=weights)
+            size = write_aggregate(path, meta=meta, params=weights, round_=meta.get(AppConstants.CURRENT_ROUND))
         self.log_info(fl_ctx, f"stored the summed global model ({size / 1e6:.1f} MB) at {path}")
 
     def handle_event(self, event: str, fl_ctx: FLContext) -> None:

@@ -10,6 +10,7 @@ Arguments (paths and the cross-validation fold only)::
                      else consortium_outputs/<job id>/<site name>/ in the site's FLARE workspace
     --fold K         with data.folds: the fold that is this job's test split
     --stats-only     send only the association statistics (``consortium stats``): no training
+    --first-round R  this job continues an interrupted one at round R (from the trainer saved after R-1)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import nvflare.client as flare
 from nvflare.client.tracking import MLflowWriter
 
+from jobs.flare_tuning import shorten_result_polling
 from jobs.site import MemberSite, serve
 from jobs.site_outputs import SiteOutputs, site_folder
 from schema.config import load_config
@@ -40,6 +42,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--outputs", type=Path, default=None, help=f"private outputs root (default: ${OUTPUTS_ENV})")
     parser.add_argument("--fold", type=int, default=None, help="cross-validation fold (with data.folds)")
     parser.add_argument("--stats-only", action="store_true", help="send only the association statistics")
+    parser.add_argument("--first-round", type=int, default=0, help="continue an interrupted job at this round")
     return parser.parse_args(argv)
 
 
@@ -67,6 +70,7 @@ def outputs_root(arg: Path | None, *, job_id: str) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    shorten_result_polling()
     flare.init()
     site_name = flare.get_site_name()
     config = load_config(config_path(args.config))
@@ -79,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tracker=MLflowWriter(),
         fold=args.fold,
         statistics_only=args.stats_only,
+        first_round=args.first_round,
     )
     rounds = serve(site, flare)
     log.info("site %s: %d rounds done; private outputs in %s", member, rounds, outputs.folder)

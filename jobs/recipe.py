@@ -47,9 +47,8 @@ HE_SIM_ENV_ERROR = (
 # every ``task_check_period`` (default 0.5 s); a client with no task assignment at all retries after
 # ``default_task_fetch_interval`` (default 0.5 s). A few idle requests per second per member cost far
 # less than the 2-2.5 s per round the defaults add. The in-process executor's own result polling
-# (0.5 s) has no public setting in NVFlare 2.9 (``_RESULT_POLL_INTERVAL`` in
-# nvflare/app_common/executors/client_api/in_process_backend.py); the site loop keeps its own side short
-# (``jobs.site.serve``).
+# (0.5 s) has no public setting in NVFlare 2.9; the client script shortens it in its own process
+# (:mod:`jobs.flare_tuning`, version-checked), and the site loop keeps its own side short (``jobs.site.serve``).
 TASK_REQUEST_INTERVAL = 0.1
 TASK_CHECK_PERIOD = 0.05
 CLIENT_TASK_FETCH_INTERVAL = 0.1
@@ -76,13 +75,20 @@ def server_model(config: ConsortiumConfig) -> dict[str, Any]:
 
 
 def client_args(
-    *, config_path: Path | None, outputs: Path | None, fold: int | None = None, statistics_only: bool = False
+    *,
+    config_path: Path | None,
+    outputs: Path | None,
+    fold: int | None = None,
+    statistics_only: bool = False,
+    first_round: int = 0,
 ) -> str:
-    """``train_args`` of the client script: paths, the fold and the job's kind only; every setting comes
-    from consortium.yaml."""
+    """``train_args`` of the client script: paths, the fold, the job's kind and a continuing job's first
+    round only; every setting comes from consortium.yaml."""
     args: list[str] = [] if fold is None else ["--fold", str(int(fold))]
     if statistics_only:
         args.append("--stats-only")
+    if first_round:
+        args += ["--first-round", str(int(first_round))]
     for flag, path in (("--config", config_path), ("--outputs", outputs)):
         if path is None:
             continue
@@ -112,22 +118,33 @@ class ConsortiumRecipe(Recipe):
         he: bool = False,
         all_clients: int | None = None,
         round_deadline: float = 600.0,
+        first_round: int = 0,
+        resume_from: str = "",
     ) -> None:
         """``min_clients`` members must answer each round; with fewer than ``all_clients``, a round waits
-        up to ``round_deadline`` seconds for the others, then goes on without them."""
+        up to ``round_deadline`` seconds for the others, then goes on without them. A job continuing an
+        interrupted one runs rounds ``first_round`` to ``num_rounds - 1`` from the aggregate stored at
+        ``resume_from`` (a path at the server)."""
         if num_rounds < 1:
             raise ValueError(f"num_rounds={num_rounds}; a federated run needs at least one round")
+        if not 0 <= first_round < num_rounds or bool(first_round) != bool(resume_from):
+            raise ValueError(
+                f"first_round={first_round} with resume_from={resume_from!r}: a continuing job starts at a "
+                f"round below num_rounds={num_rounds}, from a stored aggregate"
+            )
         self.name, self.min_clients, self.num_rounds, self.he = name, min_clients, num_rounds, he
         job = BaseFedJob(name=name, min_clients=min_clients, key_metric=KEY_METRIC, key_metric_mode="max")
         job_model = recipe_model_to_job_model(model) if isinstance(model, dict) else model
-        persistor = SectionAggregatePersistor(model=job_model)
+        persistor = SectionAggregatePersistor(model=job_model, resume_from=resume_from)
         job.comp_ids.update(job.to_server(PTModel(model=job_model, persistor=persistor)))
         aggregator_id = job.to_server(SectionSumAggregator(he=he), id="aggregator")
         generator_id = job.to_server(SectionShareableGenerator(), id="shareable_generator")
         job.to_server(
             ScatterAndGather(
                 min_clients=min_clients,
-                num_rounds=num_rounds,
+                # FLARE numbers a continuing job's rounds from start_round and counts only its own
+                start_round=first_round,
+                num_rounds=num_rounds - first_round,
                 # every member answering ends a round at once; a silent one is waited for until the deadline
                 wait_time_after_min_received=int(round_deadline) if min_clients < (all_clients or min_clients) else 0,
                 # a round that has not heard from min_clients by the deadline ends the job, naming who was silent
@@ -180,6 +197,8 @@ def build_recipe(
     fold: int | None = None,
     tracking_uri: str | None = None,
     statistics_only: bool = False,
+    first_round: int = 0,
+    resume_from: Path | None = None,
 ) -> ConsortiumRecipe:
     """The job for ``config``.
 
@@ -201,6 +220,10 @@ def build_recipe(
     statistics_only
         The ``consortium stats`` job: one round in which each member sends only its association
         statistics' sufficient statistics (no training); ``rounds`` is ignored.
+    first_round, resume_from
+        Continue an interrupted job: rounds ``first_round`` to the last, from the aggregate stored after
+        round ``first_round - 1`` (the file ``FL_global_model.sections`` the interrupted job's server
+        kept, readable by the server); each member continues from the trainer it saved after that round.
     """
     num_rounds = 1 if statistics_only else int(rounds if rounds is not None else config.training.rounds)
     recipe = ConsortiumRecipe(
@@ -212,8 +235,16 @@ def build_recipe(
         round_deadline=config.training.round_deadline,
         num_rounds=num_rounds,
         train_script=str(CLIENT_SCRIPT),
-        train_args=client_args(config_path=config_path, outputs=outputs, fold=fold, statistics_only=statistics_only),
+        train_args=client_args(
+            config_path=config_path,
+            outputs=outputs,
+            fold=fold,
+            statistics_only=statistics_only,
+            first_round=first_round,
+        ),
         he=he,
+        first_round=first_round,
+        resume_from=str(Path(resume_from).resolve()) if resume_from else "",
     )
     _add_tracking(recipe, config, he=he, tracking_uri=tracking_uri or config.tracking.uri)
     return recipe

@@ -88,6 +88,10 @@ class MemberSite:
         Per-round validation figures go here too (the Client API's ``MLflowWriter``); ``None`` skips it.
     fold
         Cross-validation fold that is the test split (with ``data.folds``).
+    first_round
+        A job that continues an interrupted one starts at this round: FLARE numbers its rounds from
+        there and counts only the rest, and the trainer continues from the state this site saved after
+        the round before (:meth:`SiteOutputs.save_checkpoint`), private heads included.
     """
 
     def __init__(
@@ -99,8 +103,10 @@ class MemberSite:
         tracker: MetricLogger | None = None,
         fold: int | None = None,
         statistics_only: bool = False,
+        first_round: int = 0,
     ) -> None:
         self.config = config
+        self.first_round = int(first_round)
         self.statistics_only = statistics_only
         self.member = config.member(member).name
         self.outputs = outputs
@@ -132,12 +138,32 @@ class MemberSite:
                 planned_epochs=settings.planned_epochs(self.config, rounds=total_rounds),
             )
             self.model = self.trainer.model  # the raw network, should the trainer have rebuilt it for DP
+            if self.first_round:
+                self._continue(self.trainer)
         return self.trainer
+
+    def _continue(self, trainer: LocalTrainer) -> None:
+        """Load the trainer this site saved after the round before ``first_round`` (or its latest one
+        before that, had it dropped out earlier)."""
+        kept = sorted(r for r in self.outputs.checkpoints() if r < self.first_round)
+        if not kept:
+            log.warning(
+                "site %s: no saved trainer before round %d in %s; it continues with fresh private heads",
+                self.member,
+                self.first_round,
+                self.outputs.folder,
+            )
+            return
+        trainer.load_state_dict(self.outputs.load_checkpoint(round_=kept[-1]))
+        if kept[-1] != self.first_round - 1:
+            log.warning("site %s: continues from its round %d (it missed the rounds after)", self.member, kept[-1])
+        log.info("site %s: continues at round %d from its saved round %d", self.member, self.first_round, kept[-1])
 
     def train_round(self, received: FLModel) -> FLModel:
         """Load the global shared state, train locally, validate; return the sum-ready update."""
         started = time.perf_counter()
-        total = int(received.total_rounds or self.config.training.rounds)
+        # FLARE counts a continuing job's own rounds only
+        total = self.first_round + int(received.total_rounds) if received.total_rounds else self.config.training.rounds
         current = int(received.current_round or 0)
         if self.statistics_only:
             return self.statistics_round(current=current, total=total, started=started)
@@ -156,7 +182,9 @@ class MemberSite:
             "epsilon": trainer.epsilon_spent(),
         }
         params = outgoing_state(self.model)
-        if current + 1 >= total:
+        if current + 1 < total:  # what this site continues from, should the federation be interrupted
+            self.outputs.save_checkpoint(trainer.state_dict(), round_=current)
+        else:
             final = self.finish()
             params.update(final["params"])
             published.update(test=final["test"], samples=final["samples"])

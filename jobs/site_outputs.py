@@ -5,6 +5,8 @@ One folder per site (``<root>/<site name>/``)::
     model.pt          the member's final trunk, shared heads and private heads (a torch checkpoint)
     predictions.npz   per endpoint, the test split's predictions and labels (for the member's own
                       analyses, and for benchmark runs where one machine holds every member's data)
+    round-<r>.pt      the trainer after round r (network with private heads, optimizer, RNG stream, DP
+                      accountant): what an interrupted federation continues from (the last two kept)
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 
 MODEL_FILE = "model.pt"
 PREDICTIONS_FILE = "predictions.npz"
+CHECKPOINT_PATTERN = "round-*.pt"
+CHECKPOINTS_KEPT = 2  # a round in flight when the server died may have saved its own: keep the one before
 
 
 def site_folder(root: str | Path, site: str) -> Path:
@@ -46,6 +50,32 @@ class SiteOutputs:
         torch.save({"state_dict": model.state_dict(), **info}, partial)
         partial.replace(self.model_path)
         return self.model_path
+
+    def save_checkpoint(self, state: Mapping[str, Any], *, round_: int) -> Path:
+        """Write the trainer's state after ``round_`` (atomically); older checkpoints beyond the last
+        :data:`CHECKPOINTS_KEPT` are removed."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"round-{int(round_)}.pt"
+        partial = path.with_suffix(".pt.partial")
+        torch.save(dict(state), partial)
+        partial.replace(path)
+        for old in sorted(self.checkpoints(), reverse=True)[CHECKPOINTS_KEPT:]:
+            self.checkpoints()[old].unlink(missing_ok=True)
+        return path
+
+    def checkpoints(self) -> dict[int, Path]:
+        """The kept trainer checkpoints by round."""
+        found = {}
+        for path in self.folder.glob(CHECKPOINT_PATTERN):
+            number = path.stem.removeprefix("round-")
+            if number.isdigit():
+                found[int(number)] = path
+        return found
+
+    def load_checkpoint(self, *, round_: int) -> dict[str, Any] | None:
+        """The trainer's state saved after ``round_``, or ``None`` when this site kept none for it."""
+        path = self.checkpoints().get(int(round_))
+        return None if path is None else torch.load(path, weights_only=True)
 
     def save_predictions(self, predictions: Mapping[str, np.ndarray], *, targets: Mapping[str, np.ndarray]) -> Path:
         """Write ``prediction/<task>`` and ``target/<task>`` arrays of the test split (atomically)."""

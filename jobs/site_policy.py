@@ -80,8 +80,10 @@ def _declared(meta, *, depth: int = 0) -> bool:
     if isinstance(meta, list | tuple):
         numeric = sum(isinstance(v, (numbers.Number, np.generic)) and not isinstance(v, bool) for v in meta)
         # key names and shapes may be long lists; numbers in a list (one per sample?) may not
-        return numeric <= MAX_META_NUMBERS and len(meta) <= MAX_META_LIST and all(
-            _declared(v, depth=depth + 1) for v in meta
+        return (
+            numeric <= MAX_META_NUMBERS
+            and len(meta) <= MAX_META_LIST
+            and all(_declared(v, depth=depth + 1) for v in meta)
         )
     if isinstance(meta, str):
         return len(meta) <= MAX_META_STRING

@@ -32,6 +32,7 @@ class StoredAggregate:
     meta: dict
     params: dict[str, np.ndarray] | None = None
     encrypted: EncryptedUpdate | None = None
+    round: int | None = None  # the round it is the aggregate of (None in files written before it was kept)
 
 
 def write_aggregate(
@@ -40,8 +41,10 @@ def write_aggregate(
     meta: Mapping,
     params: Mapping[str, np.ndarray] | None = None,
     encrypted: EncryptedUpdate | None = None,
+    round_: int | None = None,
 ) -> int:
-    """Write one aggregate atomically (temporary file + rename); returns the payload bytes."""
+    """Write one aggregate (of round ``round_``) atomically (temporary file + rename); returns the payload
+    bytes."""
     if (params is None) == (encrypted is None):
         raise ValueError("give either plaintext params or an encrypted update")
     blobs: list[bytes] = []
@@ -57,6 +60,8 @@ def write_aggregate(
         entries = {k: list(a.shape) for k, a in arrays.items()}
         blobs = [a.tobytes() for a in arrays.values()]
         header = {"encrypted": False, "meta": {SECTIONS_META: dict(meta).get(SECTIONS_META, {})}, "entries": entries}
+    if round_ is not None:
+        header["round"] = int(round_)
     encoded = json.dumps(header).encode()
     path = Path(path)
     temp = path.with_name(f".{path.name}.tmp")
@@ -96,13 +101,14 @@ def read_aggregate(path: str | Path) -> StoredAggregate:
                 offset += length
             sections[name] = EncryptedSection(chunks, Layout.from_meta(entry["layout"]))
         stored = StoredAggregate(meta=meta, encrypted=EncryptedUpdate(sections=sections, meta=dict(meta)))
+        stored.round = header.get("round")
     else:
         params = {}
         for key, shape in header["entries"].items():
             count = int(np.prod(shape, dtype=np.int64))
             params[key] = np.frombuffer(data, dtype=np.float64, count=count, offset=offset).reshape(shape).copy()
             offset += 8 * count
-        stored = StoredAggregate(meta=meta, params=params)
+        stored = StoredAggregate(meta=meta, params=params, round=header.get("round"))
     return stored
 
 

@@ -387,6 +387,34 @@ class LocalTrainer:
             scores=tuple(scores),
         )
 
+    # -- resuming --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything a later :meth:`train` depends on: the whole network (private heads included),
+        the optimizer, the private RNG stream, the epochs done and, with DP, the accountant's history.
+        A site keeps it on its own disk to continue an interrupted federation; it is never sent."""
+        return {
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "rng_state": self._rng_state.clone(),
+            "epochs_done": self.epochs_done,
+            "accountant": self._private.engine.accountant.state_dict() if self._private else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`; DP on one side and not the other is refused."""
+        if (state.get("accountant") is None) != (self._private is None):
+            raise ValueError(
+                "the saved trainer state and this trainer disagree on DP (privacy.dp.enabled changed?); "
+                "an interrupted run continues only with the settings it started with"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._rng_state = state["rng_state"].clone()
+        self.epochs_done = int(state["epochs_done"])
+        if self._private is not None:
+            self._private.engine.accountant.load_state_dict(state["accountant"])
+
     # -- reporting -------------------------------------------------------------------------------
 
     def evaluate(self, split: str = "test") -> dict[str, dict[str, float]]:

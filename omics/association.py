@@ -34,9 +34,8 @@ from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm
+from scipy.stats import false_discovery_control, norm
 from scipy.stats import t as student_t
-from statsmodels.stats.multitest import multipletests
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +160,7 @@ def association_table(summed: Mapping[str, np.ndarray], *, kind: Kind, feature_n
     qvalue = np.full(pvalue.shape, np.nan)
     finite = np.isfinite(pvalue)
     if finite.any():
-        qvalue[finite] = multipletests(pvalue[finite], method="fdr_bh")[1]
+        qvalue[finite] = false_discovery_control(pvalue[finite], method="bh")
     table = pd.DataFrame(
         {
             "feature": names[keep],

@@ -84,6 +84,22 @@ def test_only_public_nvflare_api():
     assert not offenders, "private NVFlare names used:\n" + "\n".join(offenders)
 
 
+PRIVATE_SETTING_ALLOWED = {"jobs/flare_tuning.py"}  # the one private setting, version-checked; see its docstring
+
+
+def test_the_one_private_nvflare_setting_is_set_in_one_place_for_the_pinned_version():
+    users = sorted(
+        str(path.relative_to(ROOT))
+        for folder in [*LAYERS, "benchmarks"]
+        for path in (ROOT / folder).rglob("*.py")
+        if "_RESULT_POLL_INTERVAL" in path.read_text()
+    )
+    assert set(users) == PRIVATE_SETTING_ALLOWED
+    from jobs.flare_tuning import PINNED_NVFLARE
+
+    assert f"nvflare=={PINNED_NVFLARE}" in (ROOT / "setup.cfg").read_text()
+
+
 def test_the_guard_finds_private_names():
     assert PRIVATE_NVFLARE.search("from nvflare.private.fed.app import x")
     assert PRIVATE_NVFLARE.search("from nvflare.recipe.spec import _peek_recipe_args")

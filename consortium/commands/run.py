@@ -126,6 +126,7 @@ def execute(
     folds: int | None = None,
     seeds: int = 1,
     as_json: bool = False,
+    resume: bool = False,
 ) -> RunResult:
     """Check the data, then run; with ``as_json`` every line for the user goes to stderr (stdout stays free
     for the caller's JSON object)."""
@@ -154,6 +155,7 @@ def execute(
                     seeds=seeds,
                     progress=update,
                     status=lambda line: bar.console.print(line, markup=False, style="dim"),
+                    resume=resume,
                 )
             except FederatedRunError as exc:
                 raise RunFailed(str(exc)) from None
@@ -189,7 +191,12 @@ def print_summary(result: RunResult) -> None:
                         highlight=False,
                     )
     for member, round_ in (report.get("dropped") or {}).items():
-        console.print(f"{member} dropped out in round {round_}; the run went on without it", style="yellow")
+        back = (report.get("rejoined") or {}).get(member)
+        again = f", answered again from round {back}" if back is not None else ""
+        console.print(f"{member} dropped out in round {round_}{again}; the run went on without it", style="yellow")
+    for key, parts in (report.get("continued") or {}).items():
+        chain = " then ".join(f"{p['job_id']} (rounds {p['rounds'][0]}-{p['rounds'][1]})" for p in parts)
+        console.print(f"job {key} was interrupted and continued: {chain}", markup=False, highlight=False)
     bio = report["biomarkers"]
     for name in report["endpoints"]:
         stats = ", ".join(r["feature"] for r in bio["statistics"].get(name, [])[:8])
@@ -246,6 +253,11 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(
             False, "--json", help="Print the result as one JSON object on stdout; progress goes to stderr."
         ),
+        resume: bool = typer.Option(
+            False,
+            "--resume",
+            help="Continue the run interrupted in --out (same arguments) after its last stored round.",
+        ),
     ) -> None:
         """Check every member's data, run the federated biomarker job, write DIR/report.json and DIR/report.md."""
         if env not in ("sim", "poc"):
@@ -260,6 +272,7 @@ def register(app: typer.Typer) -> None:
             folds=folds,
             seeds=seeds,
             as_json=as_json,
+            resume=resume,
         )
         if as_json:
             typer.echo(result_json(result))
@@ -276,6 +289,9 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(
             False, "--json", help="Print the result as one JSON object on stdout; progress goes to stderr."
         ),
+        resume: bool = typer.Option(
+            False, "--resume", help="Continue the demo run interrupted in --out after its last stored round."
+        ),
     ) -> None:
         """Synthesize the default consortium, run it federated with baselines, and compare."""
         say = err_console if as_json else console
@@ -287,7 +303,14 @@ def register(app: typer.Typer) -> None:
         say.print(f"consortium: {config_path}")
         use_he = (env == "poc") if he is None else he
         result = execute(
-            config_path, env=env, out=out / "run", rounds=rounds, baselines=True, he=use_he, as_json=as_json
+            config_path,
+            env=env,
+            out=out / "run",
+            rounds=rounds,
+            baselines=True,
+            he=use_he,
+            as_json=as_json,
+            resume=resume,
         )
         if as_json:
             typer.echo(result_json(result))

@@ -20,8 +20,7 @@ pytestmark = pytest.mark.slow
 
 def test_he_run_on_poc_releases_a_decrypted_shared_model(tiny_consortium: Path, tmp_path: Path):
     out = tmp_path / "run"
-    code = main(["run", "--config", str(tiny_consortium), "--env", "poc", "--out", str(out), "--rounds", "2",
-                 "--he"])
+    code = main(["run", "--config", str(tiny_consortium), "--env", "poc", "--out", str(out), "--rounds", "2", "--he"])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["privacy"]["he"] is True and "CKKS N=8192" in report["privacy"]["he_scheme"]

@@ -48,7 +48,7 @@ def test_the_stopped_server_message_names_the_cause_the_log_and_the_way_on(confi
     message = server_stopped_message(config, tmp_path / "prod", "job-1")
     assert message.startswith("the FLARE server 'localhost' stopped while job job-1 was running (nothing listens")
     assert f"The server's log: {tmp_path / 'prod' / 'localhost' / 'log.txt'}" in message
-    assert message.endswith("run the command again to start over")
+    assert message.endswith("Every FLARE process this run started has been stopped")
 
 
 def test_a_start_names_the_site_that_did_not_come_up_and_its_log(config, tmp_path):

@@ -4,6 +4,7 @@ that does not come up. One system start covers the first three (they happen in t
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 import ssl
@@ -25,7 +26,7 @@ from consortium.cli import main
 from consortium.flare_env import FederatedRunError, check_ports_free, poc_system, stop_processes_under
 from consortium.results import read_records
 from schema.config import load_config
-from schema.names import PUBLISHED_FILE
+from schema.names import GLOBAL_MODEL_FILE, PUBLISHED_FILE
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -118,11 +119,12 @@ def _restart(kit: Path) -> None:
     )
 
 
-def test_restarted_member_forged_certificate_and_dead_server(tiny_consortium: Path, tmp_path: Path, capsys):
+def test_restarted_member_forged_certificate_dead_server_and_resume(tiny_consortium: Path, tmp_path: Path, capsys):
     """fold 0: pharma-b is killed after round 0 and restarted with its start script (the job goes on
     without it: FLARE 2.9 does not hand a running job to a restarted client); fold 1: it takes part
-    again from round 0. Meanwhile a self-signed 'pharma-b' certificate is refused. Then the server dies:
-    the command ends with the cause and the server's log, and leaves no process and no port behind."""
+    again from round 0. Meanwhile a self-signed 'pharma-b' certificate is refused. Then the server dies
+    after fold 1's round 0: the command ends with the cause, the server's log and the way on, and leaves
+    no process and no port behind. ``--resume`` then runs fold 1's last round only and reports the run."""
     config = _config(tiny_consortium, tmp_path, rounds=2, min_members=1, round_deadline=60)
     out = tmp_path / "run"
     flare = out / "flare"
@@ -144,7 +146,9 @@ def test_restarted_member_forged_certificate_and_dead_server(tiny_consortium: Pa
         genuine = _kit(flare, "pharma-a") / "startup"
         seen["genuine_answer"] = _server_answers(root_ca, genuine / "client.crt", genuine / "client.key")
         later = lambda: [j for j in _jobs(flare) if j != first_job]  # noqa: E731
-        if not _wait_for(lambda: later() and rounds_of(later()[0], "pharma-b") >= 1, stop):
+        # the server dies once fold 1 stored its round-0 aggregate, with pharma-b back in it
+        stored = lambda: list(later()[0].rglob(GLOBAL_MODEL_FILE))  # noqa: E731
+        if not _wait_for(lambda: later() and rounds_of(later()[0], "pharma-b") >= 1 and stored(), stop):
             return
         seen["rejoined"] = time.monotonic()
         stop_processes_under(_kit(flare, "localhost"))
@@ -170,10 +174,29 @@ def test_restarted_member_forged_certificate_and_dead_server(tiny_consortium: Pa
     assert seen["genuine_answer"] != b""  # while a member's real certificate gets an answer on the same port
     assert code == 1
     assert "the FLARE server 'localhost' stopped while job" in err and "log.txt" in err
-    assert "run the command again" in err
+    assert "run the same command with --resume to continue at round 1" in err
     assert ended - seen["server_killed"] < 600  # bounded: the issue saw it wait forever
     assert stop_processes_under(flare) == 0
     check_ports_free(load_config(config))  # raises if the dead server's clients or job processes hold a port
+
+    resumed = time.monotonic()
+    args = ["run", "--config", str(config), "--env", "poc", "--no-he", "--folds", "2", "--out", str(out), "--json"]
+    code = main([*args, "--resume"])
+    captured = capsys.readouterr()
+    with capsys.disabled():
+        print(f"resume after the server restart: {time.monotonic() - resumed:.1f} s (one POC start, one round)")
+    assert code == 0, captured.err[-2000:]
+    # under capsys FLARE's own prints reach the captured stdout (in a terminal they go to console.log)
+    report = json.loads(captured.out[captured.out.index("{\n") :])["report"]
+    assert list(report["continued"]) == ["seed0-fold1"]  # fold 0 finished before: read back, not run again
+    parts = report["continued"]["seed0-fold1"]
+    assert [p["rounds"] for p in parts] == [[0, 0], [1, 1]]  # the stored round is not run again
+    assert report["rounds"] and all(len(r) == 2 for r in read_records(out / "jobs" / "seed0-fold1").values())
+    assert set(report["members"]) == {"pharma-a", "pharma-b"}
+    events = [json.loads(line)["event"] for line in (out / "audit.jsonl").read_text().splitlines()]
+    assert events.count("job_interrupted") == 1 and events[-1] == "model_released"
+    assert main(["audit", "verify", str(out / "audit.jsonl")]) == 0
+    assert stop_processes_under(flare) == 0
 
 
 def test_a_member_that_cannot_start_is_named_with_its_log(tiny_consortium: Path, tmp_path: Path, monkeypatch):

@@ -144,5 +144,3 @@ def test_bad_arguments_raise_clear_errors():
         metric_interval("binary", y, prediction, level=95)
     with pytest.raises(ValueError, match="n_boot is 0"):
         metric_interval("binary", y, prediction, n_boot=0)
-
-
