@@ -279,7 +279,14 @@ def _run_locked(config, *, env, out, rounds, baselines, he, folds, seeds, progre
     fold_ids = list(range(folds)) if folds else [None]
     repetitions = []
     started = time.perf_counter()
-    with _flare(config, env, out, keys=keys) as submit:
+    with contextlib.ExitStack() as stack:
+        flare: list[Callable] = []  # FLARE starts for the first job to run (none when --resume finds all done)
+
+        def submit(recipe, timeout, rounds):
+            if not flare:
+                flare.append(stack.enter_context(_flare(config, env, out, keys=keys)))
+            return flare[0](recipe, timeout, rounds)
+
         for index in range(seeds):
             run_config = config if index == 0 else _seeded_config(config, out=out, index=index)
             where = out if index == 0 else out / f"seed{index}"

@@ -132,10 +132,13 @@ def execute(
     for the caller's JSON object)."""
     from consortium.flare_env import FederatedRunError
     from consortium.orchestration import check_folds, run_consortium
+    from consortium.run_state import STATE_FILE
     from schema.config import load_config
 
     config = load_config(config_path)
     check_folds(config, folds=folds or config.data.folds)  # a usage error writes nothing
+    if resume and not (out / STATE_FILE).exists():
+        raise UserError(f"{out}: no run to resume here ({STATE_FILE} missing); run the command without --resume")
     check_members(config, as_json=as_json)  # before FLARE starts: an unfit member stops the run here
     total = rounds or config.training.rounds
     log_path = out / "console.log"

@@ -264,3 +264,42 @@ def test_persistor_stores_the_encrypted_sum_as_is(members, kits, site_ctx, tmp_p
     )
     plain = finalize(decrypt_update(secret, stored.encrypted), stored.meta)
     _check_means_and_sums(plain, members, tol=TOLERANCE)
+
+
+# -- continuing an interrupted job ------------------------------------------------------------------
+
+
+def test_a_continuing_job_starts_from_the_stored_plaintext_sum(members, kits, site_ctx, tmp_path):
+    aggregator = SectionSumAggregator()
+    fl_ctx = site_ctx(kits["server"], current_round=2)
+    for i, (params, steps) in enumerate(zip(members, STEPS, strict=True)):
+        assert aggregator.accept(_result(params, steps, site=f"site-{i + 1}", current_round=2), fl_ctx)
+    stored_by = SectionAggregatePersistor(model=None)
+    stored_by.log_dir = str(tmp_path)
+    stored_by.save_model(
+        SectionShareableGenerator().shareable_to_learnable(aggregator.aggregate(fl_ctx), fl_ctx), fl_ctx
+    )
+    assert read_aggregate(tmp_path / GLOBAL_MODEL_FILE).round == 2
+
+    resumed = SectionAggregatePersistor(model=None, resume_from=str(tmp_path / GLOBAL_MODEL_FILE))
+    model = resumed.load_model(site_ctx(kits["server"]))
+    assert is_sectioned(model)
+    dxo = from_shareable(SectionShareableGenerator().learnable_to_shareable(model, fl_ctx))
+    _check_means_and_sums(finalize(dxo.data, dxo.meta), members, tol=1e-12)
+
+
+def test_a_continuing_he_job_sends_the_stored_ciphertext_that_members_open(members, kits, site_ctx, tmp_path):
+    aggregate = _encrypted_round(kits, site_ctx, members, current_round=3)
+    server = site_ctx(kits["server"], current_round=3)
+    stored_by = SectionAggregatePersistor(model=None)
+    stored_by.log_dir = str(tmp_path)
+    stored_by.save_model(SectionShareableGenerator().shareable_to_learnable(aggregate, server), server)
+
+    resumed = SectionAggregatePersistor(model=None, resume_from=str(tmp_path / GLOBAL_MODEL_FILE))
+    model = resumed.load_model(site_ctx(kits["server"]))
+    task_data = SectionShareableGenerator().learnable_to_shareable(model, server)
+    assert from_shareable(task_data).data_kind == ENCRYPTED_KIND  # the operator sends it as stored: ciphertext
+    task_data.set_header(AppConstants.CURRENT_ROUND, 4)
+    dxo = from_shareable(DecryptAggregate().process(task_data, site_ctx(kits["site-2"])))
+    assert dxo.data_kind == DataKind.WEIGHTS
+    _check_means_and_sums(finalize(dxo.data, dxo.meta), members, tol=TOLERANCE)
