@@ -25,6 +25,7 @@ COLUMNS = ["feature", "score", "direction", "rank"]
 # points, their gradients, scaled gradients), so 2**22 float32 values keep it near 75 MB (a member
 # site's whole process stays small, whatever the panel's width).
 _MAX_PATH_VALUES = 2**22
+_COLUMN_BLOCK = 2048
 
 
 class _TaskOutput(nn.Module):
@@ -170,8 +171,14 @@ def _linearized_contrast(
     contrast is ``slope_j`` times the gap between the group means of ``d_j``.
     """
     weights = weights_high + weights_low
-    numerator = weights @ (values * displacement)
-    denominator = weights @ np.square(displacement)
+    n_features = values.shape[1]
+    numerator = np.empty((weights.shape[0], n_features))
+    denominator = np.empty_like(numerator)
+    # per feature: blocks of columns bound the (samples x features) temporaries at wide panels
+    for start in range(0, n_features, _COLUMN_BLOCK):
+        block = slice(start, start + _COLUMN_BLOCK)
+        numerator[:, block] = weights @ (values[:, block] * displacement[:, block])
+        denominator[:, block] = weights @ np.square(displacement[:, block])
     slope = np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
     gap = weights_high @ displacement / weights_high.sum(axis=1, keepdims=True) - (
         weights_low @ displacement / weights_low.sum(axis=1, keepdims=True)

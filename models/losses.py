@@ -32,9 +32,7 @@ def binary_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         ``(n,)`` 0/1 floats, ``NaN`` where missing.
     """
     observed = ~torch.isnan(labels)
-    terms = F.binary_cross_entropy_with_logits(
-        logits[observed], labels[observed].to(logits.dtype), reduction="none"
-    )
+    terms = F.binary_cross_entropy_with_logits(logits[observed], labels[observed].to(logits.dtype), reduction="none")
     return _masked_mean(terms)
 
 
@@ -60,9 +58,7 @@ def cox_loss(log_risk: torch.Tensor, survival: torch.Tensor) -> torch.Tensor:
         ``(n, 2)`` ``[time, event]``; a row with ``NaN`` in either column is missing.
     """
     if survival.ndim != 2 or survival.shape[1] != 2:
-        raise ValueError(
-            f"survival targets have shape {tuple(survival.shape)}; expected (n, 2) [time, event]"
-        )
+        raise ValueError(f"survival targets have shape {tuple(survival.shape)}; expected (n, 2) [time, event]")
     observed = ~torch.isnan(survival).any(dim=1)
     eta = log_risk[observed]
     time = survival[observed, 0].to(eta.dtype)

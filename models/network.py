@@ -29,9 +29,7 @@ HEAD_PREFIX = "heads."
 TASK_KINDS = ("binary", "regression", "survival")
 
 
-def build_trunk(
-    n_features: int, *, trunk_widths: Sequence[int] = (256, 64), dropout: float = 0.2
-) -> nn.Sequential:
+def build_trunk(n_features: int, *, trunk_widths: Sequence[int] = (256, 64), dropout: float = 0.2) -> nn.Sequential:
     """The shared trunk: per width ``Linear -> LayerNorm -> ReLU -> Dropout``.
 
     Parameters
@@ -52,9 +50,7 @@ def build_trunk(
     if int(n_features) < 1:
         raise ValueError(f"n_features={n_features}; the trunk needs at least one input feature")
     if not widths or min(widths) < 1:
-        raise ValueError(
-            f"trunk_widths={tuple(trunk_widths)}; give one or more positive widths, e.g. (256, 64)"
-        )
+        raise ValueError(f"trunk_widths={tuple(trunk_widths)}; give one or more positive widths, e.g. (256, 64)")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout={dropout}; use a probability in [0, 1)")
     layers: list[nn.Module] = []

@@ -106,9 +106,7 @@ class FitResult:
     scores: tuple[float, ...] = ()
 
 
-def _target_tensors(
-    part: MemberData, tasks: Sequence[TaskSpec], model: MultitaskNet
-) -> dict[str, torch.Tensor]:
+def _target_tensors(part: MemberData, tasks: Sequence[TaskSpec], model: MultitaskNet) -> dict[str, torch.Tensor]:
     targets = {}
     for task in tasks:
         y = np.asarray(part.targets[task.name], dtype=np.float64)
@@ -206,15 +204,11 @@ class LocalTrainer:
             )
         for task in self.tasks:
             if task.name not in self.data.targets:
-                raise KeyError(
-                    f"task '{task.name}' has no targets in the data; it has {sorted(self.data.targets)}"
-                )
+                raise KeyError(f"task '{task.name}' has no targets in the data; it has {sorted(self.data.targets)}")
             shape = self.data.targets[task.name].shape
             expected = (self.data.X.shape[0], 2) if task.kind == "survival" else (self.data.X.shape[0],)
             if shape != expected:
-                raise ValueError(
-                    f"targets of {task.kind} task '{task.name}' have shape {shape}; expected {expected}"
-                )
+                raise ValueError(f"targets of {task.kind} task '{task.name}' have shape {shape}; expected {expected}")
             _check_label_values(task, np.asarray(self.data.targets[task.name], dtype=np.float64))
         bad = int((~np.isfinite(self.data.X)).sum())
         if bad:
@@ -230,9 +224,7 @@ class LocalTrainer:
             y = np.asarray(train.targets[task.name], dtype=np.float64)
             y = y[~np.isnan(y)]
             if y.size < 2 or not np.std(y) > 0:
-                logger.warning(
-                    "task '%s': %d train labels, too few to standardize; not scaling", task.name, y.size
-                )
+                logger.warning("task '%s': %d train labels, too few to standardize; not scaling", task.name, y.size)
                 mean, scale = (float(y.mean()) if y.size else 0.0), 1.0
             else:
                 mean, scale = float(y.mean()), float(y.std())

@@ -57,6 +57,9 @@ _RELATIVE_ZERO_VARIANCE = 1e-12
 _BLOCK_ELEMENTS = 2**22
 
 
+_COLUMN_BLOCK = 2048
+
+
 def site_statistics(
     X: np.ndarray,
     target: np.ndarray,
@@ -92,24 +95,28 @@ def site_statistics(
     """
     X, target, measured = _validated(X, target, kind=kind, measured=measured, min_cell=min_cell)
     n, p = X.shape
-    labelled = ~np.isnan(target).reshape(n, -1).any(axis=1)
-    x, y = X[labelled][:, measured], target[labelled]
-    bad = ~np.isfinite(x).all(axis=0)
-    if bad.any():
-        first = int(np.flatnonzero(measured)[np.argmax(bad)])
+    rows = np.flatnonzero(~np.isnan(target).reshape(n, -1).any(axis=1))
+    columns = np.flatnonzero(measured)
+    bad = [int(c) for c in columns if not np.isfinite(X[rows, c]).all()] if not np.isfinite(X).all() else []
+    if bad:
         raise ValueError(
-            f"X: {int(bad.sum())} measured feature(s) hold non-finite values (first: column {first}); "
+            f"X: {len(bad)} measured feature(s) hold non-finite values (first: column {bad[0]}); "
             "impute them or mark them False in `measured`"
         )
     compute = {"binary": _binary_pieces, "regression": _regression_pieces, "survival": _survival_pieces}[kind]
-    pieces = compute(x, y, min_cell=min_cell)
+    y = target[rows]
     out = {key: np.zeros(p) for key in KEYS[kind]}
-    if pieces is None:
-        log.info("%s: member below the small-cell limit (min_cell=%d); it contributes nothing", kind, min_cell)
-        return out
-    keep = pieces["members"] > 0
-    for key in KEYS[kind]:
-        out[key][measured] = np.where(keep, pieces[key], 0.0)
+    # every statistic is per feature: blocks of columns bound the temporaries (20k features x 2,000
+    # samples would otherwise copy the matrix several times over)
+    for start in range(0, len(columns), _COLUMN_BLOCK):
+        block = columns[start : start + _COLUMN_BLOCK]
+        pieces = compute(X[np.ix_(rows, block)], y, min_cell=min_cell)
+        if pieces is None:
+            log.info("%s: member below the small-cell limit (min_cell=%d); it contributes nothing", kind, min_cell)
+            return out
+        keep = pieces["members"] > 0
+        for key in KEYS[kind]:
+            out[key][block] = np.where(keep, pieces[key], 0.0)
     return out
 
 

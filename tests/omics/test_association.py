@@ -254,3 +254,16 @@ def test_survival_blocks_do_not_change_the_result(monkeypatch):
     blocked = site_statistics(X, y, kind="survival")
     for key in whole:
         np.testing.assert_allclose(blocked[key], whole[key], rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["binary", "regression", "survival"])
+def test_blocks_of_columns_give_the_statistics_of_the_whole_matrix(kind, monkeypatch):
+    import omics.association as association
+
+    members, measured = _consortium(kind)
+    whole = [site_statistics(x, y, kind=kind, measured=m) for (x, y), m in zip(members, measured, strict=True)]
+    monkeypatch.setattr(association, "_COLUMN_BLOCK", 4)  # 30 features: 8 blocks, the last one short
+    blocked = [site_statistics(x, y, kind=kind, measured=m) for (x, y), m in zip(members, measured, strict=True)]
+    for one, other in zip(whole, blocked, strict=True):
+        for key in KEYS[kind]:
+            np.testing.assert_allclose(one[key], other[key], rtol=1e-12, atol=0, err_msg=key)
