@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 import typer
 from rich.console import Console
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             _interrupted(console_script=argv is None)
     except UserError as exc:
         _print_error(str(exc))
-        return exc.exit_code
+        return _leave(exc.exit_code, console_script=argv is None)
     except OSError as exc:
         if exc.filename is None:
             raise
@@ -110,6 +111,21 @@ def _interrupted(*, console_script: bool) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
+
+
+def _leave(code: int, *, console_script: bool) -> int:
+    """After an error, from the console script: leave at once if a thread would hold the interpreter open.
+
+    When the FLARE server died mid-run, NVFlare's admin client keeps a non-daemon thread logging in again
+    (30 s) or reconnecting (for ever); the message is printed and every ``finally`` has run (FLARE's
+    processes are stopped), so waiting for it would only keep the user from the prompt."""
+    held = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    if console_script and held:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _terminate(signum, frame) -> None:

@@ -104,6 +104,12 @@ def _server_answers(root_ca: Path, cert: Path, key: Path) -> bytes:
         return b""
 
 
+def _cli(args: list[str]) -> subprocess.CompletedProcess:
+    """``consortium ARGS`` through the installed console script; a process that does not exit fails the test."""
+    script = Path(sys.executable).with_name("consortium")
+    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+
+
 def _restart(kit: Path) -> None:
     """Start a member again the way its operator would: the kit's own start script."""
     # the kit's scripts start `python3` from PATH: this interpreter, as `nvflare poc start` does
@@ -157,12 +163,14 @@ def test_restarted_member_forged_certificate_dead_server_and_resume(tiny_consort
     chaos = threading.Thread(target=faults, daemon=True)
     chaos.start()
     try:
-        code = main(["run", "--config", str(config), "--env", "poc", "--no-he", "--folds", "2", "--out", str(out)])
+        # the console script in its own process, as a user runs it: its exit (not only its return) is tested
+        killed = _cli(["run", "--config", str(config), "--env", "poc", "--no-he", "--folds", "2", "--out", str(out)])
+        code = killed.returncode
     finally:
         ended = time.monotonic()
         stop.set()
         chaos.join(timeout=30)
-    err = " ".join(capsys.readouterr().err.split())
+    err = " ".join(killed.stderr.split())
     assert "server_killed" in seen, f"the run ended before the server was killed (exit {code}): {err}"
     with capsys.disabled():
         print(
@@ -175,19 +183,17 @@ def test_restarted_member_forged_certificate_dead_server_and_resume(tiny_consort
     assert code == 1
     assert "the FLARE server 'localhost' stopped while job" in err and "log.txt" in err
     assert "run the same command with --resume to continue at round 1" in err
-    assert ended - seen["server_killed"] < 600  # bounded: the issue saw it wait forever
+    assert ended - seen["server_killed"] < 60  # the process itself ends: the issue saw it wait forever
     assert stop_processes_under(flare) == 0
     check_ports_free(load_config(config))  # raises if the dead server's clients or job processes hold a port
 
     resumed = time.monotonic()
     args = ["run", "--config", str(config), "--env", "poc", "--no-he", "--folds", "2", "--out", str(out), "--json"]
-    code = main([*args, "--resume"])
-    captured = capsys.readouterr()
+    again = _cli([*args, "--resume"])
     with capsys.disabled():
         print(f"resume after the server restart: {time.monotonic() - resumed:.1f} s (one POC start, one round)")
-    assert code == 0, captured.err[-2000:]
-    # under capsys FLARE's own prints reach the captured stdout (in a terminal they go to console.log)
-    report = json.loads(captured.out[captured.out.index("{\n") :])["report"]
+    assert again.returncode == 0, again.stderr[-2000:]
+    report = json.loads(again.stdout)["report"]
     assert list(report["continued"]) == ["seed0-fold1"]  # fold 0 finished before: read back, not run again
     parts = report["continued"]["seed0-fold1"]
     assert [p["rounds"] for p in parts] == [[0, 0], [1, 1]]  # the stored round is not run again
