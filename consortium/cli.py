@@ -108,9 +108,7 @@ def _interrupted(*, console_script: bool) -> None:
     we just stopped, which would hold the interpreter open."""
     _print_error(INTERRUPTED_MESSAGE)
     if console_script:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+        _exit_now(130)
 
 
 def _leave(code: int, *, console_script: bool) -> int:
@@ -121,11 +119,16 @@ def _leave(code: int, *, console_script: bool) -> int:
     processes are stopped), so waiting for it would only keep the user from the prompt."""
     held = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
     if console_script and held:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _exit_now(code)
     return code
+
+
+def _exit_now(code: int) -> None:
+    """End the process with ``code`` without waiting for other threads; output and logs flushed first."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _terminate(signum, frame) -> None:

@@ -13,7 +13,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +38,6 @@ from consortium.plots import save_report_plots
 from consortium.report import build_report, write_biomarker_tables, write_report
 from consortium.results import JobResults, read_job, read_records, release
 from consortium.run_state import (
-    KEPT_FOLDER,
     STATE_FILE,
     ResumeError,
     RunState,
@@ -357,8 +355,13 @@ def _record_job(outcome: JobOutcome, config: ConsortiumConfig, audit: AuditLog, 
     results = read_job(outcome.result_dir, config=config)
     _check_finished(results, total, outcome, config)
     _audit_rounds(audit, outcome.job_id, results, rounds=range(total))
-    opened = release(results, config, client_context=keys / CLIENT_CONTEXT_FILE if keys else None)
+    opened = _open(results, config, keys=keys)
     return outcome, results, opened
+
+
+def _open(results: JobResults, config: ConsortiumConfig, *, keys: Path | None):
+    """Release a job's aggregate; under HE with the custodian's context from the run's key folder."""
+    return release(results, config, client_context=keys / CLIENT_CONTEXT_FILE if keys else None)
 
 
 def _audit_submitted(audit: AuditLog, job_id: str, config: ConsortiumConfig, *, env, he, total, fold, **more) -> None:
@@ -389,10 +392,7 @@ def _run_state(config, *, out: Path, resume: bool, **arguments) -> RunState:
     if not resume:
         if state is not None and state.interrupted():
             log.warning("%s held an interrupted run; starting over (--resume would have continued it)", out)
-        shutil.rmtree(out / KEPT_FOLDER, ignore_errors=True)
-        state = RunState(arguments=arguments)
-        state.save(out)
-        return state
+        return RunState.start(out, arguments)
     if state is None:
         raise ResumeError(f"{out}: no run to resume here ({STATE_FILE} missing); run the command without --resume")
     state.check_arguments(arguments, out=out)
@@ -426,7 +426,7 @@ def _finish_job(outcome: JobOutcome, *, state, out, key, config, audit, total, f
     results = read_job(kept_folder(out, key), config=config)
     _check_finished(results, total, outcome, config)
     _audit_rounds(audit, outcome.job_id, results, rounds=range(first_round, total))
-    opened = release(results, config, client_context=keys / CLIENT_CONTEXT_FILE if keys else None)
+    opened = _open(results, config, keys=keys)
     return outcome, results, opened
 
 
@@ -435,7 +435,7 @@ def _read_kept(state: RunState, out: Path, key: str, config: ConsortiumConfig, *
     folder = kept_folder(out, key)
     results = read_job(folder, config=config)
     outcome = JobOutcome(job_id=state.jobs[key][-1].job_id, result_dir=folder, logs=folder, kits={})
-    opened = release(results, config, client_context=keys / CLIENT_CONTEXT_FILE if keys else None)
+    opened = _open(results, config, keys=keys)
     return outcome, results, opened
 
 

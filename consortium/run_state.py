@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobs.store import read_aggregate
+from jobs.store import aggregate_round
 from schema.errors import UserError
 from schema.names import GLOBAL_MODEL_FILE, PUBLISHED_FILE
 
@@ -50,6 +50,14 @@ class RunState:
 
     arguments: dict[str, Any]
     jobs: dict[str, list[JobPart]] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, out: Path, arguments: dict[str, Any]) -> RunState:
+        """A new run in ``out``: what an earlier run kept there is removed."""
+        shutil.rmtree(Path(out) / KEPT_FOLDER, ignore_errors=True)
+        state = cls(arguments=arguments)
+        state.save(out)
+        return state
 
     @classmethod
     def load(cls, out: Path) -> RunState | None:
@@ -113,10 +121,7 @@ def keep_part(
     An interrupted job keeps the records of the rounds its last stored aggregate closes; with no stored
     aggregate nothing is kept (``None``) and the job starts over on ``--resume``."""
     models = sorted(Path(source).rglob(GLOBAL_MODEL_FILE)) if Path(source).exists() else []
-    last = None
-    if models:
-        stored = read_aggregate(models[-1])
-        last = stored.round if stored.round is not None else None
+    last = aggregate_round(models[-1]) if models else None
     if not finished and (not models or last is None):
         log.warning("job %s stored no aggregate before it stopped: nothing to continue from", job_id)
         return None

@@ -21,6 +21,7 @@ from mlflow.types import Schema, TensorSpec
 
 from consortium.registry import log_registered_model
 from consortium.results import Released
+from jobs.recipe import server_model
 from models.network import SharedModel
 from schema.config import ConsortiumConfig
 
@@ -54,14 +55,7 @@ def tracking_uri_for(config: ConsortiumConfig, *, out: Path) -> str:
 
 
 def shared_module(config: ConsortiumConfig, state: dict[str, np.ndarray]) -> SharedModel:
-    t = config.training
-    model = SharedModel(
-        len(config.panel_features()),
-        shared_tasks=config.shared_endpoints(),
-        trunk_widths=list(t.trunk_widths),
-        head_width=t.head_width,
-        dropout=t.dropout,
-    )
+    model = SharedModel(**server_model(config)["args"])
     model.load_state_dict({k: torch.as_tensor(np.asarray(v, dtype=np.float32)) for k, v in state.items()})
     return model.eval()
 

@@ -187,11 +187,12 @@ class SectionAggregatePersistor(PTFileModelPersistor):
             return
         path = os.path.join(self.log_dir, GLOBAL_MODEL_FILE)
         weights, meta = ml[ModelLearnableKey.WEIGHTS], ml[ModelLearnableKey.META]
+        round_ = meta.get(AppConstants.CURRENT_ROUND)
         if _encrypted_weights(weights):
             update = EncryptedUpdate.from_dxo(DXO(data_kind=ENCRYPTED_KIND, data=weights, meta=meta))
-            size = write_aggregate(path, meta=meta, encrypted=update, round_=meta.get(AppConstants.CURRENT_ROUND))
+            size = write_aggregate(path, meta=meta, encrypted=update, round_=round_)
         else:
-            size = write_aggregate(path, meta=meta, params=weights, round_=meta.get(AppConstants.CURRENT_ROUND))
+            size = write_aggregate(path, meta=meta, params=weights, round_=round_)
         self.log_info(fl_ctx, f"stored the summed global model ({size / 1e6:.1f} MB) at {path}")
 
     def handle_event(self, event: str, fl_ctx: FLContext) -> None:

@@ -59,8 +59,9 @@ class SiteOutputs:
         partial = path.with_suffix(".pt.partial")
         torch.save(dict(state), partial)
         partial.replace(path)
-        for old in sorted(self.checkpoints(), reverse=True)[CHECKPOINTS_KEPT:]:
-            self.checkpoints()[old].unlink(missing_ok=True)
+        kept = self.checkpoints()
+        for old in sorted(kept, reverse=True)[CHECKPOINTS_KEPT:]:
+            kept[old].unlink(missing_ok=True)
         return path
 
     def checkpoints(self) -> dict[int, Path]:

@@ -78,16 +78,8 @@ def write_aggregate(
 def read_aggregate(path: str | Path) -> StoredAggregate:
     """Read a file written by :func:`write_aggregate`; a clear ValueError for anything else."""
     data = Path(path).read_bytes()
-    if not data.startswith(_MAGIC):
-        raise ValueError(f"{path}: not a consortium aggregate; pick the job's {Path(path).name} from the server")
-    offset = len(_MAGIC)
+    header, offset = _header(data, path)
     damaged = f"{path}: the file is truncated or corrupt; copy {Path(path).name} from the server again"
-    try:
-        (size,) = struct.unpack(">I", data[offset : offset + 4])
-        header = json.loads(data[offset + 4 : offset + 4 + size])
-    except (struct.error, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{damaged} (header unreadable: {exc})") from None
-    offset += 4 + size
     announced = _payload_size(header)
     if len(data) - offset != announced:
         raise ValueError(f"{damaged} (header announces {announced} payload bytes, the file holds {len(data) - offset})")
@@ -110,6 +102,29 @@ def read_aggregate(path: str | Path) -> StoredAggregate:
             offset += 8 * count
         stored = StoredAggregate(meta=meta, params=params, round=header.get("round"))
     return stored
+
+
+def aggregate_round(path: str | Path) -> int | None:
+    """The round a stored aggregate closes, from its header alone (the payload is not read)."""
+    with open(path, "rb") as handle:
+        start = handle.read(len(_MAGIC) + 4)
+        size = struct.unpack(">I", start[-4:])[0] if len(start) == len(_MAGIC) + 4 else 0
+        header, _ = _header(start + handle.read(size), path)
+    return header.get("round")
+
+
+def _header(data: bytes, path: str | Path) -> tuple[dict, int]:
+    """The JSON header of a stored aggregate and where its payload starts."""
+    if not data.startswith(_MAGIC):
+        raise ValueError(f"{path}: not a consortium aggregate; pick the job's {Path(path).name} from the server")
+    offset = len(_MAGIC)
+    damaged = f"{path}: the file is truncated or corrupt; copy {Path(path).name} from the server again"
+    try:
+        (size,) = struct.unpack(">I", data[offset : offset + 4])
+        header = json.loads(data[offset + 4 : offset + 4 + size])
+    except (struct.error, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{damaged} (header unreadable: {exc})") from None
+    return header, offset + 4 + size
 
 
 def _payload_size(header: Mapping) -> int:

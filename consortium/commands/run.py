@@ -172,6 +172,14 @@ def result_json(result: RunResult, **extra: Any) -> str:
     return json.dumps({**paths, "job_ids": list(result.job_ids), **extra, "report": report}, indent=2)
 
 
+def show(result: RunResult, *, as_json: bool) -> None:
+    """The run's result for the user: one JSON object with ``as_json``, else the summary."""
+    if as_json:
+        typer.echo(result_json(result))
+    else:
+        print_summary(result)
+
+
 def print_summary(result: RunResult) -> None:
     report = result.report
     arms = [a for a in ("federated", "local", "pooled", "linear_pooled") if a == "federated" or report.get("summary")]
@@ -277,10 +285,7 @@ def register(app: typer.Typer) -> None:
             as_json=as_json,
             resume=resume,
         )
-        if as_json:
-            typer.echo(result_json(result))
-        else:
-            print_summary(result)
+        show(result, as_json=as_json)
 
     @app.command("demo")
     def demo(
@@ -315,7 +320,4 @@ def register(app: typer.Typer) -> None:
             as_json=as_json,
             resume=resume,
         )
-        if as_json:
-            typer.echo(result_json(result))
-        else:
-            print_summary(result)
+        show(result, as_json=as_json)

@@ -18,6 +18,7 @@ from consortium.cli import main as cli
 from consortium.commands.synth import synthesize
 from consortium.results import Released
 from consortium.shared_model import log_shared_model, tracking_uri_for
+from jobs.recipe import server_model
 from models.network import SharedModel
 from omics.io import read_member
 from omics.normalize import normalize
@@ -44,15 +45,7 @@ def consortium(tmp_path_factory):
 @pytest.fixture(scope="module")
 def released(consortium, tmp_path_factory):
     out = tmp_path_factory.mktemp("release")
-    t = consortium.training
-    model = SharedModel(
-        len(consortium.panel_features()),
-        shared_tasks=consortium.shared_endpoints(),
-        trunk_widths=list(t.trunk_widths),
-        head_width=t.head_width,
-        dropout=t.dropout,
-        seed=7,
-    ).eval()
+    model = SharedModel(**{**server_model(consortium)["args"], "seed": 7}).eval()
     state = {k: v.numpy() for k, v in model.state_dict().items()}
     report = {
         "job_id": "job-1",
