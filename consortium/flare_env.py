@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from consortium.poc_rejoin import RejoinWatch, snapshot_job, stored_round
 from consortium.results import JobResults, read_records
 from provisioning.he_keys import install_keys
 from provisioning.policies import write_site_policies
@@ -57,6 +58,15 @@ class FederatedRunError(UserError):
         self.job_id, self.job_folder = job_id, job_folder
 
 
+class MemberRejoined(FederatedRunError):
+    """POC: ``member`` came back while the job ran; the job was ended after the round its server stored,
+    whose records and aggregate are copied in ``job_folder``, to be continued with every member."""
+
+    def __init__(self, message: str, *, member: str, job_id: str, job_folder: Path) -> None:
+        super().__init__(message, job_id=job_id, job_folder=job_folder)
+        self.member = member
+
+
 @dataclass(frozen=True)
 class JobOutcome:
     """Where a finished job left what the server holds (``published.jsonl``, the global model)."""
@@ -67,6 +77,30 @@ class JobOutcome:
     kits: dict[str, Path]
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+"""Read by torch, OpenBLAS and MKL when a process loads them: how many threads their kernels use."""
+
+
+def shared_threads(members: int) -> dict[str, str]:
+    """The thread variables for FLARE processes that all run on this machine: each member gets its share
+    of the cores this process may use (torch and BLAS otherwise start a thread per core in every member,
+    and members training at once on fewer cores wait on each other's threads). A variable already set
+    in the environment is left as it is; provisioned kits, one machine per member, get none of this."""
+    threads = str(max(1, len(os.sched_getaffinity(0)) // max(1, members)))
+    return {name: threads for name in THREAD_VARIABLES if not os.environ.get(name)}
+
+
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """``variables`` set in this process's environment (inherited by the processes it starts), then removed."""
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name in variables:
+            os.environ.pop(name, None)
+
+
 def run_sim(recipe, config: ConsortiumConfig, workspace: Path) -> JobOutcome:
     """Run ``recipe`` in FLARE's simulator, one process per member; return when it is over."""
     from nvflare.recipe import SimEnv
@@ -74,7 +108,8 @@ def run_sim(recipe, config: ConsortiumConfig, workspace: Path) -> JobOutcome:
     sim = SimEnv(clients=[m.name for m in config.members], workspace_root=str(workspace))
     logs = workspace / recipe.name
     try:
-        run = recipe.run(sim)
+        with _environment(shared_threads(len(config.members))):  # the simulator's member processes inherit it
+            run = recipe.run(sim)
     except BaseException as exc:
         stop_processes_under(workspace)  # interrupted or failed: no simulator process outlives the command
         if INTERRUPTED.is_set():
@@ -102,7 +137,12 @@ def poc_system(
     project_file = workspace / "project.yml"
     project_file.write_text(yaml.safe_dump(build_project(config), sort_keys=False))
     poc_workspace = workspace / "poc"
-    env = {**os.environ, POC_WORKSPACE_ENV: str(poc_workspace), "PATH": _path_with_python()}
+    env = {
+        **os.environ,
+        **shared_threads(len(config.members)),
+        POC_WORKSPACE_ENV: str(poc_workspace),
+        "PATH": _path_with_python(),
+    }
     _nvflare(["poc", "prepare", "-i", str(project_file), "--force"], env=env, what="POC prepare")
     prod = _prod_dir(poc_workspace, config)
     # POC runs the recipe in place, with its code (byoc); kits get the exported job, which ships none
@@ -169,14 +209,17 @@ def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float, rou
         run = recipe.run(env)
         job_id = run.get_job_id()
         server_run = prod / config.operator.host / job_id
+        rejoined = RejoinWatch(config, prod, job_id=job_id, rounds=rounds)
         status = _wait_until_finished(
             run,
             timeout=timeout,
             stopped=lambda: _server_stopped(config),
-            done=lambda: _ended_locally(config, server_run, rounds),
+            done=lambda: _ended_locally(config, server_run, rounds) or (_MEMBER_BACK if rejoined() else None),
         )
         if status == _SERVER_STOPPED:
             raise FederatedRunError(server_stopped_message(config, prod, job_id), job_id=job_id, job_folder=server_run)
+        if status == _MEMBER_BACK:
+            raise _end_for_rejoin(run, rejoined, prod=prod)
         if status in (_DONE_WITHOUT_SILENT, _ENDED_INCOMPLETE):
             with contextlib.suppress(Exception):
                 run.abort()  # the job's processes are gone; stop FLARE waiting for the silent members' heartbeat
@@ -267,6 +310,26 @@ def _server_stopped(config: ConsortiumConfig) -> str | None:
 _SERVER_STOPPED = "SERVER_STOPPED"
 _DONE_WITHOUT_SILENT = "DONE_WITHOUT_SILENT_MEMBERS"
 _ENDED_INCOMPLETE = "ENDED_INCOMPLETE"
+_MEMBER_BACK = "MEMBER_BACK"
+
+
+def _end_for_rejoin(run, rejoined: RejoinWatch, *, prod: Path, wait: float = 60.0) -> MemberRejoined:
+    """Keep what the job's server stored, end the job and wait for its processes to go: the continuing
+    job (every member, from the next round) starts on free clients."""
+    job_id, member = rejoined.job_id, rejoined.member
+    kept = snapshot_job(rejoined.server_run, prod.parent / "rejoined" / job_id)
+    round_ = stored_round(kept)
+    with contextlib.suppress(Exception):
+        run.abort()
+    deadline = time.monotonic() + wait
+    while _processes_naming(job_id) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return MemberRejoined(
+        f"member {member} logged in again while job {job_id} ran; the job was ended after round {round_}",
+        member=member,
+        job_id=job_id,
+        job_folder=kept,
+    )
 
 
 def _wait_until_finished(run, *, timeout: float, done=None, stopped=None, poll: float = 2.0) -> str | None:

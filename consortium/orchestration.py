@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +34,15 @@ from consortium.audit import (
     EVENT_STATISTICS_RELEASED,
     AuditLog,
 )
-from consortium.flare_env import FederatedRunError, JobOutcome, first_errors, poc_system, run_poc, run_sim
+from consortium.flare_env import (
+    FederatedRunError,
+    JobOutcome,
+    MemberRejoined,
+    first_errors,
+    poc_system,
+    run_poc,
+    run_sim,
+)
 from consortium.plots import save_report_plots
 from consortium.report import build_report, write_biomarker_tables, write_report
 from consortium.results import JobResults, read_job, read_records, release
@@ -301,24 +310,29 @@ def _run_locked(config, *, env, out, rounds, baselines, he, folds, seeds, progre
                 label += f", continuing at round {first}" if first else ""
                 mode = "on" if he else "off"
                 say(f"federated job{label}: {len(config.members)} members x {total} rounds in {env} (HE {mode})")
-                recipe = build_recipe(
-                    run_config,
-                    he=he,
-                    config_path=run_config.source,
-                    outputs=_outputs(where, fold),
-                    rounds=total,
-                    fold=fold,
-                    tracking_uri=tracking_uri,
-                    first_round=first,
-                    resume_from=state.last_aggregate(out, key) if first else None,
-                )
                 job = dict(state=state, out=out, key=key, config=run_config, audit=audit, total=total, fold=fold)
-                try:
-                    with _watch(out / "flare", total, progress, first_round=first):
-                        outcome = submit(recipe, timeout, total - first)
-                except FederatedRunError as exc:
-                    _keep_interrupted(exc, first_round=first, **job)
-                    raise
+                while True:  # once, or again from the next round when a restarted member is back (POC)
+                    recipe = build_recipe(
+                        run_config,
+                        he=he,
+                        config_path=run_config.source,
+                        outputs=_outputs(where, fold),
+                        rounds=total,
+                        fold=fold,
+                        tracking_uri=tracking_uri,
+                        first_round=first,
+                        resume_from=state.last_aggregate(out, key) if first else None,
+                    )
+                    try:
+                        with _watch(out / "flare", total, progress, first_round=first):
+                            outcome = submit(recipe, timeout, total - first)
+                    except MemberRejoined as exc:
+                        first = _continue_with(exc, first_round=first, say=say, **job)
+                        continue
+                    except FederatedRunError as exc:
+                        _keep_interrupted(exc, first_round=first, **job)
+                        raise
+                    break
                 outcomes.append(_finish_job(outcome, first_round=first, env=env, he=he, keys=keys, **job))
             repetitions.append((run_config, where, outcomes))
     seconds = time.perf_counter() - started
@@ -399,18 +413,45 @@ def _run_state(config, *, out: Path, resume: bool, **arguments) -> RunState:
     return state
 
 
-def _keep_interrupted(exc: FederatedRunError, *, state, out, key, config, audit, total, fold, first_round) -> None:
-    """Keep what the interrupted job's server stored; say how to continue, in the error and the audit log."""
+def _keep_stored(exc: FederatedRunError, *, state, out, key, config, audit, total, fold, first_round, **why):
+    """Keep what an ended job's server stored and audit it (``why``: what ended it); the kept part, or
+    ``None`` when it stored no round."""
     part = None
     if exc.job_id and exc.job_folder is not None:
         part = keep_part(
             state, out, key, source=exc.job_folder, job_id=exc.job_id, first_round=first_round, finished=False
         )
     if part is None:
-        return
+        return None
     kept = read_job(out / part.folder, config=config)
     _audit_rounds(audit, part.job_id, kept, rounds=range(first_round, part.rounds_done))
-    audit.append(EVENT_JOB_INTERRUPTED, job_id=part.job_id, fold=fold, rounds_done=part.rounds_done, rounds=total)
+    audit.append(
+        EVENT_JOB_INTERRUPTED, job_id=part.job_id, fold=fold, rounds_done=part.rounds_done, rounds=total, **why
+    )
+    return part
+
+
+def _continue_with(exc: MemberRejoined, *, say, **job) -> int:
+    """A restarted member is back (POC): keep the ended job's stored rounds; the round to continue at."""
+    try:
+        part = _keep_stored(exc, reason="member_rejoined", member=exc.member, **job)
+    finally:
+        shutil.rmtree(exc.job_folder, ignore_errors=True)  # the copy taken before the job was ended
+    if part is None:  # RejoinWatch waits for a stored round: not expected
+        raise exc
+    say(
+        f"{exc.member} is back: job {exc.job_id} ended after round {part.rounds_done - 1}; "
+        f"continuing at round {part.rounds_done} with every member"
+    )
+    return part.rounds_done
+
+
+def _keep_interrupted(exc: FederatedRunError, **job) -> None:
+    """Keep what the interrupted job's server stored; say how to continue, in the error and the audit log."""
+    part = _keep_stored(exc, **job)
+    if part is None:
+        return
+    first_round, out = job["first_round"], job["out"]
     exc.args = (
         f"{exc}\nRounds {first_round} to {part.rounds_done - 1} of job {part.job_id} are kept in {out / part.folder}; "
         f"run the same command with --resume to continue at round {part.rounds_done}",

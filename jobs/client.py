@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import nvflare.client as flare
+import torch
 from nvflare.client.tracking import MLflowWriter
 
 from jobs.flare_tuning import shorten_result_polling
@@ -75,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     site_name = flare.get_site_name()
     config = load_config(config_path(args.config))
     member = config.member(site_name).name  # the FLARE client name is the member name
+    # OMP_NUM_THREADS, set by `consortium run` when every member shares this machine, decides this
+    log.info("site %s: torch uses %d threads", member, torch.get_num_threads())
     outputs = SiteOutputs(site_folder(outputs_root(args.outputs, job_id=flare.get_job_id()), member))
     site = MemberSite(
         config,

@@ -34,7 +34,7 @@ from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 from nvflare.lighter.utils import update_storage_locations
 
 from schema.config import ConsortiumConfig
-from schema.names import AUTHORIZATION_FILE, HE_SCOPE, PRIVACY_FILE, RESULT_FILTER_PATH
+from schema.names import AUTHORIZATION_FILE, HE_SCOPE, PRIVACY_FILE, RESULT_FILTER_PATH, TLS_REFUSAL_LOG_PATH
 
 SCOPE = HE_SCOPE
 RESOURCES_FILE = "resources.json"
@@ -43,6 +43,7 @@ CLASS_ALLOW_LIST = "class_allow_list"  # NVFlare's key (nvflare.app_common.widge
 INSTALLED_PACKAGES = ["jobs.", "models.network.SharedModel"]  # a package prefix ends with "."
 """What a job without custom code may build at a site besides NVFlare's own components: the installed
 ``jobs`` package (the client executor, filters, aggregator, recorder) and the server's round-0 model."""
+TLS_REFUSAL_LOG_ID = "tls_refusal_log"
 JOB_LOG_RIGHT = "get_job_log"  # ``nvflare job logs``; NVFlare names the right after the command
 
 _OWN_ORG_JOBS = "o:submitter"
@@ -115,12 +116,15 @@ def site_resources(kit: Path, *, server: bool, location: Path | None = None) -> 
     """The kit's ``local/resources.json``: NVFlare's defaults, plus the classes a job without custom
     code may build (NVFlare's default allow-list and :data:`INSTALLED_PACKAGES`); the server's job
     store and snapshots inside its own workspace (NVFlare's default is ``/tmp/nvflare``): ``location``,
-    where the kit will live (default: where it is now)."""
+    where the kit will live (default: where it is now); and at the server, the component that logs every
+    TLS connection it refuses (:data:`TLS_REFUSAL_LOG_PATH`: a forged member certificate is seen)."""
     local = Path(kit) / "local"
     if server:
         # NVFlare's own helper (``nvflare poc prepare`` uses it): absolute paths under the kit folder
         update_storage_locations(local_dir=str(local), workspace=str(Path(location or kit).resolve()))
         resources = json.loads((local / RESOURCES_FILE).read_text())
+        components = [c for c in resources.get("components", []) if c.get("id") != TLS_REFUSAL_LOG_ID]
+        resources["components"] = [*components, {"id": TLS_REFUSAL_LOG_ID, "path": TLS_REFUSAL_LOG_PATH, "args": {}}]
     else:
         resources = json.loads((local / DEFAULT_RESOURCES_FILE).read_text())
     allowed = list(resources.get(CLASS_ALLOW_LIST) or DEFAULT_CLASS_ALLOW_LIST)

@@ -11,6 +11,8 @@ HE_SCOPE = "consortium-he"
 """The privacy scope of member sites (``local/privacy.json``); the consortium job declares it."""
 RESULT_FILTER_PATH = "jobs.site_policy.RequireEncryptedResult"
 """The site-policy result filter a member installs in that scope."""
+TLS_REFUSAL_LOG_PATH = "jobs.tls_refusals.LogRefusedConnections"
+"""The operator's server component (``local/resources.json``) that logs every refused TLS connection."""
 AUTHORIZATION_FILE = "authorization.json"
 PRIVACY_FILE = "privacy.json"
 

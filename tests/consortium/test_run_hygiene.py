@@ -67,3 +67,16 @@ def test_sigterm_stops_the_run_and_every_flare_process(tiny_consortium: Path, tm
     assert "interrupted; every FLARE process this command started has been stopped" in err
     assert time.monotonic() - sent < 120
     assert stop_processes_under(out / "flare") == 0
+
+
+def test_members_on_one_machine_share_its_cores(monkeypatch):
+    from consortium.flare_env import THREAD_VARIABLES, shared_threads
+
+    for name in THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert shared_threads(3) == dict.fromkeys(THREAD_VARIABLES, "5")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert shared_threads(3) == dict.fromkeys(THREAD_VARIABLES, "1")  # never none
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's own setting is kept
+    assert "OMP_NUM_THREADS" not in shared_threads(3)

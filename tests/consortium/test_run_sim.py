@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 import yaml
 
 from consortium.audit import verify_log
+from consortium.flare_env import shared_threads
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "explore_results.ipynb"
 pytestmark = pytest.mark.slow
@@ -44,6 +46,14 @@ def sim_run(tiny_consortium: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     assert done.returncode == 0, done.stderr[-4000:]
     (out.parent / f"{out.name}.stdout").write_text(done.stdout)
     return out
+
+
+def test_members_share_the_cores_of_the_machine(sim_run: Path):
+    """Two member processes on one machine: each torch gets its share of the cores, not all of them."""
+    expected = os.environ.get("OMP_NUM_THREADS") or shared_threads(2)["OMP_NUM_THREADS"]
+    for member in ("pharma-a", "pharma-b"):
+        [site_log] = [p for p in (sim_run / "flare").rglob("log.txt") if p.parent.name == member]
+        assert f"site {member}: torch uses {expected} threads" in site_log.read_text()
 
 
 def test_run_json_is_one_object_on_stdout(sim_run: Path):

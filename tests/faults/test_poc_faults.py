@@ -3,6 +3,7 @@ that does not come up. One system start covers the first three (they happen in t
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -25,6 +26,8 @@ from consortium import flare_env
 from consortium.cli import main
 from consortium.flare_env import FederatedRunError, check_ports_free, poc_system, stop_processes_under
 from consortium.results import read_records
+from consortium.run_state import STATE_FILE, RunState
+from jobs.tls_refusals import REFUSAL_MESSAGE
 from schema.config import load_config
 from schema.names import GLOBAL_MODEL_FILE, PUBLISHED_FILE
 
@@ -50,8 +53,28 @@ def _kit(flare: Path, site: str) -> Path:
 
 
 def _jobs(flare: Path) -> list[Path]:
-    """The server's job folders that recorded a result, oldest first."""
-    return sorted((p.parent for p in flare.rglob(PUBLISHED_FILE)), key=lambda p: p.stat().st_mtime)
+    """The server's running job folders that recorded a result, oldest first (FLARE moves a job's folder
+    into its job store when the job ends, so a folder may go while it is looked at)."""
+    found = []
+    for server in [k for k in flare.rglob("localhost") if (k / "startup").is_dir()]:
+        for path in server.rglob(PUBLISHED_FILE):
+            with contextlib.suppress(OSError):
+                found.append((path.stat().st_mtime, path.parent))
+    return [folder for _, folder in sorted(found)]
+
+
+def _job_id(flare: Path, job_folder: Path) -> str:
+    """The job id of a server job folder (``<server kit>/<job id>/...``)."""
+    return job_folder.relative_to(_kit(flare, "localhost")).parts[0]
+
+
+def _kept_job_ids(out: Path, key: str, *, finished: bool) -> set[str]:
+    """The job ids of the run's job ``key`` once it finished (``finished``), from its run_state.json."""
+    state = RunState.load(out) if (out / STATE_FILE).exists() else None
+    parts = state.jobs.get(key, []) if state else []
+    if finished and not (parts and state.finished(key)):
+        return set()
+    return {p.job_id for p in parts}
 
 
 def _wait_for(condition, stop: threading.Event) -> bool:
@@ -126,9 +149,9 @@ def _restart(kit: Path) -> None:
 
 
 def test_restarted_member_forged_certificate_dead_server_and_resume(tiny_consortium: Path, tmp_path: Path, capsys):
-    """fold 0: pharma-b is killed after round 0 and restarted with its start script (the job goes on
-    without it: FLARE 2.9 does not hand a running job to a restarted client); fold 1: it takes part
-    again from round 0. Meanwhile a self-signed 'pharma-b' certificate is refused. Then the server dies
+    """fold 0: pharma-b is killed after round 0 and restarted with its start script: the command sees it
+    back, ends the job after its stored round 0 and continues at round 1 with every member. Meanwhile a
+    self-signed 'pharma-b' certificate is refused, and the server logs the refusal. Then the server dies
     after fold 1's round 0: the command ends with the cause, the server's log and the way on, and leaves
     no process and no port behind. ``--resume`` then runs fold 1's last round only and reports the run."""
     config = _config(tiny_consortium, tmp_path, rounds=2, min_members=1, round_deadline=60)
@@ -151,12 +174,17 @@ def test_restarted_member_forged_certificate_dead_server_and_resume(tiny_consort
         seen["forged_refused"] = time.monotonic()
         genuine = _kit(flare, "pharma-a") / "startup"
         seen["genuine_answer"] = _server_answers(root_ca, genuine / "client.crt", genuine / "client.key")
-        later = lambda: [j for j in _jobs(flare) if j != first_job]  # noqa: E731
-        # the server dies once fold 1 stored its round-0 aggregate, with pharma-b back in it
-        stored = lambda: list(later()[0].rglob(GLOBAL_MODEL_FILE))  # noqa: E731
-        if not _wait_for(lambda: later() and rounds_of(later()[0], "pharma-b") >= 1 and stored(), stop):
+        # pharma-b back in fold 0 itself: a later job (the continuation) with its round-1 update
+        later = lambda: [j for j in _jobs(flare) if j != first_job and rounds_of(j, "pharma-b") >= 1]  # noqa: E731
+        if not _wait_for(later, stop):
             return
         seen["rejoined"] = time.monotonic()
+        # the server dies once fold 1 (a job that none of fold 0's parts ran) stored its round-0 aggregate
+        fold0_jobs = lambda: _kept_job_ids(out, "seed0-fold0", finished=True)  # noqa: E731
+        fold1 = lambda: [j for j in _jobs(flare) if fold0_jobs() and _job_id(flare, j) not in fold0_jobs()]  # noqa: E731
+        stored = lambda: fold1() and list(fold1()[0].rglob(GLOBAL_MODEL_FILE))  # noqa: E731
+        if not _wait_for(lambda: stored() and rounds_of(fold1()[0], "pharma-b") >= 1, stop):
+            return
         stop_processes_under(_kit(flare, "localhost"))
         seen["server_killed"] = time.monotonic()
 
@@ -170,16 +198,26 @@ def test_restarted_member_forged_certificate_dead_server_and_resume(tiny_consort
         ended = time.monotonic()
         stop.set()
         chaos.join(timeout=30)
-    err = " ".join(killed.stderr.split())
-    assert "server_killed" in seen, f"the run ended before the server was killed (exit {code}): {err}"
+    err, said = " ".join(killed.stderr.split()), " ".join(killed.stdout.split())
+    assert "server_killed" in seen, f"the run ended before the server was killed (exit {code}): {said} {err}"
+    server_log = (_kit(flare, "localhost") / "log.txt").read_text()
     with capsys.disabled():
         print(
-            f"\nfault timings: member killed -> rejoined (next job) {seen['rejoined'] - seen['member_killed']:.1f} s;"
+            "\nfault timings: member killed -> its update in the continuing job"
+            f" {seen['rejoined'] - seen['member_killed']:.1f} s;"
             f" forged certificate -> refused {seen['forged_refused'] - seen['forging']:.2f} s;"
             f" server killed -> command ended {ended - seen['server_killed']:.1f} s; it said: {err[:400]}"
         )
     assert seen["forged_answer"] == b""  # the TLS handshake is refused: not one byte of FLARE's protocol
     assert seen["genuine_answer"] != b""  # while a member's real certificate gets an answer on the same port
+    refusals = [line for line in server_log.splitlines() if REFUSAL_MESSAGE in line]
+    assert len(refusals) == 1 and "certificate verify failed" in refusals[0], refusals  # logged, once
+    assert "pharma-b is back: job" in said and "continuing at round 1 with every member" in said
+    fold0 = read_records(out / "jobs" / "seed0-fold0")
+    assert {site: [r["round"] for r in records] for site, records in fold0.items()} == {
+        "pharma-a": [0, 1],
+        "pharma-b": [0, 1],  # it missed no round: the round it was killed in was run again with it
+    }
     assert code == 1
     assert "the FLARE server 'localhost' stopped while job" in err and "log.txt" in err
     assert "run the same command with --resume to continue at round 1" in err
@@ -194,13 +232,17 @@ def test_restarted_member_forged_certificate_dead_server_and_resume(tiny_consort
         print(f"resume after the server restart: {time.monotonic() - resumed:.1f} s (one POC start, one round)")
     assert again.returncode == 0, again.stderr[-2000:]
     report = json.loads(again.stdout)["report"]
-    assert list(report["continued"]) == ["seed0-fold1"]  # fold 0 finished before: read back, not run again
-    parts = report["continued"]["seed0-fold1"]
-    assert [p["rounds"] for p in parts] == [[0, 0], [1, 1]]  # the stored round is not run again
+    # fold 0: chained when pharma-b came back; fold 1: after the server's restart. Fold 0 is read back
+    assert {key: [p["rounds"] for p in parts] for key, parts in report["continued"].items()} == {
+        "seed0-fold0": [[0, 0], [1, 1]],
+        "seed0-fold1": [[0, 0], [1, 1]],  # the stored round is not run again
+    }
     assert report["rounds"] and all(len(r) == 2 for r in read_records(out / "jobs" / "seed0-fold1").values())
     assert set(report["members"]) == {"pharma-a", "pharma-b"}
-    events = [json.loads(line)["event"] for line in (out / "audit.jsonl").read_text().splitlines()]
-    assert events.count("job_interrupted") == 1 and events[-1] == "model_released"
+    entries = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    interrupted = [e["details"] for e in entries if e["event"] == "job_interrupted"]
+    assert [e.get("reason") for e in interrupted] == ["member_rejoined", None]
+    assert interrupted[0]["member"] == "pharma-b" and entries[-1]["event"] == "model_released"
     assert main(["audit", "verify", str(out / "audit.jsonl")]) == 0
     assert stop_processes_under(flare) == 0
 

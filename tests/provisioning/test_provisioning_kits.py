@@ -1,14 +1,16 @@
 import hashlib
 import json
+import ssl
 import subprocess
 
 import pytest
 import yaml
 
+from jobs.tls_refusals import LogRefusedConnections
 from provisioning import kits as kits_module
 from provisioning.errors import ProvisioningError
 from provisioning.kits import add_member, provision
-from provisioning.policies import RESULT_FILTER_PATH, SCOPE
+from provisioning.policies import RESULT_FILTER_PATH, SCOPE, TLS_REFUSAL_LOG_PATH
 
 KIT_NAMES = {"localhost", "pharma-a", "pharma-b", "admin@operator.org", "lead@pharma-a.org", "boss@pharma-b.com"}
 
@@ -162,3 +164,16 @@ def test_resources_keep_the_job_store_in_the_server_workspace_and_allow_the_inst
         allowed = resources["class_allow_list"]
         assert {"jobs.", "models.network.SharedModel"} <= set(allowed)
         assert "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather" in allowed
+
+
+def test_the_server_kit_logs_refused_tls_connections_and_the_members_do_not_run_it(kits, monkeypatch):
+    """The component NVFlare builds from the server's resources.json before it listens (a forged
+    certificate is then logged: tests/jobs/test_tls_refusals.py and the POC fault test)."""
+    from nvflare.fuel.utils.class_utils import instantiate_class
+
+    monkeypatch.setattr(ssl.SSLContext, "sslobject_class", ssl.SSLObject)  # the component sets it: restored
+    server = json.loads((kits / "localhost/local/resources.json").read_text())
+    [component] = [c for c in server["components"] if c["path"] == TLS_REFUSAL_LOG_PATH]
+    assert isinstance(instantiate_class(component["path"], component["args"]), LogRefusedConnections)
+    for member in ("pharma-a", "pharma-b"):
+        assert TLS_REFUSAL_LOG_PATH not in (kits / member / "local/resources.json").read_text()
