@@ -58,6 +58,16 @@ class ArmPredictions:
                     mine[task] = np.concatenate([mine[task], p]) if task in mine else p
 
 
+def baseline_arms(config: ConsortiumConfig, fold_ids: list[int | None], *, passes: int) -> list[ArmPredictions]:
+    """Each fold's baseline arms (:func:`baseline_predictions`), from the members' data: nothing in them
+    comes from a federated job, so they can be computed while it runs."""
+    arms = []
+    for fold in fold_ids:
+        data = {m.name: member_data.load_member_data(config, m.name, fold=fold) for m in config.members}
+        arms.append(baseline_predictions(config, data, passes=passes))
+    return arms
+
+
 def baseline_predictions(
     config: ConsortiumConfig, data: Mapping[str, MemberData], *, passes: int, seed_offset: int = 0
 ) -> ArmPredictions:

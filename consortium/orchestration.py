@@ -25,6 +25,7 @@ import numpy as np
 
 from consortium import comparison
 from consortium.anndata_export import write_results_anndata
+from consortium.aside import Aside
 from consortium.audit import (
     EVENT_JOB_INTERRUPTED,
     EVENT_JOB_SUBMITTED,
@@ -42,6 +43,7 @@ from consortium.flare_env import (
     poc_system,
     run_poc,
     run_sim,
+    shared_threads,
 )
 from consortium.plots import save_report_plots
 from consortium.report import build_report, write_biomarker_tables, write_report
@@ -55,7 +57,6 @@ from consortium.run_state import (
     kept_folder,
 )
 from consortium.shared_model import ensure_experiment, log_shared_model, tracking_uri_for
-from jobs import member_data
 from jobs.recipe import build_recipe
 from jobs.site_outputs import PREDICTIONS_FILE, read_predictions, site_folder
 from omics.contract import label_counts
@@ -273,8 +274,22 @@ def run_lock(out: Path) -> Iterator[None]:
         handle.close()
 
 
-def _run_locked(config, *, env, out, rounds, baselines, he, folds, seeds, progress, say, timeout, resume) -> RunResult:
+def _run_locked(config, *, baselines, **arguments) -> RunResult:
+    """The run, with its baselines (which need nothing from the federated jobs) computed in a second
+    process while the jobs run; that process is stopped on the way out, whatever happened."""
+    aside: list[Aside] = []
+    try:
+        return _run_jobs(config, baselines=baselines, aside=aside, **arguments)
+    finally:
+        for work in aside:
+            work.stop()
+
+
+def _run_jobs(
+    config, *, env, out, rounds, baselines, he, folds, seeds, progress, say, timeout, resume, aside: list[Aside]
+) -> RunResult:
     total = int(rounds or config.training.rounds)
+    passes = total * config.training.local_epochs
     state = _run_state(
         config, out=out, env=env, rounds=total, he=he, folds=folds, seeds=seeds, baselines=baselines, resume=resume
     )
@@ -297,6 +312,19 @@ def _run_locked(config, *, env, out, rounds, baselines, he, folds, seeds, progre
         for index in range(seeds):
             run_config = config if index == 0 else _seeded_config(config, out=out, index=index)
             where = out if index == 0 else out / f"seed{index}"
+            if baselines:
+                say("baselines (each member alone, all members pooled, penalized linear): in a second process")
+                threads = shared_threads(len(config.members) + 1).get("OMP_NUM_THREADS") or 1
+                aside.append(
+                    Aside(
+                        comparison.baseline_arms,
+                        run_config,
+                        fold_ids,
+                        passes=passes,
+                        threads=int(threads),
+                        what="baselines",
+                    )
+                )
             outcomes = []
             for fold in fold_ids:
                 key = job_key(index, fold)
@@ -334,13 +362,14 @@ def _run_locked(config, *, env, out, rounds, baselines, he, folds, seeds, progre
                         raise
                     break
                 outcomes.append(_finish_job(outcome, first_round=first, env=env, he=he, keys=keys, **job))
-            repetitions.append((run_config, where, outcomes))
+            repetitions.append((run_config, where, outcomes, aside[-1] if baselines else None))
     seconds = time.perf_counter() - started
     arms_by_seed = []
     if baselines or folds:
-        say("comparison: each member alone, all members pooled, penalized linear models; intervals")
-        passes = total * config.training.local_epochs
-        arms_by_seed = [_arms(c, where, fold_ids, baselines=baselines, passes=passes) for c, where, _ in repetitions]
+        say("comparison: the federated arm beside the baselines; intervals")
+        arms_by_seed = [
+            _arms(c, where, fold_ids, baseline=work.result() if work else None) for c, where, _, work in repetitions
+        ]
     outcomes = repetitions[0][2]
     arms = arms_by_seed[0] if arms_by_seed else None
     report = build_report(
@@ -574,13 +603,12 @@ def _check_finished(results: JobResults, total: int, outcome: JobOutcome, config
         )
 
 
-def _arms(config: ConsortiumConfig, out: Path, fold_ids: list, *, baselines: bool, passes: int):
+def _arms(config: ConsortiumConfig, out: Path, fold_ids: list, *, baseline: list | None):
+    """Each fold's arms (``baseline``: the folds' baseline arms, or ``None``) with the federated test
+    predictions the members kept, every fold's test samples in one set."""
     arms = comparison.ArmPredictions()
-    for fold in fold_ids:
-        fold_arms = comparison.ArmPredictions()
-        data = {m.name: member_data.load_member_data(config, m.name, fold=fold) for m in config.members}
-        if baselines:
-            fold_arms = comparison.baseline_predictions(config, data, passes=passes)
+    for index, fold in enumerate(fold_ids):
+        fold_arms = baseline[index] if baseline is not None else comparison.ArmPredictions()
         for member in config.members:
             folder = site_folder(_outputs(out, fold), member.name)
             if not (folder / PREDICTIONS_FILE).exists():
