@@ -29,8 +29,9 @@ from pathlib import Path
 
 import yaml
 
-from consortium.poc_rejoin import RejoinWatch, snapshot_job, stored_round
+from consortium.poc_rejoin import RejoinWatch, snapshot_job
 from consortium.results import JobResults, read_records
+from consortium.run_state import stored_round
 from provisioning.he_keys import install_keys
 from provisioning.policies import write_site_policies
 from provisioning.project import build_project, member_lead
@@ -81,12 +82,20 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 """Read by torch, OpenBLAS and MKL when a process loads them: how many threads their kernels use."""
 
 
+def threads_each(processes: int) -> int:
+    """Threads for each of ``processes`` busy processes on this machine: the user's ``OMP_NUM_THREADS``,
+    else an equal share of the cores this process may use (at least 1)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, len(os.sched_getaffinity(0)) // max(1, processes))
+
+
 def shared_threads(members: int) -> dict[str, str]:
     """The thread variables for FLARE processes that all run on this machine: each member gets its share
-    of the cores this process may use (torch and BLAS otherwise start a thread per core in every member,
+    of the cores (:func:`threads_each`; torch and BLAS otherwise start a thread per core in every member,
     and members training at once on fewer cores wait on each other's threads). A variable already set
     in the environment is left as it is; provisioned kits, one machine per member, get none of this."""
-    threads = str(max(1, len(os.sched_getaffinity(0)) // max(1, members)))
+    threads = str(threads_each(members))
     return {name: threads for name in THREAD_VARIABLES if not os.environ.get(name)}
 
 

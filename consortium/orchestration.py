@@ -43,7 +43,7 @@ from consortium.flare_env import (
     poc_system,
     run_poc,
     run_sim,
-    shared_threads,
+    threads_each,
 )
 from consortium.plots import save_report_plots
 from consortium.report import build_report, write_biomarker_tables, write_report
@@ -314,15 +314,10 @@ def _run_jobs(
             where = out if index == 0 else out / f"seed{index}"
             if baselines:
                 say("baselines (each member alone, all members pooled, penalized linear): in a second process")
-                threads = shared_threads(len(config.members) + 1).get("OMP_NUM_THREADS") or 1
+                threads = threads_each(len(config.members) + 1)  # beside the members' processes
                 aside.append(
                     Aside(
-                        comparison.baseline_arms,
-                        run_config,
-                        fold_ids,
-                        passes=passes,
-                        threads=int(threads),
-                        what="baselines",
+                        comparison.baseline_arms, run_config, fold_ids, passes=passes, threads=threads, what="baselines"
                     )
                 )
             outcomes = []

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from consortium.results import read_records
-from jobs.store import aggregate_round
+from consortium.run_state import stored_aggregate, stored_round
 from schema.config import ConsortiumConfig
 from schema.names import GLOBAL_MODEL_FILE, PUBLISHED_FILE
 
@@ -67,12 +67,6 @@ def member_processes(kits: dict[str, Path]) -> dict[str, MemberProcesses]:
     return found
 
 
-def stored_round(server_run: Path) -> int | None:
-    """The round of the last aggregate the job's server stored (``None``: none yet)."""
-    models = sorted(server_run.rglob(GLOBAL_MODEL_FILE)) if server_run.exists() else []
-    return aggregate_round(models[-1]) if models else None
-
-
 class RejoinWatch:
     """Called while a POC job runs: the name of a member that came back after its job process died."""
 
@@ -104,9 +98,9 @@ def snapshot_job(server_run: Path, target: Path) -> Path:
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    models = sorted(server_run.rglob(GLOBAL_MODEL_FILE))
-    if models:  # the aggregate first: records of a round stored after it are left out when kept
-        shutil.copyfile(models[-1], target / GLOBAL_MODEL_FILE)
+    model = stored_aggregate(server_run)
+    if model:  # the aggregate first: records of a round stored after it are left out when kept
+        shutil.copyfile(model, target / GLOBAL_MODEL_FILE)
     for path in sorted(server_run.rglob(PUBLISHED_FILE)):
         copy = target / path.relative_to(server_run)
         copy.parent.mkdir(parents=True, exist_ok=True)

@@ -120,9 +120,9 @@ def keep_part(
 
     An interrupted job keeps the records of the rounds its last stored aggregate closes; with no stored
     aggregate nothing is kept (``None``) and the job starts over on ``--resume``."""
-    models = sorted(Path(source).rglob(GLOBAL_MODEL_FILE)) if Path(source).exists() else []
-    last = aggregate_round(models[-1]) if models else None
-    if not finished and (not models or last is None):
+    model = stored_aggregate(source)
+    last = aggregate_round(model) if model else None
+    if not finished and last is None:
         log.warning("job %s stored no aggregate before it stopped: nothing to continue from", job_id)
         return None
     index = len(state.jobs.get(key, []))
@@ -137,8 +137,8 @@ def keep_part(
             if line.strip() and (finished or int(json.loads(line).get("round") or 0) <= last):
                 lines.append(line + "\n")
     (target / PUBLISHED_FILE).write_text("".join(lines))
-    if models:
-        shutil.copyfile(models[-1], target / GLOBAL_MODEL_FILE)
+    if model:
+        shutil.copyfile(model, target / GLOBAL_MODEL_FILE)
     rounds_done = (last + 1) if last is not None else first_round
     part = JobPart(
         job_id=job_id,
@@ -150,6 +150,18 @@ def keep_part(
     state.jobs.setdefault(key, []).append(part)
     state.save(out)
     return part
+
+
+def stored_aggregate(folder: Path) -> Path | None:
+    """The last aggregate a job's server stored under ``folder`` (``None``: none yet)."""
+    models = sorted(Path(folder).rglob(GLOBAL_MODEL_FILE)) if Path(folder).exists() else []
+    return models[-1] if models else None
+
+
+def stored_round(folder: Path) -> int | None:
+    """The round of :func:`stored_aggregate` (``None``: none yet)."""
+    model = stored_aggregate(folder)
+    return aggregate_round(model) if model else None
 
 
 def kept_folder(out: Path, key: str) -> Path:

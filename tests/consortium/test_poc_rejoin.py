@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from consortium import poc_rejoin
-from consortium.poc_rejoin import MemberProcesses, RejoinWatch, member_processes, snapshot_job, stored_round
+from consortium.poc_rejoin import MemberProcesses, RejoinWatch, member_processes, snapshot_job
 from consortium.results import read_records
+from consortium.run_state import stored_round
 from schema.config import load_config
 from tests.consortium.test_run_state import server_folder
 

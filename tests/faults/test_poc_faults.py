@@ -4,7 +4,6 @@ that does not come up. One system start covers the first three (they happen in t
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 import socket
@@ -17,10 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from consortium import flare_env
 from consortium.cli import main
@@ -30,6 +25,7 @@ from consortium.run_state import STATE_FILE, RunState
 from jobs.tls_refusals import REFUSAL_MESSAGE
 from schema.config import load_config
 from schema.names import GLOBAL_MODEL_FILE, PUBLISHED_FILE
+from tests.certificates import certificate
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -83,32 +79,6 @@ def _wait_for(condition, stop: threading.Event) -> bool:
             return True
         time.sleep(0.5)
     return False
-
-
-def _self_signed(name: str, folder: Path) -> tuple[Path, Path]:
-    """A certificate and key for ``name`` that no consortium CA signed: what a forger can make."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "client.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "client.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
-        )
-    )
-    return folder / "client.crt", folder / "client.key"
 
 
 def _server_answers(root_ca: Path, cert: Path, key: Path) -> bytes:
@@ -168,7 +138,9 @@ def test_restarted_member_forged_certificate_dead_server_and_resume(tiny_consort
         seen["member_killed"] = time.monotonic()
         _restart(member)
         root_ca = member / "startup" / "rootCA.pem"
-        forged = _self_signed("pharma-b", tmp_path / "forged")
+        (tmp_path / "forged").mkdir()
+        certificate("pharma-b", tmp_path / "forged")  # what a forger can make: signed by no consortium CA
+        forged = (tmp_path / "forged" / "pharma-b.crt", tmp_path / "forged" / "pharma-b.key")
         seen["forging"] = time.monotonic()
         seen["forged_answer"] = _server_answers(root_ca, *forged)
         seen["forged_refused"] = time.monotonic()
