@@ -9,7 +9,9 @@ rounds and prints: start -> end of round 0, the steady round against the slowest
 it (the difference is FLARE's overhead), the last round, what follows it until the run returns
 (teardown, release, report, MLflow), bytes per shared parameter and peak memory (per member process,
 and the whole run). The floor is a plain PyTorch loop over the same members' data in this process.
-``--scaling`` adds a simulator table over 3/8 members x 2k features (``--big``: 16 members and 20k).
+Then it times ``consortium run --env sim --no-he --rounds 2`` on ``consortium synth``'s defaults, as a user
+types it (``--cli-repeats`` times, fresh processes). ``--scaling`` adds a simulator table over 3/8
+members x 2k features (``--big``: 16 members and 20k).
 ``--attribution`` compares the last round's biomarker ranking over every train sample with the bounded
 one the sites use (:data:`jobs.site.ATTRIBUTION_STEPS` path points over at most
 :data:`jobs.site.ATTRIBUTION_ROWS_PER_GROUP` samples per group, against 32 points over every sample):
@@ -27,7 +29,10 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -53,6 +58,7 @@ from schema import settings
 from schema.config import ConsortiumConfig, dump_config, load_config
 
 SMALL_SIZES = (300, 800, 2000)
+CONSORTIUM = [sys.executable, "-m", "consortium.cli"]
 
 
 class MemorySampler:
@@ -233,6 +239,26 @@ def run_case(config_path: Path, *, env: str, he: bool, rounds: int, out: Path) -
     }
 
 
+def two_round_command(root: Path, *, repeats: int) -> dict[str, Any]:
+    """The issue's yardstick, as a user types it: ``consortium synth`` (defaults), then ``consortium run
+    --env sim --no-he --rounds 2`` timed from the command's start to its exit, ``repeats`` times in a row
+    (fresh processes; each run in a fresh folder)."""
+    synth = root / "cli-synth"
+    if not (synth / "consortium.yaml").exists():
+        subprocess.run([*CONSORTIUM, "synth", "--out", str(synth)], check=True, capture_output=True, text=True)
+    seconds = []
+    for index in range(repeats):
+        run_dir = root / f"cli-run-{index}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        command = [*CONSORTIUM, "run", "--config", str(synth / "consortium.yaml"), "--env", "sim", "--no-he"]
+        started = time.perf_counter()
+        done = subprocess.run([*command, "--rounds", "2", "--out", str(run_dir)], capture_output=True, text=True)
+        seconds.append(time.perf_counter() - started)
+        if done.returncode != 0:
+            raise RuntimeError(f"consortium run failed ({done.returncode}): {done.stderr[-2000:]}")
+    return {"repeats": repeats, "seconds": seconds, "median_s": statistics.median(seconds)}
+
+
 def consortium_of(root: Path, *, members: int, features: int, seed: int, ports: tuple[int, int] | None = None) -> Path:
     """The synthetic consortium (made once under ``root``); ``ports``: the operator's FL and admin ports."""
     sizes = list(SMALL_SIZES) if members == 3 else [SMALL_SIZES[i % len(SMALL_SIZES)] for i in range(members)]
@@ -308,6 +334,9 @@ def main() -> None:
     parser.add_argument("--attribution", action="store_true", help="bounded vs full attribution quality")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ports", default=None, help="POC's FL and admin ports, e.g. 8202,8203 (default: synth's)")
+    parser.add_argument(
+        "--cli-repeats", type=int, default=3, help="times the 3-member, 2-round simulator command is timed (0: not)"
+    )
     args = parser.parse_args()
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (round 0, a steady round, the last round)")
@@ -324,6 +353,11 @@ def main() -> None:
             cases.append(run_case(config_path, env=env, he=he, rounds=args.rounds, out=out / name))
             print(f"{name}: {json.dumps(cases[-1])}", flush=True)
     print_cases(cases, floor)
+    command = two_round_command(out, repeats=args.cli_repeats) if args.cli_repeats else None
+    if command:
+        runs = ", ".join(f"{s:.1f}" for s in command["seconds"])
+        median = command["median_s"]
+        print(f"\n`consortium run --env sim --no-he --rounds 2` (synth defaults): {runs} s; median {median:.1f} s")
     cells = []
     if args.scaling:
         grid = [(m, f) for f in (2000, 20000) for m in (3, 8, 16)]
@@ -337,7 +371,7 @@ def main() -> None:
     if args.attribution:
         quality = attribution_quality(config_path, rounds=args.rounds, scratch=out / "attribution")
         print_attribution(quality)
-    figures = {"cases": cases, "floor": floor, "scaling": cells, "attribution": quality}
+    figures = {"cases": cases, "floor": floor, "command": command, "scaling": cells, "attribution": quality}
     (out / "overhead.json").write_text(json.dumps({**figures, "this_process_peak_mb": peak_rss_mb()}, indent=2))
     print(f"\nfigures in {out / 'overhead.json'}")
 

@@ -100,7 +100,7 @@ def shared_threads(members: int) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _environment(variables: dict[str, str]) -> Iterator[None]:
+def environment(variables: dict[str, str]) -> Iterator[None]:
     """``variables`` set in this process's environment (inherited by the processes it starts), then removed."""
     os.environ.update(variables)
     try:
@@ -108,27 +108,6 @@ def _environment(variables: dict[str, str]) -> Iterator[None]:
     finally:
         for name in variables:
             os.environ.pop(name, None)
-
-
-def run_sim(recipe, config: ConsortiumConfig, workspace: Path) -> JobOutcome:
-    """Run ``recipe`` in FLARE's simulator, one process per member; return when it is over."""
-    from nvflare.recipe import SimEnv
-
-    sim = SimEnv(clients=[m.name for m in config.members], workspace_root=str(workspace))
-    logs = workspace / recipe.name
-    try:
-        with _environment(shared_threads(len(config.members))):  # the simulator's member processes inherit it
-            run = recipe.run(sim)
-    except BaseException as exc:
-        stop_processes_under(workspace)  # interrupted or failed: no simulator process outlives the command
-        if INTERRUPTED.is_set():
-            raise KeyboardInterrupt("interrupted") from exc
-        if not isinstance(exc, RuntimeError):
-            raise
-        raise FederatedRunError(
-            f"simulated job failed; logs in {logs}/server/log.txt and {logs}/<member>/log.txt{first_errors(logs)}"
-        ) from exc
-    return JobOutcome(job_id=run.get_job_id(), result_dir=logs, logs=logs, kits={})
 
 
 @contextlib.contextmanager
@@ -434,6 +413,15 @@ def check_ports_free(config: ConsortiumConfig) -> None:
                     f"{config.source}: operator.{field_name} = {port} is already in use on this machine "
                     "(another FLARE server?); stop it or pick free ports in consortium.yaml"
                 ) from None
+
+
+def terminate_processes_under(folder: Path) -> int:
+    """Ask every process whose command line names ``folder`` to end (SIGTERM, once); returns how many."""
+    pids = _processes_naming(str(Path(folder).resolve()))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    return len(pids)
 
 
 def stop_processes_under(folder: Path) -> int:

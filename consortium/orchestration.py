@@ -42,7 +42,6 @@ from consortium.flare_env import (
     first_errors,
     poc_system,
     run_poc,
-    run_sim,
     threads_each,
 )
 from consortium.plots import save_report_plots
@@ -57,6 +56,9 @@ from consortium.run_state import (
     kept_folder,
 )
 from consortium.shared_model import ensure_experiment, log_shared_model, tracking_uri_for
+from consortium.simulator import Ending, run_sim
+from consortium.warmup import Warmup
+from jobs.published import json_safe
 from jobs.recipe import build_recipe
 from jobs.site_outputs import PREDICTIONS_FILE, read_predictions, site_folder
 from omics.contract import label_counts
@@ -152,13 +154,16 @@ def encryption_for(config: ConsortiumConfig, *, env: str, he: bool | None) -> bo
 
 
 def write_release(report: dict[str, Any], opened, *, config: ConsortiumConfig, out: Path) -> tuple[Path, Path]:
-    """Everything a release writes into ``out``: report.json/report.md, the full biomarker tables,
-    results.h5ad, and the plots (last: the volcano reads the full tables)."""
-    report_path, md_path = write_report(report, out)
+    """Everything a release writes into ``out``: :func:`write_release_files`, then report.json/report.md."""
+    write_release_files(report, opened, config=config, out=out)
+    return write_report(report, out)
+
+
+def write_release_files(report: dict[str, Any], opened, *, config: ConsortiumConfig, out: Path) -> None:
+    """The full biomarker tables, results.h5ad, and the plots (last: the volcano reads the full tables)."""
     write_biomarker_tables(opened, out / "biomarkers")
     write_results_anndata(opened, config=config, report=report, out=out)
-    save_report_plots(out)  # the PNGs researchers expect, under out/plots/
-    return report_path, md_path
+    save_report_plots(out, report=json_safe(report))  # the PNGs researchers expect, under out/plots/
 
 
 @dataclass
@@ -189,10 +194,11 @@ def run_statistics(
     say = status or (lambda line: log.info(line))
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out):
+    endings: list[Ending] = []  # the simulator, left to end while the statistics are written
+    with run_lock(out), _ended_after(endings):
         audit = AuditLog(out / "audit.jsonl")
         keys = _keys(config, out, audit) if he else None
-        with _flare(config, env, out, keys=keys) as submit:
+        with _flare(config, env, out, keys=keys, endings=endings) as submit:
             say(f"statistics job: {len(config.members)} members, one round in {env} (HE {'on' if he else 'off'})")
             recipe = build_recipe(
                 config,
@@ -278,15 +284,45 @@ def _run_locked(config, *, baselines, **arguments) -> RunResult:
     """The run, with its baselines (which need nothing from the federated jobs) computed in a second
     process while the jobs run; that process is stopped on the way out, whatever happened."""
     aside: list[Aside] = []
+    endings: list[Ending] = []  # the last simulator, left to end while the report is written
     try:
-        return _run_jobs(config, baselines=baselines, aside=aside, **arguments)
+        with _ended_after(endings):
+            return _run_jobs(config, baselines=baselines, aside=aside, endings=endings, **arguments)
     finally:
         for work in aside:
             work.stop()
 
 
+@contextlib.contextmanager
+def _ended_after(endings: list[Ending]) -> Iterator[None]:
+    """On the way out, the simulators in ``endings`` have ended: after a run that went well, once their
+    jobs have ended (:meth:`Ending.finish`); after an error or an interrupt, at once."""
+    try:
+        yield
+    except BaseException:
+        for ending in endings:
+            ending.stop()
+        raise
+    for ending in endings:
+        ending.finish()
+
+
 def _run_jobs(
-    config, *, env, out, rounds, baselines, he, folds, seeds, progress, say, timeout, resume, aside: list[Aside]
+    config,
+    *,
+    env,
+    out,
+    rounds,
+    baselines,
+    he,
+    folds,
+    seeds,
+    progress,
+    say,
+    timeout,
+    resume,
+    aside: list[Aside],
+    endings: list[Ending],
 ) -> RunResult:
     total = int(rounds or config.training.rounds)
     passes = total * config.training.local_epochs
@@ -300,13 +336,14 @@ def _run_jobs(
     ensure_experiment(config, tracking_uri=tracking_uri)
     fold_ids = list(range(folds)) if folds else [None]
     repetitions = []
+    warmup = Warmup()  # the report's modules, loaded while the simulator runs the first job
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         flare: list[Callable] = []  # FLARE starts for the first job to run (none when --resume finds all done)
 
         def submit(recipe, timeout, rounds):
             if not flare:
-                flare.append(stack.enter_context(_flare(config, env, out, keys=keys)))
+                flare.append(stack.enter_context(_flare(config, env, out, keys=keys, endings=endings, warmup=warmup)))
             return flare[0](recipe, timeout, rounds)
 
         for index in range(seeds):
@@ -359,6 +396,7 @@ def _run_jobs(
                 outcomes.append(_finish_job(outcome, first_round=first, env=env, he=he, keys=keys, **job))
             repetitions.append((run_config, where, outcomes, aside[-1] if baselines else None))
     seconds = time.perf_counter() - started
+    warmup.wait()
     arms_by_seed = []
     if baselines or folds:
         say("comparison: the federated arm beside the baselines; intervals")
@@ -370,9 +408,6 @@ def _run_jobs(
     report = build_report(
         config, outcomes, env=env, he=he, seconds=seconds, arms=arms, tracking_uri=tracking_uri, folds=folds
     )
-    report["tracking"]["model_run_id"] = log_shared_model(
-        config, outcomes[-1][2], report=report, tracking_uri=tracking_uri
-    )
     if seeds > 1 and arms_by_seed:
         report["seeds"] = seed_summary(config, arms_by_seed)
     report["continued"] = {
@@ -380,7 +415,13 @@ def _run_jobs(
         for key, parts in state.jobs.items()
         if len(parts) > 1
     }
-    report_path, md_path = write_release(report, outcomes[-1][2], config=config, out=out)
+    write_release_files(report, outcomes[-1][2], config=config, out=out)
+    for ending in endings:  # the simulator's tracking receiver has ended its runs in the same MLflow store
+        ending.wait_ended()
+    report["tracking"]["model_run_id"] = log_shared_model(
+        config, outcomes[-1][2], report=report, tracking_uri=tracking_uri
+    )
+    report_path, md_path = write_report(report, out)
     audit.append(EVENT_MODEL_RELEASED, job_id=outcomes[-1][0].job_id, model_run_id=report["tracking"]["model_run_id"])
     return RunResult(
         report=report, report_path=report_path, markdown_path=md_path, job_ids=[o.job_id for o, _, _ in outcomes]
@@ -566,9 +607,28 @@ def _keys(config: ConsortiumConfig, out: Path, audit: AuditLog) -> Path:
 
 
 @contextlib.contextmanager
-def _flare(config: ConsortiumConfig, env: str, out: Path, *, keys: Path | None) -> Iterator[Callable]:
+def _flare(
+    config: ConsortiumConfig,
+    env: str,
+    out: Path,
+    *,
+    keys: Path | None,
+    endings: list[Ending],
+    warmup: Warmup | None = None,
+) -> Iterator[Callable]:
+    """What runs a job in ``env``. A simulator's own teardown goes on after its job's results are complete:
+    its :class:`Ending` joins ``endings``, and is finished before the next simulator starts. ``warmup``
+    starts once a simulator runs."""
     if env == "sim":
-        yield lambda recipe, timeout, rounds: run_sim(recipe, config, out / "flare")
+
+        def simulate(recipe, timeout, rounds):
+            while endings:
+                endings.pop().finish()
+            outcome, ending = run_sim(recipe, config, out / "flare", started=warmup.start if warmup else None)
+            endings.append(ending)
+            return outcome
+
+        yield simulate
         return
     if env != "poc":
         raise RunError(f"env='{env}': use 'sim' (FLARE simulator) or 'poc' (a real server and clients)")

@@ -292,15 +292,16 @@ def report_figures(
     return figures
 
 
-def save_report_plots(run_dir: str | Path, *, dpi: int = 100) -> list[Path]:
+def save_report_plots(run_dir: str | Path, *, report: Mapping[str, Any] | None = None, dpi: int = 100) -> list[Path]:
     """Write the run's plots as PNGs under ``<run_dir>/plots/``; returns the paths written.
 
-    Reads ``report.json``, the sites' predictions the folder holds and, when present, the full
-    statistics tables (``biomarkers/``); plots needing per-sample data are written only for the members
-    whose predictions are here (the others are logged).
+    Reads ``report.json`` (unless ``report`` is given, as that file holds it: NaN as ``None``), the
+    sites' predictions the folder holds and, when present, the full statistics tables
+    (``biomarkers/``); plots needing per-sample data are written only for the members whose predictions
+    are here (the others are logged).
     """
     run_dir = Path(run_dir)
-    report = json.loads((run_dir / "report.json").read_text())
+    report = report if report is not None else json.loads((run_dir / "report.json").read_text())
     predictions = read_site_predictions(run_dir)
     for kind in ("binary", "survival"):
         if missing := missing_predictions(report, predictions, kind=kind):

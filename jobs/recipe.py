@@ -30,6 +30,7 @@ from nvflare.recipe.utils import recipe_model_to_job_model, set_recipe_meta
 from jobs.aggregation import SectionAggregatePersistor, SectionShareableGenerator, SectionSumAggregator
 from jobs.executor import InstalledClientScript
 from jobs.he.filters import DecryptAggregate, EncryptSections
+from jobs.job_end import MarkJobEnded
 from jobs.published import PublishedResultsRecorder
 from schema.config import ConsortiumConfig
 from schema.names import HE_SCOPE, KEY_METRIC, TRAIN_TASK
@@ -176,6 +177,7 @@ class ConsortiumRecipe(Recipe):
             job.to_clients(DecryptAggregate(), tasks=[TRAIN_TASK], filter_type=FilterType.TASK_DATA)
             job.to_clients(EncryptSections(), tasks=[TRAIN_TASK], filter_type=FilterType.TASK_RESULT)
         super().__init__(job)
+        self.fed_job = job  # what later additions go to (the recipe's own attribute is private)
         if he:
             set_recipe_meta(self, JobMetaKey.SCOPE, HE_SCOPE)
 
@@ -247,6 +249,8 @@ def build_recipe(
         resume_from=str(Path(resume_from).resolve()) if resume_from else "",
     )
     _add_tracking(recipe, config, he=he, tracking_uri=tracking_uri or config.tracking.uri)
+    # last of the server's components: it handles the job's end after every other one has
+    recipe.fed_job.to_server(MarkJobEnded(), id="job_end")
     return recipe
 
 

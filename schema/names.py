@@ -28,6 +28,9 @@ GLOBAL_MODEL_FILE = "FL_global_model.sections"
 """The final aggregate the server stores: plaintext sums, or ciphertext sums under HE."""
 PUBLISHED_FILE = "published.jsonl"
 """What the server received from the sites besides the model: one JSON record per site and round."""
+JOB_ENDED_FILE = "job_ended.json"
+"""Written in the server's run folder when the job's results are complete, and again when every component
+has ended the job (:class:`jobs.job_end.MarkJobEnded`)."""
 
 # -- a site's environment ------------------------------------------------------------------------
 CONFIG_ENV = "CONSORTIUM_CONFIG"

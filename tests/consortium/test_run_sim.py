@@ -17,7 +17,8 @@ import torch
 import yaml
 
 from consortium.audit import verify_log
-from consortium.flare_env import shared_threads
+from consortium.flare_env import shared_threads, stop_processes_under
+from schema.names import JOB_ENDED_FILE
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "explore_results.ipynb"
 pytestmark = pytest.mark.slow
@@ -172,3 +173,12 @@ def test_notebook_runs_top_to_bottom(sim_run: Path, tmp_path: Path, monkeypatch)
         scores.var.columns
     )
     assert scores.var["consensus_rank"].min() == 1
+
+
+def test_the_command_leaves_once_the_job_ended_and_no_simulator_process_outlives_it(sim_run: Path):
+    """The report is written while FLARE's simulator sleeps out its grace periods; the command ends it
+    once the job has ended (every server component, the MLflow receiver included, has ended it)."""
+    [mark] = (sim_run / "flare").rglob(JOB_ENDED_FILE)
+    stages = json.loads(mark.read_text())
+    assert stages["fatal"] is False and stages["results_at"] <= stages["ended_at"]
+    assert stop_processes_under(sim_run / "flare") == 0

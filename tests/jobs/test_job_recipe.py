@@ -114,6 +114,14 @@ def test_sites_get_paths_only_and_the_server_an_mlflow_receiver(exported, config
     assert receiver["kw_args"]["run_tags"] == {"consortium": config.name, "he": "on" if he else "off", "dp": "off"}
 
 
+def test_the_job_end_mark_is_the_last_server_component(exported):
+    """FLARE ends the components in the job's order: the mark is written after every other one ended."""
+    _, _, server, _, _ = exported
+    assert server["components"][-1]["id"] == "job_end"
+    assert server["components"][-1]["path"] == "jobs.job_end.MarkJobEnded"
+    assert [c["id"] for c in server["components"]].index("receiver") < len(server["components"]) - 1
+
+
 @pytest.mark.parametrize("he", [False, True])
 def test_export_job_names_no_local_path(config, tmp_path, he):
     folder = export_job(config, tmp_path / "export", he=he, rounds=2)

@@ -1,0 +1,73 @@
+"""The simulator's end: its job's marks read, and what is left of it ended once the job has ended."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from consortium.flare_env import _processes_naming
+from consortium.simulator import Ending, _mark, _results_complete
+from schema.names import JOB_ENDED_FILE
+
+
+def _write_mark(logs: Path, **mark) -> Path:
+    path = logs / "server" / "simulate_job" / JOB_ENDED_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"job_id": "simulate_job", "fatal": False, **mark}))
+    return path
+
+
+def test_an_earlier_runs_mark_is_not_this_runs(tmp_path):
+    path = _write_mark(tmp_path, results_at=1.0, ended_at=2.0)
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    assert _mark(tmp_path, since=time.time() - 1) == {}
+    assert _mark(tmp_path, since=old - 1)["ended_at"] == 2.0
+
+
+def test_results_are_complete_only_without_a_fatal_error():
+    assert not _results_complete({})
+    assert _results_complete({"results_at": 1.0, "fatal": False})
+    assert not _results_complete({"results_at": 1.0, "fatal": True})
+
+
+def _sleeper(workspace: Path) -> tuple[subprocess.Popen, threading.Thread]:
+    """A process naming the workspace (as FLARE's do), awaited by a thread (as the simulator is)."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(workspace)])
+    thread = threading.Thread(target=process.wait, daemon=True)
+    thread.start()
+    return process, thread
+
+
+def test_finish_waits_for_the_jobs_end_then_ends_the_lingering_simulator(tmp_path, caplog):
+    workspace = tmp_path / "flare"
+    logs = workspace / "job"
+    process, thread = _sleeper(workspace)
+    ending = Ending(thread, [], workspace=workspace, logs=logs, since=time.time() - 1)
+    _write_mark(logs, results_at=time.time())
+    finisher = threading.Thread(target=ending.finish)
+    with caplog.at_level(logging.WARNING, logger="consortium.simulator"):
+        finisher.start()
+        finisher.join(0.5)
+        assert finisher.is_alive() and process.poll() is None  # the job has not ended: waited for
+        _write_mark(logs, results_at=time.time(), ended_at=time.time())
+        finisher.join(10)
+    assert not finisher.is_alive() and process.poll() is not None
+    assert not ending.running and not _processes_naming(str(workspace.resolve()))
+    assert not caplog.records  # ended on purpose: no failure reported
+
+
+def test_a_failure_after_the_results_is_logged(tmp_path, caplog):
+    thread = threading.Thread(target=lambda: None)
+    thread.start()
+    thread.join()
+    ending = Ending(thread, [RuntimeError("rc 1")], workspace=tmp_path, logs=tmp_path, since=time.time())
+    with caplog.at_level(logging.WARNING, logger="consortium.simulator"):
+        ending.finish()
+    assert "failed after its job's results were complete: rc 1" in caplog.text
