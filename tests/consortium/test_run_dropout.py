@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -11,7 +14,7 @@ import pytest
 import yaml
 
 from consortium.cli import main
-from consortium.flare_env import stop_processes_under
+from consortium.flare_env import _processes_naming, stop_processes_under
 from consortium.results import read_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
@@ -29,12 +32,17 @@ def _config(tiny_consortium: Path, tmp_path: Path, **training) -> Path:
 
 
 def _kill_after_round(flare: Path, member: str, round_: int, done: threading.Event, killed: list | None = None) -> None:
-    """Kill ``member``'s client (and its job process) once the server has its update of ``round_``."""
+    """Kill ``member``'s client (and its job process) once the server has its update of ``round_``: SIGKILL,
+    as a crash does (SIGTERM lets the job process finish a round in flight, so the round it dies in would
+    depend on timing)."""
     while not done.is_set():
         if len(read_records(flare).get(member, [])) > round_:
             for kit in flare.rglob(member):
                 if (kit / "startup").is_dir():
-                    stop_processes_under(kit)
+                    for pid in _processes_naming(str(kit.resolve())):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    stop_processes_under(kit)  # whatever is left, and waits for it
             if killed is not None:
                 killed.append(time.monotonic())
             return
