@@ -46,7 +46,7 @@ def _kill_after_round(flare: Path, member: str, round_: int, done: threading.Eve
             if killed is not None:
                 killed.append(time.monotonic())
             return
-        time.sleep(0.5)
+        time.sleep(0.1)
 
 
 def test_a_dead_member_drops_out_and_the_run_completes(tiny_consortium: Path, tmp_path: Path, capsys):
@@ -64,12 +64,16 @@ def test_a_dead_member_drops_out_and_the_run_completes(tiny_consortium: Path, tm
             print(f"\nfault timing: member killed -> run completed without it {time.monotonic() - killed[0]:.1f} s")
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
-    assert report["dropped"] == {"pharma-b": 1}
+    # killed once the server had its round-0 update; a round this fast may have let one more in first
+    dropped = report["dropped"]
+    assert set(dropped) == {"pharma-b"} and dropped["pharma-b"] in (1, 2)
+    first_missed = dropped["pharma-b"]
     assert report["members"]["pharma-b"]["tasks"]["b_pfs"]["federated"] is None
     assert report["members"]["pharma-a"]["tasks"]["a_pfs"]["federated"] is not None
-    assert [sorted(r["sites"]) for r in report["rounds"]] == [["pharma-a", "pharma-b"], *[["pharma-a"]] * 2]
-    assert "pharma-b dropped out in round 1" in (out / "report.md").read_text()
-    assert "pharma-b dropped out in round 1" in capsys.readouterr().out
+    both, alone = [["pharma-a", "pharma-b"]] * first_missed, [["pharma-a"]] * (3 - first_missed)
+    assert [sorted(r["sites"]) for r in report["rounds"]] == [*both, *alone]
+    assert f"pharma-b dropped out in round {first_missed}" in (out / "report.md").read_text()
+    assert f"pharma-b dropped out in round {first_missed}" in capsys.readouterr().out
 
 
 def test_too_few_members_left_is_a_clear_error(tiny_consortium: Path, tmp_path: Path, capsys):
