@@ -415,27 +415,23 @@ def check_ports_free(config: ConsortiumConfig) -> None:
                 ) from None
 
 
-def terminate_processes_under(folder: Path) -> int:
-    """Ask every process whose command line names ``folder`` to end (SIGTERM, once); returns how many."""
+def signal_processes_under(folder: Path, sig: int = signal.SIGTERM) -> int:
+    """Send ``sig`` once to every process whose command line names ``folder``; returns how many."""
     pids = _processes_naming(str(Path(folder).resolve()))
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, sig)
     return len(pids)
 
 
 def stop_processes_under(folder: Path) -> int:
     """End every process whose command line names ``folder`` (FLARE's job processes start sessions of
     their own, so they outlive their parent otherwise); returns how many were signalled."""
-    marker = str(Path(folder).resolve())
     signalled = 0
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _processes_naming(marker)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        signalled = max(signalled, len(pids))
-        if not pids:
+        count = signal_processes_under(folder, sig)
+        signalled = max(signalled, count)
+        if not count:
             break
         time.sleep(2)
     return signalled

@@ -28,8 +28,8 @@ from consortium.flare_env import (
     environment,
     first_errors,
     shared_threads,
+    signal_processes_under,
     stop_processes_under,
-    terminate_processes_under,
 )
 from schema.config import ConsortiumConfig
 from schema.names import JOB_ENDED_FILE
@@ -70,7 +70,7 @@ class Ending:
         self.wait_ended()
         if self._thread.is_alive():
             self._stopped = True
-            terminate_processes_under(self._workspace)
+            signal_processes_under(self._workspace)  # SIGTERM
             self._thread.join(5.0)  # the simulator's main process has exited
             stop_processes_under(self._workspace)  # what SIGTERM did not end (at once when nothing is left)
             self._thread.join(30.0)

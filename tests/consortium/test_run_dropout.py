@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import signal
 import threading
 import time
@@ -14,7 +12,7 @@ import pytest
 import yaml
 
 from consortium.cli import main
-from consortium.flare_env import _processes_naming, stop_processes_under
+from consortium.flare_env import signal_processes_under, stop_processes_under
 from consortium.results import read_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
@@ -39,9 +37,7 @@ def _kill_after_round(flare: Path, member: str, round_: int, done: threading.Eve
         if len(read_records(flare).get(member, [])) > round_:
             for kit in flare.rglob(member):
                 if (kit / "startup").is_dir():
-                    for pid in _processes_naming(str(kit.resolve())):
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGKILL)
+                    signal_processes_under(kit, signal.SIGKILL)
                     stop_processes_under(kit)  # whatever is left, and waits for it
             if killed is not None:
                 killed.append(time.monotonic())

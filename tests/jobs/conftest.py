@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import tenseal as ts
 import yaml
-from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.workspace import Workspace
 from nvflare.app_common.app_constant import AppConstants
@@ -73,6 +73,34 @@ def site_ctx() -> Callable[..., FLContext]:
         return fl_ctx
 
     return make
+
+
+class _ServerEngine:
+    """The one part of FLARE's server engine the server components here ask for: the workspace."""
+
+    def __init__(self, workspace: Workspace) -> None:
+        self.workspace = workspace
+
+    def get_workspace(self) -> Workspace:
+        return self.workspace
+
+    def fire_event(self, event_type, fl_ctx) -> None:
+        pass
+
+
+@pytest.fixture
+def server_run(tmp_path) -> tuple[FLContext, Path]:
+    """The server's FLContext for job 'job-1' (an engine with a workspace under ``tmp_path``) and the job's
+    run folder."""
+    (tmp_path / "startup").mkdir()
+    (tmp_path / "local").mkdir()
+    workspace = Workspace(root_dir=str(tmp_path))
+    run_dir = Path(workspace.get_run_dir("job-1"))
+    run_dir.mkdir()
+    fl_ctx = FLContext()
+    fl_ctx.put(ReservedKey.ENGINE, _ServerEngine(workspace), private=True, sticky=False)
+    fl_ctx.set_prop(FLContextKey.CURRENT_JOB_ID, "job-1", private=True, sticky=False)
+    return fl_ctx, run_dir
 
 
 @pytest.fixture(scope="session")

@@ -3,39 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import FLContextKey, ReservedKey
-from nvflare.apis.fl_context import FLContext
-from nvflare.apis.workspace import Workspace
+from nvflare.apis.fl_constant import FLContextKey
 
 from jobs.job_end import MarkJobEnded
 from schema.names import JOB_ENDED_FILE
 
 
-class _Engine:
-    def __init__(self, workspace: Workspace) -> None:
-        self.workspace = workspace
-
-    def get_workspace(self) -> Workspace:
-        return self.workspace
-
-
-def _server(tmp_path: Path) -> tuple[FLContext, Path]:
-    (tmp_path / "startup").mkdir()
-    (tmp_path / "local").mkdir()
-    workspace = Workspace(root_dir=str(tmp_path))
-    run_dir = Path(workspace.get_run_dir("job-1"))
-    run_dir.mkdir()
-    fl_ctx = FLContext()
-    fl_ctx.put(ReservedKey.ENGINE, _Engine(workspace), private=True, sticky=False)
-    fl_ctx.set_prop(FLContextKey.CURRENT_JOB_ID, "job-1", private=True, sticky=False)
-    return fl_ctx, run_dir / JOB_ENDED_FILE
-
-
-def test_the_mark_says_results_complete_then_ended(tmp_path):
-    fl_ctx, path = _server(tmp_path)
+def test_the_mark_says_results_complete_then_ended(server_run):
+    fl_ctx, run_dir = server_run
+    path = run_dir / JOB_ENDED_FILE
     mark = MarkJobEnded()
     for event in (EventType.START_RUN, EventType.END_WORKFLOW):
         mark.handle_event(event, fl_ctx)
@@ -49,8 +27,9 @@ def test_the_mark_says_results_complete_then_ended(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == [JOB_ENDED_FILE]  # no partial file left
 
 
-def test_a_fatal_error_is_in_the_mark(tmp_path):
-    fl_ctx, path = _server(tmp_path)
+def test_a_fatal_error_is_in_the_mark(server_run):
+    fl_ctx, run_dir = server_run
+    path = run_dir / JOB_ENDED_FILE
     fl_ctx.set_prop(FLContextKey.FATAL_SYSTEM_ERROR, True, private=True, sticky=False)
     MarkJobEnded().handle_event(EventType.ABOUT_TO_END_RUN, fl_ctx)
     assert json.loads(path.read_text())["fatal"] is True

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from nvflare.apis.dxo import DXO, DataKind
-from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
+from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
-from nvflare.apis.workspace import Workspace
 from nvflare.app_common.app_constant import AppConstants
 
 from jobs.he.filters import EncryptSections
@@ -21,28 +20,10 @@ from jobs.sections import PUBLISHED_META, weighted_update
 from schema.names import PUBLISHED_FILE
 
 
-class _Engine:
-    def __init__(self, workspace: Workspace) -> None:
-        self.workspace = workspace
-
-    def get_workspace(self) -> Workspace:
-        return self.workspace
-
-    def fire_event(self, event_type, fl_ctx) -> None:
-        pass
-
-
 @pytest.fixture
-def server(tmp_path) -> tuple[FLContext, Path]:
-    """The server's FLContext for job 'job-1' and the path of its published.jsonl."""
-    (tmp_path / "startup").mkdir()
-    (tmp_path / "local").mkdir()
-    workspace = Workspace(root_dir=str(tmp_path))
-    run_dir = Path(workspace.get_run_dir("job-1"))
-    run_dir.mkdir()
-    fl_ctx = FLContext()
-    fl_ctx.put(ReservedKey.ENGINE, _Engine(workspace), private=True, sticky=False)
-    fl_ctx.set_prop(FLContextKey.CURRENT_JOB_ID, "job-1", private=True, sticky=False)
+def server(server_run) -> tuple[FLContext, Path]:
+    """The server's FLContext for job 'job-1' in round 1 and the path of its published.jsonl."""
+    fl_ctx, run_dir = server_run
     fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 1, private=True, sticky=False)
     return fl_ctx, run_dir / PUBLISHED_FILE
 
