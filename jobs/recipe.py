@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from nvflare.apis.job_def import JobMetaKey
-from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 from nvflare.app_opt.pt.job_config.base_fed_job import BaseFedJob
 from nvflare.app_opt.pt.job_config.model import PTModel
 from nvflare.client.config import ExchangeFormat, TransferType
@@ -29,9 +28,11 @@ from nvflare.recipe.utils import recipe_model_to_job_model, set_recipe_meta
 
 from jobs.aggregation import SectionAggregatePersistor, SectionShareableGenerator, SectionSumAggregator
 from jobs.executor import InstalledClientScript
+from jobs.flare_tuning import SimulatorTaskPacing
 from jobs.he.filters import DecryptAggregate, EncryptSections
 from jobs.job_end import MarkJobEnded
 from jobs.published import PublishedResultsRecorder
+from jobs.workflow import SumScatterAndGather
 from schema.config import ConsortiumConfig
 from schema.names import HE_SCOPE, KEY_METRIC, TRAIN_TASK
 
@@ -45,12 +46,14 @@ HE_SIM_ENV_ERROR = (
 # FLARE's polling cadence, set through the job's own config (the same in SimEnv, POC and on kits).
 # The server tells a client to come back for its next task after ``task_request_interval`` seconds
 # (FLARE's default: 2 s, paid once per round, after every result); the workflow looks at its tasks
-# every ``task_check_period`` (default 0.5 s); a client with no task assignment at all retries after
+# every ``task_check_period`` (default 0.5 s; :mod:`jobs.workflow` makes it reach the server's
+# communicator, which NVFlare 2.9 leaves at 0.2 s); a client with no task assignment at all retries after
 # ``default_task_fetch_interval`` (default 0.5 s). A few idle requests per second per member cost far
 # less than the 2-2.5 s per round the defaults add. The in-process executor's own result polling
 # (0.5 s) has no public setting in NVFlare 2.9; the client script shortens it in its own process
 # (:mod:`jobs.flare_tuning`, version-checked), and the site loop keeps its own side short (``jobs.site.serve``).
 TASK_REQUEST_INTERVAL = 0.1
+SIMULATOR_PACING_ID = "simulator_task_pacing"
 TASK_CHECK_PERIOD = 0.05
 CLIENT_TASK_FETCH_INTERVAL = 0.1
 
@@ -105,7 +108,8 @@ def client_args(
 
 
 class ConsortiumRecipe(Recipe):
-    """ScatterAndGather over summed sections; ``he`` adds the members' CKKS filters and the HE scope."""
+    """ScatterAndGather over summed sections (:mod:`jobs.workflow`); ``he`` adds the members' CKKS filters
+    and the HE scope."""
 
     def __init__(
         self,
@@ -141,7 +145,7 @@ class ConsortiumRecipe(Recipe):
         aggregator_id = job.to_server(SectionSumAggregator(he=he), id="aggregator")
         generator_id = job.to_server(SectionShareableGenerator(), id="shareable_generator")
         job.to_server(
-            ScatterAndGather(
+            SumScatterAndGather(
                 min_clients=min_clients,
                 # FLARE numbers a continuing job's rounds from start_round and counts only its own
                 start_round=first_round,
@@ -178,6 +182,7 @@ class ConsortiumRecipe(Recipe):
             job.to_clients(EncryptSections(), tasks=[TRAIN_TASK], filter_type=FilterType.TASK_RESULT)
         super().__init__(job)
         self.fed_job = job  # what later additions go to (the recipe's own attribute is private)
+        self._simulator_paced = False
         if he:
             set_recipe_meta(self, JobMetaKey.SCOPE, HE_SCOPE)
 
@@ -186,6 +191,10 @@ class ConsortiumRecipe(Recipe):
 
         if self.he and isinstance(env, SimEnv):
             raise ValueError(HE_SIM_ENV_ERROR)
+        if isinstance(env, SimEnv) and not self._simulator_paced:
+            # FLARE's simulated members retry a task fetch after 0.5 s sleeps (jobs.flare_tuning)
+            self.fed_job.to_clients(SimulatorTaskPacing(), id=SIMULATOR_PACING_ID)
+            self._simulator_paced = True
         super().process_env(env)
 
 

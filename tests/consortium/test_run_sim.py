@@ -57,6 +57,15 @@ def test_members_share_the_cores_of_the_machine(sim_run: Path):
         assert f"site {member}: torch uses {expected} threads" in site_log.read_text()
 
 
+def test_simulated_members_ask_for_their_next_task_without_the_simulators_half_second_retries(sim_run: Path):
+    """jobs.flare_tuning.SimulatorTaskPacing ran in each member's worker process, before its first task."""
+    for member in ("pharma-a", "pharma-b"):
+        [site_log] = [p for p in (sim_run / "flare").rglob("log.txt") if p.parent.name == member]
+        text = site_log.read_text()
+        assert "asks for its next task at the server's interval, no 0.5 s retries" in text
+        assert "stay at the default" not in text
+
+
 def test_run_json_is_one_object_on_stdout(sim_run: Path):
     result = json.loads((sim_run.parent / f"{sim_run.name}.stdout").read_text())
     assert result["report_path"] == str(sim_run / "report.json")

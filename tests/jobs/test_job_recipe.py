@@ -74,7 +74,7 @@ def test_server_sums_sections_and_records_what_sites_publish(exported, config):
         },
     }
     (workflow,) = server["workflows"]
-    assert workflow["path"].endswith("ScatterAndGather")
+    assert workflow["path"] == "jobs.workflow.SumScatterAndGather"  # FLARE's, with its check period honoured
     assert workflow["args"]["num_rounds"] == 3 and workflow["args"]["min_clients"] == 2
     assert _filters(server["task_result_filters"]) == [([TRAIN_TASK], ["jobs.published.PublishedResultsRecorder"])]
     assert server["task_data_filters"] == []
@@ -150,6 +150,24 @@ def test_the_he_recipe_refuses_the_simulator_with_the_fix(config, tmp_path):
     build_recipe(config, he=False, rounds=1).process_env(sim)  # the plaintext job is welcome there
 
 
+def test_only_the_simulated_job_paces_its_members_task_requests(config, tmp_path):
+    """The simulator's members get jobs.flare_tuning.SimulatorTaskPacing; an exported job (POC, kits) does not."""
+    recipe = build_recipe(config, he=False, rounds=2)
+    sim = SimEnv(clients=["pharma-a", "pharma-b"], workspace_root=str(tmp_path / "sim"))
+    recipe.export(str(tmp_path / "plain"))
+    recipe.export(str(tmp_path / "sim-job"), env=sim)
+    recipe.export(str(tmp_path / "sim-again"), env=sim)  # added once, however often the recipe meets SimEnv
+
+    def pacing(folder: Path) -> list[dict]:
+        _, client, _ = _exported(folder / recipe.name)
+        return [c for c in client["components"] if c["path"].endswith("SimulatorTaskPacing")]
+
+    assert pacing(tmp_path / "plain") == []
+    for folder in ("sim-job", "sim-again"):
+        [component] = pacing(tmp_path / folder)
+        assert component["path"] == "jobs.flare_tuning.SimulatorTaskPacing"
+
+
 def test_fold_rounds_and_paths_are_checked(config, tmp_path):
     recipe = build_recipe(config, he=False, fold=2, outputs=tmp_path / "sites")
     assert recipe.name == f"{job_name(config)}-fold2" and recipe.num_rounds == config.training.rounds
@@ -178,7 +196,7 @@ def test_the_job_sets_flare_polling_short(exported):
     """FLARE's 2 s task-request interval and 0.5 s task checks would add ~2.5 s to every round."""
     _, _, server, client, _ = exported
     assert server["server"]["task_request_interval"] <= 0.2
-    workflow = next(w for w in server["workflows"] if w["path"].endswith("ScatterAndGather"))
+    (workflow,) = server["workflows"]
     assert workflow["args"]["task_check_period"] <= 0.1
     assert workflow["args"]["memory_gc_rounds"] == 0  # no gc.collect between a round's end and the next
     assert client["default_task_fetch_interval"] <= 0.2
