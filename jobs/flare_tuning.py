@@ -65,10 +65,7 @@ def pace_task_checks(communicator: Any, *, workflow: Any) -> bool:
     """Make the server's workflow communicator (``WFCommServer``) check its tasks as often as the
     workflow's own ``task_check_period`` says (both keep it as ``_task_check_period``). Called from the
     workflow's ``set_communicator``, before the job starts; returns whether it was set."""
-    if not (
-        _pinned(communicator, "_task_check_period", what="the server's task checks")
-        and hasattr(workflow, "_task_check_period")
-    ):
+    if not _pinned(communicator, "_task_check_period", what="the server's task checks"):
         return False
     communicator._task_check_period = float(workflow._task_check_period)
     return True

@@ -53,9 +53,9 @@ HE_SIM_ENV_ERROR = (
 # (0.5 s) has no public setting in NVFlare 2.9; the client script shortens it in its own process
 # (:mod:`jobs.flare_tuning`, version-checked), and the site loop keeps its own side short (``jobs.site.serve``).
 TASK_REQUEST_INTERVAL = 0.1
-SIMULATOR_PACING_ID = "simulator_task_pacing"
 TASK_CHECK_PERIOD = 0.05
 CLIENT_TASK_FETCH_INTERVAL = 0.1
+SIMULATOR_PACING_ID = "simulator_task_pacing"  # the simulated job's member component (jobs.flare_tuning)
 
 
 def job_name(config: ConsortiumConfig) -> str:
