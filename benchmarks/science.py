@@ -1,7 +1,7 @@
 """Real-data benchmark: canonical-marker recovery and prediction, through the real CLI.
 
 Usage: python benchmarks/science.py --out DIR [--datasets pbmc,gse7390] [--splits random,skewed]
-       [--folds 5] [--seed S] [--resume]
+       [--folds 5] [--seed S] [--resume] [--stats-only]
 
 Uses only data bundled in installed packages (no network):
 
@@ -13,7 +13,9 @@ Uses only data bundled in installed packages (no network):
   over three members; shared survival endpoint ``distant_metastasis`` (C-index).
 
 Each consortium runs as ``consortium run --env sim --no-he --folds K --baselines``; the figures are
-read back from ``report.json``.
+read back from ``report.json``. With ``--stats-only`` it runs ``consortium stats --env sim --no-he``
+instead (the association statistics alone, every sample, no training): marker recovery of the
+statistics in a minute.
 """
 
 from __future__ import annotations
@@ -206,6 +208,28 @@ def run_cli(config: Path, out: Path, *, folds: int) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
+def run_stats(config: Path, out: Path) -> dict:
+    """``consortium stats`` on the consortium; its statistics.json read as the parts of a report the
+    recovery reads (no model ranking, no metrics)."""
+    command = [str(Path(sys.executable).with_name("consortium")), "stats", "--config", str(config)]
+    command += ["--env", "sim", "--no-he", "--out", str(out)]
+    print("$", " ".join(command), flush=True)
+    started = time.perf_counter()
+    code = subprocess.run(command, check=False).returncode
+    print(f"exit {code} after {time.perf_counter() - started:.0f} s", flush=True)
+    if code != 0 or not (out / "statistics.json").exists():
+        raise RuntimeError(f"consortium stats failed (exit {code}); see {out / 'console.log'}")
+    endpoints = json.loads((out / "statistics.json").read_text())["endpoints"]
+    return {
+        "endpoints": {name: {"metric": "n/a"} for name in endpoints},
+        "biomarkers": {
+            "statistics": {name: e["statistics"] for name, e in endpoints.items()},
+            "markers": {name: e["markers"] for name, e in endpoints.items()},
+            "model": {},
+        },
+    }
+
+
 def _ci(value, ci) -> str:
     if value is None:
         return "n/a"
@@ -300,7 +324,9 @@ def print_recovery(rows: list[dict]) -> None:
             print(f"    {source:16} {len(row['hits'][source])} {row['hits'][source]}  top: {', '.join(features)}")
 
 
-def run_one(out: Path, dataset: str, split: str | None, *, folds: int, seed: int, resume: bool) -> dict:
+def run_one(
+    out: Path, dataset: str, split: str | None, *, folds: int, seed: int, resume: bool, stats_only: bool = False
+) -> dict:
     label = dataset if split is None else f"{dataset}-{split}"
     folder = out / label
     print(f"\n===== {label} =====", flush=True)
@@ -315,9 +341,11 @@ def run_one(out: Path, dataset: str, split: str | None, *, folds: int, seed: int
         report = json.loads((run_dir / "report.json").read_text())
     else:
         shutil.rmtree(folder, ignore_errors=True)  # a half-written run of ours (only reached with --resume)
-        report = run_cli(write_consortium(folder, data, spec, dataset=dataset, seed=seed), run_dir, folds=folds)
-    print(f"\n{label}: test figures over all members' out-of-fold samples, 95% bootstrap intervals")
-    print_metrics(report)
+        config = write_consortium(folder, data, spec, dataset=dataset, seed=seed)
+        report = run_stats(config, run_dir) if stats_only else run_cli(config, run_dir, folds=folds)
+    if not stats_only:
+        print(f"\n{label}: test figures over all members' out-of-fold samples, 95% bootstrap intervals")
+        print_metrics(report)
     result = {"label": label, "endpoints": report["endpoints"]}
     if dataset == "pbmc":
         result["recovery"] = marker_recovery(report, present, pooled_reference(data))
@@ -358,6 +386,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="reuse finished runs in --out")
+    parser.add_argument("--stats-only", action="store_true", help="consortium stats instead of run (no training)")
     args = parser.parse_args()
     if args.out.exists() and any(args.out.iterdir()) and not args.resume:
         parser.error(f"--out {args.out} is not empty: give an empty folder, or --resume to reuse its finished runs")
@@ -370,7 +399,17 @@ def main() -> None:
     results, failures = [], []
     for dataset, split in jobs:
         try:
-            results.append(run_one(args.out, dataset, split, folds=args.folds, seed=args.seed, resume=args.resume))
+            results.append(
+                run_one(
+                    args.out,
+                    dataset,
+                    split,
+                    folds=args.folds,
+                    seed=args.seed,
+                    resume=args.resume,
+                    stats_only=args.stats_only,
+                )
+            )
         except RuntimeError as exc:
             failures.append(str(exc))
             print(f"FAILED: {exc}", flush=True)

@@ -24,10 +24,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from omics.association import rank_genes_groups_record
 from omics.errors import OmicsError
 from omics.io import write_member
 from omics.layout import SYMBOLS, MemberLayout, read_symbols
+from omics.statistics import rank_genes_groups_record, uniform_columns
 from schema import settings
 from schema.config import ConsortiumConfig
 
@@ -90,10 +90,11 @@ def results_anndata(
         table = released.statistics.get(name)
         if table is not None:
             by_feature = table.set_index("feature").reindex(panel)
+            source = {**uniform_columns(endpoints[name]["type"]), "members": "members"}
             for column in STATISTICS:
-                var[f"{name}_{column}"] = by_feature[column].to_numpy(dtype=np.float64)
+                var[f"{name}_{column}"] = by_feature[source[column]].to_numpy(dtype=np.float64)
             for key in ("statistic", "effect", "pvalue", "qvalue"):
-                planes[key][row] = by_feature[key].to_numpy(dtype=np.float64)
+                planes[key][row] = by_feature[source[key]].to_numpy(dtype=np.float64)
             uns[f"rank_genes_groups_{name}"] = rank_genes_groups_record(table, group=name, kind=endpoints[name]["type"])
         ranking = released.rankings.get(name)
         if ranking is not None:

@@ -19,10 +19,10 @@ import sys
 import threading
 
 import typer
-from rich.console import Console
 from rich.text import Text
 
 from consortium.commands import audit, data, init, provisioning, release, report, run, stats, synth
+from consortium.console import Console
 from schema.errors import UserError
 
 DISTRIBUTION = "biomarker-consortium"

@@ -23,6 +23,7 @@ from schema.config import (
     Tracking,
     Training,
 )
+from schema.statistics import Statistics
 
 MAX_MEMBERS = len(ascii_lowercase)
 COMMENT_COLUMN = 34
@@ -59,6 +60,8 @@ SECTION_ENABLED = {
     "dp": "DP-SGD with Opacus",
 }
 EXAMPLES = {  # shown, commented out, for fields that default to None
+    "formula": "~ endpoint + age + sex",
+    "by": "region",
     "folds": 5,
     "min_members": 2,
     "uri": "http://mlflow.example.org:5000",
@@ -130,6 +133,11 @@ def render_template(*, members: int = 2, name: str = "my-consortium") -> str:
     parts.append(_section(HomomorphicEncryption, indent=2, section="he"))
     parts.append("  dp:\n")
     parts.append(_section(DifferentialPrivacy, indent=2, section="dp"))
+    parts.append("\nstatistics:  # the design of the association statistics (limma, Cox); member is always in\n")
+    parts.append(
+        "  # covariates: {age: numeric, sex: [F, M]}  # obs columns; levels declared, the first is the reference\n"
+    )
+    parts.append(_section(Statistics, indent=1, skip=("covariates",)))
     parts.append("\ntracking:\n")
     parts.append(_section(Tracking, indent=1))
     return _align("".join(parts))

@@ -57,17 +57,23 @@ from consortium.run_state import (
 )
 from consortium.shared_model import ensure_experiment, log_shared_model, tracking_uri_for
 from consortium.simulator import Ending, run_sim
+from consortium.statistics_release import data_residency, statistics_entries
 from consortium.warmup import Warmup
 from jobs.published import json_safe
 from jobs.recipe import build_recipe
 from jobs.site_outputs import PREDICTIONS_FILE, read_predictions, site_folder
 from omics.contract import label_counts
 from provisioning.he_keys import create_keys, load_context, public_fingerprint
+from schema import settings
 from schema.config import ConsortiumConfig, dump_config, load_config
 from schema.errors import UserError
 from schema.names import CLIENT_CONTEXT_FILE, PUBLISHED_FILE, SERVER_CONTEXT_FILE
 
 log = logging.getLogger(__name__)
+
+PLAINTEXT_WARNING = (
+    "plaintext aggregation (HE off): the operator reads each member's update and statistics as they arrive"
+)
 
 Progress = Callable[[int, int, dict[str, Any]], None]
 POLL_SECONDS = 1.0
@@ -199,7 +205,11 @@ def run_statistics(
         audit = AuditLog(out / "audit.jsonl")
         keys = _keys(config, out, audit) if he else None
         with _flare(config, env, out, keys=keys, endings=endings) as submit:
-            say(f"statistics job: {len(config.members)} members, one round in {env} (HE {'on' if he else 'off'})")
+            rounds = settings.statistics_rounds(config)
+            steps = f"{rounds} rounds (Cox model of the covariates, then the tests)" if rounds > 1 else "one round"
+            say(f"statistics job: {len(config.members)} members, {steps} in {env} (HE {'on' if he else 'off'})")
+            if not he:
+                say(PLAINTEXT_WARNING)
             recipe = build_recipe(
                 config,
                 he=he,
@@ -208,9 +218,11 @@ def run_statistics(
                 tracking_uri=tracking_uri_for(config, out=out),
                 statistics_only=True,
             )
-            outcome = submit(recipe, timeout, 1)
-        outcome, results, opened = _record_job(outcome, config, audit, env=env, he=he, total=1, fold=None, keys=keys)
-        statistics = _statistics_document(config, opened, job_id=outcome.job_id, env=env, he=he)
+            outcome = submit(recipe, timeout, rounds)
+        outcome, results, opened = _record_job(
+            outcome, config, audit, env=env, he=he, total=rounds, fold=None, keys=keys
+        )
+        statistics = _statistics_document(config, opened, results, job_id=outcome.job_id, env=env, he=he)
         path = out / "statistics.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(statistics, indent=2, allow_nan=False))
@@ -225,34 +237,17 @@ def run_statistics(
     return StatisticsResult(statistics=statistics, path=path, tables=tables, job_id=outcome.job_id)
 
 
-def _statistics_document(config: ConsortiumConfig, opened, *, job_id: str, env: str, he: bool) -> dict[str, Any]:
+def _statistics_document(config: ConsortiumConfig, opened, results, *, job_id: str, env: str, he: bool) -> dict:
     """What ``statistics.json`` holds; NaN (a feature no test could be made for) becomes ``null``."""
-    holders = {name: info["members"] for name, info in config.endpoints().items()}
-    kinds = {name: info["type"] for name, info in config.endpoints().items()}
-    columns = ["feature", "statistic", "effect", "pvalue", "qvalue", "members"]
-
-    def records(table) -> list[dict[str, Any]]:
-        rows = table[columns].astype(object).where(table[columns].notna(), None)
-        return rows.to_dict(orient="records")
-
-    endpoints = {}
-    for name, table in opened.statistics.items():
-        markers = table[table["effect"] > 0].sort_values("statistic", ascending=False, kind="mergesort")
-        endpoints[name] = {
-            "type": kinds[name],
-            "members": list(holders[name]),
-            "features_tested": int(len(table)),
-            "significant_q05": int((table["qvalue"] < 0.05).sum()),
-            "statistics": records(table),
-            "markers": records(markers),
-        }
     return {
         "consortium": config.name,
         "job_id": job_id,
         "env": env,
         "he": he,
-        "method": "per-member sufficient statistics summed by the server; pooled analysis stratified by member",
-        "endpoints": endpoints,
+        "method": "per-member sums added by the server; equal to the pooled analysis with member as a factor",
+        "min_members": config.statistics_min_members(),
+        "endpoints": statistics_entries(config, opened.details, published=results.records),
+        "data_residency": data_residency(config, he=he),
     }
 
 
@@ -370,6 +365,8 @@ def _run_jobs(
                 label += f", continuing at round {first}" if first else ""
                 mode = "on" if he else "off"
                 say(f"federated job{label}: {len(config.members)} members x {total} rounds in {env} (HE {mode})")
+                if not he:
+                    say(PLAINTEXT_WARNING)
                 job = dict(state=state, out=out, key=key, config=run_config, audit=audit, total=total, fold=fold)
                 while True:  # once, or again from the next round when a restarted member is back (POC)
                     recipe = build_recipe(

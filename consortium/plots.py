@@ -24,6 +24,7 @@ from sksurv.compare import compare_survival
 from sksurv.nonparametric import kaplan_meier_estimator
 
 from jobs.site_outputs import PREDICTIONS_FILE, read_predictions
+from omics.statistics import EFFECT, uniform_columns
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,8 @@ def volcano(
     planted = report["biomarkers"].get("ground_truth") or {}
     fig, axes = _grid(len(tables))
     for ax, (name, table) in zip(axes, tables.items(), strict=True):
+        kind = report["endpoints"].get(name, {}).get("type", "binary")
+        table = table.rename(columns={v: k for k, v in uniform_columns(kind).items()})
         effect = table["effect"].to_numpy(float)
         height = -np.log10(table["pvalue"].clip(lower=1e-300).to_numpy(float))
         hit = table["qvalue"].to_numpy(float) < q_threshold
@@ -164,9 +167,62 @@ def volcano(
         for row in table.nsmallest(label_top, "pvalue").itertuples():
             ax.annotate(str(row.feature), (row.effect, -np.log10(max(row.pvalue, 1e-300))), fontsize=6)
         ax.axvline(0, color="gray", lw=0.6)
-        kind = report["endpoints"].get(name, {}).get("type", "")
-        ax.set(title=f"{name} ({kind}), {len(table)} features", xlabel="effect", ylabel="-log10 p")
+        ax.set(title=f"{name} ({kind}), {len(table)} features", xlabel=EFFECT[kind], ylabel="-log10 p")
     return fig
+
+
+def region_forest(report: Mapping[str, Any], *, top: int = 6) -> Figure:
+    """Per endpoint analysed by region, the top features' effect in every region with its 95% interval,
+    and the interaction p and I² beside each feature (``statistics.by: region``)."""
+    entries = {
+        name: entry
+        for name, entry in report["biomarkers"].get("statistics_release", {}).items()
+        if entry.get("regions")
+    }
+    if not entries:
+        return _empty("no subgroups by region in this report (statistics.by: region)")
+    fig, axes = _grid(len(entries), ncols=2, size=(6.0, 0.55 * top * 2 + 1.5))
+    for ax, (name, entry) in zip(axes, entries.items(), strict=True):
+        head = [row["feature"] for row in report["biomarkers"]["statistics"].get(name, [])[:top]]
+        rows = pd.DataFrame(entry["regions"])
+        rows = rows[rows["feature"].isin(head)]
+        regions = list(dict.fromkeys(rows["region"]))
+        stats = {r["feature"]: r for r in report["biomarkers"]["statistics"][name][:top]}
+        height = len(regions) + 1
+        ticks, labels = [], []
+        for i, feature in enumerate(head):
+            for j, region in enumerate(regions):
+                match = rows[(rows["feature"] == feature) & (rows["region"] == region)]
+                if match.empty:
+                    continue
+                row = match.iloc[0]
+                y = -(i * height + j)
+                ax.errorbar(
+                    [row["effect"]],
+                    [y],
+                    xerr=[[row["effect"] - row["ci_low"]], [row["ci_high"] - row["effect"]]],
+                    fmt="o",
+                    ms=4,
+                    color=f"C{j}",
+                    label=region if i == 0 else None,
+                )
+            info = stats.get(feature, {})
+            ticks.append(-(i * height + (len(regions) - 1) / 2))
+            labels.append(f"{feature}\np(int) {_fmt_p(info.get('interaction_p'))}, I² {_fmt_pct(info.get('I2'))}")
+        ax.axvline(0, color="gray", lw=0.6)
+        ax.set_yticks(ticks, labels=labels, fontsize=7)
+        kind = report["endpoints"].get(name, {}).get("type", "binary")
+        ax.set(title=f"{name}: effect by region (95% CI)", xlabel=EFFECT.get(kind, "effect"))
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="region", title_fontsize=7)
+    return fig
+
+
+def _fmt_p(value) -> str:
+    return "n/a" if value is None else f"{value:.2g}"
+
+
+def _fmt_pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
 def effect_directions(report: Mapping[str, Any], *, top: int = 10) -> Figure:
@@ -285,6 +341,8 @@ def report_figures(
         "volcano": volcano(report, statistics=statistics),
         "effect_directions": effect_directions(report),
     }
+    if any(e.get("regions") for e in report["biomarkers"].get("statistics_release", {}).values()):
+        figures["forest_by_region"] = region_forest(report)
     if _panels(report, predictions, "binary"):
         figures["roc"] = roc_curves(report, predictions)
     if _panels(report, predictions, "survival"):

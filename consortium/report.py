@@ -20,6 +20,7 @@ import pandas as pd
 
 from consortium import comparison
 from consortium.report_markdown import render_markdown
+from consortium.statistics_release import data_residency, statistics_entries
 from jobs.published import json_safe
 from models.attribution import precision_at_k
 from models.metrics import primary_metric
@@ -43,8 +44,10 @@ DEFINITIONS = {
     "ci": "95% percentile bootstrap over the test samples (within members for endpoint figures); 1000 resamples",
     "gain": "federated minus another arm, paired bootstrap; called a gain only where the whole interval is above 0",
     "statistics": (
-        "per endpoint and feature, stratified by member: Welch (binary, fixed-effect over members), OLS slope with "
-        "member as covariate (regression), Cox score test (survival); Benjamini-Hochberg q-values"
+        "per endpoint and feature, member as a factor: limma's linear model with the declared design and "
+        "eBayes moderated t (binary: logFC; regression: slope), Cox score test given the covariates stratified "
+        "by member with Efron ties (survival); Benjamini-Hochberg adj.P.Val; a shared endpoint's row needs "
+        "statistics.min_members contributors"
     ),
     "model": "integrated gradients (Captum): class contrast (binary) or risk direction, summed over holders",
 }
@@ -67,7 +70,7 @@ def build_report(
     kinds = {name: info["type"] for name, info in endpoints.items()}
     truth = _ground_truth(config)
     members = _members(config, last_results.records)
-    biomarkers = _biomarkers(config, released, truth=truth)
+    biomarkers = _biomarkers(config, released, truth=truth, published=last_results.records)
     for info in members.values():
         for task, entry in info["tasks"].items():
             if truth and task in truth and task in released.rankings:
@@ -95,6 +98,7 @@ def build_report(
         "dropped": last_results.dropped([m.name for m in config.members], _total_rounds(last_results.records)),
         "rejoined": last_results.rejoined([m.name for m in config.members], _total_rounds(last_results.records)),
         "privacy": _privacy(config, he, last_results.records),
+        "data_residency": data_residency(config, he=he),
         "timing": _timing(last_results.records, seconds=seconds, rounds=_total_rounds(last_results.records)),
         "tracking": {"uri": tracking_uri, "experiment": config.tracking.experiment},
     }
@@ -128,15 +132,13 @@ def _members(config: ConsortiumConfig, records: Mapping[str, list[dict]]) -> dic
     return members
 
 
-def _biomarkers(config: ConsortiumConfig, released, *, truth: dict | None) -> dict[str, Any]:
-    columns = ["feature", "statistic", "effect", "pvalue", "qvalue", "members"]
-    statistics = {name: _records(table, columns) for name, table in released.statistics.items()}
+def _biomarkers(config: ConsortiumConfig, released, *, truth: dict | None, published) -> dict[str, Any]:
+    entries = statistics_entries(config, released.details, published=published)
+    statistics = {name: entry.pop("statistics") for name, entry in entries.items()}
     # scanpy's rank_genes_groups convention: the features higher in the positive class (higher risk, larger
-    # target) first, by statistic; what a biologist calls the endpoint's markers
-    markers = {
-        name: _records(table[table["effect"] > 0].sort_values("statistic", ascending=False, kind="mergesort"), columns)
-        for name, table in released.statistics.items()
-    }
+    # target) first, by statistic; what a biologist calls the endpoint's markers; and apart, those lower
+    markers = {name: entry.pop("markers") for name, entry in entries.items()}
+    markers_down = {name: entry.pop("markers_down") for name, entry in entries.items()}
     model = {
         name: _records(table, [c for c in ("feature", "score", "direction", "frequency", "rank") if c in table])
         for name, table in released.rankings.items()
@@ -149,6 +151,8 @@ def _biomarkers(config: ConsortiumConfig, released, *, truth: dict | None) -> di
     out: dict[str, Any] = {
         "statistics": statistics,
         "markers": markers,
+        "markers_down": markers_down,
+        "statistics_release": entries,
         "model": model,
         f"both_top{TOP_K_OVERLAP}": both,
         "consensus": _consensus(released.rankings),
@@ -210,12 +214,20 @@ def _privacy(config: ConsortiumConfig, he: bool, records: Mapping[str, list[dict
         "epsilon_target": dp.epsilon if dp.enabled else None,
         "delta": dp.delta if dp.enabled else None,
         "shared": (
-            "under HE when it is on: the trunk and the heads of shared endpoints every round; in the last round "
-            "each endpoint's summed association statistics and attribution vectors (members with fewer than "
-            f"{config.data.min_cell_count} samples per class or events send none). In plaintext, outside HE and "
-            "the DP budget: per-round training loss and validation figures, step counts, final test figures with "
-            "their intervals and sample counts per split"
+            "under HE when it is on: the trunk and the heads of shared endpoints every round (with a survival "
+            "endpoint and covariates, the pieces of one Newton step of the covariates' Cox model); in the last "
+            "round each endpoint's summed association statistics and attribution vectors. One small-cell rule: a "
+            f"member with fewer than {config.data.min_cell_count} samples in a class, labelled samples or events "
+            "(samples, not cells) sends nothing for that endpoint: no statistics, attribution, validation or test "
+            "figures. In plaintext, outside HE and the DP budget: per-round training loss and validation figures, "
+            "step counts, final test figures with their intervals and sample counts per split"
         ),
+        "operator_reads": (
+            "ciphertexts only: the operator cannot read any member's update, statistics or their sum"
+            if he
+            else "everything in plaintext: the operator reads each member's update and statistics as they arrive"
+        ),
+        "min_members": config.statistics_min_members(),
         "dp_guarantee": _dp_guarantee(config),
     }
 

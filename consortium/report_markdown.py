@@ -102,15 +102,40 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Biomarkers per endpoint", ""]
     bio = report["biomarkers"]
     for name in report["endpoints"]:
-        stats = [r["feature"] for r in bio["statistics"].get(name, [])[:10]]
+        up = [r["feature"] for r in bio.get("markers", {}).get(name, [])[:10]]
+        down = [r["feature"] for r in bio.get("markers_down", {}).get(name, [])[:10]]
         model = [r["feature"] for r in bio["model"].get(name, [])[:10]]
         lines += [
-            f"- **{name}** statistics (top 10 by p): {', '.join(stats) or 'n/a'}",
+            f"- **{name}** statistics, up with the endpoint (top 10 by statistic): {', '.join(up) or 'none'}",
+            f"  down with it: {', '.join(down) or 'none'}",
             f"  model (top 10): {', '.join(model) or 'n/a'}",
         ]
+        release = bio.get("statistics_release", {}).get(name)
+        if release:
+            lines.append(f"  {_release_line(release)}")
+    residency = report.get("data_residency") or []
+    if residency:
+        lines += ["", "## Where the data stayed", "", "| member | region | data | what crossed a border |"]
+        lines += ["|---|---|---|---|"]
+        lines += [f"| {r['member']} | {r['region']} | {r['data']} | {r['crossed']} |" for r in residency]
     lines += [""] + [f"- *{name}*: {text}" for name, text in report.get("definitions", {}).items()]
     lines += ["", f"MLflow: `{report['tracking']['uri']}`, experiment `{report['tracking']['experiment']}`", ""]
     return "\n".join(lines)
+
+
+def _release_line(release: dict[str, Any]) -> str:
+    """How an endpoint's statistics were released: design, tested, withheld, small cells, Cox convergence."""
+    design = release.get("design", {})
+    parts = [f"design `{design.get('formula')}` + member", f"{release.get('features_tested', 0)} features tested"]
+    parts.append(f"{release.get('significant_adj_p05', 0)} with adj.P.Val < 0.05")
+    if release.get("withheld_min_members"):
+        parts.append(f"{release['withheld_min_members']} withheld (fewer than {design.get('min_members')} members)")
+    if release.get("small_cell"):
+        parts.append(f"below the small-cell rule, sent nothing: {', '.join(release['small_cell'])}")
+    cox = design.get("cox_fit")
+    if cox is not None and not cox.get("converged"):
+        parts.append(f"Cox fit of the covariates not converged (Newton decrement {cox.get('newton_decrement'):.2g})")
+    return "; ".join(parts)
 
 
 def _diff(entry: dict | None) -> str:

@@ -29,7 +29,9 @@ from jobs.sections import finalize, select
 from jobs.store import read_aggregate
 from models.attribution import ranking_from_vector
 from models.network import HEAD_PREFIX, TRUNK_PREFIX
-from omics.association import association_table
+from omics.design import DesignSpec
+from omics.statistics import EndpointStatistics, endpoint_statistics
+from schema import settings
 from schema.config import ConsortiumConfig
 from schema.errors import UserError
 from schema.names import CLIENT_CONTEXT_FILE, GLOBAL_MODEL_FILE, PUBLISHED_FILE
@@ -85,6 +87,8 @@ class Released:
     state: dict[str, np.ndarray]
     statistics: dict[str, pd.DataFrame] = field(default_factory=dict)
     rankings: dict[str, pd.DataFrame] = field(default_factory=dict)
+    details: dict[str, EndpointStatistics] = field(default_factory=dict)
+    """Per endpoint: withheld rows, the design, subgroups by region, the Cox fit's convergence."""
 
 
 def read_records(folder: Path, *, exclude: frozenset[Path] = frozenset()) -> dict[str, list[dict[str, Any]]]:
@@ -134,11 +138,8 @@ def release(results: JobResults, config: ConsortiumConfig, *, client_context: by
         summed = stored.params
     plain = finalize(summed, stored.meta)
     features = config.panel_features()
-    kinds = {name: info["type"] for name, info in config.endpoints().items()}
-    statistics = {
-        name: association_table(values, kind=kinds[name], feature_names=features)
-        for name, values in select(plain, "stats").items()
-    }
+    details = open_statistics(plain, config, features=features)
+    statistics = {name: detail.table for name, detail in details.items()}
     rankings = {}
     for name, values in select(plain, "consensus").items():
         members = np.maximum(np.round(values["members"]), 1.0)
@@ -146,4 +147,38 @@ def release(results: JobResults, config: ConsortiumConfig, *, client_context: by
             features, values["score"] / members, frequency=values["frequency"] / members
         )
     state = {k: v for k, v in plain.items() if k.startswith((TRUNK_PREFIX, HEAD_PREFIX))}
-    return Released(state=state, statistics=statistics, rankings=rankings)
+    return Released(state=state, statistics=statistics, rankings=rankings, details=details)
+
+
+def open_statistics(
+    plain: dict[str, np.ndarray], config: ConsortiumConfig, *, features: list[str]
+) -> dict[str, EndpointStatistics]:
+    """Each endpoint's released statistics from the opened aggregate (rows below ``min_members`` withheld)."""
+    spec = DesignSpec(**settings.design_spec(config))
+    cox = select(plain, "coxfit")
+    details = {}
+    for name, values in select(plain, "stats").items():
+        detail = endpoint_statistics(
+            values, spec=spec, feature_names=features, **settings.statistics_release(config, name)
+        )
+        if name in cox:
+            detail.design["cox_fit"] = cox_convergence(cox[name])
+        if detail.kind != "survival":
+            detail.design["member_weights"] = config.statistics.member_weights
+        details[name] = detail
+    return details
+
+
+def cox_convergence(summed: dict[str, np.ndarray]) -> dict[str, float | bool]:
+    """How far the covariates' Cox fit of the last round was from its maximum: the Newton decrement
+    ``U' I^-1 U / 2`` (the log partial likelihood still to gain), from the last round's summed pieces."""
+    gradient = np.asarray(summed["gradient"], dtype=np.float64)
+    q = gradient.size
+    information = np.zeros((q, q))
+    information[np.triu_indices(q)] = np.asarray(summed["information"], dtype=np.float64)
+    information = information + np.triu(information, 1).T
+    try:
+        decrement = float(gradient @ np.linalg.solve(information, gradient)) / 2.0
+    except np.linalg.LinAlgError:
+        decrement = float("inf")
+    return {"newton_decrement": decrement, "converged": bool(decrement < 1e-8)}

@@ -33,6 +33,7 @@ from jobs.he.filters import DecryptAggregate, EncryptSections
 from jobs.job_end import MarkJobEnded
 from jobs.published import PublishedResultsRecorder
 from jobs.workflow import SumScatterAndGather
+from schema import settings
 from schema.config import ConsortiumConfig
 from schema.names import HE_SCOPE, KEY_METRIC, TRAIN_TASK
 
@@ -229,14 +230,16 @@ def build_recipe(
         MLflow tracking URI of the server's receiver; default ``tracking.uri``, else an SQLite file in
         the server's job result folder.
     statistics_only
-        The ``consortium stats`` job: one round in which each member sends only its association
-        statistics' sufficient statistics (no training); ``rounds`` is ignored.
+        The ``consortium stats`` job: each member sends only its association statistics' pieces (no
+        training), in one round, or one round per Newton step of a Cox model of covariates and one more
+        (``schema.settings.statistics_rounds``); ``rounds`` is ignored.
     first_round, resume_from
         Continue an interrupted job: rounds ``first_round`` to the last, from the aggregate stored after
         round ``first_round - 1`` (the file ``FL_global_model.sections`` the interrupted job's server
         kept, readable by the server); each member continues from the trainer it saved after that round.
     """
-    num_rounds = 1 if statistics_only else int(rounds if rounds is not None else config.training.rounds)
+    planned = int(rounds if rounds is not None else config.training.rounds)
+    num_rounds = settings.statistics_rounds(config) if statistics_only else planned
     recipe = ConsortiumRecipe(
         name=(f"{job_name(config)}-stats" if statistics_only else job_name(config))
         + ("" if fold is None else f"-fold{fold}"),

@@ -9,6 +9,7 @@ key prefix                section      aggregated as
 ``heads.<endpoint>.``     ``head:<e>`` mean over the members holding that shared endpoint
 ``stats.<endpoint>.``     ``stats:<e>`` sum: per-feature sufficient statistics (``omics.association``)
 ``consensus.<endpoint>.`` ``consensus:<e>`` sum: normalized attribution vectors of the endpoint
+``coxfit.<endpoint>.``    ``coxfit:<e>`` sum: one Newton step of the covariates' Cox model (``omics.cox``)
 ========================  ===========  ==========================================================
 
 The site multiplies a mean section by its weight before sending and puts the weight in the meta, so
@@ -36,13 +37,14 @@ from models.network import HEAD_PREFIX, TRUNK_PREFIX
 SECTIONS_META = "consortium_sections"
 PUBLISHED_META = "consortium_published"
 MEAN, SUM = "mean", "sum"
-SUM_SCALES = {"stats": 1e4, "consensus": 1e-3}
+SUM_SCALES = {"stats": 1e4, "consensus": 1e-3, "coxfit": 1e4}
 """Divisor of each kind of sum section on the way to the server (undone by :func:`finalize`)."""
 _PREFIXES = {
     TRUNK_PREFIX: ("trunk", MEAN),
     HEAD_PREFIX: ("head", MEAN),
     "stats.": ("stats", SUM),
     "consensus.": ("consensus", SUM),
+    "coxfit.": ("coxfit", SUM),
 }
 
 

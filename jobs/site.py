@@ -5,10 +5,12 @@ accountant when DP is on) are built once and live for the whole job: NVFlare's i
 executor runs ``client.py`` once and hands it every round.
 
 What leaves the site, by construction (:func:`outgoing_state`): the trunk and the heads of shared
-endpoints every round; in the last round also each endpoint's association statistics (sufficient
-statistics that the server only adds) and its normalized attribution vector. Private heads, target
-scaling and samples never do. In plaintext, in the result's meta: what the member publishes
-(validation figures each round, test figures with their intervals at the end).
+endpoints every round (with a survival endpoint and covariates, also the pieces of one Newton step of the
+covariates' Cox model); in the last round also each endpoint's association statistics (sums that the
+server only adds) and its normalized attribution vector, except for endpoints below the small-cell rule
+(:mod:`jobs.site_statistics`). Private heads, target scaling and samples never do. In plaintext, in the
+result's meta: what the member publishes (validation figures each round, test figures with their
+intervals at the end).
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from jobs import member_data
 from jobs.sections import PUBLISHED_META, finalize, section_of, weighted_update
 from jobs.site_outputs import SiteOutputs
+from jobs.site_statistics import SiteStatistics
 from models.attribution import normalized_scores, rank_features
 from models.metrics import primary_metric
 from models.network import HEAD_PREFIX, TRUNK_PREFIX, MultitaskNet
 from models.privacy import PrivacySettings
 from models.training import LocalTrainer, TrainSettings
 from models.uncertainty import metric_interval
-from omics.association import site_statistics
 from schema import settings
 from schema.config import ConsortiumConfig
 from schema.names import KEY_METRIC
@@ -52,6 +54,7 @@ ATTRIBUTION_STEPS = 8
 ATTRIBUTION_ROWS_PER_GROUP = 512
 # The site loop asks the Client API for the next round this often (its own default wait is 0.5 s)
 RECEIVE_POLL_SECONDS = 0.02
+COX_STATE = "cox_fit"  # beside the trainer's state in a checkpoint: the Cox coefficients this member reached
 _SCALING_BUFFERS = (".target_mean", ".target_scale")  # a member's label statistics, also on a shared head
 
 
@@ -114,6 +117,7 @@ class MemberSite:
         self.tasks = member_data.task_specs(config, self.member)
         loaded = member_data.load_member(config, self.member, fold=fold)
         self.data, self.log_expression, self.measured = loaded.data, loaded.log_expression, loaded.measured
+        self.statistics = SiteStatistics(config, self.member, loaded.statistics)
         self.model = MultitaskNet(
             self.data.n_features, self.tasks, **settings.network(config), seed=config.training.seed
         )
@@ -154,7 +158,9 @@ class MemberSite:
                 self.outputs.folder,
             )
             return
-        trainer.load_state_dict(self.outputs.load_checkpoint(round_=kept[-1]))
+        state = dict(self.outputs.load_checkpoint(round_=kept[-1]))
+        self.statistics.load_state(state.pop(COX_STATE, None) or {})
+        trainer.load_state_dict(state)
         if kept[-1] != self.first_round - 1:
             log.warning("site %s: continues from its round %d (it missed the rounds after)", self.member, kept[-1])
         log.info("site %s: continues at round %d from its saved round %d", self.member, self.first_round, kept[-1])
@@ -165,11 +171,13 @@ class MemberSite:
         # FLARE counts a continuing job's own rounds only
         total = self.first_round + int(received.total_rounds) if received.total_rounds else self.config.training.rounds
         current = int(received.current_round or 0)
-        if self.statistics_only:
-            return self.statistics_round(current=current, total=total, started=started)
-        trainer = self._trainer(total)
-        # heads of private endpoints untouched; round 0 brings the server's initial trunk and shared heads
         state = finalize(received.params, received.meta)
+        if self.statistics_only:
+            self.statistics.absorb(state)  # the Cox pieces summed last round: one Newton step
+            return self.statistics_round(current=current, total=total, started=started)
+        trainer = self._trainer(total)  # a continuing job restores this member's Cox coefficients here
+        self.statistics.absorb(state)
+        # heads of private endpoints untouched; round 0 brings the server's initial trunk and shared heads
         self.model.load_shared_state({k: v for k, v in state.items() if k.startswith((TRUNK_PREFIX, HEAD_PREFIX))})
         stats = trainer.train(epochs=self.config.training.local_epochs)
         val = trainer.evaluate("val")
@@ -178,16 +186,18 @@ class MemberSite:
             "total_rounds": total,
             "steps": stats.steps,
             "train_loss": float(stats.loss),
-            "val": val,
+            "val": {name: figures for name, figures in val.items() if self.statistics.sends(name)},
             "epsilon": trainer.epsilon_spent(),
         }
         params = outgoing_state(self.model)
+        # the last round adds every endpoint's pieces below (finish); before it, the iterative steps' pieces
+        params.update(self.statistics.every_round_sections() if current + 1 < total else self.statistics.cox_sections())
         if current + 1 < total:  # what this site continues from, should the federation be interrupted
-            self.outputs.save_checkpoint(trainer.state_dict(), round_=current)
+            self.outputs.save_checkpoint({**trainer.state_dict(), COX_STATE: self.statistics.state()}, round_=current)
         else:
             final = self.finish()
             params.update(final["params"])
-            published.update(test=final["test"], samples=final["samples"])
+            published.update(test=final["test"], samples=final["samples"], **self.statistics.summary())
         published["seconds"] = time.perf_counter() - started
         published["finished_at"] = time.time()  # wall clock: round times and overhead (benchmarks/overhead.py)
         published["peak_rss_mb"] = peak_rss_mb()
@@ -205,7 +215,9 @@ class MemberSite:
         )
 
     def statistics_round(self, *, current: int, total: int, started: float) -> FLModel:
-        """``consortium stats``: only the association statistics' sufficient statistics, no training."""
+        """``consortium stats``: only the statistics' pieces, no training. Every round sends them all (with a
+        Cox model of covariates, each round is one Newton step; the tests use the last round's fit)."""
+        params = {**self.statistics.cox_sections(), **self.association_sections()}
         published: dict[str, Any] = {
             "round": current,
             "total_rounds": total,
@@ -214,8 +226,14 @@ class MemberSite:
             "seconds": time.perf_counter() - started,
             "finished_at": time.time(),
             "peak_rss_mb": peak_rss_mb(),
+            **self.statistics.summary(),
         }
-        update, meta = weighted_update(self.association_sections(), weights={})
+        if not params:
+            raise RuntimeError(
+                f"site {self.member}: every endpoint is below the small-cell rule (data.min_cell_count = "
+                f"{self.config.data.min_cell_count}); this member has nothing to send"
+            )
+        update, meta = weighted_update(params, weights={})
         meta[PUBLISHED_META] = published
         meta[STEPS_META] = 1
         return FLModel(
@@ -230,18 +248,8 @@ class MemberSite:
         return {split: int((self.data.split == split).sum()) for split in ("train", "val", "test")}
 
     def association_sections(self) -> dict[str, np.ndarray]:
-        """Each endpoint's summable association statistics (``stats.<endpoint>.*``); small cells suppressed."""
-        params: dict[str, np.ndarray] = {}
-        for task in self.tasks:
-            for key, value in site_statistics(
-                self.log_expression,
-                self.data.targets[task.name],
-                kind=task.kind,
-                measured=self.measured,
-                min_cell=self.config.data.min_cell_count,
-            ).items():
-                params[f"stats.{task.name}.{key}"] = value
-        return params
+        """Each endpoint's summable association statistics (``stats.<endpoint>.*``); small cells send none."""
+        return self.statistics.sections()
 
     def key_metric(self, val: Mapping[str, Mapping[str, float]]) -> float:
         values = [val[t.name].get(primary_metric(t.kind), math.nan) for t in self.tasks if t.name in val]
@@ -267,6 +275,9 @@ class MemberSite:
         part = self.data.subset("test")
         predictions = self.model.predict(part.X)
         for task in self.tasks:
+            if not self.statistics.sends(task.name):
+                test.pop(task.name, None)  # below the small-cell rule: no figure for it leaves the site
+                continue
             interval = metric_interval(
                 task.kind, part.targets[task.name], predictions[task.name], seed=self.config.training.seed
             )
@@ -278,6 +289,8 @@ class MemberSite:
         train = self.data.subset("train")
         features = list(self.data.feature_names)
         for task in self.tasks:
+            if not self.statistics.sends(task.name):
+                continue
             table = rank_features(
                 self.model,
                 train.X,

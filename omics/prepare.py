@@ -16,6 +16,7 @@ from omics.harmonize import harmonize_to_panel
 from omics.labels import binary_labels
 from omics.layout import MemberLayout, apply_layout
 from omics.normalize import normalize
+from omics.pseudobulk import pseudobulk
 from omics.split import assign_folds, assign_split
 
 log = logging.getLogger(__name__)
@@ -90,3 +91,33 @@ def log_expression(adata: ad.AnnData) -> np.ndarray:
     values = np.asarray(adata.layers["log"], dtype=np.float64)
     values[:, ~adata.var["measured"].to_numpy(dtype=bool)] = 0.0
     return values
+
+
+def pseudobulk_member(
+    adata: ad.AnnData,
+    *,
+    sample_column: str,
+    panel: Sequence[str],
+    min_coverage: float = 0.0,
+    cell_type_column: str | None = None,
+    cell_type: str | None = None,
+    required_columns: Sequence[str] = (),
+    layout: MemberLayout = MemberLayout(),
+    path: str = "",
+) -> ad.AnnData:
+    """A single-cell member's samples for the statistics: counts summed per sample (and cell type), then
+    library size + ``log1p`` and the panel, so the sample, not the cell, is the unit of every test.
+
+    ``required_columns`` (the endpoints' and covariates' columns) must be constant within each sample.
+    """
+    work = apply_layout(adata, layout=layout, path=path)
+    bulk = pseudobulk(
+        work,
+        sample_column=sample_column,
+        cell_type_column=cell_type_column,
+        cell_type=cell_type,
+        required_columns=required_columns,
+        path=path,
+    )
+    normalize(bulk, values="counts")
+    return harmonize_to_panel(bulk, panel=panel, min_coverage=min_coverage)

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schema.errors import ConfigError
+from schema.statistics import Statistics
 
 _NAME = r"^[a-z][a-z0-9_-]{0,62}$"
 _SITE_NAME_FIX = "use lower-case letters, digits, '-' or '_', starting with a letter (for example 'pharma-a')"
@@ -112,6 +113,30 @@ class Member(_Strict):
     symbol_column: str | None = Field(
         default=None, description="A var column of gene symbols shown in the results (default: 'gene_symbols')."
     )
+    region: str | None = Field(
+        default=None, description="Where the member's data lives (free text such as 'EU', 'US', 'APAC')."
+    )
+    sample_column: str | None = Field(
+        default=None,
+        description="Single-cell member: the obs column naming each cell's sample (donor); the statistics sum "
+        "counts per sample (pseudobulk) and count samples, not cells.",
+    )
+    cell_type_column: str | None = Field(default=None, description="With sample_column: the obs column of cell types.")
+    cell_type: str | None = Field(default=None, description="With cell_type_column: the cell type to pseudobulk.")
+
+    @model_validator(mode="after")
+    def _pseudobulk_settings(self) -> Member:
+        if (self.cell_type_column is None) != (self.cell_type is None):
+            raise ValueError(
+                f"member '{self.name}': give cell_type_column and cell_type together (the column of cell types "
+                "and the type to pseudobulk), or neither"
+            )
+        if self.cell_type_column is not None and self.sample_column is None:
+            raise ValueError(
+                f"member '{self.name}': cell_type_column needs sample_column (the obs column naming each cell's "
+                "sample), since a cell type is pseudobulked per sample"
+            )
+        return self
 
     @field_validator("data")
     @classmethod
@@ -235,6 +260,7 @@ class ConsortiumConfig(_Strict):
     training: Training = Training()
     privacy: Privacy = Privacy()
     tracking: Tracking = Tracking()
+    statistics: Statistics = Statistics()
     source: Path | None = Field(default=None, exclude=True, description="The file this was read from.")
 
     @model_validator(mode="after")
@@ -287,6 +313,32 @@ class ConsortiumConfig(_Strict):
                 f"keyed on org, so each would pass the other's policy: {hint}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _regions(self) -> ConsortiumConfig:
+        if self.statistics.by != "region":
+            return self
+        missing = [m.name for m in self.members if not m.region]
+        if missing:
+            raise ValueError(
+                f"statistics.by is 'region' but members {missing} have no region; give each member a region "
+                "(e.g. region: EU)"
+            )
+        if len(self.regions()) < 2:
+            raise ValueError(
+                f"statistics.by is 'region' but every member is in {self.regions()}; subgroups need two or more "
+                "regions (or leave statistics.by out)"
+            )
+        return self
+
+    def regions(self) -> list[str]:
+        """The members' regions in order of first appearance (the first is the reference)."""
+        return list(dict.fromkeys(m.region for m in self.members if m.region))
+
+    def statistics_min_members(self) -> int:
+        """Contributors a released row of a shared endpoint needs: ``statistics.min_members``, by default 3
+        (or every member of a consortium of fewer)."""
+        return self.statistics.min_members or min(3, len(self.members))
 
     def member(self, name: str) -> Member:
         """The member called ``name``; a :class:`ConfigError` lists the known names otherwise."""

@@ -78,3 +78,49 @@ def privacy_settings(config: ConsortiumConfig) -> dict[str, Any] | None:
 def planned_epochs(config: ConsortiumConfig, *, rounds: int | None = None) -> int:
     """Local epochs over the whole planned federated training: the span a DP budget must cover."""
     return (rounds or config.training.rounds) * config.training.local_epochs
+
+
+def design_spec(config: ConsortiumConfig) -> dict[str, Any]:
+    """Keyword arguments of ``omics.design.DesignSpec``: the declared design of the statistics."""
+    statistics = config.statistics
+    return {
+        "formula": statistics.effective_formula(),
+        "numeric": statistics.numeric(),
+        "categorical": statistics.categorical(),
+        "regions": tuple(config.regions()) if statistics.by == "region" else (),
+    }
+
+
+def statistics_release(config: ConsortiumConfig, endpoint: str) -> dict[str, Any]:
+    """Keyword arguments of ``omics.statistics.endpoint_statistics`` besides the sums and the panel: a
+    shared endpoint's row needs ``min_members`` contributors; an endpoint one member holds is that
+    member's own analysis."""
+    holders = config.endpoints()[endpoint]["members"]
+    return {
+        "kind": config.endpoints()[endpoint]["type"],
+        "trend": config.statistics.trend,
+        "robust": config.statistics.robust,
+        "min_members": config.statistics_min_members() if len(holders) > 1 else 1,
+    }
+
+
+def cox_iterations(config: ConsortiumConfig) -> int:
+    """Newton steps the federated Cox model of the covariates needs (0 without covariates or survival)."""
+    survival = any(t.type == "survival" for t in config.tasks)
+    return config.statistics.cox_iterations if survival and config.statistics.covariates else 0
+
+
+WEIGHT_ITERATIONS = 3
+"""Steps of the member weights' fixed point (limma's arrayWeights by member; 2-3 suffice)."""
+
+
+def weight_iterations(config: ConsortiumConfig) -> int:
+    """Steps of the member-level precision weights (0 unless ``statistics.member_weights``)."""
+    linear = any(t.type != "survival" for t in config.tasks)
+    return WEIGHT_ITERATIONS if config.statistics.member_weights and linear else 0
+
+
+def statistics_rounds(config: ConsortiumConfig) -> int:
+    """Rounds of ``consortium stats``: one, or one per iterative step (the Cox model of the covariates, the
+    member weights) and one for the tests."""
+    return max(cox_iterations(config), weight_iterations(config)) + 1

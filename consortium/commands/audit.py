@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
+
+from consortium.console import Console
 
 if TYPE_CHECKING:
     from consortium.audit import AuditReport

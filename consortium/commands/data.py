@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from consortium.console import Console
 from schema.errors import UserError
 
 if TYPE_CHECKING:
@@ -32,8 +32,11 @@ def check_member_file(config_path: Path, member_name: str) -> ContractReport:
     return check_member_data(load_config(config_path), member_name)
 
 
-def check_member_data(config: ConsortiumConfig, member_name: str) -> ContractReport:
-    """The contract report of one member of a loaded consortium (see :func:`check_member_file`)."""
+def check_member_data(
+    config: ConsortiumConfig, member_name: str, *, design_blocks: dict | None = None
+) -> ContractReport:
+    """The contract report of one member of a loaded consortium (see :func:`check_member_file`); with
+    ``design_blocks`` (a dict), each endpoint's design block of this member is put in it (rank checks)."""
     from omics.contract import ContractReport, ContractRules, check_member
     from omics.errors import DataFileError
     from omics.io import read_member
@@ -54,7 +57,51 @@ def check_member_data(config: ConsortiumConfig, member_name: str) -> ContractRep
             "anndata's adata.write_h5ad(path)",
         )
         return report
-    return check_member(adata, tasks=member.tasks, rules=rules, layout=layout, path=member.data)
+    report = check_member(adata, tasks=member.tasks, rules=rules, layout=layout, path=member.data)
+    if report.fit:
+        blocks = check_statistics_design(report, adata, config=config, member_name=member_name)
+        if design_blocks is not None:
+            design_blocks.update(blocks)
+    return report
+
+
+def check_statistics_design(
+    report: ContractReport, adata, *, config: ConsortiumConfig, member_name: str
+) -> dict[str, object]:
+    """Add to ``report`` what keeps the member's samples from entering the declared design (a covariate
+    column missing, a level not declared, a missing value, a sample column that varies within a sample);
+    returns each endpoint's design block of this member."""
+    import numpy as np
+
+    from omics.design import DesignError, DesignSpec, design_matrix
+    from omics.errors import ContractError
+    from omics.prepare import task_targets
+    from schema import settings
+
+    member = config.member(member_name)
+    spec = DesignSpec(**settings.design_spec(config))
+    blocks: dict[str, object] = {}
+    try:
+        if member.sample_column is not None:
+            from jobs.member_data import statistics_samples
+
+            samples = statistics_samples(config, member_name)
+            obs, targets = samples.obs, samples.targets
+        else:
+            obs = adata.obs
+            targets = {task.name: task_targets(obs, task) for task in member.tasks}
+        for task in member.tasks:
+            values = targets[task.name]
+            rows = ~np.isnan(values.reshape(len(values), -1)).any(axis=1)
+            endpoint = None if task.type == "survival" else values[rows]
+            blocks[task.name] = design_matrix(
+                obs[rows], endpoint, spec=spec, region=member.region, path=str(member.data)
+            )
+    except DesignError as exc:
+        report.error(f"statistics ({exc.field})", exc.problem, exc.fix)
+    except ContractError as exc:
+        report.error("statistics", str(exc), "make the member's file fit the statistics settings named above")
+    return blocks
 
 
 @data_app.command("check")

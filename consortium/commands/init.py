@@ -7,9 +7,9 @@ from pathlib import Path
 
 import typer
 import yaml
-from rich.console import Console
 from rich.text import Text
 
+from consortium.console import Console
 from schema.errors import UserError
 
 console = Console()

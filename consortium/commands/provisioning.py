@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from consortium.console import Console
 from schema.names import HE_SCOPE
 
 if TYPE_CHECKING:

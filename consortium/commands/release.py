@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from consortium.commands.run import print_summary, result_json
+from consortium.console import Console
 
 console = Console()
 

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from consortium.commands.data import check_member_data, print_report
 from consortium.commands.synth import synthesize
+from consortium.console import Console
 from schema.errors import UserError
 
 if TYPE_CHECKING:
@@ -43,12 +43,18 @@ class DataNotFit(RunFailed):
     """A member's data does not meet the contract: the run does not start."""
 
 
+class DesignNotEstimable(DataNotFit):
+    """The declared design cannot be estimated with member as a factor: the run does not start."""
+
+
 def check_members(config: ConsortiumConfig, *, as_json: bool = False) -> None:
     """Check every member's data against the contract before FLARE starts; print the unfit members'
     reports (the JSON object of every member's report with ``as_json``) and raise :class:`DataNotFit`."""
-    reports = {m.name: check_member_data(config, m.name) for m in config.members}
+    blocks: dict[str, dict] = {m.name: {} for m in config.members}
+    reports = {m.name: check_member_data(config, m.name, design_blocks=blocks[m.name]) for m in config.members}
     unfit = [name for name, report in reports.items() if not report.fit]
     if not unfit:
+        check_design_rank_across(config, blocks)
         (err_console if as_json else console).print(f"data contract: all {len(reports)} members fit to join")
         return
     if as_json:
@@ -63,6 +69,29 @@ def check_members(config: ConsortiumConfig, *, as_json: bool = False) -> None:
         f"(report above); fix the findings, check with 'consortium data check --config {source} --member "
         f"{unfit[0]}', and run again"
     )
+
+
+def check_design_rank_across(config: ConsortiumConfig, blocks: dict[str, dict]) -> None:
+    """Where one party holds every member's data (the demo, a test), refuse a design that is not of full
+    rank with member as a factor before anything runs (a covariate level only one member has, a covariate
+    confounded with member); each column named."""
+    from omics.design import DesignSpec, check_design_rank
+    from omics.statistics import design_columns
+    from schema import settings
+
+    spec = DesignSpec(**settings.design_spec(config))
+    for endpoint, info in config.endpoints().items():
+        held = [blocks[m][endpoint][0] for m in info["members"] if endpoint in blocks.get(m, {})]
+        if len(held) != len(info["members"]):
+            continue  # a member's block is missing: its own data check says why
+        columns = design_columns(spec, kind=info["type"])
+        aliased = check_design_rank(held, columns=columns)
+        if aliased:
+            raise DesignNotEstimable(
+                f"run not started: endpoint '{endpoint}': the design {spec.formula!r} with member as a factor "
+                f"cannot estimate {aliased} (a level seen at one member only, or a covariate confounded with "
+                "member); drop or merge those covariate levels in statistics.covariates, or change the formula"
+            )
 
 
 @contextmanager

@@ -1,9 +1,9 @@
 """``consortium stats``: the exact federated association statistics alone, without training.
 
-One FLARE job of one round: each member sends its endpoints' sufficient statistics (encrypted under HE),
-the server adds them, a member's custodian opens the sum. The result equals the pooled analysis
-stratified by member. NVFlare, torch and statsmodels are imported inside the command, so the CLI
-starts without them.
+One FLARE job (one round, or one per Newton step of a Cox model of covariates and one more): each member
+sends its endpoints' pieces (encrypted under HE), the server adds them, a member's custodian opens the sum.
+The result equals the pooled analysis with member as a factor (limma, or the stratified Cox score test).
+NVFlare, torch and statsmodels are imported inside the command, so the CLI starts without them.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 
 from consortium.commands.run import RunFailed, check_members, console_output_to
+from consortium.console import Console
 from schema.errors import UserError
 
 console = Console()
@@ -49,20 +49,32 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def print_statistics(result) -> None:
+    from omics.statistics import ADJ_P, EFFECT, P_VALUE, STATISTIC
+
     for name, entry in result.statistics["endpoints"].items():
+        effect, statistic = EFFECT[entry["type"]], STATISTIC[entry["type"]]
+        notes = []
+        if entry["withheld_min_members"]:
+            notes.append(f"{entry['withheld_min_members']} withheld (< {entry['design']['min_members']} members)")
+        if entry["small_cell"]:
+            notes.append(f"below the small-cell rule, sent nothing: {', '.join(entry['small_cell'])}")
         console.print(
             f"{name} ({entry['type']}; members {', '.join(entry['members'])}): {entry['features_tested']} features "
-            f"tested, {entry['significant_q05']} with q < 0.05",
+            f"tested, {entry['significant_adj_p05']} with adj.P.Val < 0.05" + "".join(f"; {n}" for n in notes),
             markup=False,
             highlight=False,
         )
-        for row in entry["markers"][:SHOWN]:
-            console.print(
-                f"    {row['feature']:<20} statistic {_fmt(row['statistic'], '8.2f')}  effect "
-                f"{_fmt(row['effect'], '7.3f')}  p {_fmt(row['pvalue'], '.2e')}  q {_fmt(row['qvalue'], '.2e')}",
-                markup=False,
-                highlight=False,
-            )
+        for title, rows in (("up", entry["markers"]), ("down", entry["markers_down"])):
+            if rows:
+                console.print(f"  {title}:", markup=False, highlight=False)
+            for row in rows[:SHOWN]:  # 80 columns: feature, t (or z), effect, P.Value, adj.P.Val
+                label = "z" if statistic == "statistic" else statistic
+                console.print(
+                    f"    {row['feature']:<18} {label} {_fmt(row[statistic], '7.2f')}  {effect} "
+                    f"{_fmt(row[effect], '7.3f')}  P {_fmt(row[P_VALUE], '.1e')}  adj.P {_fmt(row[ADJ_P], '.1e')}",
+                    markup=False,
+                    highlight=False,
+                )
     tables = ", ".join(str(p) for p in result.tables)
     console.print(f"statistics: {result.path}\ntables: {tables}", markup=False, highlight=False)
 
@@ -78,8 +90,9 @@ def register(app: typer.Typer) -> None:
             False, "--json", help="Print the result as one JSON object on stdout; progress goes to stderr."
         ),
     ) -> None:
-        """Exact federated association statistics per endpoint and feature (no training): Welch t (binary),
-        OLS slope (regression), Cox score test (survival), each stratified by member, with BH q-values."""
+        """Exact federated association statistics per endpoint and feature (no training): limma's moderated t
+        with the declared design and member as a factor (binary, regression), the Cox score test given the
+        covariates stratified by member (survival); BH adj.P.Val."""
         if env not in ("sim", "poc"):
             raise UserError(f"--env '{env}': use 'sim' (FLARE simulator) or 'poc' (a real server and clients)")
         result = execute(config, env=env, out=out, he=he, as_json=as_json)

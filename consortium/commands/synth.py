@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from consortium.console import Console
 from schema.errors import UserError
 
 console = Console()
@@ -37,6 +37,8 @@ def synthesize(out: Path, *, sizes: list[int], n_features: int, seed: int, round
             for m in synthetic.members
         ],
         "training": {"rounds": rounds, "seed": seed},
+        # every synthetic member records age and sex: the statistics adjust for them (limma's design)
+        "statistics": {"covariates": {"age": "numeric", "sex": ["F", "M"]}},
     }
     config_path = out / "consortium.yaml"
     dump_config(config_from_dict(raw, source=config_path), config_path)

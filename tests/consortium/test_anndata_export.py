@@ -9,7 +9,8 @@ import yaml
 from consortium.anndata_export import panel_symbols, write_results_anndata
 from consortium.results import Released
 from models.attribution import ranking_from_vector
-from omics.association import association_table
+from omics.design import DesignSpec
+from omics.statistics import endpoint_statistics
 from schema.config import load_config
 
 
@@ -27,14 +28,20 @@ def _released(features: list[str]) -> Released:
     rng = np.random.default_rng(0)
     n = len(features)
     kept = features[:30]  # features no member measured are absent from a statistics table
+    # summed pieces of a one-column design (endpoint only): 80 samples, 24 in the class, one member
+    effect = rng.normal(size=30)
     summed = {
-        "weighted_effect": rng.normal(size=30),
-        "weight": np.full(30, 4.0),
-        "weighted_variance": np.full(30, 2.0),
-        "samples": np.full(30, 80.0),
-        "members": np.ones(30),
+        "xtx": np.full(n, 80 * 0.3 * 0.7),
+        "xty": np.where(np.arange(n) < 30, 80 * 0.3 * 0.7 * np.resize(effect, n), 0.0),
+        "yty": np.where(np.arange(n) < 30, 80.0 + 80 * 0.3 * 0.7 * np.resize(effect, n) ** 2, 0.0),
+        "ysum": np.where(np.arange(n) < 30, 160.0, 0.0),
+        "samples": np.where(np.arange(n) < 30, 80.0, 0.0),
+        "members": (np.arange(n) < 30).astype(float),  # features no member measured are absent from a table
     }
-    statistics = {"resp": association_table(summed, kind="binary", feature_names=kept)}
+    spec = DesignSpec(formula="~ endpoint")
+    table = endpoint_statistics(summed, kind="binary", spec=spec, feature_names=features).table
+    assert set(table["feature"]) == set(kept)
+    statistics = {"resp": table}
     rankings = {
         "resp": ranking_from_vector(features, rng.normal(size=n)),
         "os": ranking_from_vector(features, rng.normal(size=n)),
@@ -53,8 +60,8 @@ def test_results_open_with_anndata_and_hold_statistics_in_var(config, tmp_path):
     assert list(adata.obs_names) == ["resp", "os"] and adata.obs.loc["resp", "type"] == "binary"
     assert adata.var.loc["GENE3", "gene_symbols"] == "SYM3"
     table = released.statistics["resp"].set_index("feature")
-    for column in ("statistic", "effect", "pvalue", "qvalue"):
-        np.testing.assert_allclose(adata.var.loc[table.index, f"resp_{column}"], table[column])
+    for column, source in (("statistic", "t"), ("effect", "logFC"), ("pvalue", "P.Value"), ("qvalue", "adj.P.Val")):
+        np.testing.assert_allclose(adata.var.loc[table.index, f"resp_{column}"], table[source])
         assert np.isnan(adata.var.loc["GENE35", f"resp_{column}"])  # not measured: no value, not 0
     np.testing.assert_allclose(adata.X[0, :30], adata.var["resp_statistic"].to_numpy()[:30], rtol=1e-6)
     ranking = released.rankings["os"].set_index("feature")
@@ -70,9 +77,10 @@ def test_statistics_read_back_with_scanpy(config, tmp_path):
     released = _released(config.panel_features())
     adata = ad.read_h5ad(write_results_anndata(released, config=config, out=tmp_path / "r.h5ad"))
     frame = sc.get.rank_genes_groups_df(adata, group="resp", key="rank_genes_groups_resp")
-    expected = released.statistics["resp"]
+    expected = released.statistics["resp"].sort_values("t", ascending=False, kind="mergesort")  # scanpy's order
     assert list(frame["names"]) == list(expected["feature"])
-    np.testing.assert_allclose(frame["pvals"], expected["pvalue"])
+    np.testing.assert_allclose(frame["pvals"], expected["P.Value"])
+    np.testing.assert_allclose(frame["logfoldchanges"], expected["logFC"] / np.log(2), rtol=1e-6)
 
 
 def test_panel_symbols_skip_files_absent_here(config):

@@ -116,7 +116,9 @@ def test_init_template_is_commented_and_shows_optional_settings(tmp_path):
             key = line.split(":")[0].strip(" -")
             assert "#" in line or key in {"name", "type", "column"}, f"uncommented setting: {line!r}"
     uncommented = yaml.safe_load(text)
-    assert set(uncommented) == {"name", "operator", "panel", "data", "members", "training", "privacy", "tracking"}
+    sections = {"name", "operator", "panel", "data", "members", "training", "privacy", "statistics", "tracking"}
+    assert set(uncommented) == sections
+    assert "  # covariates: {age: numeric, sex: [F, M]}" in text and "  # formula: ~ endpoint + age + sex" in text
 
 
 def test_init_refuses_to_overwrite_without_force(tmp_path, capsys):

@@ -149,11 +149,12 @@ def test_data_split_stores_a_reproducible_split_beside_the_file(tmp_path, small_
     original = (tmp_path / "m.h5ad").read_bytes()
     assert main(["data", "split", "--config", str(config), "--member", "m1"]) == 0
     assert (tmp_path / "m.h5ad").read_bytes() == original  # the member's file is not rewritten
-    assert f"stored split in {tmp_path / 'm.split.csv'}" in capsys.readouterr().out.replace("\n", "")
+    # one line whatever the folder's length: output that is not a terminal is never wrapped
+    assert f"stored split in {tmp_path / 'm.split.csv'}: " in capsys.readouterr().out.splitlines()[0]
     first = read_member(tmp_path / "m.h5ad").obs["split"].astype(str).tolist()
     assert set(first) == {"train", "val", "test"}
     assert main(["data", "split", "--config", str(config), "--member", "m1"]) == 1  # refuses to overwrite
-    assert "m.split.csv already holds a split" in capsys.readouterr().out.replace("\n", "")
+    assert f"{tmp_path / 'm.split.csv'} already holds a split" in capsys.readouterr().out.splitlines()[0]
     assert main(["data", "split", "--config", str(config), "--member", "m1", "--force"]) == 0
     assert read_member(tmp_path / "m.h5ad").obs["split"].astype(str).tolist() == first
     capsys.readouterr()

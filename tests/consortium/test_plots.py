@@ -22,16 +22,17 @@ METRIC = {"binary": "auroc", "regression": "r2", "survival": "c_index"}
 
 
 def _statistics(name: str, rng: np.random.Generator) -> list[dict]:
+    effect, statistic = ("logHR", "statistic") if KINDS[name] == "survival" else ("logFC", "t")
     table = pd.DataFrame(
         {
             "feature": [f"G{i}" for i in range(30)],
-            "statistic": rng.normal(size=30),
-            "effect": rng.normal(size=30),
-            "pvalue": np.sort(rng.uniform(1e-8, 1, size=30)),
+            statistic: rng.normal(size=30),
+            effect: rng.normal(size=30),
+            "P.Value": np.sort(rng.uniform(1e-8, 1, size=30)),
             "members": 1,
         }
     )
-    table["qvalue"] = np.minimum(1, table["pvalue"] * 30 / np.arange(1, 31))
+    table["adj.P.Val"] = np.minimum(1, table["P.Value"] * 30 / np.arange(1, 31))
     return table.to_dict(orient="records")
 
 
@@ -193,7 +194,7 @@ def test_full_statistics_tables_are_used_only_when_they_are_this_runs(report, tm
     folder = tmp_path / "biomarkers"
     folder.mkdir()
     kept = pd.DataFrame(report["biomarkers"]["statistics"]["a_response"])
-    extra = kept.tail(1).assign(feature="G99", pvalue=0.99)
+    extra = kept.tail(1).assign(feature="G99", **{"P.Value": 0.99})
     pd.concat([kept, extra]).to_csv(folder / "statistics_a_response.csv", index=False)
     kept.iloc[::-1].to_csv(folder / "statistics_a_pfs.csv", index=False)  # another run's table
     tables = plots.statistics_tables(report, tmp_path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from consortium.poc_rejoin import MemberProcesses, RejoinWatch, member_processes
 from consortium.results import read_records
 from consortium.run_state import stored_round
 from schema.config import load_config
-from tests.consortium.test_run_state import server_folder
+from tests.helpers import server_folder, wait_until
 
 JOB = "job-x"
 
@@ -31,12 +30,18 @@ def stand_ins(tmp_path: Path):
 
     def start(module: str, kit: Path, *more: str) -> None:
         command = [sys.executable, "-u", "-m", module, "-m", str(kit), "-s", "fed_client.json", *more]
-        started.append(subprocess.Popen(command, cwd=modules, stdin=subprocess.DEVNULL))
+        process = subprocess.Popen(command, cwd=modules, stdin=subprocess.DEVNULL)
+        started.append(process)
+        wait_until(lambda: _command_line(process.pid) == command, timeout=30, what=f"{module} of {kit.name} in /proc")
 
     yield start
     for process in started:
         process.kill()
         process.wait()
+
+
+def _command_line(pid: int) -> list[str]:
+    return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode().split("\0")[:-1]
 
 
 def test_member_processes_reads_each_kits_client_and_job_processes(tmp_path: Path, stand_ins):
@@ -45,7 +50,6 @@ def test_member_processes_reads_each_kits_client_and_job_processes(tmp_path: Pat
     stand_ins("worker_process", kits["pharma-a"], "-n", JOB, "-c", "pharma-a")
     stand_ins("client_train", kits["pharma-b"])  # restarted: a client, no job process
     stand_ins("client_train", tmp_path / "prod" / "pharma-bb")  # another kit whose name starts the same
-    time.sleep(0.5)
     found = member_processes(kits)
     assert found == {
         "pharma-a": MemberProcesses(client=True, jobs={JOB}),

@@ -4,61 +4,92 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from consortium.cli import main
 from consortium.flare_env import signal_processes_under, stop_processes_under
-from consortium.results import read_records
+from tests.helpers import console_script, poc_kit, relocated_config, updates_received, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
-
-def _config(tiny_consortium: Path, tmp_path: Path, **training) -> Path:
-    raw = yaml.safe_load(tiny_consortium.read_text())
-    raw["training"].update(training)
-    raw["panel"]["file"] = str(tiny_consortium.parent / raw["panel"]["file"])
-    for member in raw["members"]:
-        member["data"] = str(tiny_consortium.parent / member["data"])
-    path = tmp_path / "consortium.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+ROUNDS = 3
+KILLED_AFTER = 0
+"""The member is killed once the server has recorded its update of this round. The server records an
+update as it arrives, before the round is aggregated, so the member still owes ROUNDS - 1 - KILLED_AFTER
+rounds then (2: two aggregations and two rounds of its own training, about a second at the least), and
+the kill follows within a poll of the records (0.05 s). Each round after the kill waits out
+training.round_deadline for it, so a wider margin would cost that much per round."""
 
 
-def _kill_after_round(flare: Path, member: str, round_: int, done: threading.Event, killed: list | None = None) -> None:
-    """Kill ``member``'s client (and its job process) once the server has its update of ``round_``: SIGKILL,
+class Crash(threading.Thread):
+    """Kill ``member``'s client and job process once the server has its update of ``after_round``: SIGKILL,
     as a crash does (SIGTERM lets the job process finish a round in flight, so the round it dies in would
-    depend on timing)."""
-    while not done.is_set():
-        if len(read_records(flare).get(member, [])) > round_:
-            for kit in flare.rglob(member):
-                if (kit / "startup").is_dir():
-                    signal_processes_under(kit, signal.SIGKILL)
-                    stop_processes_under(kit)  # whatever is left, and waits for it
-            if killed is not None:
-                killed.append(time.monotonic())
-            return
-        time.sleep(0.1)
+    depend on timing). A thread of the test process, while the command runs in a process of its own: the
+    command's work (imports, MLflow, its progress bar) does not hold up the look at the records."""
+
+    def __init__(self, flare: Path, member: str, *, after_round: int, done: threading.Event) -> None:
+        super().__init__(name=f"crash-{member}", daemon=True)
+        self.flare, self.member, self.after_round, self.done = flare, member, after_round, done
+        self.killed_at: float | None = None
+        self.updates_before: int | None = None  # the member's updates the server had recorded when it died
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._crash()
+        except BaseException as exc:  # seen by the test, not lost with the thread
+            self.error = exc
+
+    def _crash(self) -> None:
+        received = wait_until(
+            lambda: updates_received(self.flare, self.member) > self.after_round,
+            timeout=600,
+            interval=0.05,
+            what=f"the server to record {self.member}'s update of round {self.after_round}",
+            stop=self.done,
+        )
+        if not received:
+            return  # the run ended first
+        # looked up now, not before the run: FLARE builds the POC kits in a folder of its own, then moves them
+        kit = wait_until(lambda: poc_kit(self.flare, self.member), timeout=60, interval=0.01, what="the member's kit")
+        signal_processes_under(kit, signal.SIGKILL)
+        self.killed_at = time.monotonic()
+        self.updates_before = updates_received(self.flare, self.member)
+        stop_processes_under(kit)  # whatever is left, and waits for it
+
+
+def _run_with_a_crash(config: Path, out: Path, *, he: str) -> tuple[subprocess.CompletedProcess, Crash]:
+    """``consortium run`` on POC through the console script, pharma-b killed after its round-0 update."""
+    done = threading.Event()
+    crash = Crash(out / "flare", "pharma-b", after_round=KILLED_AFTER, done=done)
+    crash.start()
+    try:
+        run = console_script(["run", "--config", str(config), "--env", "poc", he, "--out", str(out)], timeout=900)
+    except BaseException:  # a command that did not end (or a test past its timeout) leaves no FLARE process
+        stop_processes_under(out / "flare")
+        raise
+    finally:
+        done.set()
+        crash.join(timeout=60)
+    if crash.error is not None:
+        raise crash.error
+    assert crash.killed_at is not None, f"the run ended before pharma-b was killed (exit {run.returncode})"
+    assert crash.updates_before < ROUNDS, "pharma-b had sent its last round when it was killed: nothing to miss"
+    return run, crash
 
 
 def test_a_dead_member_drops_out_and_the_run_completes(tiny_consortium: Path, tmp_path: Path, capsys):
-    config = _config(tiny_consortium, tmp_path, rounds=3, min_members=1, round_deadline=30)
+    training = {"rounds": ROUNDS, "min_members": 1, "round_deadline": 30}
+    config = relocated_config(tiny_consortium, tmp_path, training=training)
     out = tmp_path / "run"
-    done, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_after_round, args=(out / "flare", "pharma-b", 0, done, killed), daemon=True)
-    killer.start()
-    try:
-        code = main(["run", "--config", str(config), "--env", "poc", "--he", "--out", str(out)])
-    finally:
-        done.set()
-    if killed:
-        with capsys.disabled():
-            print(f"\nfault timing: member killed -> run completed without it {time.monotonic() - killed[0]:.1f} s")
-    assert code == 0, capsys.readouterr().err
+    run, crash = _run_with_a_crash(config, out, he="--he")
+    with capsys.disabled():
+        print(f"\nfault timing: member killed -> run completed without it {time.monotonic() - crash.killed_at:.1f} s")
+    assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
     # killed once the server had its round-0 update; a round this fast may have let one more in first
     dropped = report["dropped"]
@@ -69,25 +100,18 @@ def test_a_dead_member_drops_out_and_the_run_completes(tiny_consortium: Path, tm
     both, alone = [["pharma-a", "pharma-b"]] * first_missed, [["pharma-a"]] * (3 - first_missed)
     assert [sorted(r["sites"]) for r in report["rounds"]] == [*both, *alone]
     assert f"pharma-b dropped out in round {first_missed}" in (out / "report.md").read_text()
-    assert f"pharma-b dropped out in round {first_missed}" in capsys.readouterr().out
+    assert f"pharma-b dropped out in round {first_missed}" in run.stdout
 
 
 def test_too_few_members_left_is_a_clear_error(tiny_consortium: Path, tmp_path: Path, capsys):
-    config = _config(tiny_consortium, tmp_path, rounds=3, round_deadline=30)  # every member needed
+    training = {"rounds": ROUNDS, "round_deadline": 30}  # every member needed
+    config = relocated_config(tiny_consortium, tmp_path, training=training)
     out = tmp_path / "run"
-    done, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_after_round, args=(out / "flare", "pharma-b", 0, done, killed), daemon=True)
-    killer.start()
     started = time.monotonic()
-    try:
-        code = main(["run", "--config", str(config), "--env", "poc", "--no-he", "--out", str(out)])
-    finally:
-        done.set()
-    if killed:
-        with capsys.disabled():
-            print(f"\nfault timing: member killed (too few left) -> error {time.monotonic() - killed[0]:.1f} s")
-    err = capsys.readouterr().err
-    assert code == 1
-    assert "pharma-b" in err and "min_members" in err
+    run, crash = _run_with_a_crash(config, out, he="--no-he")
+    with capsys.disabled():
+        print(f"\nfault timing: member killed (too few left) -> error {time.monotonic() - crash.killed_at:.1f} s")
+    assert run.returncode == 1
+    assert "pharma-b" in run.stderr and "min_members" in run.stderr
     assert time.monotonic() - started < 600
     assert stop_processes_under(out / "flare") == 0

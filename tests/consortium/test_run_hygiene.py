@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,8 +15,12 @@ import pytest
 from consortium.cli import main
 from consortium.flare_env import stop_processes_under
 from consortium.orchestration import run_lock
+from schema.names import PUBLISHED_FILE
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.fault
+
+STOPS_WITHIN = 20  # seconds from SIGTERM to the command's exit
 
 
 def test_a_second_run_into_a_busy_folder_is_refused(tiny_consortium: Path, tmp_path: Path, capsys):
@@ -54,19 +59,39 @@ def test_sigterm_stops_the_run_and_every_flare_process(tiny_consortium: Path, tm
         "20",
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while not list((out / "flare").rglob("published.jsonl")) and time.monotonic() < deadline:
-        time.sleep(1)  # the simulator's sites are running once the first round is recorded
-    assert process.poll() is None, process.communicate()
-    sent = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
+    try:
+        # the simulator's sites are running once the first round is recorded
+        wait_until(
+            lambda: process.poll() is not None or _first_round_recorded(out / "flare"),
+            timeout=180,
+            interval=0.5,
+            what="the first round's record",
+        )
+        assert process.poll() is None, process.communicate()
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)  # a command that does not exit fails here
+        stopped_in = time.monotonic() - sent
+    except BaseException:  # no command and no FLARE process outlives a failed test
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        stop_processes_under(out / "flare")
+        raise
     with capsys.disabled():
-        print(f"\nfault timing: SIGTERM -> exit 130 with its message {time.monotonic() - sent:.1f} s")
+        print(f"\nfault timing: SIGTERM -> exit 130 with its message {stopped_in:.1f} s")
     assert process.returncode == 130
     assert "interrupted; every FLARE process this command started has been stopped" in err
-    assert time.monotonic() - sent < 120
+    # at once (0.4-0.8 s in docs/faults.md), not after waiting out one of its own timeouts (the simulator's
+    # thread is joined for up to 30 s, FLARE's processes are given 2 s per signal)
+    assert stopped_in < STOPS_WITHIN
     assert stop_processes_under(out / "flare") == 0
+
+
+def _first_round_recorded(flare: Path) -> bool:
+    with contextlib.suppress(OSError):  # the simulator writes and moves folders while this looks
+        return any(flare.rglob(PUBLISHED_FILE))
+    return False
 
 
 def test_members_on_one_machine_share_its_cores(monkeypatch):

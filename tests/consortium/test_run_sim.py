@@ -14,11 +14,11 @@ import mlflow
 import papermill
 import pytest
 import torch
-import yaml
 
 from consortium.audit import verify_log
 from consortium.flare_env import shared_threads, stop_processes_under
 from schema.names import JOB_ENDED_FILE
+from tests.helpers import relocated_config
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "explore_results.ipynb"
 pytestmark = pytest.mark.slow
@@ -28,13 +28,8 @@ pytestmark = pytest.mark.slow
 def sim_run(tiny_consortium: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny consortium with DP-SGD on (epsilon 4 over the 2 planned rounds), run in the simulator."""
     out = tmp_path_factory.mktemp("sim_run")
-    raw = yaml.safe_load(tiny_consortium.read_text())
-    raw["privacy"]["dp"].update(enabled=True, epsilon=4.0)
-    raw["panel"]["file"] = str(tiny_consortium.parent / raw["panel"]["file"])
-    for member in raw["members"]:
-        member["data"] = str(tiny_consortium.parent / member["data"])
-    config = out / "dp_consortium.yaml"
-    config.write_text(yaml.safe_dump(raw))
+    dp = {"enabled": True, "epsilon": 4.0}
+    config = relocated_config(tiny_consortium, out, name="dp_consortium.yaml", privacy={"dp": dp})
     shutil.copy(tiny_consortium.parent / "ground_truth.json", out / "ground_truth.json")
     args = ["run", "--config", str(config), "--env", "sim", "--out", str(out), "--rounds", "2", "--baselines"]
     # the console script, as a user runs it: with --json, stdout must hold the JSON object and nothing else
@@ -95,8 +90,10 @@ def test_report_has_every_member_task_and_figure(sim_run: Path):
     assert report["timing"]["rounds"] == 2 and report["timing"]["bytes_received_per_round"] > 0
     for name in ("a_response", "b_pfs"):
         stats = report["biomarkers"]["statistics"][name]
-        assert [row["pvalue"] for row in stats] == sorted(row["pvalue"] for row in stats)
-        assert set(stats[0]) == {"feature", "statistic", "effect", "pvalue", "qvalue", "members"}
+        assert [row["P.Value"] for row in stats] == sorted(row["P.Value"] for row in stats)
+        limma = {"feature", "logFC", "AveExpr", "t", "P.Value", "adj.P.Val", "B", "members", "samples"}
+        cox = {"feature", "statistic", "logHR", "se", "P.Value", "adj.P.Val", "members", "samples", "events"}
+        assert set(stats[0]) == (cox if name.endswith("pfs") else limma)
         assert {"feature", "score", "direction", "frequency", "rank"} <= set(report["biomarkers"]["model"][name][0])
     truth = report["biomarkers"]["ground_truth"]
     top = {row["feature"] for row in report["biomarkers"]["statistics"]["b_pfs"][:10]}

@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from consortium.results import JobResults, read_job
 from consortium.run_state import FINISHED, INTERRUPTED, ResumeError, RunState, job_key, keep_part, kept_folder
-from jobs.store import read_aggregate, write_aggregate
-from schema.names import GLOBAL_MODEL_FILE, PUBLISHED_FILE
+from jobs.store import read_aggregate
+from schema.names import GLOBAL_MODEL_FILE
+from tests.helpers import server_folder
 
 ARGS = {"config": "/c/consortium.yaml", "env": "poc", "rounds": 4, "he": True, "folds": None, "seeds": 1}
-
-
-def server_folder(root: Path, *, rounds_recorded: dict[str, int], stored_round: int | None, first: int = 0) -> Path:
-    """A server's run folder as FLARE leaves it: published records by site, the last stored aggregate."""
-    app = root / "job-x" / "app_server"
-    app.mkdir(parents=True)
-    lines = [
-        json.dumps({"site": site, "round": r, "total_rounds": 4})
-        for site, upto in rounds_recorded.items()
-        for r in range(first, upto)
-    ]
-    (root / "job-x" / PUBLISHED_FILE).write_text("".join(line + "\n" for line in lines))
-    if stored_round is not None:
-        write_aggregate(app / GLOBAL_MODEL_FILE, meta={}, params={"trunk.w": np.ones(3)}, round_=stored_round)
-    return root / "job-x"
 
 
 def test_an_interrupted_job_keeps_the_rounds_its_stored_aggregate_closes(tmp_path):

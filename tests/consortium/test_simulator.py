@@ -11,9 +11,11 @@ import threading
 import time
 from pathlib import Path
 
+from consortium import simulator
 from consortium.flare_env import _processes_naming
 from consortium.simulator import Ending, _mark, _results_complete
 from schema.names import JOB_ENDED_FILE
+from tests.helpers import wait_until
 
 
 def _write_mark(logs: Path, **mark) -> Path:
@@ -45,16 +47,24 @@ def _sleeper(workspace: Path) -> tuple[subprocess.Popen, threading.Thread]:
     return process, thread
 
 
-def test_finish_waits_for_the_jobs_end_then_ends_the_lingering_simulator(tmp_path, caplog):
+def test_finish_waits_for_the_jobs_end_then_ends_the_lingering_simulator(tmp_path, caplog, monkeypatch):
     workspace = tmp_path / "flare"
     logs = workspace / "job"
+    looks = []
+
+    def read_mark(folder: Path, *, since: float) -> dict:  # the end marks the finisher reads, kept in order
+        looks.append(_mark(folder, since=since))
+        return looks[-1]
+
+    monkeypatch.setattr(simulator, "_mark", read_mark)
     process, thread = _sleeper(workspace)
     ending = Ending(thread, [], workspace=workspace, logs=logs, since=time.time() - 1)
     _write_mark(logs, results_at=time.time())
     finisher = threading.Thread(target=ending.finish)
     with caplog.at_level(logging.WARNING, logger="consortium.simulator"):
         finisher.start()
-        finisher.join(0.5)
+        # it read the mark, found the results but no end, and looked again: it waits
+        wait_until(lambda: len(looks) >= 2, timeout=30, what="the finisher to look at the job's mark twice")
         assert finisher.is_alive() and process.poll() is None  # the job has not ended: waited for
         _write_mark(logs, results_at=time.time(), ended_at=time.time())
         finisher.join(10)

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from consortium import flare_env
 from consortium.cli import main
@@ -26,6 +25,7 @@ from jobs.tls_refusals import REFUSAL_MESSAGE
 from schema.config import load_config
 from schema.names import GLOBAL_MODEL_FILE, PUBLISHED_FILE
 from tests.certificates import certificate
+from tests.helpers import console_script, poc_kit, relocated_config, updates_received, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -33,19 +33,8 @@ FL_PORT, ADMIN_PORT = 8122, 8123  # apart from the other POC tests' ports
 
 
 def _config(tiny_consortium: Path, tmp_path: Path, **training) -> Path:
-    raw = yaml.safe_load(tiny_consortium.read_text())
-    raw["training"].update(training)
-    raw["operator"].update(fl_port=FL_PORT, admin_port=ADMIN_PORT)
-    raw["panel"]["file"] = str(tiny_consortium.parent / raw["panel"]["file"])
-    for member in raw["members"]:
-        member["data"] = str(tiny_consortium.parent / member["data"])
-    path = tmp_path / "consortium.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def _kit(flare: Path, site: str) -> Path:
-    return next(k for k in flare.rglob(site) if (k / "startup").is_dir())
+    operator = {"fl_port": FL_PORT, "admin_port": ADMIN_PORT}
+    return relocated_config(tiny_consortium, tmp_path, training=training, operator=operator)
 
 
 def _jobs(flare: Path) -> list[Path]:
@@ -61,7 +50,7 @@ def _jobs(flare: Path) -> list[Path]:
 
 def _job_id(flare: Path, job_folder: Path) -> str:
     """The job id of a server job folder (``<server kit>/<job id>/...``)."""
-    return job_folder.relative_to(_kit(flare, "localhost")).parts[0]
+    return job_folder.relative_to(poc_kit(flare, "localhost")).parts[0]
 
 
 def _kept_job_ids(out: Path, key: str, *, finished: bool) -> set[str]:
@@ -74,11 +63,8 @@ def _kept_job_ids(out: Path, key: str, *, finished: bool) -> set[str]:
 
 
 def _wait_for(condition, stop: threading.Event) -> bool:
-    while not stop.is_set():
-        if condition():
-            return True
-        time.sleep(0.5)
-    return False
+    """Whether ``condition`` came true before the run ended (``stop``)."""
+    return bool(wait_until(condition, timeout=900, interval=0.5, what="the fault's moment", stop=stop))
 
 
 def _server_answers(root_ca: Path, cert: Path, key: Path) -> bytes:
@@ -95,12 +81,6 @@ def _server_answers(root_ca: Path, cert: Path, key: Path) -> bytes:
             return tls.recv(64)
     except (ssl.SSLError, ConnectionError):
         return b""
-
-
-def _cli(args: list[str]) -> subprocess.CompletedProcess:
-    """``consortium ARGS`` through the installed console script; a process that does not exit fails the test."""
-    script = Path(sys.executable).with_name("consortium")
-    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
 
 
 def _restart(kit: Path) -> None:
@@ -130,10 +110,10 @@ def test_restarted_member_forged_certificate_dead_server_and_resume(tiny_consort
     stop, seen = threading.Event(), {}
 
     def faults() -> None:
-        rounds_of = lambda job, site: len(read_records(job).get(site, []))  # noqa: E731
+        rounds_of = updates_received  # 0 while the job's folder moves (FLARE stores an ended job elsewhere)
         if not _wait_for(lambda: _jobs(flare) and rounds_of(_jobs(flare)[0], "pharma-b") >= 1, stop):
             return
-        first_job, member = _jobs(flare)[0], _kit(flare, "pharma-b")
+        first_job, member = _jobs(flare)[0], poc_kit(flare, "pharma-b")
         stop_processes_under(member)
         seen["member_killed"] = time.monotonic()
         _restart(member)
@@ -144,7 +124,7 @@ def test_restarted_member_forged_certificate_dead_server_and_resume(tiny_consort
         seen["forging"] = time.monotonic()
         seen["forged_answer"] = _server_answers(root_ca, *forged)
         seen["forged_refused"] = time.monotonic()
-        genuine = _kit(flare, "pharma-a") / "startup"
+        genuine = poc_kit(flare, "pharma-a") / "startup"
         seen["genuine_answer"] = _server_answers(root_ca, genuine / "client.crt", genuine / "client.key")
         # pharma-b back in fold 0 itself: a later job (the continuation) with its round-1 update
         later = lambda: [j for j in _jobs(flare) if j != first_job and rounds_of(j, "pharma-b") >= 1]  # noqa: E731
@@ -157,22 +137,35 @@ def test_restarted_member_forged_certificate_dead_server_and_resume(tiny_consort
         stored = lambda: fold1() and list(fold1()[0].rglob(GLOBAL_MODEL_FILE))  # noqa: E731
         if not _wait_for(lambda: stored() and rounds_of(fold1()[0], "pharma-b") >= 1, stop):
             return
-        stop_processes_under(_kit(flare, "localhost"))
+        stop_processes_under(poc_kit(flare, "localhost"))
         seen["server_killed"] = time.monotonic()
 
-    chaos = threading.Thread(target=faults, daemon=True)
+    def faults_seen() -> None:
+        try:
+            faults()
+        except BaseException as exc:  # seen by the test, not lost with the thread
+            seen["error"] = exc
+
+    chaos = threading.Thread(target=faults_seen, daemon=True)
     chaos.start()
     try:
         # the console script in its own process, as a user runs it: its exit (not only its return) is tested
-        killed = _cli(["run", "--config", str(config), "--env", "poc", "--no-he", "--folds", "2", "--out", str(out)])
+        killed = console_script(
+            ["run", "--config", str(config), "--env", "poc", "--no-he", "--folds", "2", "--out", str(out)], timeout=900
+        )
         code = killed.returncode
+    except BaseException:  # a command that did not end (or a test past its timeout) leaves no FLARE process
+        stop_processes_under(flare)
+        raise
     finally:
         ended = time.monotonic()
         stop.set()
         chaos.join(timeout=30)
+    if "error" in seen:
+        raise seen["error"]
     err, said = " ".join(killed.stderr.split()), " ".join(killed.stdout.split())
     assert "server_killed" in seen, f"the run ended before the server was killed (exit {code}): {said} {err}"
-    server_log = (_kit(flare, "localhost") / "log.txt").read_text()
+    server_log = (poc_kit(flare, "localhost") / "log.txt").read_text()
     with capsys.disabled():
         print(
             "\nfault timings: member killed -> its update in the continuing job"
@@ -199,7 +192,7 @@ def test_restarted_member_forged_certificate_dead_server_and_resume(tiny_consort
 
     resumed = time.monotonic()
     args = ["run", "--config", str(config), "--env", "poc", "--no-he", "--folds", "2", "--out", str(out), "--json"]
-    again = _cli([*args, "--resume"])
+    again = console_script([*args, "--resume"], timeout=900)
     with capsys.disabled():
         print(f"resume after the server restart: {time.monotonic() - resumed:.1f} s (one POC start, one round)")
     assert again.returncode == 0, again.stderr[-2000:]

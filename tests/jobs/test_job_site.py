@@ -111,7 +111,7 @@ def test_the_config_has_one_shared_endpoint(config):
 def test_a_normal_round_sends_the_trunk_and_shared_heads_only(served, config):
     _, fake, _ = served
     sent = fake.sent[0]
-    keys = set(sent.params)
+    keys = {k for k in sent.params if not k.startswith("coxfit.")}  # the Cox model of the covariates: sums only
     assert keys == _shared_keys(config)  # exactly the server model's keys
     assert any(k.startswith(f"heads.{SHARED_ENDPOINT}.") for k in keys)
     assert not [k for k in keys if k.startswith(("heads.a_response.", "heads.a_marker."))]
@@ -124,15 +124,23 @@ def test_the_last_round_adds_statistics_and_attributions(served, config):
     keys = set(fake.sent[1].params)
     extra = keys - _shared_keys(config)
     tasks = ["a_response", "a_marker", SHARED_ENDPOINT]
-    assert {k.split(".")[0] for k in extra} == {"stats", "consensus"}
-    assert {k.split(".")[1] for k in extra} == set(tasks)
+    # synth declares age and sex: the survival endpoint's Cox model of them travels every round (coxfit)
+    assert {k.split(".")[0] for k in extra} == {"stats", "consensus", "coxfit"}
+    assert {k.split(".")[1] for k in extra if not k.startswith("coxfit.")} == set(tasks)
+    assert {k for k in extra if k.startswith("coxfit.")} == {
+        f"coxfit.{SHARED_ENDPOINT}.{n}" for n in ("loglik", "gradient", "information", "events", "samples")
+    }
+    assert {k.split(".")[0] for k in set(fake.sent[0].params) - _shared_keys(config)} == {"coxfit"}
     assert {k for k in extra if k.startswith("consensus.")} == {
         f"consensus.{t}.{n}" for t in tasks for n in ("score", "frequency", "members")
     }
     assert not [k for k in keys if k.startswith(("heads.a_response.", "heads.a_marker."))]
     assert not [k for k in keys if k.endswith((".target_mean", ".target_scale"))]
     n_features = site.data.n_features
-    assert all(fake.sent[1].params[k].shape == (n_features,) for k in extra)
+    assert all(fake.sent[1].params[k].shape == (n_features,) for k in extra if k.startswith("consensus."))
+    # limma's pieces per feature: X'X (upper triangle of endpoint, age, sex[M]), X'y, y'y, sum y, n, members
+    assert fake.sent[1].params["stats.a_response.xtx"].shape == (6 * n_features,)
+    assert fake.sent[1].params["stats.a_response.xty"].shape == (3 * n_features,)
 
 
 def test_updates_are_weighted_by_the_local_steps(served):
@@ -218,7 +226,8 @@ def test_a_member_without_shared_endpoints_sends_the_trunk_only(tiny_consortium,
     assert config.shared_endpoints() == []
     site = MemberSite(config, "pharma-a", outputs=SiteOutputs(tmp_path / "a"))
     sent = site.train_round(FakeFlare(initial_model(config), site_name="pharma-a", rounds=2).receive())
-    assert set(sent.params) == _shared_keys(config) and all(k.startswith("trunk.") for k in sent.params)
+    model_keys = {k for k in sent.params if not k.startswith("coxfit.")}  # the covariates' Cox model: sums only
+    assert model_keys == _shared_keys(config) and all(k.startswith("trunk.") for k in model_keys)
 
 
 @pytest.mark.parametrize(
@@ -270,7 +279,8 @@ def test_dp_site_spends_epsilon_within_the_budget(config, tmp_path):
         fake.send(site.train_round(fake.receive()))
     epsilons = [s.meta[PUBLISHED_META]["epsilon"] for s in fake.sent]
     assert 0 < epsilons[0] < epsilons[1] <= dp_config.privacy.dp.epsilon * 1.01  # the budget covers all rounds
-    assert set(fake.sent[0].params) == _shared_keys(config)  # no Opacus '_module.' keys
+    model_keys = {k for k in fake.sent[0].params if not k.startswith("coxfit.")}
+    assert model_keys == _shared_keys(config)  # no Opacus '_module.' keys
 
 
 def test_the_last_round_publishes_timing_and_memory(served):

@@ -103,7 +103,8 @@ def test_the_site_keeps_the_last_checkpoints_only_and_none_for_the_last_round(co
     )
     assert sorted(outputs.checkpoints()) == list(range(ROUNDS - 1 - CHECKPOINTS_KEPT, ROUNDS - 1))
     state = outputs.load_checkpoint(round_=ROUNDS - 2)
-    assert set(state) == {"model", "optimizer", "rng_state", "epochs_done", "accountant"}
+    # the trainer, and the Cox coefficients of the covariates this member reached (jobs.site.COX_STATE)
+    assert set(state) == {"model", "optimizer", "rng_state", "epochs_done", "accountant", "cox_fit"}
     assert any(k.startswith("heads.a_response.") for k in state["model"])  # the private head stays here
     assert outputs.load_checkpoint(round_=ROUNDS - 1) is None
 

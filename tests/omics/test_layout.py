@@ -214,7 +214,7 @@ def test_loading_and_preparing_a_member_does_not_import_scanpy(small_adata, tmp_
         "from omics.contract import ContractRules\n"
         "from omics.io import read_member\n"
         "from omics.prepare import log_expression, member_arrays, prepare_member\n"
-        "import omics.association\n"
+        "import omics.statistics\n"
         "class T:\n"
         "    name, type, column = 'resp', 'binary', 'response'\n"
         f"adata = read_member({str(tmp_path / 'm.h5ad')!r})\n"

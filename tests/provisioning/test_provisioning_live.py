@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from provisioning.kits import provision
+from tests.helpers import free_ports, listening, start_site, stop_job_processes, stop_site, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -65,17 +60,6 @@ def _client_app(sleep_time: int) -> dict:
     return {"format_version": 2, "executors": [{"tasks": ["train"], "executor": trainer}]}
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _write_job(folder: Path, *, name: str, scope: str, sites: list[str], sleep_time: int = 60) -> Path:
     (folder / "app/config").mkdir(parents=True)
     meta = {"name": name, "resource_spec": {}, "min_clients": 1, "deploy_map": {"app": ["server", *sites]}}
@@ -86,84 +70,28 @@ def _write_job(folder: Path, *, name: str, scope: str, sites: list[str], sleep_t
     return folder
 
 
-def _start(kit: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start a site from its own kit, as its operator would: ``startup/sub_start.sh`` (it runs ``python3``
-    from PATH, so this interpreter's folder goes first)."""
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    log = open(kit / "console.txt", "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
-        ["bash", str(kit / "startup" / "sub_start.sh")],
-        cwd=kit,
-        env={**os.environ, "PATH": path, **(env or {})},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: job processes die with it
-    )
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _stop_job_processes(kits: Path) -> None:
-    """Job processes (SJ/CJ) start in sessions of their own; find them by their kit path and end them."""
-    marker = str(kits).encode()
-    for _ in range(2):
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                if marker in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if not pids:
-            return
-        time.sleep(1)
-
-
-def _wait(predicate, *, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 def test_leads_and_scopes_on_a_live_system(tmp_path, make_config, operator_raw):
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
-    fl_port, admin_port = _free_ports(2)
+    fl_port, admin_port = free_ports(2)
     config = make_config(operator={**operator_raw, "fl_port": fl_port, "admin_port": admin_port})
     kits = provision(config, out=tmp_path / "kits").out
-    processes = [_start(kits / "localhost")]
+    processes = [start_site(kits / "localhost")]
     sessions = []
     try:
-        time.sleep(3)
+        wait_until(lambda: listening(fl_port) and listening(admin_port), timeout=90, what="the server to listen")
         for member in config.members:
-            processes.append(_start(kits / member.name))
+            processes.append(start_site(kits / member.name))
         lead_a = new_secure_session("lead@pharma-a.org", str(kits / "lead@pharma-a.org"), timeout=60)
         sessions.append(lead_a)
         lead_b = new_secure_session("boss@pharma-b.com", str(kits / "boss@pharma-b.com"), timeout=60)
         sessions.append(lead_b)
-        _wait(lambda: len(lead_a.get_system_info().client_info) >= 2, timeout=90, what="both member sites to connect")
+        wait_until(
+            lambda: len(lead_a.get_system_info().client_info) >= 2,
+            timeout=90,
+            interval=1,
+            what="both member sites to connect",
+        )
 
         job_a = lead_a.submit_job(
             str(_write_job(tmp_path / "job-a", name="a", scope="consortium-he", sites=["pharma-a"]))
@@ -172,20 +100,27 @@ def test_leads_and_scopes_on_a_live_system(tmp_path, make_config, operator_raw):
             lead_b.abort_job(job_a)
         assert not lead_a.get_job_meta(job_a)["status"].startswith("FINISHED")
         lead_a.abort_job(job_a)  # its own org's job
-        _wait(lambda: lead_a.get_job_meta(job_a)["status"] == "FINISHED:ABORTED", timeout=60, what="job a to abort")
+        wait_until(
+            lambda: lead_a.get_job_meta(job_a)["status"] == "FINISHED:ABORTED",
+            timeout=60,
+            interval=1,
+            what="job a to abort",
+        )
 
         job_x = lead_b.submit_job(
             str(_write_job(tmp_path / "job-x", name="x", scope="no-such-scope", sites=["pharma-b"]))
         )
-        refused = _wait(
+        refused = wait_until(
             lambda: "privacy scope 'no-such-scope' is not allowed" in _logs(kits),
             timeout=120,
+            interval=1,
             what="pharma-b to refuse the job's scope",
         )
         assert refused
-        status = _wait(
+        status = wait_until(
             lambda: (s := lead_b.get_job_meta(job_x)["status"]).startswith("FINISHED") and s,
             timeout=60,
+            interval=1,
             what="the refused job to finish",
         )
         assert status != "FINISHED:COMPLETED"
@@ -195,9 +130,10 @@ def test_leads_and_scopes_on_a_live_system(tmp_path, make_config, operator_raw):
 
         plain = _write_job(tmp_path / "job-p", name="p", scope="consortium-he", sites=["pharma-a"], sleep_time=0)
         lead_a.submit_job(str(plain))
-        _wait(
+        wait_until(
             lambda: "RequireEncryptedResult: this job would send a plaintext model" in _logs(kits),
             timeout=120,
+            interval=1,
             what="pharma-a's scope filter to stop the plaintext result",
         )
     finally:
@@ -205,8 +141,8 @@ def test_leads_and_scopes_on_a_live_system(tmp_path, make_config, operator_raw):
             with contextlib.suppress(Exception):  # the system may already be down
                 session.close()
         for process in reversed(processes):
-            _stop(process)
-        _stop_job_processes(kits)
+            stop_site(process)
+        stop_job_processes(kits)
 
 
 def _logs(kits: Path) -> str:

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,6 @@ from pathlib import Path
 import papermill
 import pytest
 import yaml
-from test_provisioning_live import _free_ports, _start, _stop, _stop_job_processes, _wait
 
 from consortium.audit import verify_log
 from consortium.cli import main as cli
@@ -34,6 +32,7 @@ from jobs.recipe import export_job
 from jobs.store import read_aggregate
 from omics.io import read_member
 from schema.config import load_config
+from tests.helpers import free_ports, listening, start_site, stop_job_processes, stop_site, wait_until
 
 pytestmark = pytest.mark.slow
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "explore_results.ipynb"
@@ -69,19 +68,13 @@ def _preflight(*kits: Path) -> None:
         assert check.returncode == 0 and "overall: pass" in output, f"preflight-check -p {kit}:\n{output[-3000:]}"
 
 
-def _listening(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("localhost", port), timeout=1):
-        return True
-    return False
-
-
 def test_he_job_on_provisioned_kits_and_its_release(tmp_path):
     import mlflow
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
     cfg = synthesize(tmp_path / "c", sizes=[120, 150], n_features=150, seed=1, rounds=ROUNDS)
     raw = yaml.safe_load(cfg.read_text())
-    fl_port, admin_port = _free_ports(2)
+    fl_port, admin_port = free_ports(2)
     raw["operator"] = {**raw["operator"], "fl_port": fl_port, "admin_port": admin_port}
     # a shared endpoint: both members' survival outcome is one consortium endpoint
     for member in raw["members"]:
@@ -101,19 +94,20 @@ def test_he_job_on_provisioned_kits_and_its_release(tmp_path):
     assert not list(server_kit.rglob("client_context.tenseal")), "the server kit must hold no secret key"
 
     _preflight(server_kit)  # before it starts: its ports must be free
-    processes = [_start(server_kit)]
+    processes = [start_site(server_kit)]
     lead, other = config.members
     try:
-        _wait(lambda: _listening(fl_port) and _listening(admin_port), timeout=90, what="the server to listen")
+        wait_until(lambda: listening(fl_port) and listening(admin_port), timeout=90, what="the server to listen")
         admins = [kits / config.operator.admin, *(kits / m.admin for m in config.members)]
         _preflight(*(kits / m.name for m in config.members), *admins)  # they reach the server
         for member in config.members:
-            processes.append(_start(kits / member.name, {"CONSORTIUM_CONFIG": str(cfg)}))
+            processes.append(start_site(kits / member.name, env={"CONSORTIUM_CONFIG": str(cfg)}))
         session = new_secure_session(lead.admin, str(kits / lead.admin), timeout=60)
         try:
-            _wait(
+            wait_until(
                 lambda: len(session.get_system_info().client_info) >= len(config.members),
                 timeout=90,
+                interval=1,
                 what="both member sites to connect",
             )
         finally:
@@ -207,5 +201,5 @@ def test_he_job_on_provisioned_kits_and_its_release(tmp_path):
         assert len([o for o in outputs if "image/png" in o.get("data", {})]) >= 4  # metrics, curves, volcano, effects
     finally:
         for process in reversed(processes):
-            _stop(process)
-        _stop_job_processes(kits)
+            stop_site(process)
+        stop_job_processes(kits)
