@@ -18,7 +18,7 @@ $(STAMP): setup.cfg constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(BIN)/consortium demo --out $(DEMO_DIR)
+	$(BIN)/consortium demo --out $(DEMO_DIR) --force  # a repeated demo replaces the last demo run
 
 test: install
 	$(BIN)/ruff check .

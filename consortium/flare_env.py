@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from consortium.poc_rejoin import RejoinWatch, snapshot_job
+from consortium.processes import processes_naming, stop_processes_under
 from consortium.results import JobResults, read_records
 from consortium.run_state import stored_round
 from provisioning.he_keys import install_keys
@@ -310,7 +310,7 @@ def _end_for_rejoin(run, rejoined: RejoinWatch, *, prod: Path, wait: float = 60.
     with contextlib.suppress(Exception):
         run.abort()
     deadline = time.monotonic() + wait
-    while _processes_naming(job_id) and time.monotonic() < deadline:
+    while processes_naming(job_id) and time.monotonic() < deadline:
         time.sleep(0.5)
     return MemberRejoined(
         f"member {member} logged in again while job {job_id} ran; the job was ended after round {round_}",
@@ -379,7 +379,7 @@ def _ended_locally(config: ConsortiumConfig, server_run: Path, rounds: int) -> s
     enough = published and models and config.min_members() <= full < len(config.members)
     if enough and max(m.stat().st_mtime for m in models) >= max(p.stat().st_mtime for p in published):
         return _DONE_WITHOUT_SILENT
-    if not _processes_naming(server_run.name):
+    if not processes_naming(server_run.name):
         # a job that ended normally has its folder archived into job storage and removed, maybe while it
         # was read above: only a folder still there, read again, tells an incomplete end
         if not server_run.exists():
@@ -388,16 +388,6 @@ def _ended_locally(config: ConsortiumConfig, server_run: Path, rounds: int) -> s
         full = sum(len(records.get(m.name, [])) >= rounds for m in config.members)
         return _ENDED_INCOMPLETE if full < len(config.members) and server_run.exists() else None
     return None
-
-
-def _processes_naming(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-    return found
 
 
 def check_ports_free(config: ConsortiumConfig) -> None:
@@ -413,28 +403,6 @@ def check_ports_free(config: ConsortiumConfig) -> None:
                     f"{config.source}: operator.{field_name} = {port} is already in use on this machine "
                     "(another FLARE server?); stop it or pick free ports in consortium.yaml"
                 ) from None
-
-
-def signal_processes_under(folder: Path, sig: int = signal.SIGTERM) -> int:
-    """Send ``sig`` once to every process whose command line names ``folder``; returns how many."""
-    pids = _processes_naming(str(Path(folder).resolve()))
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-    return len(pids)
-
-
-def stop_processes_under(folder: Path) -> int:
-    """End every process whose command line names ``folder`` (FLARE's job processes start sessions of
-    their own, so they outlive their parent otherwise); returns how many were signalled."""
-    signalled = 0
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        count = signal_processes_under(folder, sig)
-        signalled = max(signalled, count)
-        if not count:
-            break
-        time.sleep(2)
-    return signalled
 
 
 def first_errors(folder: Path | None, job_id: str | None = None, *, limit: int = 4) -> str:

@@ -9,10 +9,8 @@ reads the federated arm's test predictions the sites kept.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -45,12 +43,23 @@ from consortium.flare_env import (
     threads_each,
 )
 from consortium.plots import save_report_plots
+from consortium.reaper import reaper_for
 from consortium.report import build_report, write_biomarker_tables, write_report
-from consortium.results import JobResults, read_job, read_records, release
+from consortium.results import JobResults, Released, read_job, read_records, release, round_digests
+from consortium.run_folder import (
+    busy_error,
+    check_audit_log,
+    check_force,
+    empty_for_force,
+    lock_holder,
+    refuse_earlier_run,
+    run_lock,
+)
 from consortium.run_state import (
     STATE_FILE,
     ResumeError,
     RunState,
+    config_record,
     job_key,
     keep_part,
     kept_folder,
@@ -105,6 +114,7 @@ def run_consortium(
     status: Callable[[str], None] | None = None,
     timeout: float = 3600.0,
     resume: bool = False,
+    force: bool = False,
 ) -> RunResult:
     """Run the federated job (one per fold with ``folds``), release it, compare, write ``out/report.json``.
 
@@ -122,16 +132,24 @@ def run_consortium(
     status
         Called with a short line before each long step (for the CLI).
     resume
-        Continue the run interrupted in ``out`` (same arguments): finished jobs are not run again, and an
-        interrupted one continues after the last round its server stored (:mod:`consortium.run_state`).
+        Continue the run interrupted in ``out`` (same arguments, same config and data files): finished jobs
+        are not run again, and an interrupted one continues after the last round its server stored
+        (:mod:`consortium.run_state`).
+    force
+        Empty ``out`` first. Without ``resume`` or ``force`` a folder that holds an earlier run is refused
+        (:mod:`consortium.run_folder`), as is one whose audit log does not verify, before anything runs.
     """
     he = encryption_for(config, env=env, he=he)
     folds = folds or config.data.folds
     check_folds(config, folds=folds)  # before anything is written
     say = status or (lambda line: log.info(line))
     out = Path(out).resolve()
+    arguments = _run_arguments(config, env=env, rounds=rounds, he=he, folds=folds, seeds=seeds, baselines=baselines)
+    if resume and not (out / STATE_FILE).exists():
+        raise ResumeError(f"{out}: no run to resume here ({STATE_FILE} missing); run the command without --resume")
     out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out):
+    with run_lock(out, say=say):
+        state = _run_state(config, out=out, arguments=arguments, resume=resume, force=force, say=say)
         return _run_locked(
             config,
             env=env,
@@ -144,8 +162,56 @@ def run_consortium(
             progress=progress,
             say=say,
             timeout=timeout,
-            resume=resume,
+            state=state,
         )
+
+
+def check_run_folder(
+    config: ConsortiumConfig,
+    *,
+    env: Literal["sim", "poc"],
+    out: Path,
+    rounds: int | None = None,
+    baselines: bool = False,
+    he: bool | None = None,
+    folds: int | None = None,
+    seeds: int = 1,
+    resume: bool = False,
+    force: bool = False,
+) -> None:
+    """What :func:`run_consortium` refuses in ``out`` before it starts anything, checked here without
+    writing (the CLI checks before it opens its console log): a live run holding the folder, an audit log
+    that does not verify, an earlier run (without ``resume`` or ``force``), and with ``resume`` other
+    arguments, another config or a changed data file."""
+    he = encryption_for(config, env=env, he=he)
+    folds = folds or config.data.folds
+    out = Path(out).resolve()
+    holder = lock_holder(out)
+    if holder is not None:
+        raise busy_error(out, holder)
+    arguments = _run_arguments(config, env=env, rounds=rounds, he=he, folds=folds, seeds=seeds, baselines=baselines)
+    _check_folder(config, out=out, arguments=arguments, resume=resume, force=force)
+
+
+def check_statistics_folder(out: Path, *, config: ConsortiumConfig, force: bool = False) -> None:
+    """What :func:`run_statistics` refuses in ``out`` before it starts anything, checked without writing."""
+    out = Path(out).resolve()
+    holder = lock_holder(out)
+    if holder is not None:
+        raise busy_error(out, holder)
+    _check_statistics_folder(out, config=config, force=force)
+
+
+def empty_run_folder(out: Path, *, config: ConsortiumConfig, say: Callable[[str], None]) -> None:
+    """``--force`` for a caller that writes into ``out`` before the run (the CLI's console log): empty it now,
+    holding its lock, and say so in one line."""
+    out = Path(out).resolve()
+    if not out.exists():
+        return
+    with run_lock(out, say=say):
+        check_audit_log(out)  # a broken log is evidence: --force does not delete it either
+        check_force(out, inputs=_inputs(config))
+        empty_for_force(out, say=say)
 
 
 def encryption_for(config: ConsortiumConfig, *, env: str, he: bool | None) -> bool:
@@ -188,20 +254,27 @@ def run_statistics(
     he: bool | None = None,
     status: Callable[[str], None] | None = None,
     timeout: float = 3600.0,
+    force: bool = False,
 ) -> StatisticsResult:
     """``consortium stats``: one FLARE job in which each member sends only its association statistics'
     sufficient statistics (encrypted under HE); the server adds them, a member's custodian opens the sum.
 
     Writes ``out/statistics.json`` (per endpoint: the features sorted by p-value, and the markers: higher
     in the positive class, by statistic, scanpy's ``rank_genes_groups`` order) and one CSV per endpoint
-    under ``out/statistics/``. The figures equal the pooled analysis stratified by member.
+    under ``out/statistics/``. The figures equal the pooled analysis stratified by member. A folder that
+    holds an earlier run is refused unless ``force`` (which empties it first), as is one whose audit log
+    does not verify, before anything runs.
     """
     he = encryption_for(config, env=env, he=he)
     say = status or (lambda line: log.info(line))
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     endings: list[Ending] = []  # the simulator, left to end while the statistics are written
-    with run_lock(out), _ended_after(endings):
+    with (
+        run_lock(out, say=say),
+        _statistics_folder(out, config=config, force=force, say=say),
+        _ended_after(endings, workspace=out / "flare"),
+    ):
         audit = AuditLog(out / "audit.jsonl")
         keys = _keys(config, out, audit) if he else None
         with _flare(config, env, out, keys=keys, endings=endings) as submit:
@@ -252,27 +325,22 @@ def _statistics_document(config: ConsortiumConfig, opened, results, *, job_id: s
 
 
 @contextlib.contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    """One run at a time in a run folder: a second one is refused with the holder's pid."""
-    path = out / ".consortium-run.lock"
-    handle = open(path, "a+")  # noqa: SIM115 - held for the whole run
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise RunError(
-                f"{out}: another consortium run (pid {holder}) is writing to this folder; wait for it to end "
-                "or give another --out"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        yield
-    finally:
-        handle.close()
+def _statistics_folder(out: Path, *, config: ConsortiumConfig, force: bool, say: Callable[[str], None]):
+    """Held by this command (:func:`run_lock`), ``out`` is checked again and, with ``force``, emptied."""
+    _check_statistics_folder(out, config=config, force=force)
+    if force:
+        empty_for_force(out, say=say)
+    yield
+
+
+def _check_statistics_folder(out: Path, *, config: ConsortiumConfig, force: bool) -> None:
+    if not out.exists():
+        return
+    check_audit_log(out)
+    if force:
+        check_force(out, inputs=_inputs(config))
+    else:
+        refuse_earlier_run(out, command="stats")
 
 
 def _run_locked(config, *, baselines, **arguments) -> RunResult:
@@ -281,7 +349,7 @@ def _run_locked(config, *, baselines, **arguments) -> RunResult:
     aside: list[Aside] = []
     endings: list[Ending] = []  # the last simulator, left to end while the report is written
     try:
-        with _ended_after(endings):
+        with _ended_after(endings, workspace=Path(arguments["out"]) / "flare"):
             return _run_jobs(config, baselines=baselines, aside=aside, endings=endings, **arguments)
     finally:
         for work in aside:
@@ -289,17 +357,19 @@ def _run_locked(config, *, baselines, **arguments) -> RunResult:
 
 
 @contextlib.contextmanager
-def _ended_after(endings: list[Ending]) -> Iterator[None]:
+def _ended_after(endings: list[Ending], *, workspace: Path) -> Iterator[None]:
     """On the way out, the simulators in ``endings`` have ended: after a run that went well, once their
-    jobs have ended (:meth:`Ending.finish`); after an error or an interrupt, at once."""
-    try:
-        yield
-    except BaseException:
+    jobs have ended (:meth:`Ending.finish`); after an error or an interrupt, at once. Should the command
+    itself die (even by kill -9), a watchdog ends every FLARE process under ``workspace``."""
+    with reaper_for(workspace):
+        try:
+            yield
+        except BaseException:
+            for ending in endings:
+                ending.stop()
+            raise
         for ending in endings:
-            ending.stop()
-        raise
-    for ending in endings:
-        ending.finish()
+            ending.finish()
 
 
 def _run_jobs(
@@ -315,15 +385,12 @@ def _run_jobs(
     progress,
     say,
     timeout,
-    resume,
+    state: RunState,
     aside: list[Aside],
     endings: list[Ending],
 ) -> RunResult:
     total = int(rounds or config.training.rounds)
     passes = total * config.training.local_epochs
-    state = _run_state(
-        config, out=out, env=env, rounds=total, he=he, folds=folds, seeds=seeds, baselines=baselines, resume=resume
-    )
     config = _run_config(config, out=out, folds=folds)
     audit = AuditLog(out / "audit.jsonl")
     keys = _keys(config, out, audit) if he else None
@@ -355,11 +422,12 @@ def _run_jobs(
             outcomes = []
             for fold in fold_ids:
                 key = job_key(index, fold)
-                if state.finished(key):
-                    say(f"job {key}: finished before, read from {kept_folder(out, key)}")
-                    outcomes.append(_read_kept(state, out, key, run_config, keys=keys))
-                    continue
                 first = state.next_round(key)
+                if state.finished(key) or first >= total:  # every round kept: released, not run again
+                    how = "finished before" if state.finished(key) else "every round was stored before it stopped"
+                    say(f"job {key}: {how}, read from {kept_folder(out, key)}")
+                    outcomes.append(_read_kept(state, out, key, run_config, keys=keys, total=total))
+                    continue
                 label = f" (fold {fold + 1} of {folds})" if fold is not None else ""
                 label += f" (seed {index + 1} of {seeds})" if seeds > 1 else ""
                 label += f", continuing at round {first}" if first else ""
@@ -385,12 +453,17 @@ def _run_jobs(
                             outcome = submit(recipe, timeout, total - first)
                     except MemberRejoined as exc:
                         first = _continue_with(exc, first_round=first, say=say, **job)
-                        continue
+                        if first < total:
+                            continue
+                        outcome = None  # back once the last round was stored: nothing is left to run
                     except FederatedRunError as exc:
                         _keep_interrupted(exc, first_round=first, **job)
                         raise
                     break
-                outcomes.append(_finish_job(outcome, first_round=first, env=env, he=he, keys=keys, **job))
+                if outcome is None:
+                    outcomes.append(_read_kept(state, out, key, run_config, keys=keys, total=total))
+                else:
+                    outcomes.append(_finish_job(outcome, first_round=first, env=env, he=he, keys=keys, **job))
             repetitions.append((run_config, where, outcomes, aside[-1] if baselines else None))
     seconds = time.perf_counter() - started
     warmup.wait()
@@ -427,10 +500,10 @@ def _run_jobs(
 
 def _record_job(outcome: JobOutcome, config: ConsortiumConfig, audit: AuditLog, *, env, he, total, fold, keys):
     """Audit a finished job, read what its server received and open the aggregate."""
-    _audit_submitted(audit, outcome.job_id, config, env=env, he=he, total=total, fold=fold)
+    _audit_submitted(audit, outcome.job_id, config, env=env, he=he, total=total, fold=fold, keys=keys)
     results = read_job(outcome.result_dir, config=config)
     _check_finished(results, total, outcome, config)
-    _audit_rounds(audit, outcome.job_id, results, rounds=range(total))
+    _audit_rounds(audit, outcome.job_id, results, rounds=range(total), digests=round_digests(outcome.result_dir))
     opened = _open(results, config, keys=keys)
     return outcome, results, opened
 
@@ -440,7 +513,11 @@ def _open(results: JobResults, config: ConsortiumConfig, *, keys: Path | None):
     return release(results, config, client_context=keys / CLIENT_CONTEXT_FILE if keys else None)
 
 
-def _audit_submitted(audit: AuditLog, job_id: str, config: ConsortiumConfig, *, env, he, total, fold, **more) -> None:
+def _audit_submitted(
+    audit: AuditLog, job_id: str, config: ConsortiumConfig, *, env, he, total, fold, keys: Path | None, **more
+) -> None:
+    """The job's submission; under HE with the fingerprint of the public context its server was given."""
+    fingerprint = public_fingerprint(load_context(keys / SERVER_CONTEXT_FILE)) if keys else None
     audit.append(
         EVENT_JOB_SUBMITTED,
         job_id=job_id,
@@ -448,6 +525,7 @@ def _audit_submitted(audit: AuditLog, job_id: str, config: ConsortiumConfig, *, 
         env=env,
         rounds=total,
         he=he,
+        he_fingerprint=fingerprint,
         dp=config.privacy.dp.enabled,
         fold=fold,
         members=[m.name for m in config.members],
@@ -455,24 +533,60 @@ def _audit_submitted(audit: AuditLog, job_id: str, config: ConsortiumConfig, *, 
     )
 
 
-def _audit_rounds(audit: AuditLog, job_id: str, results: JobResults, *, rounds: range) -> None:
+def _audit_rounds(
+    audit: AuditLog, job_id: str, results: JobResults, *, rounds: range, digests: dict[int, dict] | None = None
+) -> None:
+    """One entry per round, with what the server recorded as it completed (``digests``: see
+    :func:`consortium.results.round_digests`)."""
     for round_ in rounds:
         sites = sorted(s for s, records in results.records.items() if any(r.get("round") == round_ for r in records))
-        audit.append(EVENT_ROUND_COMPLETED, job_id=job_id, round=round_, sites=sites)
+        audit.append(EVENT_ROUND_COMPLETED, job_id=job_id, round=round_, sites=sites, **(digests or {}).get(round_, {}))
 
 
-def _run_state(config, *, out: Path, resume: bool, **arguments) -> RunState:
-    """The run folder's :class:`RunState`: the interrupted run's with ``resume``, else a new one."""
-    arguments = {"config": str(config.source), **arguments}
-    state = RunState.load(out)
-    if not resume:
-        if state is not None and state.interrupted():
-            log.warning("%s held an interrupted run; starting over (--resume would have continued it)", out)
-        return RunState.start(out, arguments)
-    if state is None:
+def _run_arguments(config: ConsortiumConfig, *, env, rounds, he, folds, seeds, baselines) -> dict[str, Any]:
+    """What ``--resume`` must be given again, as the run state records it."""
+    total = int(rounds or config.training.rounds)
+    return dict(config=str(config.source), env=env, rounds=total, he=he, folds=folds, seeds=seeds, baselines=baselines)
+
+
+def _run_state(config, *, out: Path, arguments: dict, resume: bool, force: bool, say) -> RunState:
+    """The run folder's :class:`RunState`, checked once more now that this command holds the folder: the
+    run to continue with ``resume``, else a new one (with ``force``, in the emptied folder)."""
+    state = _check_folder(config, out=out, arguments=arguments, resume=resume, force=force)
+    if state is not None:
+        return state
+    if force:
+        empty_for_force(out, say=say)
+    return RunState.start(out, arguments, config=config_record(config))
+
+
+def _check_folder(config, *, out: Path, arguments: dict, resume: bool, force: bool) -> RunState | None:
+    """Everything refused before a run writes a file, in order: the audit log, then an earlier run (without
+    ``resume`` or ``force``), or with ``resume`` other arguments, another config or a changed data file.
+    The run state to continue with ``resume``."""
+    if resume and force:
+        raise RunError("--resume continues the run in --out and --force empties it first: give one of them")
+    if resume and not (out / STATE_FILE).exists():
         raise ResumeError(f"{out}: no run to resume here ({STATE_FILE} missing); run the command without --resume")
+    if not out.exists():
+        return None
+    check_audit_log(out)
+    if force:
+        check_force(out, inputs=_inputs(config))
+        return None
+    if not resume:
+        refuse_earlier_run(out, command="run")
+        return None
+    state = RunState.load(out)
     state.check_arguments(arguments, out=out)
+    state.check_config(config_record(config), out=out)
     return state
+
+
+def _inputs(config: ConsortiumConfig) -> list[Path]:
+    """The consortium's own files, which ``--force`` must never delete."""
+    files = [config.source, config.panel.file, *(m.data for m in config.members)]
+    return [Path(f) for f in files if f is not None]
 
 
 def _keep_stored(exc: FederatedRunError, *, state, out, key, config, audit, total, fold, first_round, **why):
@@ -486,7 +600,8 @@ def _keep_stored(exc: FederatedRunError, *, state, out, key, config, audit, tota
     if part is None:
         return None
     kept = read_job(out / part.folder, config=config)
-    _audit_rounds(audit, part.job_id, kept, rounds=range(first_round, part.rounds_done))
+    digests = round_digests(exc.job_folder)
+    _audit_rounds(audit, part.job_id, kept, rounds=range(first_round, part.rounds_done), digests=digests)
     audit.append(
         EVENT_JOB_INTERRUPTED, job_id=part.job_id, fold=fold, rounds_done=part.rounds_done, rounds=total, **why
     )
@@ -514,9 +629,12 @@ def _keep_interrupted(exc: FederatedRunError, **job) -> None:
     if part is None:
         return
     first_round, out = job["first_round"], job["out"]
+    way = f"continue at round {part.rounds_done}"
+    if part.rounds_done >= job["total"]:
+        way = "release them (every round was stored)"
     exc.args = (
         f"{exc}\nRounds {first_round} to {part.rounds_done - 1} of job {part.job_id} are kept in {out / part.folder}; "
-        f"run the same command with --resume to continue at round {part.rounds_done}",
+        f"run the same command with --resume to {way}",
     )
 
 
@@ -524,20 +642,23 @@ def _finish_job(outcome: JobOutcome, *, state, out, key, config, audit, total, f
     """Keep a finished job's results in the run folder, audit it, read every part of it and open it."""
     continues = state.jobs[key][-1].job_id if first_round else None
     extra = {"continues": continues, "first_round": first_round} if first_round else {}
-    _audit_submitted(audit, outcome.job_id, config, env=env, he=he, total=total, fold=fold, **extra)
+    _audit_submitted(audit, outcome.job_id, config, env=env, he=he, total=total, fold=fold, keys=keys, **extra)
     keep_part(state, out, key, source=outcome.result_dir, job_id=outcome.job_id, first_round=first_round, finished=True)
     results = read_job(kept_folder(out, key), config=config)
     _check_finished(results, total, outcome, config)
-    _audit_rounds(audit, outcome.job_id, results, rounds=range(first_round, total))
+    digests = round_digests(outcome.result_dir)  # the server's, as each round completed
+    _audit_rounds(audit, outcome.job_id, results, rounds=range(first_round, total), digests=digests)
     opened = _open(results, config, keys=keys)
     return outcome, results, opened
 
 
-def _read_kept(state: RunState, out: Path, key: str, config: ConsortiumConfig, *, keys: Path | None):
-    """A job that finished before ``--resume``: read back from the run folder, not run again."""
+def _read_kept(state: RunState, out: Path, key: str, config: ConsortiumConfig, *, keys: Path | None, total: int):
+    """A job whose every round is kept (it finished, or stopped after storing its last round): read back from
+    the run folder and released, not run again."""
     folder = kept_folder(out, key)
     results = read_job(folder, config=config)
     outcome = JobOutcome(job_id=state.jobs[key][-1].job_id, result_dir=folder, logs=folder, kits={})
+    _check_finished(results, total, outcome, config)
     opened = _open(results, config, keys=keys)
     return outcome, results, opened
 
@@ -714,17 +835,19 @@ def report_from_job(
     client_context: Path | None,
     env: str = "kits",
     results: JobResults | None = None,
+    opened: Released | None = None,
 ) -> RunResult:
     """``report.json`` / ``report.md`` of a job run anywhere, from the folder its server kept.
 
     ``job_folder`` is what ``nvflare job download`` (or the admin API) fetched; under HE,
     ``client_context`` is a member's secret context to open the aggregate with. ``results``: the
-    folder as :func:`read_job` already read it, if the caller has.
+    folder as :func:`read_job` already read it, and ``opened``: its aggregate as :func:`release` opened
+    it, if the caller has (then the aggregate is opened before ``out`` is made).
     """
+    results = results if results is not None else read_job(job_folder, config=config)
+    opened = opened if opened is not None else release(results, config, client_context=client_context)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    results = results if results is not None else read_job(job_folder, config=config)
-    opened = release(results, config, client_context=client_context)
     outcome = JobOutcome(job_id=job_id, result_dir=Path(job_folder), logs=Path(job_folder), kits={})
     tracking_uri = tracking_uri_for(config, out=out)
     ensure_experiment(config, tracking_uri=tracking_uri)

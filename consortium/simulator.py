@@ -28,9 +28,8 @@ from consortium.flare_env import (
     environment,
     first_errors,
     shared_threads,
-    signal_processes_under,
-    stop_processes_under,
 )
+from consortium.processes import signal_processes_under, stop_processes_under
 from schema.config import ConsortiumConfig
 from schema.names import JOB_ENDED_FILE
 

@@ -29,8 +29,9 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
-from jobs.he.context import WorkspaceContext
+from jobs.he.context import WorkspaceContext, load_context_from_workspace, public_fingerprint
 from jobs.he.payload import DATA_KEY, ENCRYPTED_KIND, CiphertextSum, EncryptedUpdate, is_encrypted_dxo
+from jobs.published import KIND_ROUND, RECORDS_LOCK, append_digest, file_digest, records_digest, run_folder
 from jobs.sections import SECTIONS_META, add_sections, sections_of
 from jobs.store import read_aggregate, write_aggregate
 from schema.names import GLOBAL_MODEL_FILE, SERVER_CONTEXT_FILE
@@ -158,8 +159,10 @@ class SectionAggregatePersistor(PTFileModelPersistor):
     """``PTFileModelPersistor`` for the initial model; stores every summed global model as is.
 
     The sum is written to ``FL_global_model.sections`` in the run's app folder (:mod:`jobs.store`) after
-    every round, with the round it closes: plaintext sums, or ciphertext the operator cannot read. A
-    member reads it after the run. NVFlare 2.9 restores no interrupted job (its server snapshot is a
+    every round, with the round it closes: plaintext sums, or ciphertext the operator cannot read (with
+    the fingerprint of the public context it was added under). A member reads it after the run. As each
+    round's sum is stored, its sha256 and that of the records so far go to the run's ``digests.jsonl``
+    (:mod:`jobs.published`). NVFlare 2.9 restores no interrupted job (its server snapshot is a
     no-op); a job that continues one starts from such a file instead: ``resume_from`` (a path at the
     server) is then the global model of its first round, sent as stored, encrypted or not.
     """
@@ -168,6 +171,7 @@ class SectionAggregatePersistor(PTFileModelPersistor):
     def __init__(self, *args, resume_from: str = "", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.resume_from = resume_from
+        self._he_fingerprint: str | None = None
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
         if not self.resume_from:
@@ -190,10 +194,37 @@ class SectionAggregatePersistor(PTFileModelPersistor):
         round_ = meta.get(AppConstants.CURRENT_ROUND)
         if _encrypted_weights(weights):
             update = EncryptedUpdate.from_dxo(DXO(data_kind=ENCRYPTED_KIND, data=weights, meta=meta))
-            size = write_aggregate(path, meta=meta, encrypted=update, round_=round_)
+            fingerprint = self._fingerprint(fl_ctx)
+            size = write_aggregate(path, meta=meta, encrypted=update, round_=round_, he_fingerprint=fingerprint)
         else:
             size = write_aggregate(path, meta=meta, params=weights, round_=round_)
         self.log_info(fl_ctx, f"stored the summed global model ({size / 1e6:.1f} MB) at {path}")
+        self._record_digests(path, round_, fl_ctx)
+
+    def _fingerprint(self, fl_ctx: FLContext) -> str:
+        """The public context's fingerprint, from the server kit's ``startup/`` (the aggregator's context)."""
+        if self._he_fingerprint is None:
+            context = load_context_from_workspace(fl_ctx, SERVER_CONTEXT_FILE, private=False)
+            self._he_fingerprint = public_fingerprint(context)
+        return self._he_fingerprint
+
+    def _record_digests(self, path: str, round_: int | None, fl_ctx: FLContext) -> None:
+        """The round's receipt in ``digests.jsonl``: the stored aggregate's sha256 and the records' so far."""
+        folder = run_folder(fl_ctx)
+        if folder is None:
+            self.log_warning(fl_ctx, "no job run folder in this context: the round's digests are not recorded")
+            return
+        stored = file_digest(path)
+        with RECORDS_LOCK:
+            receipt = {
+                "kind": KIND_ROUND,
+                "round": round_,
+                "aggregate": os.path.relpath(path, folder),
+                "aggregate_sha256": stored["sha256"],
+                "aggregate_bytes": stored["bytes"],
+                **records_digest(folder),
+            }
+            append_digest(folder, receipt)
 
     def handle_event(self, event: str, fl_ctx: FLContext) -> None:
         if event == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:

@@ -4,7 +4,9 @@ No pickle, so a member can read an operator's file safely. Format: the magic lin
 ``consortium-aggregate/1\\n``, a 4-byte big-endian header length, a JSON header, then the payload
 bytes back to back. The header says whether the payload is plaintext (float64 arrays, sum-ready
 values) or ciphertext (CKKS chunks per section, :mod:`jobs.he.payload`), and carries the sections
-meta (:mod:`jobs.sections`), which is plaintext in both cases.
+meta (:mod:`jobs.sections`), which is plaintext in both cases, the round it closes and, for ciphertext,
+the fingerprint of the public context it was added under (:func:`jobs.he.context.public_fingerprint`),
+which a release compares with the custodian's key before it decrypts.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class StoredAggregate:
     params: dict[str, np.ndarray] | None = None
     encrypted: EncryptedUpdate | None = None
     round: int | None = None  # the round it is the aggregate of (None in files written before it was kept)
+    he_fingerprint: str | None = None  # ciphertext: the public context's fingerprint (None if not recorded)
 
 
 def write_aggregate(
@@ -42,11 +45,14 @@ def write_aggregate(
     params: Mapping[str, np.ndarray] | None = None,
     encrypted: EncryptedUpdate | None = None,
     round_: int | None = None,
+    he_fingerprint: str | None = None,
 ) -> int:
     """Write one aggregate (of round ``round_``) atomically (temporary file + rename); returns the payload
-    bytes."""
+    bytes. ``he_fingerprint``: with ``encrypted``, the fingerprint of the public context it was added under."""
     if (params is None) == (encrypted is None):
         raise ValueError("give either plaintext params or an encrypted update")
+    if he_fingerprint is not None and encrypted is None:
+        raise ValueError("a key fingerprint belongs to an encrypted aggregate only")
     blobs: list[bytes] = []
     if encrypted is not None:
         entries = {
@@ -62,6 +68,8 @@ def write_aggregate(
         header = {"encrypted": False, "meta": {SECTIONS_META: dict(meta).get(SECTIONS_META, {})}, "entries": entries}
     if round_ is not None:
         header["round"] = int(round_)
+    if he_fingerprint is not None:
+        header["he_fingerprint"] = str(he_fingerprint)
     encoded = json.dumps(header).encode()
     path = Path(path)
     temp = path.with_name(f".{path.name}.tmp")
@@ -92,8 +100,12 @@ def read_aggregate(path: str | Path) -> StoredAggregate:
                 chunks.append(data[offset : offset + length])
                 offset += length
             sections[name] = EncryptedSection(chunks, Layout.from_meta(entry["layout"]))
-        stored = StoredAggregate(meta=meta, encrypted=EncryptedUpdate(sections=sections, meta=dict(meta)))
-        stored.round = header.get("round")
+        stored = StoredAggregate(
+            meta=meta,
+            encrypted=EncryptedUpdate(sections=sections, meta=dict(meta)),
+            round=header.get("round"),
+            he_fingerprint=header.get("he_fingerprint"),
+        )
     else:
         params = {}
         for key, shape in header["entries"].items():

@@ -19,7 +19,6 @@ that it does not depend on how a file was written) names the key set in the audi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import tenseal as ts
 
-from jobs.he.context import check_key_pair, make_contexts
+from jobs.he.context import check_key_pair, make_contexts, public_fingerprint
 from provisioning.errors import KeyCeremonyError, KeyVerificationError
 from schema.config import ConsortiumConfig, HomomorphicEncryption
 from schema.names import CLIENT_CONTEXT_FILE as CLIENT_CONTEXT
@@ -37,6 +36,7 @@ from schema.names import SERVER_CONTEXT_FILE as SERVER_CONTEXT
 
 MAX_SCAN_BYTES = 50 * 1024 * 1024
 """Files larger than this are not parsed when searching for secret keys (a context is far smaller)."""
+CUSTODIAN_SUFFIX = ".custodian"
 
 
 @dataclass
@@ -79,19 +79,6 @@ class KeyReport:
             raise KeyVerificationError(f"HE key verification failed:\n{lines}", findings=self.findings)
 
 
-def public_fingerprint(context: ts.Context) -> str:
-    """The sha256 (hex) of the public part of ``context``: parameters, scale and public key."""
-    public = context.serialize(
-        save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
-    )
-    # A freshly generated key serializes in a compressed, seeded form; a loaded one does not.
-    # Round-tripping once makes the bytes independent of where the context came from.
-    canonical = ts.context_from(public).serialize(
-        save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
-    )
-    return hashlib.sha256(canonical).hexdigest()
-
-
 def load_context(path: Path) -> ts.Context:
     """Load a TenSEAL context file; :class:`KeyCeremonyError` names the file when it cannot."""
     try:
@@ -100,6 +87,13 @@ def load_context(path: Path) -> ts.Context:
         raise KeyCeremonyError(f"{path}: missing; run 'consortium keys create' first") from None
     except Exception as exc:  # tenseal raises bare exceptions on malformed bytes
         raise KeyCeremonyError(f"{path}: not a TenSEAL context ({exc})") from None
+
+
+def custodian_folder(keys: Path) -> Path:
+    """``<keys>.custodian/``: the key custodian's private folder beside its keys folder (its audit
+    signing key), so that handing on a file or a copy of the keys folder never hands on its signature."""
+    keys = Path(keys).resolve()
+    return keys.with_name(keys.name + CUSTODIAN_SUFFIX)
 
 
 def create_keys(he_settings: HomomorphicEncryption, *, out: Path) -> KeySet:

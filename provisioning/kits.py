@@ -9,7 +9,9 @@ Layout of a kits folder (the operator keeps it; each participant gets only its o
       <server host>/       the operator's server kit (startup/, local/authorization.json)
       <member>/            one kit per member (startup/, local/authorization.json, local/privacy.json)
       <admin e-mail>/      one admin kit per user: the operator's admin and each member's lead
-      audit.jsonl          the audit log of everything done to these kits
+      audit.jsonl          the operator's audit log of these kits (with audit.jsonl.pub, .head: they may travel)
+    kits.operator/         beside the kits, never inside them: the operator's private folder
+      audit.key            the operator's audit signing key (mode 0600): whoever holds it signs as the operator
 
 Kits hold private TLS keys: :func:`provision` refuses a folder inside a git work tree, and builds in a
 temporary sibling that is renamed into place only when complete.
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 PROJECT_FILE = "project.yml"
 CA_STATE_DIR = "_ca"
+OPERATOR_SUFFIX = ".operator"
 
 
 @dataclass
@@ -66,6 +69,16 @@ def git_work_tree(path: Path) -> Path | None:
         if (candidate / ".git").exists():
             return candidate
     return None
+
+
+def operator_folder(kits: Path) -> Path:
+    """``<kits>.operator/``: the operator's private folder beside the kits folder, never inside it.
+
+    The kits folder is handed over (to the key custodian for the ceremony, a kit to each participant),
+    so what only the operator may hold, such as its audit signing key, lies beside it.
+    """
+    kits = Path(kits).resolve()
+    return kits.with_name(kits.name + OPERATOR_SUFFIX)
 
 
 def refuse_inside_git(path: Path, *, what: str) -> None:

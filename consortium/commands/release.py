@@ -1,4 +1,9 @@
-"""``consortium release``: a job run on provisioned kits, released by a member's key custodian."""
+"""``consortium release``: a job run on provisioned kits, released by a member's key custodian.
+
+Before anything is written the job is checked (:mod:`consortium.release`): the folder holds one job, the
+one ``--job`` names; its aggregate and records are what the server recorded in ``digests.jsonl``; the key
+is the one the aggregate was encrypted for; the counts it opens are plausible. A failed check exits 1.
+"""
 
 from __future__ import annotations
 
@@ -19,13 +24,15 @@ def register(app: typer.Typer) -> None:
         job: str = typer.Option(..., "--job", help="The FLARE job id."),
         out: Path = typer.Option(..., "--out", help="Folder for report.json, report.md, audit.jsonl, MLflow."),
         kit: Path = typer.Option(None, "--kit", help="A lead's admin kit: download the job from the server."),
-        job_dir: Path = typer.Option(None, "--job-dir", help="An already downloaded job folder instead of --kit."),
+        job_dir: Path = typer.Option(
+            None, "--job-dir", help="An already downloaded job's folder (one job) instead of --kit."
+        ),
         keys: Path = typer.Option(
             None, "--keys", help="HE: the key custodian's secret context (client_context.tenseal, or its folder)."
         ),
         as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     ) -> None:
-        """Download a job, decrypt its aggregate, write the report, register the model, audit it all."""
+        """Download a job, verify it (exit 1 naming what differs, nothing written), decrypt, report, audit."""
         from consortium.release import release_job  # MLflow, torch, NVFlare: loaded only for this command
         from schema.config import load_config
 

@@ -157,11 +157,12 @@ def execute(
     seeds: int = 1,
     as_json: bool = False,
     resume: bool = False,
+    force: bool = False,
 ) -> RunResult:
-    """Check the data, then run; with ``as_json`` every line for the user goes to stderr (stdout stays free
-    for the caller's JSON object)."""
+    """Check the run folder and the data, then run; with ``as_json`` every line for the user goes to stderr
+    (stdout stays free for the caller's JSON object). A refused run folder writes nothing."""
     from consortium.flare_env import FederatedRunError
-    from consortium.orchestration import check_folds, run_consortium
+    from consortium.orchestration import check_folds, check_run_folder, empty_run_folder, run_consortium
     from consortium.run_state import STATE_FILE
     from schema.config import load_config
 
@@ -172,10 +173,15 @@ def execute(
     check_folds(config, folds=folds or config.data.folds)  # a usage error writes nothing
     if resume and not (out / STATE_FILE).exists():
         raise UserError(f"{out}: no run to resume here ({STATE_FILE} missing); run the command without --resume")
+    folder = dict(env=env, out=out, rounds=rounds, baselines=baselines, he=he, folds=folds, seeds=seeds)
+    check_run_folder(config, **folder, resume=resume, force=force)  # before the console log is written
     check_members(config, as_json=as_json)  # before FLARE starts: an unfit member stops the run here
+    say = err_console if as_json else console
+    if force:  # now, before the console log of this run is opened in it
+        empty_run_folder(out, config=config, say=lambda line: say.print(line, markup=False, highlight=False))
     total = rounds or config.training.rounds
     log_path = out / "console.log"
-    (err_console if as_json else console).print(f"FLARE's own output goes to {log_path}")
+    say.print(f"FLARE's own output goes to {log_path}")
     with console_output_to(log_path, terminal_fd=2 if as_json else 1) as terminal:
         bar, update = _progress_bar(total, stream=terminal)
         with bar:
@@ -191,7 +197,7 @@ def execute(
                     seeds=seeds,
                     progress=update,
                     status=lambda line: bar.console.print(line, markup=False, style="dim"),
-                    resume=resume,
+                    resume=resume,  # --force emptied the folder above, before the console log
                 )
             except FederatedRunError as exc:
                 raise RunFailed(str(exc)) from None
@@ -300,7 +306,10 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(
             False,
             "--resume",
-            help="Continue the run interrupted in --out (same arguments) after its last stored round.",
+            help="Continue the run interrupted in --out (same arguments and config) after its last stored round.",
+        ),
+        force: bool = typer.Option(
+            False, "--force", help="Empty --out first when it holds an earlier run (a folder holds one run)."
         ),
     ) -> None:
         """Check every member's data, run the federated biomarker job, write DIR/report.json and DIR/report.md."""
@@ -317,6 +326,7 @@ def register(app: typer.Typer) -> None:
             seeds=seeds,
             as_json=as_json,
             resume=resume,
+            force=force,
         )
         show(result, as_json=as_json)
 
@@ -333,6 +343,7 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(
             False, "--resume", help="Continue the demo run interrupted in --out after its last stored round."
         ),
+        force: bool = typer.Option(False, "--force", help="Empty --out/run first when it holds an earlier run."),
     ) -> None:
         """Synthesize the default consortium, run it federated with baselines, and compare."""
         say = err_console if as_json else console
@@ -352,5 +363,6 @@ def register(app: typer.Typer) -> None:
             he=use_he,
             as_json=as_json,
             resume=resume,
+            force=force,
         )
         show(result, as_json=as_json)

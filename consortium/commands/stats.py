@@ -24,15 +24,18 @@ err_console = Console(stderr=True)
 SHOWN = 10
 
 
-def execute(config_path: Path, *, env: str, out: Path, he: bool | None, as_json: bool = False):
+def execute(config_path: Path, *, env: str, out: Path, he: bool | None, as_json: bool = False, force: bool = False):
     from consortium.flare_env import FederatedRunError
-    from consortium.orchestration import run_statistics
+    from consortium.orchestration import check_statistics_folder, empty_run_folder, run_statistics
     from schema.config import load_config
 
     config = load_config(config_path)
+    check_statistics_folder(out, config=config, force=force)  # before the console log is written
     check_members(config, as_json=as_json)  # before FLARE starts
     log_path = out / "console.log"
     say = err_console if as_json else console
+    if force:  # now, before the console log of this run is opened in it
+        empty_run_folder(out, config=config, say=lambda line: say.print(line, markup=False, highlight=False))
     say.print(f"FLARE's own output goes to {log_path}")
     with console_output_to(log_path, terminal_fd=2 if as_json else 1) as terminal:
         status = Console(file=terminal)
@@ -89,13 +92,16 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(
             False, "--json", help="Print the result as one JSON object on stdout; progress goes to stderr."
         ),
+        force: bool = typer.Option(
+            False, "--force", help="Empty --out first when it holds an earlier run (a folder holds one run)."
+        ),
     ) -> None:
         """Exact federated association statistics per endpoint and feature (no training): limma's moderated t
         with the declared design and member as a factor (binary, regression), the Cox score test given the
         covariates stratified by member (survival); BH adj.P.Val."""
         if env not in ("sim", "poc"):
             raise UserError(f"--env '{env}': use 'sim' (FLARE simulator) or 'poc' (a real server and clients)")
-        result = execute(config, env=env, out=out, he=he, as_json=as_json)
+        result = execute(config, env=env, out=out, he=he, as_json=as_json, force=force)
         if as_json:
             document = {
                 "statistics_path": str(result.path),

@@ -12,6 +12,7 @@ half the bytes on the wire); the public key serves the key ceremony's fingerprin
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -50,6 +51,25 @@ def make_contexts(he_settings: HomomorphicEncryption | None = None) -> tuple[byt
     client = context.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=True)
     server = context.serialize(save_secret_key=False, save_galois_keys=False, save_relin_keys=True)
     return client, server
+
+
+def public_fingerprint(context: ts.Context) -> str:
+    """The sha256 (hex) of the public part of ``context``: parameters, scale and public key.
+
+    A member's secret context and the operator's public one of the same key pair give the same fingerprint
+    (the secret key is never serialized here), so it names the key pair: the key ceremony records it, the
+    server writes it into every encrypted aggregate it stores, and a release compares the custodian's key
+    with it before decrypting. A freshly generated key serializes in a compressed, seeded form, a loaded
+    one does not: the public part is round-tripped once so that the bytes do not depend on where the
+    context came from. The key ceremony (:mod:`provisioning.he_keys`) records the same function's value.
+    """
+    public = context.serialize(
+        save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
+    )
+    canonical = ts.context_from(public).serialize(
+        save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=False
+    )
+    return hashlib.sha256(canonical).hexdigest()
 
 
 def slot_count(context: ts.Context) -> int:

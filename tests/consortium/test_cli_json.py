@@ -58,10 +58,11 @@ def audit_log(tmp_path) -> AuditLog:
 def test_audit_verify_json(audit_log, capsys):
     assert main(["audit", "verify", str(audit_log.path), "--json"]) == 0
     result = _json_out(capsys)
-    assert result["ok"] is True and result["entries"] == 2 and result["recorded"] is True
+    assert result["ok"] is True and result["entries"] == 2 and "recorded" not in result
     assert result["events"] == {"keys_created": 1, "provisioned": 1}
     assert len(result["head_hash"]) == 64 and result["independent_key"] is False
-    assert [e["event"] for e in audit_log.entries()][-1] == "audit_verified"
+    assert result["proves"] == "integrity, not authorship"
+    assert [e["event"] for e in audit_log.entries()][-1] == "keys_created"  # verifying only reads
 
 
 def test_audit_verify_json_of_a_broken_log_exits_1(audit_log, capsys):

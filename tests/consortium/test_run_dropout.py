@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from consortium.flare_env import signal_processes_under, stop_processes_under
+from consortium.processes import signal_processes_under, stop_processes_under
 from tests.helpers import console_script, poc_kit, relocated_config, updates_received, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from consortium.cli import main
-from consortium.flare_env import stop_processes_under
 from consortium.orchestration import run_lock
+from consortium.processes import stop_processes_under
 from schema.names import PUBLISHED_FILE
 from tests.helpers import wait_until
 

@@ -11,7 +11,7 @@ import torch
 
 from consortium.audit import verify_log
 from consortium.cli import main
-from consortium.flare_env import stop_processes_under
+from consortium.processes import stop_processes_under
 from jobs.he.context import context_from_bytes
 from jobs.store import read_aggregate
 

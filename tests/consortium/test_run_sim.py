@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from consortium.audit import verify_log
-from consortium.flare_env import shared_threads, stop_processes_under
+from consortium.flare_env import shared_threads
+from consortium.processes import stop_processes_under
 from schema.names import JOB_ENDED_FILE
 from tests.helpers import relocated_config
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from consortium import simulator
-from consortium.flare_env import _processes_naming
+from consortium.processes import processes_naming
 from consortium.simulator import Ending, _mark, _results_complete
 from schema.names import JOB_ENDED_FILE
 from tests.helpers import wait_until
@@ -69,7 +69,7 @@ def test_finish_waits_for_the_jobs_end_then_ends_the_lingering_simulator(tmp_pat
         _write_mark(logs, results_at=time.time(), ended_at=time.time())
         finisher.join(10)
     assert not finisher.is_alive() and process.poll() is not None
-    assert not ending.running and not _processes_naming(str(workspace.resolve()))
+    assert not ending.running and not processes_naming(str(workspace.resolve()))
     assert not caplog.records  # ended on purpose: no failure reported
 
 

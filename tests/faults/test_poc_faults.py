@@ -18,7 +18,8 @@ import pytest
 
 from consortium import flare_env
 from consortium.cli import main
-from consortium.flare_env import FederatedRunError, check_ports_free, poc_system, stop_processes_under
+from consortium.flare_env import FederatedRunError, check_ports_free, poc_system
+from consortium.processes import stop_processes_under
 from consortium.results import read_records
 from consortium.run_state import STATE_FILE, RunState
 from jobs.tls_refusals import REFUSAL_MESSAGE

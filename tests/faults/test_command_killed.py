@@ -1,0 +1,89 @@
+"""`kill -9` of a running `consortium run --env sim`: no FLARE process it started outlives it (the watchdog of
+consortium.reaper learns of the death from the kernel and ends them)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from consortium.processes import processes_naming, stop_processes_under
+from consortium.reaper import reaper_for
+from tests.helpers import relocated_config, wait_until
+
+pytestmark = pytest.mark.fault
+
+
+@pytest.mark.slow
+def test_a_killed_simulated_run_leaves_no_process_behind_within_5_s(tiny_consortium: Path, tmp_path: Path):
+    config = relocated_config(tiny_consortium, tmp_path, training={"rounds": 30})
+    out = tmp_path / "run"
+    command = subprocess.Popen(
+        [str(Path(sys.executable).with_name("consortium")), "run", "--config", str(config), "--env", "sim"]
+        + ["--no-he", "--out", str(out)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    flare = str((out / "flare").resolve())
+    try:
+        # the simulator's member processes are up (they name the workspace), so the job is under way
+        wait_until(lambda: len(processes_naming(flare)) >= 3, timeout=300, what="the simulator's processes")
+        command.send_signal(signal.SIGKILL)
+        command.wait(timeout=10)
+        killed = time.monotonic()
+        wait_until(lambda: not processes_naming(flare), timeout=5, interval=0.1, what="FLARE processes to end")
+        assert time.monotonic() - killed <= 5.0
+    finally:
+        if command.poll() is None:
+            command.kill()
+        stop_processes_under(out / "flare")
+
+
+def test_the_watchdog_ends_the_processes_under_its_folder_when_its_parent_dies(tmp_path: Path):
+    """The mechanism alone: a parent that starts the watchdog and a stand-in 'FLARE' process naming the
+    folder, then dies by SIGKILL; the stand-in is ended. A dismissed watchdog ends nothing."""
+    folder = tmp_path / "flare"
+    folder.mkdir()
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time\n"
+            "from pathlib import Path\n"
+            "from consortium.reaper import reaper_for\n"
+            f"folder = Path({str(folder)!r})\n"
+            "with reaper_for(folder):\n"
+            "    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)', str(folder)],"
+            " start_new_session=True)\n"
+            "    print('up', flush=True)\n"
+            "    time.sleep(300)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    try:
+        assert parent.stdout.readline().strip() == "up"
+        assert wait_until(lambda: processes_naming(str(folder)), timeout=10, what="the stand-in process")
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        wait_until(lambda: not processes_naming(str(folder)), timeout=5, what="the watchdog to end the stand-in")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        stop_processes_under(folder)
+    # a dismissed watchdog (the command ended normally) leaves the folder's processes alone
+    survivor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(folder)])
+    try:
+        with reaper_for(folder) as watchdog:
+            assert watchdog is not None and watchdog.poll() is None
+        assert survivor.poll() is None
+    finally:
+        survivor.kill()
+        survivor.wait()
