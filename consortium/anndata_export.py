@@ -30,6 +30,7 @@ from omics.layout import SYMBOLS, MemberLayout, read_symbols
 from omics.statistics import rank_genes_groups_record, uniform_columns
 from schema import settings
 from schema.config import ConsortiumConfig
+from schema.writes import writing
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,8 @@ def write_results_anndata(
     out = Path(out)
     path = out if out.suffix == ".h5ad" else out / RESULTS_FILE
     adata = results_anndata(released, config=config, report=report)
-    write_member(adata, path)
+    with writing(path) as temp:  # a full disk named in words, as for every file of the run
+        write_member(adata, temp)
     log.info("wrote %s: %d endpoints x %d features", path, adata.n_obs, adata.n_vars)
     return path
 

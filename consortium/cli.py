@@ -22,7 +22,7 @@ import typer
 from rich.text import Text
 
 from consortium.commands import audit, data, init, provisioning, release, report, run, stats, synth
-from consortium.console import Console
+from consortium.console import INTERRUPTED_MESSAGE, Console
 from schema.errors import UserError
 
 DISTRIBUTION = "biomarker-consortium"
@@ -35,7 +35,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err_console = Console(stderr=True)
-INTERRUPTED_MESSAGE = "interrupted; every FLARE process this command started has been stopped"
 
 
 def _print_version(value: bool) -> None:

@@ -13,6 +13,9 @@ from typing import IO, Any
 
 from rich import console as rich_console
 
+INTERRUPTED_MESSAGE = "interrupted; every FLARE process this command started has been stopped"
+"""What an interrupted command (SIGINT, SIGTERM) says; a run that kept rounds adds how to continue."""
+
 
 class Console(rich_console.Console):
     """A ``rich.console.Console`` that does not break a printed line when its output is not a terminal."""

@@ -47,6 +47,15 @@ INTERRUPTED = threading.Event()
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exceeded|Leak)\w*: ")
 
 
+class JobInterrupted(KeyboardInterrupt):
+    """The command was interrupted (SIGINT, SIGTERM) while a job ran: what the job's server stored under
+    ``job_folder`` can be kept and continued with ``--resume``; ``hint`` says so once it is kept."""
+
+    def __init__(self, *, job_id: str | None, job_folder: Path | None) -> None:
+        super().__init__("interrupted")
+        self.job_id, self.job_folder, self.hint = job_id, job_folder, ""
+
+
 class FederatedRunError(UserError):
     """A federated run failed or did not finish; the message points at the logs. ``job_id`` and
     ``job_folder`` (the server's run folder of the job, on this machine) are set when a job had started:
@@ -216,7 +225,13 @@ def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float, rou
         else:
             result = run.get_result(timeout=120) if status else None
             status = run.get_status() or status
-    except (KeyboardInterrupt, FederatedRunError):
+    except JobInterrupted:
+        raise
+    except KeyboardInterrupt as exc:  # what the server stored so far can be kept (--resume)
+        raise JobInterrupted(
+            job_id=job_id, job_folder=prod / config.operator.host / job_id if job_id else None
+        ) from exc
+    except FederatedRunError:
         raise
     except Exception as exc:
         where = {"job_id": job_id, "job_folder": prod / config.operator.host / job_id} if job_id else {}

@@ -35,6 +35,7 @@ from consortium.audit import (
 )
 from consortium.flare_env import (
     FederatedRunError,
+    JobInterrupted,
     JobOutcome,
     MemberRejoined,
     first_errors,
@@ -77,6 +78,7 @@ from schema import settings
 from schema.config import ConsortiumConfig, dump_config, load_config
 from schema.errors import UserError
 from schema.names import CLIENT_CONTEXT_FILE, PUBLISHED_FILE, SERVER_CONTEXT_FILE
+from schema.writes import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -296,10 +298,7 @@ def run_statistics(
             outcome, config, audit, env=env, he=he, total=rounds, fold=None, keys=keys
         )
         statistics = _statistics_document(config, opened, results, job_id=outcome.job_id, env=env, he=he)
-        path = out / "statistics.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(statistics, indent=2, allow_nan=False))
-        tmp.replace(path)
+        path = atomic_write(out / "statistics.json", json.dumps(statistics, indent=2, allow_nan=False))
         tables = write_biomarker_tables(opened, out / "statistics")
         audit.append(
             EVENT_STATISTICS_RELEASED,
@@ -456,7 +455,7 @@ def _run_jobs(
                         if first < total:
                             continue
                         outcome = None  # back once the last round was stored: nothing is left to run
-                    except FederatedRunError as exc:
+                    except (FederatedRunError, JobInterrupted) as exc:
                         _keep_interrupted(exc, first_round=first, **job)
                         raise
                     break
@@ -623,19 +622,24 @@ def _continue_with(exc: MemberRejoined, *, say, **job) -> int:
     return part.rounds_done
 
 
-def _keep_interrupted(exc: FederatedRunError, **job) -> None:
+def _keep_interrupted(exc: FederatedRunError | JobInterrupted, **job) -> None:
     """Keep what the interrupted job's server stored; say how to continue, in the error and the audit log."""
-    part = _keep_stored(exc, **job)
+    why = {"reason": "interrupted"} if isinstance(exc, JobInterrupted) else {}
+    part = _keep_stored(exc, **why, **job)
     if part is None:
         return
     first_round, out = job["first_round"], job["out"]
     way = f"continue at round {part.rounds_done}"
     if part.rounds_done >= job["total"]:
         way = "release them (every round was stored)"
-    exc.args = (
-        f"{exc}\nRounds {first_round} to {part.rounds_done - 1} of job {part.job_id} are kept in {out / part.folder}; "
-        f"run the same command with --resume to {way}",
+    kept = (
+        f"Rounds {first_round} to {part.rounds_done - 1} of job {part.job_id} are kept in {out / part.folder}; "
+        f"run the same command with --resume to {way}"
     )
+    if isinstance(exc, JobInterrupted):
+        exc.hint = kept
+        return
+    exc.args = (f"{exc}\n{kept}",)
 
 
 def _finish_job(outcome: JobOutcome, *, state, out, key, config, audit, total, fold, first_round, env, he, keys):

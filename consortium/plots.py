@@ -25,6 +25,7 @@ from sksurv.nonparametric import kaplan_meier_estimator
 
 from jobs.site_outputs import PREDICTIONS_FILE, read_predictions
 from omics.statistics import EFFECT, uniform_columns
+from schema.writes import writing
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +370,8 @@ def save_report_plots(run_dir: str | Path, *, report: Mapping[str, Any] | None =
     written = []
     for stem, figure in report_figures(report, predictions, statistics=statistics_tables(report, run_dir)).items():
         path = folder / f"{stem}.png"
-        figure.savefig(path, dpi=dpi)
+        with writing(path) as temp:
+            figure.savefig(temp, dpi=dpi)
         written.append(path)
     log.info("wrote %d plots to %s", len(written), folder)
     return written

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +25,7 @@ from models.attribution import precision_at_k
 from models.metrics import primary_metric
 from schema.config import ConsortiumConfig
 from schema.report import Report
+from schema.writes import atomic_write, writing
 
 TOP_N = 50
 TOP_K_OVERLAP = 20
@@ -303,9 +303,7 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
     json_path, md_path = out / "report.json", out / "report.md"
     texts = {json_path: json.dumps(safe, indent=2, allow_nan=False), md_path: render_markdown(safe)}
     for path, text in texts.items():
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(text)
-        os.replace(partial, path)
+        atomic_write(path, text)
     return json_path, md_path
 
 
@@ -316,6 +314,7 @@ def write_biomarker_tables(released, folder: Path) -> list[Path]:
     for prefix, tables in (("statistics", released.statistics), ("model", released.rankings)):
         for name, table in tables.items():
             path = folder / f"{prefix}_{name}.csv"
-            table.to_csv(path, index=False)
+            with writing(path) as temp:
+                table.to_csv(temp, index=False)
             written.append(path)
     return written

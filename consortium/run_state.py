@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from jobs.store import aggregate_round
 from schema.errors import UserError
 from schema.names import GLOBAL_MODEL_FILE, PUBLISHED_FILE
+from schema.writes import atomic_write, writing
 
 if TYPE_CHECKING:
     from schema.config import ConsortiumConfig
@@ -82,12 +83,9 @@ class RunState:
             raise ResumeError(f"{path}: unreadable run state ({exc}); start the run again without --resume") from None
 
     def save(self, out: Path) -> None:
-        path = Path(out) / STATE_FILE
-        temp = path.with_name(f".{STATE_FILE}.tmp")
         jobs = {k: [asdict(p) for p in v] for k, v in self.jobs.items()}
         data = {"arguments": self.arguments, "config": self.config, "jobs": jobs}
-        temp.write_text(json.dumps(data, indent=2))
-        temp.replace(path)
+        atomic_write(Path(out) / STATE_FILE, json.dumps(data, indent=2))
 
     def check_arguments(self, arguments: dict[str, Any], *, out: Path) -> None:
         """``--resume`` continues the run that was started: the same arguments, or a clear refusal."""
@@ -167,9 +165,10 @@ def keep_part(
         for line in path.read_text().splitlines():
             if line.strip() and (finished or int(json.loads(line).get("round") or 0) <= last):
                 lines.append(line + "\n")
-    (target / PUBLISHED_FILE).write_text("".join(lines))
+    atomic_write(target / PUBLISHED_FILE, "".join(lines))
     if model:
-        shutil.copyfile(model, target / GLOBAL_MODEL_FILE)
+        with writing(target / GLOBAL_MODEL_FILE) as temp:
+            shutil.copyfile(model, temp)
     rounds_done = (last + 1) if last is not None else first_round
     part = JobPart(
         job_id=job_id,

@@ -24,6 +24,7 @@ from pathlib import Path
 from consortium.flare_env import (
     INTERRUPTED,
     FederatedRunError,
+    JobInterrupted,
     JobOutcome,
     environment,
     first_errors,
@@ -117,18 +118,23 @@ def run_sim(
                     started, call = None, started
                     call()
                 thread.join(LOOK_EVERY)
-    except BaseException:
+    except KeyboardInterrupt as exc:
         ending.stop()  # interrupted: no simulator process outlives the command
+        raise JobInterrupted(job_id=recipe.name, job_folder=logs) from exc  # its stored rounds can be kept
+    except BaseException:
+        ending.stop()
         raise
     if not thread.is_alive() and (failure or not runs):
         ending.stop()
         exc = failure[0] if failure else RuntimeError("the simulator ended without a result")
         if INTERRUPTED.is_set():
-            raise KeyboardInterrupt("interrupted") from exc
+            raise JobInterrupted(job_id=recipe.name, job_folder=logs) from exc
         if not isinstance(exc, RuntimeError):
             raise exc
         raise FederatedRunError(
-            f"simulated job failed; logs in {logs}/server/log.txt and {logs}/<member>/log.txt{first_errors(logs)}"
+            f"simulated job failed; logs in {logs}/server/log.txt and {logs}/<member>/log.txt{first_errors(logs)}",
+            job_id=recipe.name,
+            job_folder=logs,  # what the simulator's server stored before it failed is kept (--resume)
         ) from exc
     return JobOutcome(job_id=recipe.name, result_dir=logs, logs=logs, kits={}), ending
 

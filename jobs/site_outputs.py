@@ -11,12 +11,15 @@ One folder per site (``<root>/<site name>/``)::
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from schema.writes import atomic_write, writing
 
 MODEL_FILE = "model.pt"
 PREDICTIONS_FILE = "predictions.npz"
@@ -46,9 +49,7 @@ class SiteOutputs:
     def save_model(self, model: torch.nn.Module, *, info: Mapping[str, Any]) -> Path:
         """Write the full state with what is needed to rebuild the network (atomically)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        partial = self.model_path.with_suffix(".pt.partial")
-        torch.save({"state_dict": model.state_dict(), **info}, partial)
-        partial.replace(self.model_path)
+        atomic_write(self.model_path, _torch_bytes({"state_dict": model.state_dict(), **info}))
         return self.model_path
 
     def save_checkpoint(self, state: Mapping[str, Any], *, round_: int) -> Path:
@@ -56,9 +57,7 @@ class SiteOutputs:
         :data:`CHECKPOINTS_KEPT` are removed."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"round-{int(round_)}.pt"
-        partial = path.with_suffix(".pt.partial")
-        torch.save(dict(state), partial)
-        partial.replace(path)
+        atomic_write(path, _torch_bytes(dict(state)))
         kept = self.checkpoints()
         for old in sorted(kept, reverse=True)[CHECKPOINTS_KEPT:]:
             kept[old].unlink(missing_ok=True)
@@ -83,11 +82,16 @@ class SiteOutputs:
         self.folder.mkdir(parents=True, exist_ok=True)
         arrays = {f"prediction/{k}": np.asarray(v) for k, v in predictions.items()}
         arrays.update({f"target/{k}": np.asarray(v) for k, v in targets.items()})
-        partial = self.folder / f".{PREDICTIONS_FILE}.partial"
-        with open(partial, "wb") as handle:
-            np.savez(handle, **arrays)
-        partial.replace(self.predictions_path)
+        with writing(self.predictions_path) as temp:
+            np.savez(temp, **arrays)
         return self.predictions_path
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    """``torch.save`` in memory: written to a file, a full disk reads "PytorchStreamWriter failed"."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def read_predictions(folder: str | Path) -> dict[str, dict[str, np.ndarray]]:

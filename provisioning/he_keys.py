@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from schema.config import ConsortiumConfig, HomomorphicEncryption
 from schema.names import CLIENT_CONTEXT_FILE as CLIENT_CONTEXT
 from schema.names import HE_MANIFEST_FILE as MANIFEST
 from schema.names import SERVER_CONTEXT_FILE as SERVER_CONTEXT
+from schema.writes import WriteError, atomic_write
 
 MAX_SCAN_BYTES = 50 * 1024 * 1024
 """Files larger than this are not parsed when searching for secret keys (a context is far smaller)."""
@@ -119,13 +119,16 @@ def create_keys(he_settings: HomomorphicEncryption, *, out: Path) -> KeySet:
     manifest = out / MANIFEST
     try:
         out.mkdir(parents=True, exist_ok=True)
+        # TenSEAL serialized in memory: SEAL writing a file itself reports a full disk as "basic_ios::clear"
         _write_private(secret_path, secret)
-        public_path.write_bytes(public)
-        manifest.write_text(json.dumps(_manifest(he_settings, fingerprint), indent=2) + "\n")
-    except OSError as exc:
+        atomic_write(public_path, public)
+        atomic_write(manifest, json.dumps(_manifest(he_settings, fingerprint), indent=2) + "\n")
+    except (OSError, WriteError) as exc:
         for written in (secret_path, public_path, manifest):  # none existed before: leave no half key pair
             with contextlib.suppress(OSError):
                 written.unlink(missing_ok=True)
+        if isinstance(exc, WriteError):
+            raise
         raise KeyCeremonyError(
             f"--out {out}: cannot write the key pair ({exc.strerror}: {exc.filename}); choose a folder you can write"
         ) from None
@@ -158,7 +161,7 @@ def install_keys(kits: Path, keys: Path, *, config: ConsortiumConfig, members: l
         if source is secret_path:
             _write_private(destination, source.read_bytes())
         else:
-            shutil.copyfile(source, destination)
+            atomic_write(destination, source.read_bytes())
         installed.append(destination)
     return installed
 
@@ -330,7 +333,4 @@ def _manifest(he_settings: HomomorphicEncryption, fingerprint: str) -> dict:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(path, 0o600)
+    atomic_write(path, data, mode=0o600)  # a new file each time: never an old file's wider mode

@@ -33,6 +33,7 @@ Never put key material or data in ``details``: fingerprints, names, counts and p
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -46,6 +47,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from schema.errors import UserError
+from schema.writes import WriteError, atomic_write, write_error
 
 GENESIS_HASH = "0" * 64
 
@@ -193,7 +195,7 @@ class AuditLog:
                     entry = self._append_locked(handle, event, details)
                 finally:
                     fcntl.flock(handle, fcntl.LOCK_UN)
-        except AuditError:
+        except (AuditError, WriteError):
             if not existed and self.path.exists() and self.path.stat().st_size == 0:
                 self.path.unlink()  # a refused first append leaves no empty log behind
             raise
@@ -241,13 +243,9 @@ class AuditLog:
         }
         entry["hash"] = entry_hash(entry)
         entry["signature"] = key.sign(ENTRY_DOMAIN + entry["hash"].encode()).hex()
-        handle.seek(0, os.SEEK_END)
-        handle.write(_canonical(entry) + b"\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-        self._write_head(entry, key)
-        if not self.public_key_path.exists():
+        if not self.public_key_path.exists():  # before the entry: a failed write leaves the log as it was
             _replace(self.public_key_path, _public_pem(key.public_key()))
+        _append_line(handle, self.path, _canonical(entry) + b"\n", then=lambda: self._write_head(entry, key))
         return entry
 
     def _key_for(self, last: dict | None) -> Ed25519PrivateKey:
@@ -281,10 +279,28 @@ def read_head(head_path: Path) -> dict | None:
     return head if isinstance(head, dict) else None
 
 
+def _append_line(handle, path: Path, line: bytes, *, then) -> None:
+    """Append ``line`` (unbuffered, fsynced) and run ``then`` (the head's update); when either fails,
+    the log is cut back to where it ended, so a full disk leaves no torn line and no head ahead of it."""
+    fd = handle.fileno()
+    end = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        then()
+    except (OSError, WriteError) as exc:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, end)
+            os.fsync(fd)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from None
+        raise
+
+
 def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 def _public_pem(key: Ed25519PublicKey) -> bytes:
@@ -320,8 +336,14 @@ def _create_private_key(path: Path) -> Ed25519PrivateKey:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:  # another writer made it first
         return _read_private_key(path)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pem)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:  # a full disk: no empty key file that would later read as a broken key
+        path.unlink(missing_ok=True)
+        raise write_error(path, exc) from None
     return key
 
 

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from consortium.commands.data import check_member_data, print_report
 from consortium.commands.synth import synthesize
-from consortium.console import Console
+from consortium.console import INTERRUPTED_MESSAGE, Console
 from schema.errors import UserError
 
 if TYPE_CHECKING:
@@ -37,6 +37,12 @@ err_console = Console(stderr=True)
 
 class RunFailed(UserError):
     exit_code = 1
+
+
+class RunInterrupted(UserError):
+    """SIGINT or SIGTERM during a job whose stored rounds were kept: the message says how to continue."""
+
+    exit_code = 130
 
 
 class DataNotFit(RunFailed):
@@ -161,7 +167,7 @@ def execute(
 ) -> RunResult:
     """Check the run folder and the data, then run; with ``as_json`` every line for the user goes to stderr
     (stdout stays free for the caller's JSON object). A refused run folder writes nothing."""
-    from consortium.flare_env import FederatedRunError
+    from consortium.flare_env import FederatedRunError, JobInterrupted
     from consortium.orchestration import check_folds, check_run_folder, empty_run_folder, run_consortium
     from consortium.run_state import STATE_FILE
     from schema.config import load_config
@@ -201,6 +207,10 @@ def execute(
                 )
             except FederatedRunError as exc:
                 raise RunFailed(str(exc)) from None
+            except JobInterrupted as exc:
+                if not exc.hint:
+                    raise
+                raise RunInterrupted(f"{INTERRUPTED_MESSAGE}\n{exc.hint}") from None
 
 
 def result_json(result: RunResult, **extra: Any) -> str:

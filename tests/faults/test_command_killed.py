@@ -14,6 +14,7 @@ import pytest
 
 from consortium.processes import processes_naming, stop_processes_under
 from consortium.reaper import reaper_for
+from consortium.run_state import stored_aggregate
 from tests.helpers import relocated_config, wait_until
 
 pytestmark = pytest.mark.fault
@@ -87,3 +88,45 @@ def test_the_watchdog_ends_the_processes_under_its_folder_when_its_parent_dies(t
     finally:
         survivor.kill()
         survivor.wait()
+
+
+@pytest.mark.slow
+def test_a_simulated_run_stopped_by_sigterm_keeps_its_rounds_and_resumes(tiny_consortium: Path, tmp_path: Path):
+    """SIGTERM in the simulator keeps what its server stored, as POC does: the message says how to continue,
+    and `--resume` finishes the job from there."""
+    config = relocated_config(tiny_consortium, tmp_path)
+    out = tmp_path / "run"
+    args = ["run", "--config", str(config), "--env", "sim", "--no-he", "--out", str(out), "--rounds", "6"]
+    command = subprocess.Popen(
+        [str(Path(sys.executable).with_name("consortium")), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: command.poll() is not None or stored_aggregate(out / "flare") is not None,
+            timeout=300,
+            what="the simulator's server to store a round",
+        )
+        assert command.poll() is None, command.communicate()
+        command.send_signal(signal.SIGTERM)
+        _, err = command.communicate(timeout=120)
+    finally:
+        if command.poll() is None:
+            command.kill()
+        stop_processes_under(out / "flare")
+    assert command.returncode == 130, err
+    message = " ".join(err.split())
+    assert "interrupted; every FLARE process" in message and "run the same command with --resume" in message
+    resumed = subprocess.run(
+        [str(Path(sys.executable).with_name("consortium")), *args, "--resume"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "continuing at round" in " ".join(resumed.stdout.split()) or (out / "report.json").exists()
+    assert (out / "report.json").exists()
