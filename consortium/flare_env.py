@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,8 +190,17 @@ def _site_log(prod: Path, site: str) -> Path:
     return site_log if site_log.exists() and site_log.stat().st_size else prod / site / "poc_console.log"
 
 
-def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float, rounds: int) -> JobOutcome:
-    """Submit ``recipe`` with the first member lead's admin kit and wait for it to finish.
+def run_poc(
+    recipe,
+    config: ConsortiumConfig,
+    prod: Path,
+    *,
+    timeout: float,
+    rounds: int,
+    submitted: Callable[[str], None] | None = None,
+) -> JobOutcome:
+    """Submit ``recipe`` with the first member lead's admin kit and wait for it to finish; ``submitted`` is
+    called with the job id as soon as FLARE returns it (the audit's ``job_submitted``).
 
     With members that dropped out, FLARE keeps the job RUNNING until its heartbeat gives up on them
     (10 minutes); once the server has aggregated every round from ``training.min_members`` and stored
@@ -205,6 +214,8 @@ def run_poc(recipe, config: ConsortiumConfig, prod: Path, *, timeout: float, rou
     try:
         run = recipe.run(env)
         job_id = run.get_job_id()
+        if submitted is not None:
+            submitted(job_id)
         server_run = prod / config.operator.host / job_id
         rejoined = RejoinWatch(config, prod, job_id=job_id, rounds=rounds)
         status = _wait_until_finished(

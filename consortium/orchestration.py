@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -293,10 +294,11 @@ def run_statistics(
                 tracking_uri=tracking_uri_for(config, out=out),
                 statistics_only=True,
             )
-            outcome = submit(recipe, timeout, rounds)
-        outcome, results, opened = _record_job(
-            outcome, config, audit, env=env, he=he, total=rounds, fold=None, keys=keys
-        )
+            submitted = partial(
+                _audit_submitted, audit, config=config, env=env, he=he, total=rounds, fold=None, keys=keys
+            )
+            outcome = submit(recipe, timeout, rounds, submitted)
+        outcome, results, opened = _record_job(outcome, config, audit, total=rounds, keys=keys)
         statistics = _statistics_document(config, opened, results, job_id=outcome.job_id, env=env, he=he)
         path = atomic_write(out / "statistics.json", json.dumps(statistics, indent=2, allow_nan=False))
         tables = write_biomarker_tables(opened, out / "statistics")
@@ -402,10 +404,10 @@ def _run_jobs(
     with contextlib.ExitStack() as stack:
         flare: list[Callable] = []  # FLARE starts for the first job to run (none when --resume finds all done)
 
-        def submit(recipe, timeout, rounds):
+        def submit(recipe, timeout, rounds, submitted):
             if not flare:
                 flare.append(stack.enter_context(_flare(config, env, out, keys=keys, endings=endings, warmup=warmup)))
-            return flare[0](recipe, timeout, rounds)
+            return flare[0](recipe, timeout, rounds, submitted)
 
         for index in range(seeds):
             run_config = config if index == 0 else _seeded_config(config, out=out, index=index)
@@ -447,9 +449,21 @@ def _run_jobs(
                         first_round=first,
                         resume_from=state.last_aggregate(out, key) if first else None,
                     )
+                    # audited as FLARE returns the job id, before any round: job_submitted precedes what follows
+                    submitted = partial(
+                        _audit_submitted,
+                        audit,
+                        config=run_config,
+                        env=env,
+                        he=he,
+                        total=total,
+                        fold=fold,
+                        keys=keys,
+                        **_continuation(state, key, first),
+                    )
                     try:
                         with _watch(out / "flare", total, progress, first_round=first):
-                            outcome = submit(recipe, timeout, total - first)
+                            outcome = submit(recipe, timeout, total - first, submitted)
                     except MemberRejoined as exc:
                         first = _continue_with(exc, first_round=first, say=say, **job)
                         if first < total:
@@ -497,9 +511,9 @@ def _run_jobs(
     )
 
 
-def _record_job(outcome: JobOutcome, config: ConsortiumConfig, audit: AuditLog, *, env, he, total, fold, keys):
-    """Audit a finished job, read what its server received and open the aggregate."""
-    _audit_submitted(audit, outcome.job_id, config, env=env, he=he, total=total, fold=fold, keys=keys)
+def _record_job(outcome: JobOutcome, config: ConsortiumConfig, audit: AuditLog, *, total, keys):
+    """Audit a finished job's rounds (its submission was audited as FLARE returned its id), read what its
+    server received and open the aggregate."""
     results = read_job(outcome.result_dir, config=config)
     _check_finished(results, total, outcome, config)
     _audit_rounds(audit, outcome.job_id, results, rounds=range(total), digests=round_digests(outcome.result_dir))
@@ -512,8 +526,13 @@ def _open(results: JobResults, config: ConsortiumConfig, *, keys: Path | None):
     return release(results, config, client_context=keys / CLIENT_CONTEXT_FILE if keys else None)
 
 
+def _continuation(state: RunState, key: str, first_round: int) -> dict[str, Any]:
+    """What a job that continues an interrupted one records in its ``job_submitted``."""
+    return {"continues": state.jobs[key][-1].job_id, "first_round": first_round} if first_round else {}
+
+
 def _audit_submitted(
-    audit: AuditLog, job_id: str, config: ConsortiumConfig, *, env, he, total, fold, keys: Path | None, **more
+    audit: AuditLog, job_id: str, *, config: ConsortiumConfig, env, he, total, fold, keys: Path | None, **more
 ) -> None:
     """The job's submission; under HE with the fingerprint of the public context its server was given."""
     fingerprint = public_fingerprint(load_context(keys / SERVER_CONTEXT_FILE)) if keys else None
@@ -644,9 +663,6 @@ def _keep_interrupted(exc: FederatedRunError | JobInterrupted, **job) -> None:
 
 def _finish_job(outcome: JobOutcome, *, state, out, key, config, audit, total, fold, first_round, env, he, keys):
     """Keep a finished job's results in the run folder, audit it, read every part of it and open it."""
-    continues = state.jobs[key][-1].job_id if first_round else None
-    extra = {"continues": continues, "first_round": first_round} if first_round else {}
-    _audit_submitted(audit, outcome.job_id, config, env=env, he=he, total=total, fold=fold, keys=keys, **extra)
     keep_part(state, out, key, source=outcome.result_dir, job_id=outcome.job_id, first_round=first_round, finished=True)
     results = read_job(kept_folder(out, key), config=config)
     _check_finished(results, total, outcome, config)
@@ -743,10 +759,11 @@ def _flare(
     starts once a simulator runs."""
     if env == "sim":
 
-        def simulate(recipe, timeout, rounds):
+        def simulate(recipe, timeout, rounds, submitted=None):
             while endings:
                 endings.pop().finish()
-            outcome, ending = run_sim(recipe, config, out / "flare", started=warmup.start if warmup else None)
+            started = warmup.start if warmup else None
+            outcome, ending = run_sim(recipe, config, out / "flare", started=started, submitted=submitted)
             endings.append(ending)
             return outcome
 
@@ -755,7 +772,11 @@ def _flare(
     if env != "poc":
         raise RunError(f"env='{env}': use 'sim' (FLARE simulator) or 'poc' (a real server and clients)")
     with poc_system(config, out / "flare", keys=keys) as prod:
-        yield lambda recipe, timeout, rounds: run_poc(recipe, config, prod, timeout=timeout, rounds=rounds)
+
+        def on_poc(recipe, timeout, rounds, submitted=None):
+            return run_poc(recipe, config, prod, timeout=timeout, rounds=rounds, submitted=submitted)
+
+        yield on_poc
 
 
 def _outputs(out: Path, fold: int | None) -> Path:

@@ -89,11 +89,17 @@ class Ending:
 
 
 def run_sim(
-    recipe, config: ConsortiumConfig, workspace: Path, *, started: Callable[[], None] | None = None
+    recipe,
+    config: ConsortiumConfig,
+    workspace: Path,
+    *,
+    started: Callable[[], None] | None = None,
+    submitted: Callable[[str], None] | None = None,
 ) -> tuple[JobOutcome, Ending]:
     """Run ``recipe`` in FLARE's simulator, one process per member; return once the job's results are
-    complete, with the simulator's :class:`Ending`. ``started`` is called once the simulator's server
-    writes its log (from then on this process only waits)."""
+    complete, with the simulator's :class:`Ending`. ``submitted`` is called with the job id (the recipe's
+    name) as the simulator starts; ``started`` once its server writes its log (from then on this process
+    only waits)."""
     from nvflare.recipe import SimEnv
 
     sim = SimEnv(clients=[m.name for m in config.members], workspace_root=str(workspace))
@@ -112,6 +118,8 @@ def run_sim(
     ending = Ending(thread, failure, workspace=workspace, logs=logs, since=since)
     try:
         with environment(shared_threads(len(config.members))):  # the simulator's member processes inherit it
+            if submitted is not None:
+                submitted(recipe.name)
             thread.start()
             while thread.is_alive() and not _results_complete(_mark(logs, since=since)):
                 if started is not None and (logs / "server" / "log.txt").exists():

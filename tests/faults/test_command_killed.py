@@ -3,6 +3,7 @@ consortium.reaper learns of the death from the kernel and ends them)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -128,5 +129,18 @@ def test_a_simulated_run_stopped_by_sigterm_keeps_its_rounds_and_resumes(tiny_co
         timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "continuing at round" in " ".join(resumed.stdout.split()) or (out / "report.json").exists()
     assert (out / "report.json").exists()
+    # the audit tells it in order: each job's submission before its rounds, the interruption after them
+    entries = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    events = [e["event"] for e in entries if e["event"] != "keys_created"]
+    kept = next(e["details"]["rounds_done"] for e in entries if e["event"] == "job_interrupted")
+    assert events == [
+        "job_submitted",
+        *["round_completed"] * kept,
+        "job_interrupted",
+        "job_submitted",
+        *["round_completed"] * (6 - kept),
+        "model_released",
+    ]
+    continued = [e["details"] for e in entries if e["event"] == "job_submitted"][1]
+    assert continued["first_round"] == kept and continued["continues"]
