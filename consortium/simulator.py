@@ -32,12 +32,14 @@ from consortium.flare_env import (
 )
 from consortium.processes import signal_processes_under, stop_processes_under
 from schema.config import ConsortiumConfig
-from schema.names import JOB_ENDED_FILE
+from schema.names import JOB_ENDED_FILE, PUBLISHED_FILE
 
 log = logging.getLogger(__name__)
 
 LOOK_EVERY = 0.1
 """Seconds between two looks for the job's end mark (a stat call)."""
+START_ALLOWANCE = 120.0
+"""Seconds the simulator may take, beyond a round's deadline, to start its sites and answer round 0."""
 
 
 class Ending:
@@ -116,6 +118,9 @@ def run_sim(
     since = time.time()
     thread = threading.Thread(target=simulate, name="flare-simulator", daemon=True)
     ending = Ending(thread, failure, workspace=workspace, logs=logs, since=since)
+    # a simulator whose server died waits for ever: no record for longer than a round may take ends it
+    deadline = config.training.round_deadline
+    progress = _Progress(logs, allowance=deadline + START_ALLOWANCE)
     try:
         with environment(shared_threads(len(config.members))):  # the simulator's member processes inherit it
             if submitted is not None:
@@ -125,10 +130,21 @@ def run_sim(
                 if started is not None and (logs / "server" / "log.txt").exists():
                     started, call = None, started
                     call()
+                if progress.stalled(deadline):
+                    raise FederatedRunError(
+                        f"simulated job {recipe.name}: no site's result reached the server for "
+                        f"{progress.silent():.0f} s (training.round_deadline = {deadline:g} s): the simulator's "
+                        f"server or its sites stopped; logs in {logs}/server/log.txt{first_errors(logs)}",
+                        job_id=recipe.name,
+                        job_folder=logs,
+                    )
                 thread.join(LOOK_EVERY)
     except KeyboardInterrupt as exc:
         ending.stop()  # interrupted: no simulator process outlives the command
         raise JobInterrupted(job_id=recipe.name, job_folder=logs) from exc  # its stored rounds can be kept
+    except FederatedRunError:
+        ending.stop()  # stalled: no simulator process outlives the command
+        raise
     except BaseException:
         ending.stop()
         raise
@@ -145,6 +161,33 @@ def run_sim(
             job_folder=logs,  # what the simulator's server stored before it failed is kept (--resume)
         ) from exc
     return JobOutcome(job_id=recipe.name, result_dir=logs, logs=logs, kits={}), ending
+
+
+class _Progress:
+    """When the simulator's server last recorded a site's result (the size of its ``published.jsonl``)."""
+
+    def __init__(self, logs: Path, *, allowance: float) -> None:
+        self.logs, self.allowance = logs, allowance
+        self.size, self.changed, self.seen = -1, time.monotonic(), False
+        self.next_look = 0.0
+
+    def stalled(self, deadline: float) -> bool:
+        now = time.monotonic()
+        if now < self.next_look:
+            return False
+        self.next_look = now + 1.0  # a glob a second, not ten
+        try:
+            size = sum(p.stat().st_size for p in self.logs.rglob(PUBLISHED_FILE)) if self.logs.exists() else 0
+        except OSError:  # the simulator moves folders while this looks: look again in a second
+            return False
+        if size != self.size:
+            self.seen = self.seen or size > 0
+            self.size, self.changed = size, now
+        # before the first record the sites still start (round 0 carries their start-up)
+        return self.silent() > (deadline if self.seen else self.allowance)
+
+    def silent(self) -> float:
+        return time.monotonic() - self.changed
 
 
 def _mark(logs: Path, *, since: float) -> dict:

@@ -144,3 +144,48 @@ def test_a_simulated_run_stopped_by_sigterm_keeps_its_rounds_and_resumes(tiny_co
     ]
     continued = [e["details"] for e in entries if e["event"] == "job_submitted"][1]
     assert continued["first_round"] == kept and continued["continues"]
+
+
+@pytest.mark.slow
+def test_a_dead_simulator_server_ends_the_run_with_its_rounds_kept(tiny_consortium: Path, tmp_path: Path):
+    """The simulator's server process killed mid-run: the command does not wait for ever; it ends within the
+    round deadline, keeps the rounds the server stored and says how to --resume."""
+    config = relocated_config(tiny_consortium, tmp_path, training={"round_deadline": 10})
+    out = tmp_path / "run"
+    args = ["run", "--config", str(config), "--env", "sim", "--no-he", "--out", str(out), "--rounds", "400"]
+    command = subprocess.Popen(
+        [str(Path(sys.executable).with_name("consortium")), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    flare = out / "flare"
+    try:
+        wait_until(
+            lambda: command.poll() is not None or stored_aggregate(flare) is not None,
+            timeout=300,
+            what="the simulator's server to store a round",
+        )
+        assert command.poll() is None, command.communicate()
+        server = _simulator_server(str(flare.resolve()))
+        os.kill(server, signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = command.communicate(timeout=120)
+        ended_in = time.monotonic() - killed
+    finally:
+        if command.poll() is None:
+            command.kill()
+        stop_processes_under(flare)
+    message = " ".join(err.split())
+    assert command.returncode == 1, err
+    assert "run the same command with --resume" in message  # the rounds the server stored are kept
+    assert ended_in < 10 + 30  # the round deadline, then the simulator's processes are ended
+    assert not processes_naming(str(flare.resolve()))
+
+
+def _simulator_server(flare: str) -> int:
+    """The simulator's main process, which runs its server (the sites run in processes below it)."""
+    pids = processes_naming(flare)
+    parents = {pid: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for pid in pids}
+    return next(pid for pid in pids if parents[pid] not in pids)
