@@ -76,21 +76,8 @@ def site_linear_statistics(
         ``Xc'Xc`` in ``np.triu_indices(k)`` order), ``xty`` ``(p, k)``, ``yty`` ``(p,)``, ``ysum``
         ``(p,)``, ``samples`` ``(p,)`` and ``members`` ``(p,)`` (1.0).
     """
-    Y = np.asarray(Y, dtype=np.float64)
-    design = np.asarray(design, dtype=np.float64)
-    if Y.ndim != 2:
-        raise ValueError(f"Y must be 2-D (samples x features), got shape {Y.shape}; reshape it to (n, p)")
+    Y, design, measured = checked_pieces_inputs(Y, design, measured)
     n, p = Y.shape
-    if design.ndim != 2 or design.shape[0] != n or design.shape[1] < 1:
-        raise ValueError(
-            f"design must be 2-D with one row per row of Y ({n}) and at least one column, got shape "
-            f"{design.shape}; pass the design columns without intercept and member dummies"
-        )
-    if not np.isfinite(design).all():
-        raise ValueError("design holds non-finite values; drop or impute those rows before computing statistics")
-    measured = np.ones(p, dtype=bool) if measured is None else np.asarray(measured)
-    if measured.shape != (p,) or measured.dtype != bool:
-        raise ValueError(f"measured must be a bool array of shape ({p},), got {measured.dtype} {measured.shape}")
     if not (np.isfinite(weight) and weight > 0):
         raise ValueError(f"weight must be a positive finite number, got {weight}; use 1.0 for no weighting")
     k = design.shape[1]
@@ -121,6 +108,29 @@ def site_linear_statistics(
         out["yty"][block] = weight * np.einsum("ij,ij->j", yc, yc)
         out["ysum"][block] = total
     return out
+
+
+def checked_pieces_inputs(
+    Y: np.ndarray, design: np.ndarray, measured: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``Y`` (n, p), ``design`` (n, k) and ``measured`` (p,) as float64/bool arrays, or a ValueError naming
+    the argument, its shape and the fix (every site-side pieces function checks its inputs here)."""
+    Y = np.asarray(Y, dtype=np.float64)
+    design = np.asarray(design, dtype=np.float64)
+    if Y.ndim != 2:
+        raise ValueError(f"Y must be 2-D (samples x features), got shape {Y.shape}; reshape it to (n, p)")
+    n, p = Y.shape
+    if design.ndim != 2 or design.shape[0] != n or design.shape[1] < 1:
+        raise ValueError(
+            f"design must be 2-D with one row per row of Y ({n}) and at least one column, got shape "
+            f"{design.shape}; pass the design columns without intercept and member dummies"
+        )
+    if not np.isfinite(design).all():
+        raise ValueError("design holds non-finite values; drop or impute those rows before computing statistics")
+    measured = np.ones(p, dtype=bool) if measured is None else np.asarray(measured)
+    if measured.shape != (p,) or measured.dtype != bool:
+        raise ValueError(f"measured must be a bool array of shape ({p},), got {measured.dtype} {measured.shape}")
+    return Y, design, measured
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from omics.linear_model import LINEAR_KEYS, LinearModelFit, fit_linear_models, site_linear_statistics
+from omics.linear_model import (
+    LINEAR_KEYS,
+    LinearModelFit,
+    checked_pieces_inputs,
+    fit_linear_models,
+    site_linear_statistics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -223,22 +229,11 @@ def site_weighted_statistics(
     measured
         ``(p,)`` bool; default all True.
     """
-    Y = np.asarray(Y, dtype=np.float64)
-    design = np.asarray(design, dtype=np.float64)
-    weights = np.asarray(weights, dtype=np.float64)
-    if Y.ndim != 2:
-        raise ValueError(f"Y must be 2-D (samples x features), got shape {Y.shape}; reshape it to (n, p)")
+    Y, design, measured = checked_pieces_inputs(Y, design, measured)
     n, p = Y.shape
-    if design.ndim != 2 or design.shape[0] != n or design.shape[1] < 1:
-        raise ValueError(
-            f"design must be 2-D with one row per row of Y ({n}) and at least one column, got shape "
-            f"{design.shape}; pass the design columns without intercept and member dummies"
-        )
-    if not np.isfinite(design).all():
-        raise ValueError("design holds non-finite values; drop or impute those rows before computing statistics")
+    weights = np.asarray(weights, dtype=np.float64)
     if weights.shape != (n, p):
         raise ValueError(f"weights must have the shape of Y {Y.shape}, got {weights.shape}")
-    measured = _measured(measured, p)
     k = design.shape[1]
     out = {
         "xtx": np.zeros((p, k * (k + 1) // 2)),
