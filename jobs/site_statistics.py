@@ -16,7 +16,7 @@ figures for that endpoint, and says so in its published record (``small_cell``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 
@@ -110,7 +110,7 @@ class SiteStatistics:
         endpoints' pieces (each member's next weight is computed from their sum)."""
         out = self.cox_sections()
         if self.weights:
-            out.update({k: v for k, v in self.sections().items() if k.split(".")[1] in self.weights})
+            out.update(self.sections(endpoints=self.weights))
         return out
 
     def cox_sections(self) -> dict[str, np.ndarray]:
@@ -124,11 +124,12 @@ class SiteStatistics:
                 out[f"{COXFIT}.{name}.{key}"] = value
         return out
 
-    def sections(self) -> dict[str, np.ndarray]:
-        """``stats.<endpoint>.*``: each endpoint's pieces, except those below the small-cell rule."""
+    def sections(self, *, endpoints: Collection[str] | None = None) -> dict[str, np.ndarray]:
+        """``stats.<endpoint>.*``: each endpoint's pieces (of ``endpoints`` only, when given), except those
+        below the small-cell rule."""
         out: dict[str, np.ndarray] = {}
         for name, kind in self.kinds.items():
-            if not self.sends(name):
+            if not self.sends(name) or (endpoints is not None and name not in endpoints):
                 continue
             pieces = site_statistics(
                 self.samples.log_expression,
