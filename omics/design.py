@@ -27,7 +27,7 @@ from formulaic import Formula, model_matrix
 from formulaic.errors import FormulaicError
 from formulaic.parser.types import Factor
 
-from omics.errors import ContractError
+from omics.errors import FieldError
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m|[⧛⧚]")
 _RANK_TOLERANCE = 1e-7
 
 
-class DesignError(ContractError):
+class DesignError(FieldError):
     """The design cannot be built as declared; ``field``, ``problem`` and ``fix`` apart."""
-
-    def __init__(self, field: str, problem: str, fix: str, *, path: str = "") -> None:
-        super().__init__(f"{path or 'member data'}: {field}: {problem}; fix: {fix}")
-        self.field = field
-        self.problem = problem
-        self.fix = fix
 
 
 @dataclass(frozen=True)

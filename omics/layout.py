@@ -18,7 +18,7 @@ import h5py
 import pandas as pd
 from anndata.io import read_elem
 
-from omics.errors import ContractError
+from omics.errors import FieldError
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,8 @@ RAW = "raw"
 _ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*[GTP]\d{11})\.\d+$")
 
 
-class LayoutError(ContractError):
+class LayoutError(FieldError):
     """The layout named in consortium.yaml does not fit the file; ``field``, ``problem`` and ``fix`` apart."""
-
-    def __init__(self, field: str, problem: str, fix: str, *, path: str = "") -> None:
-        super().__init__(f"{path or 'member data'}: {field}: {problem}; fix: {fix}")
-        self.field = field
-        self.problem = problem
-        self.fix = fix
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from omics.errors import ContractError
+from omics.errors import FieldError
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +29,8 @@ _LAYER_FIX = (
 )
 
 
-class PseudobulkError(ContractError):
+class PseudobulkError(FieldError):
     """The cells cannot be summed per sample as asked; ``field``, ``problem`` and ``fix`` apart."""
-
-    def __init__(self, field: str, problem: str, fix: str, *, path: str = "") -> None:
-        super().__init__(f"{path or 'member data'}: {field}: {problem}; fix: {fix}")
-        self.field = field
-        self.problem = problem
-        self.fix = fix
 
 
 def pseudobulk(

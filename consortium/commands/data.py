@@ -73,8 +73,8 @@ def check_statistics_design(
     returns each endpoint's design block of this member."""
     import numpy as np
 
-    from omics.design import DesignError, DesignSpec, design_matrix
-    from omics.errors import ContractError
+    from omics.design import DesignSpec, design_matrix
+    from omics.errors import ContractError, FieldError
     from omics.prepare import task_targets
     from schema import settings
 
@@ -97,7 +97,7 @@ def check_statistics_design(
             blocks[task.name] = design_matrix(
                 obs[rows], endpoint, spec=spec, region=member.region, path=str(member.data)
             )
-    except DesignError as exc:
+    except FieldError as exc:  # the design or the pseudobulk: field, problem and fix apart
         report.error(f"statistics ({exc.field})", exc.problem, exc.fix)
     except ContractError as exc:
         report.error("statistics", str(exc), "make the member's file fit the statistics settings named above")
