@@ -96,6 +96,12 @@ def cochran_q(effects: np.ndarray, se: np.ndarray) -> tuple[np.ndarray, np.ndarr
     Q, p, I2 : numpy.ndarray
         ``(p,)``: ``Q = sum w (e - ebar_w)^2`` with ``w = 1/se^2``, its chi-square p-value with
         (subgroups - 1) df, and ``I2 = max(0, (Q - df) / Q)``. NaN with fewer than two subgroups.
+
+    Examples
+    --------
+    >>> Q, p, I2 = cochran_q(np.array([[1.0, 1.0, 1.0], [0.0, 1.0, 2.0]]), np.ones((2, 3)))
+    >>> Q.tolist(), p.round(4).tolist(), I2.tolist()
+    ([0.0, 2.0], [1.0, 0.3679], [0.0, 0.0])
     """
     effects, se = np.asarray(effects, dtype=np.float64), np.asarray(se, dtype=np.float64)
     if effects.ndim != 2 or effects.shape != se.shape:

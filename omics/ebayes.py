@@ -61,6 +61,10 @@ def trigamma_inverse(x: np.ndarray) -> np.ndarray:
 
     The start ``0.5 + 1/x`` is already close; ``1/trigamma`` is nearly linear, so iterations converge
     monotonically. Very large or small ``x`` use the asymptotes ``1/sqrt(x)`` and ``1/x``.
+
+    >>> from scipy.special import polygamma
+    >>> trigamma_inverse(polygamma(1, np.array([0.5, 3.0]))).round(12).tolist()
+    [0.5, 3.0]
     """
     x = np.atleast_1d(np.asarray(x, dtype=np.float64))
     y = np.full(x.shape, np.nan)

@@ -185,6 +185,18 @@ def fit_linear_models(summed: Mapping[str, np.ndarray], *, columns: Sequence[str
     is dropped when its sum of squares left after the earlier estimable columns is at most
     :data:`ALIAS_TOLERANCE` times its own, or negligible in absolute terms (see
     :data:`NEGLIGIBLE_PER_SAMPLE`).
+
+    Examples
+    --------
+    Two members' pieces, summed, give the pooled fit of ``y ~ endpoint + member``:
+
+    >>> a = site_linear_statistics(np.array([[1.0], [2.0], [3.0], [5.0]]), np.array([[0.0], [0.0], [1.0], [1.0]]))
+    >>> b = site_linear_statistics(np.array([[2.0], [4.0], [5.0]]), np.array([[0.0], [1.0], [1.0]]))
+    >>> fit = fit_linear_models({key: a[key] + b[key] for key in LINEAR_KEYS}, columns=["endpoint"])
+    >>> fit.coefficients.round(6).tolist(), fit.df_residual.tolist(), fit.sigma.round(6).tolist()
+    ([[2.5]], [4.0], [0.866025])
+    >>> fit.members.tolist(), fit.samples.tolist()
+    ([2.0], [7.0])
     """
     columns = tuple(str(c) for c in columns)
     k = len(columns)

@@ -86,7 +86,13 @@ def design_columns(spec: DesignSpec, *, kind: Kind) -> list[str]:
 
 
 def below_small_cell(target: np.ndarray, *, kind: Kind, min_cell: int) -> bool:
-    """True when a member's labelled samples fall under the small-cell rule for this endpoint."""
+    """True when a member's labelled samples fall under the small-cell rule for this endpoint.
+
+    >>> below_small_cell(np.r_[np.ones(2), np.zeros(40)], kind="binary", min_cell=5)
+    True
+    >>> below_small_cell(np.r_[np.ones(6), np.zeros(40)], kind="binary", min_cell=5)
+    False
+    """
     target = np.asarray(target, dtype=np.float64)
     labelled = target[~np.isnan(target.reshape(len(target), -1)).any(axis=1)]
     if kind == "binary":
@@ -338,7 +344,11 @@ def _scalar(value) -> float | None:
 
 
 def bh(pvalues: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg over the finite p-values (NaN stays NaN)."""
+    """Benjamini-Hochberg over the finite p-values (NaN stays NaN).
+
+    >>> bh(np.array([0.01, 0.04, np.nan, 0.03])).round(3).tolist()
+    [0.03, 0.04, nan, 0.04]
+    """
     out = np.full(np.shape(pvalues), np.nan)
     finite = np.isfinite(pvalues)
     if finite.any():

@@ -62,6 +62,9 @@ def log2_cpm(counts: np.ndarray, lib_size: np.ndarray | None = None) -> np.ndarr
     """voom's log2 counts per million, ``log2((count + 0.5) / (lib.size + 1) * 1e6)``, ``(n, p)``.
 
     ``lib_size`` ``(n,)`` defaults to the row sums of ``counts`` (limma's ``colSums`` of genes x samples).
+
+    >>> log2_cpm(np.array([[0.0, 10.0], [5.0, 5.0]])).round(3).tolist()
+    [[15.472, 19.864], [18.932, 18.932]]
     """
     counts, lib_size = _counts_and_library(counts, lib_size)
     return np.log2((counts + 0.5) / (lib_size[:, None] + 1.0) * 1e6)

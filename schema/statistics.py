@@ -24,7 +24,17 @@ class _Strict(BaseModel):
 
 
 class Statistics(_Strict):
-    """How each endpoint's features are tested: limma's linear model with a design, then empirical Bayes."""
+    """How each endpoint's features are tested: limma's linear model with a design, then empirical Bayes.
+
+    >>> s = Statistics(covariates={"age": "numeric", "sex": ["F", "M"]}, formula="~ endpoint + age + sex")
+    >>> s.covariates["sex"], s.min_members is None
+    (['F', 'M'], True)
+    >>> Statistics(covariates={"age": "numeric"}, formula="~ endpoint + bmi")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    pydantic_core._pydantic_core.ValidationError: 1 validation error for Statistics
+    ...statistics.formula names ['bmi'], which are not declared covariates...
+    """
 
     covariates: dict[str, Literal["numeric"] | list[str]] = Field(
         default_factory=dict,

@@ -80,7 +80,15 @@ def writing(path: str | Path, *, mode: int = 0o666) -> Iterator[Path]:
 
 
 def atomic_write(path: str | Path, data: bytes | str, *, mode: int = 0o666) -> Path:
-    """Write ``data`` (``str`` as UTF-8) to ``path`` atomically; see :func:`writing`."""
+    """Write ``data`` (``str`` as UTF-8) to ``path`` atomically; see :func:`writing`.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> atomic_write(folder / "report.json", '{"ok": true}').read_text()
+    '{"ok": true}'
+    >>> sorted(p.name for p in folder.iterdir())  # no temporary file is left beside it
+    ['report.json']
+    """
     payload = data.encode() if isinstance(data, str) else bytes(data)
     with writing(path, mode=mode) as temp:
         fd = os.open(temp, os.O_WRONLY | os.O_TRUNC)

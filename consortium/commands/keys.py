@@ -1,0 +1,246 @@
+"""``consortium keys create|install|verify``: the HE key ceremony, run by a member's key custodian.
+
+The custodian runs it on its own machine (the operator must never see ``client_context.tenseal``) and
+records each step in its own audit log, ``<keys>/audit.jsonl``, signed with ``<keys>.custodian/audit.key``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from consortium.commands.signed_log import (
+    AUDIT_FILE,
+    AUDIT_OPTION,
+    CONFIG_OPTION,
+    JSON_OPTION,
+    SIGNING_KEY_OPTION,
+    console,
+    custodian_key,
+    echo_json,
+    notes,
+    open_log,
+    operator_key,
+    record,
+)
+
+if TYPE_CHECKING:
+    from provisioning.he_keys import KeyReport
+
+keys_app = typer.Typer(help="The HE key ceremony, run by a member's key custodian (never the operator).")
+
+
+@keys_app.command("create")
+def keys_create(
+    config: Path = CONFIG_OPTION,
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the key pair, outside any git repository."),
+    kits_dir: Path | None = typer.Option(
+        None, "--kits", help="The kits folder, if already received: the key log then follows its audit log."
+    ),
+    audit: Path | None = AUDIT_OPTION,
+    signing_key: Path | None = SIGNING_KEY_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Create the consortium's CKKS key pair: a secret context for members, a public one for the server."""
+    from consortium.audit import EVENT_KEYS_CREATED
+    from provisioning import he_keys, kits
+    from schema.config import load_config
+
+    consortium = load_config(config)
+    kits.refuse_inside_git(Path(out).resolve(), what="HE keys")
+    log = open_log(
+        audit or Path(out) / AUDIT_FILE,
+        signing_key or custodian_key(out),
+        kits=kits_dir,
+        follows=(kits_dir,),
+        as_json=as_json,
+    )
+    with notes(as_json).status("creating the CKKS key pair..."):
+        keyset = he_keys.create_keys(consortium.privacy.he, out=out)
+    record(
+        log,
+        EVENT_KEYS_CREATED,
+        as_json=as_json,
+        fingerprint=keyset.fingerprint,
+        keys=str(Path(out).resolve()),
+        **_he_params(consortium),
+    )
+    if as_json:
+        echo_json(
+            {
+                "secret_context": str(keyset.secret_context),
+                "public_context": str(keyset.public_context),
+                "manifest": str(keyset.manifest),
+                "fingerprint": keyset.fingerprint,
+                **_he_params(consortium),
+            }
+        )
+        return
+    console.print(f"Secret context (members only): {keyset.secret_context}")
+    console.print(f"Public context (server):       {keyset.public_context}")
+    console.print(f"Public fingerprint: [bold]{keyset.fingerprint}[/]")
+
+
+@keys_app.command("install")
+def keys_install(
+    config: Path = CONFIG_OPTION,
+    kits_dir: Path = typer.Option(..., "--kits", help="The kits folder written by 'consortium provision'."),
+    keys: Path = typer.Option(..., "--keys", help="The folder written by 'consortium keys create'."),
+    member: list[str] | None = typer.Option(
+        None, "--member", help="Install only into this member's kit (repeatable), e.g. after add-member."
+    ),
+    audit: Path | None = AUDIT_OPTION,
+    signing_key: Path | None = SIGNING_KEY_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Install the secret context into member kits and the public context into the server kit.
+
+    Recorded in the custodian's log (default ``<keys>/audit.jsonl``), whose entry follows the kits' log.
+    """
+    from consortium.audit import EVENT_KEYS_INSTALLED
+    from provisioning import he_keys
+    from schema.config import load_config
+
+    consortium = load_config(config)
+    log = open_log(
+        audit or Path(keys) / AUDIT_FILE,
+        signing_key or custodian_key(keys),
+        kits=kits_dir,
+        follows=(kits_dir,),
+        as_json=as_json,
+    )
+    installed = he_keys.install_keys(kits_dir, keys, config=consortium, members=member or None)
+    report = he_keys.verify_keys(kits_dir, config=consortium)
+    fingerprint = he_keys.public_fingerprint(he_keys.load_context(Path(keys) / he_keys.SERVER_CONTEXT))
+    record(
+        log,
+        EVENT_KEYS_INSTALLED,
+        as_json=as_json,
+        fingerprint=fingerprint,
+        kits=str(Path(kits_dir).resolve()),
+        sites=[p.parent.parent.name for p in installed],
+        files=[str(p) for p in installed],
+        verified=report.ok,
+    )
+    if as_json:
+        echo_json({"installed": [str(p) for p in installed], "verification": _key_report_dict(report)})
+        report.raise_for_failure()
+        return
+    for path in installed:
+        console.print(f"installed {path}")
+    _print_report(report)
+    report.raise_for_failure()
+
+
+@keys_app.command("verify")
+def keys_verify(
+    config: Path = CONFIG_OPTION,
+    kits_dir: Path = typer.Option(..., "--kits", help="The kits folder to check."),
+    site: list[str] | None = typer.Option(
+        None, "--site", help="Check only this kit (server host or member name; repeatable)."
+    ),
+    fingerprint: str | None = typer.Option(
+        None, "--fingerprint", help="The public fingerprint expected (from the audit log or he_context.json)."
+    ),
+    workspace: Path | None = typer.Option(
+        None, "--workspace", help="The server's running workspace: searched for secret contexts like its kit."
+    ),
+    audit: Path | None = typer.Option(
+        None, "--audit", help="Audit log to record the check in (default: the kits' log, if you hold its key)."
+    ),
+    signing_key: Path | None = typer.Option(
+        None, "--signing-key", help="Your audit signing key for --audit (default: the operator's, if present)."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Prove the server kit holds no secret key and every site shares one key pair (exit 1 otherwise).
+
+    Every file of the server kit (and of --workspace) is parsed as a TenSEAL context, whatever its name.
+    The check is recorded in the kits' log when the operator's signing key is at hand (the operator runs
+    it), or in ``--audit LOG`` with ``--signing-key``; anyone else's check is not recorded, and says so.
+    """
+    from consortium.audit import EVENT_KEYS_VERIFIED
+    from provisioning import he_keys
+    from schema.config import load_config
+
+    consortium = load_config(config)
+    report = he_keys.verify_keys(
+        kits_dir, config=consortium, sites=site or None, fingerprint=fingerprint, workspace=workspace
+    )
+    kits_log = Path(kits_dir) / AUDIT_FILE
+    key = signing_key or operator_key(kits_dir)
+    if signing_key is None and not key.exists():
+        notes(as_json).print(
+            Text(
+                f"not recorded: the operator's signing key for {kits_log} is not at {key}; to record this check "
+                "in a log of your own, pass --audit LOG --signing-key KEY"
+            )
+        )
+    else:
+        log_path = Path(audit or kits_log)
+        follows = (kits_dir,) if log_path.resolve() != kits_log.resolve() else ()
+        log = open_log(log_path, key, kits=kits_dir, follows=follows, as_json=as_json)
+        record(
+            log,
+            EVENT_KEYS_VERIFIED,
+            as_json=as_json,
+            ok=report.ok,
+            fingerprint=report.fingerprint,
+            scanned=report.scanned,
+            findings=[f"{f.path}: {f.problem}" for f in report.findings],
+        )
+    if as_json:
+        echo_json(_key_report_dict(report))
+    else:
+        _print_report(report)
+    report.raise_for_failure()
+
+
+def _key_report_dict(report: KeyReport) -> dict:
+    return {
+        "ok": report.ok,
+        "fingerprint": report.fingerprint,
+        "checked": dict(report.checked),
+        "scanned": report.scanned,
+        "skipped": [str(p) for p in report.skipped],
+        "findings": [{"path": str(f.path), "problem": f.problem} for f in report.findings],
+    }
+
+
+def _print_report(report: KeyReport) -> None:
+    from provisioning.he_keys import MAX_SCAN_BYTES
+
+    if report.skipped:
+        console.print(
+            Text(
+                f"note: {len(report.skipped)} file(s) over {MAX_SCAN_BYTES // 2**20} MB not parsed, e.g. "
+                f"{report.skipped[0]}; check them by hand"
+            )
+        )
+    if report.ok:
+        table = Table("site", "context", title="HE contexts")
+        for site, kind in report.checked.items():
+            table.add_row(Text(site), kind)
+        console.print(table)
+        console.print(
+            f"[green]ok[/]: one key pair, public fingerprint [bold]{report.fingerprint}[/]; "
+            f"{report.scanned} server files searched, no secret key"
+        )
+        return
+    table = Table("file", "problem", title="HE key verification: findings", show_lines=True)
+    for finding in report.findings:
+        table.add_row(Text(str(finding.path)), Text(finding.problem))
+    console.print(table)
+
+
+def _he_params(consortium) -> dict:
+    he = consortium.privacy.he
+    return {
+        "poly_modulus_degree": he.poly_modulus_degree,
+        "coeff_mod_bit_sizes": list(he.coeff_mod_bit_sizes),
+        "global_scale_bits": he.global_scale_bits,
+    }
