@@ -51,6 +51,7 @@ class SiteStatistics:
             spec=DesignSpec(**settings.design_spec(config)),
             min_cell=config.data.min_cell_count,
             region=config.member(member).region,
+            detection=config.data.values == "counts",
         )
         self.kinds = {task.name: task.type for task in config.member(member).tasks}
         self.withheld = sorted(

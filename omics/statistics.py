@@ -60,6 +60,9 @@ METHODS = {
 REGION_TAG = "region["
 
 
+LOW_DETECTION_RULE = "detected in fewer samples than the smaller class holds (edgeR filterByExpr's min.group)"
+
+
 def uniform_columns(kind: Kind) -> dict[str, str]:
     """The table's column behind each of the uniform names ``statistic, effect, pvalue, qvalue`` (plots and
     ``results.h5ad`` read every kind through them)."""
@@ -73,6 +76,7 @@ class EndpointDesign:
     spec: DesignSpec
     min_cell: int = 5
     region: str | None = None
+    detection: bool = False  # count data: send per-feature detection counts for the low-detection filter
 
 
 def design_columns(spec: DesignSpec, *, kind: Kind) -> list[str]:
@@ -149,7 +153,42 @@ def site_statistics(
     else:
         X, _ = design_matrix(covariates, target[rows], spec=design.spec, region=design.region, path=path)
         pieces = site_linear_statistics(values, X, measured=measured, weight=weight)
+        if design.detection and kind == "binary":
+            pieces.update(detection_pieces(values, target[rows], measured=measured))
     return {key: np.asarray(value, dtype=np.float64).reshape(-1) for key, value in pieces.items()}
+
+
+def detection_pieces(Y: np.ndarray, target: np.ndarray, *, measured: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per feature, how many of a member's labelled samples detect it (``Y > 0``) and how many are in the
+    class: summed across members, they drive :func:`low_detection`. Counts only, like ``samples``.
+
+    >>> pieces = detection_pieces(np.array([[0.0, 1.0], [2.0, 0.0], [0.0, 3.0]]), np.array([1.0, 0.0, 0.0]))
+    >>> pieces["detected"].tolist(), pieces["positives"].tolist()
+    ([1.0, 2.0], [1.0, 1.0])
+    """
+    Y, target = np.asarray(Y), np.asarray(target, dtype=np.float64)
+    measured = np.ones(Y.shape[1], dtype=bool) if measured is None else np.asarray(measured, dtype=bool)
+    detected = np.where(measured, (Y > 0).sum(axis=0), 0).astype(np.float64)
+    positives = np.where(measured, float((target == 1).sum()), 0.0)
+    return {"detected": detected, "positives": positives}
+
+
+def low_detection(summed: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """``(p,)`` True where a feature is detected in fewer samples than the smaller class holds: edgeR's
+    ``filterByExpr`` rule (a feature must be expressed in at least ``min.group`` samples, the smallest group
+    size), with detection (a non-zero count) as its expression threshold. It reads only the summed counts,
+    never which samples are in which class, so under the null the kept features' p-values stay uniform;
+    ``None`` without detection counts (values that are not counts, or a kind other than binary).
+
+    >>> low_detection({"detected": np.array([3.0, 9.0]), "positives": np.array([4.0, 4.0]),
+    ...                "samples": np.array([20.0, 20.0])}).tolist()
+    [True, False]
+    """
+    if "detected" not in summed or "positives" not in summed:
+        return None
+    positives = np.asarray(summed["positives"], dtype=np.float64)
+    smaller = np.minimum(positives, np.asarray(summed["samples"], dtype=np.float64) - positives)
+    return np.asarray(summed["detected"], dtype=np.float64) < smaller
 
 
 def next_member_weight(
@@ -244,6 +283,13 @@ def endpoint_statistics(
     if withheld:
         log.info("%d feature(s) withheld: fewer than %d contributing members", withheld, min_members)
     design = {"formula": spec.formula, "min_members": int(min_members), "method": METHODS[kind]}
+    low = low_detection(summed)
+    if low is not None:
+        filtered = contributing & allowed & low
+        allowed = allowed & ~low
+        design["filtered"] = {"rule": LOW_DETECTION_RULE, "features": int(filtered.sum())}
+        if filtered.any():
+            log.info("%d feature(s) not tested: %s", int(filtered.sum()), LOW_DETECTION_RULE)
     columns = design_columns(spec, kind=kind)
     design["columns"] = list(columns)
     if kind == "survival":
