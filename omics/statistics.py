@@ -35,6 +35,7 @@ from scipy.stats import t as student_t
 
 from omics.contrasts import cochran_q, contrast_effects, f_test
 from omics.cox import CoxStep, cox_score_table, newton_step, site_cox_fit_pieces, site_cox_score_pieces
+from omics.cox_regions import cox_region_tables, region_slots
 from omics.design import DesignSpec, design_matrix
 from omics.ebayes import ebayes
 from omics.linear_model import (
@@ -150,6 +151,8 @@ def site_statistics(
         Z, _ = design_matrix(covariates, None, spec=design.spec, region=design.region, path=path)
         beta = np.zeros(Z.shape[1]) if cox_beta is None else np.asarray(cox_beta, dtype=np.float64)
         pieces = site_cox_score_pieces(values, target[rows, 0], target[rows, 1], Z, beta, measured=measured)
+        if design.spec.regions:
+            pieces.update(region_slots(pieces, q=Z.shape[1], regions=design.spec.regions, region=design.region))
     else:
         X, _ = design_matrix(covariates, target[rows], spec=design.spec, region=design.region, path=path)
         pieces = site_linear_statistics(values, X, measured=measured, weight=weight)
@@ -295,7 +298,13 @@ def endpoint_statistics(
     if kind == "survival":
         pieces = _masked(summed, allowed)
         table = cox_score_table(pieces, q=len(columns), feature_names=names)
-        return EndpointStatistics(kind=kind, table=table, withheld=withheld, design=design)
+        regions = None
+        if spec.regions:
+            by_feature, regions = cox_region_tables(pieces, q=len(columns), regions=spec.regions, feature_names=names)
+            table = table.merge(by_feature, on="feature", how="left")
+            regions = regions[regions["feature"].isin(set(table["feature"]))].reset_index(drop=True)
+            design["interaction"] = "score test of equal log hazard ratios across regions at gamma = 0"
+        return EndpointStatistics(kind=kind, table=table, withheld=withheld, regions=regions, design=design)
     pieces = _masked(summed, allowed)
     pieces["xtx"] = pieces["xtx"].reshape(p, -1)
     pieces["xty"] = pieces["xty"].reshape(p, len(columns))
