@@ -42,6 +42,8 @@ from typing import Any
 from consortium.commands.synth import synthesize
 from consortium.orchestration import run_consortium
 from consortium.results import read_records
+from consortium.run_options import RunOptions
+from consortium.run_plan import RunPlan
 from jobs.recipe import server_model
 from jobs.site import (
     ATTRIBUTION_BOOTSTRAPS,
@@ -199,9 +201,8 @@ def run_case(config_path: Path, *, env: str, he: bool, rounds: int, out: Path) -
     error = None
     with MemorySampler(out) as memory:
         try:
-            seconds_total = run_consortium(config, env=env, out=out, rounds=rounds, he=he).report["timing"][
-                "seconds_total"
-            ]
+            plan = RunPlan.build(config, RunOptions(out=out, env=env, rounds=rounds, he=he))
+            seconds_total = run_consortium(plan).report["timing"]["seconds_total"]
         except Exception as exc:  # a failure after the job (release, report, MLflow) still leaves its records
             error, seconds_total = f"{type(exc).__name__}: {exc}", None
     returned = time.time()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from consortium.audit import EVENT_JOB_SUBMITTED, EVENT_ROUND_COMPLETED, AuditLog
 from consortium.audit.chain import links_to
-from consortium.orchestration import RunResult, report_from_job
+from consortium.publish import report_from_job
 from consortium.results import (
     IntegrityError,
     JobResults,
@@ -35,6 +35,7 @@ from consortium.results import (
     round_digests,
     verify_digests,
 )
+from consortium.run_results import RunResult
 from schema.config import ConsortiumConfig
 from schema.errors import UserError
 from schema.names import CLIENT_CONTEXT_FILE, GLOBAL_MODEL_FILE, PUBLISHED_FILE

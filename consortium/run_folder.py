@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import IO
 
 from consortium.audit import verify_log
-from consortium.run_state import KEPT_FOLDER, STATE_FILE, ResumeError, RunState
+from consortium.run_state import KEPT_FOLDER, STATE_FILE, ResumeError, RunState, config_record
+from schema.config import ConsortiumConfig
 from schema.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,66 @@ def check_audit_log(out: Path) -> None:
         f"{path}: the run folder's audit log does not verify{where}: {report.reason}. Nothing was run, written "
         f"or deleted; to go on, {fix}"
     )
+
+
+# -- what a command checks before it writes, and again once it holds the lock -----------------------------
+
+
+def consortium_inputs(config: ConsortiumConfig) -> list[Path]:
+    """The consortium's own files, which ``--force`` must never delete."""
+    files = [config.source, config.panel.file, *(m.data for m in config.members)]
+    return [Path(f) for f in files if f is not None]
+
+
+def check_run_folder(
+    out: Path, arguments: dict, *, config: ConsortiumConfig, resume: bool, force: bool
+) -> RunState | None:
+    """Everything ``consortium run`` refuses in ``out`` before it writes a file, in order: a live run holding
+    it, the audit log, then an earlier run (without ``resume`` or ``force``), or with ``resume`` other
+    ``arguments``, another config or a changed data file. The run state to continue with ``resume``."""
+    holder = lock_holder(out)
+    if holder is not None and holder != os.getpid():
+        raise busy_error(out, holder)
+    if not out.exists():
+        return None
+    check_audit_log(out)
+    if force:
+        check_force(out, inputs=consortium_inputs(config))
+        return None
+    if not resume:
+        refuse_earlier_run(out, command="run")
+        return None
+    state = RunState.load(out)
+    if state is None:
+        raise ResumeError(f"{out}: no run to resume here ({STATE_FILE} missing); run the command without --resume")
+    state.check_arguments(arguments, out=out)
+    state.check_config(config_record(config), out=out)
+    return state
+
+
+def check_statistics_folder(out: Path, *, inputs: list[Path], force: bool) -> None:
+    """What ``consortium stats`` refuses in ``out`` before it writes a file (see :func:`check_run_folder`)."""
+    holder = lock_holder(out)
+    if holder is not None and holder != os.getpid():
+        raise busy_error(out, holder)
+    if not out.exists():
+        return
+    check_audit_log(out)
+    if force:
+        check_force(out, inputs=inputs)
+    else:
+        refuse_earlier_run(out, command="stats")
+
+
+def empty_run_folder(out: Path, *, inputs: list[Path], say: Callable[[str], None]) -> None:
+    """``--force`` for a caller that writes into ``out`` before the run (the CLI's console log): empty it now,
+    holding its lock, and say so in one line."""
+    if not out.exists():
+        return
+    with run_lock(out, say=say):
+        check_audit_log(out)  # a broken log is evidence: --force does not delete it either
+        check_force(out, inputs=inputs)
+        empty_for_force(out, say=say)
 
 
 # -- the lock ------------------------------------------------------------------------------------------

@@ -17,32 +17,34 @@ import typer
 
 from consortium.commands.run import RunFailed, check_members, console_output_to
 from consortium.console import Console
-from schema.errors import UserError
+from consortium.report_markdown import DIRECTIONS, feature_label
+from consortium.run_options import RunOptions
 
 console = Console()
 err_console = Console(stderr=True)
 SHOWN = 10
 
 
-def execute(config_path: Path, *, env: str, out: Path, he: bool | None, as_json: bool = False, force: bool = False):
+def execute(config_path: Path, options: RunOptions, *, as_json: bool = False):
     from consortium.flare_env import FederatedRunError
-    from consortium.orchestration import check_statistics_folder, empty_run_folder, run_statistics
+    from consortium.run_folder import empty_run_folder
+    from consortium.run_plan import RunPlan
+    from consortium.statistics_run import run_statistics
     from schema.config import load_config
 
-    config = load_config(config_path)
-    check_statistics_folder(out, config=config, force=force)  # before the console log is written
-    check_members(config, as_json=as_json)  # before FLARE starts
-    log_path = out / "console.log"
+    options.check()
+    plan = RunPlan.build(load_config(config_path), options, command="stats")  # before anything is written
+    check_members(plan.config, as_json=as_json)  # before FLARE starts
+    log_path = plan.out / "console.log"
     say = err_console if as_json else console
-    if force:  # now, before the console log of this run is opened in it
-        empty_run_folder(out, config=config, say=lambda line: say.print(line, markup=False, highlight=False))
+    if plan.force:  # now, before the console log of this run is opened in it
+        say_line = lambda line: say.print(line, markup=False, highlight=False)  # noqa: E731
+        empty_run_folder(plan.out, inputs=plan.inputs(), say=say_line)
     say.print(f"FLARE's own output goes to {log_path}")
     with console_output_to(log_path, terminal_fd=2 if as_json else 1) as terminal:
         status = Console(file=terminal)
         try:
-            return run_statistics(
-                config, env=env, out=out, he=he, status=lambda line: status.print(line, markup=False, style="dim")
-            )
+            return run_statistics(plan, status=lambda line: status.print(line, markup=False, style="dim"))
         except FederatedRunError as exc:
             raise RunFailed(str(exc)) from None
 
@@ -67,13 +69,14 @@ def print_statistics(result) -> None:
             markup=False,
             highlight=False,
         )
-        for title, rows in (("up", entry["markers"]), ("down", entry["markers_down"])):
+        higher, lower = DIRECTIONS[entry["type"]]
+        for title, rows in ((higher, entry["markers"]), (lower, entry["markers_down"])):
             if rows:
                 console.print(f"  {title}:", markup=False, highlight=False)
-            for row in rows[:SHOWN]:  # 80 columns: feature, t (or z), effect, P.Value, adj.P.Val
+            for row in rows[:SHOWN]:  # 80 columns: gene symbol (else id), t (or z), effect, P.Value, adj.P.Val
                 label = "z" if statistic == "statistic" else statistic
                 console.print(
-                    f"    {row['feature']:<18} {label} {_fmt(row[statistic], '7.2f')}  {effect} "
+                    f"    {feature_label(row):<18} {label} {_fmt(row[statistic], '7.2f')}  {effect} "
                     f"{_fmt(row[effect], '7.3f')}  P {_fmt(row[P_VALUE], '.1e')}  adj.P {_fmt(row[ADJ_P], '.1e')}",
                     markup=False,
                     highlight=False,
@@ -99,9 +102,7 @@ def register(app: typer.Typer) -> None:
         """Exact federated association statistics per endpoint and feature (no training): limma's moderated t
         with the declared design and member as a factor (binary, regression), the Cox score test given the
         covariates stratified by member (survival); BH adj.P.Val."""
-        if env not in ("sim", "poc"):
-            raise UserError(f"--env '{env}': use 'sim' (FLARE simulator) or 'poc' (a real server and clients)")
-        result = execute(config, env=env, out=out, he=he, as_json=as_json, force=force)
+        result = execute(config, RunOptions(out=out, env=env, he=he, force=force), as_json=as_json)
         if as_json:
             document = {
                 "statistics_path": str(result.path),

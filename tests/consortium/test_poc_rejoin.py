@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from consortium import poc_rejoin
-from consortium.poc_rejoin import MemberProcesses, RejoinWatch, member_processes, snapshot_job
+from consortium.backends import rejoin as poc_rejoin
+from consortium.backends.rejoin import MemberProcesses, RejoinWatch, member_processes, snapshot_job
 from consortium.results import read_records
 from consortium.run_state import stored_round
 from schema.config import load_config

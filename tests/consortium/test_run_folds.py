@@ -52,6 +52,10 @@ def test_two_folds_two_seeds_test_every_labelled_sample_once(tiny_consortium: Pa
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["folds"] == 2 and len(report["job_ids"]) == 2 and len(set(report["job_ids"])) == 2
+    # what is released is stated: the last fold's job, not a refit on every sample
+    assert report["release"]["fold"] == 1 and report["release"]["job_id"] == report["job_ids"][-1]
+    assert "fold 2 of 2" in report["release"]["source"] and "no refit" in report["release"]["source"]
+    assert "released model and biomarker tables: fold 2 of 2" in (out / "report.md").read_text()
     seeds = report["seeds"]
     assert seeds["n"] == 2
     for tasks in seeds["paired_differences"].values():

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from consortium.cli import main
-from consortium.orchestration import run_lock
 from consortium.processes import stop_processes_under
+from consortium.run_folder import run_lock
 from schema.names import PUBLISHED_FILE
 from tests.helpers import wait_until
 
@@ -95,7 +95,7 @@ def _first_round_recorded(flare: Path) -> bool:
 
 
 def test_members_on_one_machine_share_its_cores(monkeypatch):
-    from consortium.flare_env import THREAD_VARIABLES, shared_threads
+    from consortium.backends.threads import THREAD_VARIABLES, shared_threads
 
     for name in THREAD_VARIABLES:
         monkeypatch.delenv(name, raising=False)

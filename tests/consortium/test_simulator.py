@@ -11,9 +11,9 @@ import threading
 import time
 from pathlib import Path
 
-from consortium import simulator
+from consortium.backends import sim as simulator
+from consortium.backends.sim import Ending, Simulator, _mark, _results_complete
 from consortium.processes import processes_naming
-from consortium.simulator import Ending, _mark, _results_complete
 from schema.names import JOB_ENDED_FILE
 from tests.helpers import wait_until
 
@@ -39,12 +39,12 @@ def test_results_are_complete_only_without_a_fatal_error():
     assert not _results_complete({"results_at": 1.0, "fatal": True})
 
 
-def _sleeper(workspace: Path) -> tuple[subprocess.Popen, threading.Thread]:
+def _sleeper(workspace: Path) -> tuple[subprocess.Popen, Simulator]:
     """A process naming the workspace (as FLARE's do), awaited by a thread (as the simulator is)."""
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", str(workspace)])
-    thread = threading.Thread(target=process.wait, daemon=True)
-    thread.start()
-    return process, thread
+    simulator = Simulator(process.wait)
+    simulator.thread.start()
+    return process, simulator
 
 
 def test_finish_waits_for_the_jobs_end_then_ends_the_lingering_simulator(tmp_path, caplog, monkeypatch):
@@ -57,11 +57,11 @@ def test_finish_waits_for_the_jobs_end_then_ends_the_lingering_simulator(tmp_pat
         return looks[-1]
 
     monkeypatch.setattr(simulator, "_mark", read_mark)
-    process, thread = _sleeper(workspace)
-    ending = Ending(thread, [], workspace=workspace, logs=logs, since=time.time() - 1)
+    process, sleeper = _sleeper(workspace)
+    ending = Ending(sleeper, workspace=workspace, logs=logs, since=time.time() - 1)
     _write_mark(logs, results_at=time.time())
     finisher = threading.Thread(target=ending.finish)
-    with caplog.at_level(logging.WARNING, logger="consortium.simulator"):
+    with caplog.at_level(logging.WARNING, logger="consortium.backends.sim"):
         finisher.start()
         # it read the mark, found the results but no end, and looked again: it waits
         wait_until(lambda: len(looks) >= 2, timeout=30, what="the finisher to look at the job's mark twice")
@@ -74,10 +74,13 @@ def test_finish_waits_for_the_jobs_end_then_ends_the_lingering_simulator(tmp_pat
 
 
 def test_a_failure_after_the_results_is_logged(tmp_path, caplog):
-    thread = threading.Thread(target=lambda: None)
-    thread.start()
-    thread.join()
-    ending = Ending(thread, [RuntimeError("rc 1")], workspace=tmp_path, logs=tmp_path, since=time.time())
-    with caplog.at_level(logging.WARNING, logger="consortium.simulator"):
+    def fail() -> None:
+        raise RuntimeError("rc 1")
+
+    simulator = Simulator(fail)
+    simulator.thread.start()
+    simulator.thread.join()
+    ending = Ending(simulator, workspace=tmp_path, logs=tmp_path, since=time.time())
+    with caplog.at_level(logging.WARNING, logger="consortium.backends.sim"):
         ending.finish()
     assert "failed after its job's results were complete: rc 1" in caplog.text

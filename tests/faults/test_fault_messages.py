@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from consortium import flare_env
-from consortium.flare_env import server_down, server_stopped_message, sites_not_up
+from consortium.backends import poc
+from consortium.backends.poc_system import server_down, server_stopped_message, sites_not_up
 from schema.config import config_from_dict
 
 pytestmark = pytest.mark.fault
@@ -83,7 +83,7 @@ def test_a_status_call_hanging_on_a_dead_server_is_abandoned():
     looks = iter([None, "nothing listens"])
     run = _HangingRun()
     try:
-        status = flare_env._wait_until_finished(run, timeout=60, stopped=lambda: next(looks, "nothing listens"))
+        status = poc.wait_until_finished(run, timeout=60, stopped=lambda: next(looks, "nothing listens"))
     finally:
         run.released.set()
     assert status == "SERVER_STOPPED"
@@ -91,6 +91,4 @@ def test_a_status_call_hanging_on_a_dead_server_is_abandoned():
 
 def test_a_failing_status_call_still_raises_in_the_caller():
     with pytest.raises(RuntimeError, match="session refused"):
-        flare_env._wait_until_finished(
-            _HangingRun(error=RuntimeError("session refused")), timeout=60, stopped=lambda: None
-        )
+        poc.wait_until_finished(_HangingRun(error=RuntimeError("session refused")), timeout=60, stopped=lambda: None)

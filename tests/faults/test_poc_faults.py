@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from consortium import flare_env
+from consortium.backends import poc_system as flare_poc
+from consortium.backends.poc_system import check_ports_free, poc_system
 from consortium.cli import main
-from consortium.flare_env import FederatedRunError, check_ports_free, poc_system
+from consortium.flare_env import FederatedRunError
 from consortium.processes import stop_processes_under
 from consortium.results import read_records
 from consortium.run_state import STATE_FILE, RunState
@@ -215,14 +216,14 @@ def test_restarted_member_forged_certificate_dead_server_and_resume(tiny_consort
 
 def test_a_member_that_cannot_start_is_named_with_its_log(tiny_consortium: Path, tmp_path: Path, monkeypatch):
     config = load_config(_config(tiny_consortium, tmp_path))
-    write_site_policies = flare_env.write_site_policies
+    write_site_policies = flare_poc.write_site_policies
 
     def break_pharma_b(folder: Path, **kwargs) -> None:
         write_site_policies(folder, **kwargs)
         if folder.name == "pharma-b":
             (folder / "startup" / "client.key").unlink()  # its client cannot prove who it is, so never starts
 
-    monkeypatch.setattr(flare_env, "write_site_policies", break_pharma_b)
+    monkeypatch.setattr(flare_poc, "write_site_policies", break_pharma_b)
     with (
         pytest.raises(FederatedRunError) as failure,
         poc_system(config, tmp_path / "flare", keys=None, start_timeout=30),

@@ -5,9 +5,10 @@ process died and was started again (its kit's ``start.sh``) sits idle until the 
 every process runs on this machine, so the command sees it: the member's client (``client_train``
 of its kit) is alive again, its job process (``worker_process`` of its kit running this job id) is
 gone, and it has not sent the job's last round. :class:`RejoinWatch` says so once the job has stored
-a round of its own (so every continuation moves the run forward); :func:`consortium.flare_env.run_poc`
-then keeps what the server stored (:func:`snapshot_job`), ends the job, and the orchestration
-continues it at the next round with every member, as ``--resume`` does (``consortium.run_state``).
+a round of its own (so every continuation moves the run forward); the POC backend
+(:mod:`consortium.backends.poc`) then keeps what the server stored (:func:`snapshot_job`), ends the job,
+and the run continues it at the next round with every member, as ``--resume`` does
+(``consortium.run_state``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,97 @@
+"""``consortium stats``: one FLARE job in which each member sends only its association statistics'
+sufficient statistics (encrypted under HE); the server adds them, a member's custodian opens the sum."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from consortium.audit import EVENT_STATISTICS_RELEASED, AuditLog
+from consortium.backends.open import open_backend
+from consortium.job_audit import Submission, custodian_keys
+from consortium.report import write_biomarker_tables
+from consortium.run_folder import check_statistics_folder, empty_for_force, run_lock
+from consortium.run_job import PLAINTEXT_WARNING, record_job
+from consortium.run_plan import RunPlan
+from consortium.shared_model import tracking_uri_for
+from consortium.statistics_release import data_residency, statistics_entries
+from jobs.recipe import build_recipe
+from schema import settings
+from schema.config import ConsortiumConfig
+from schema.writes import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StatisticsResult:
+    statistics: dict[str, Any]
+    path: Path
+    tables: list[Path]
+    job_id: str
+
+
+def run_statistics(plan: RunPlan, *, status: Callable[[str], None] | None = None) -> StatisticsResult:
+    """Run the statistics job of ``plan`` (built with ``command="stats"``).
+
+    Writes ``out/statistics.json`` (per endpoint: the features sorted by p-value, and the markers: higher
+    in the positive class, by statistic, scanpy's ``rank_genes_groups`` order) and one CSV per endpoint
+    under ``out/statistics/``. The figures equal the pooled analysis stratified by member. A folder that
+    holds an earlier run is refused unless ``force`` (which empties it first), as is one whose audit log
+    does not verify, before anything runs.
+    """
+    config, out, he, env = plan.config, plan.out, plan.he, plan.env
+    say = status or log.info
+    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out, say=say):
+        check_statistics_folder(out, inputs=plan.inputs(), force=plan.force)  # again, holding the folder
+        if plan.force:
+            empty_for_force(out, say=say)
+        audit = AuditLog(out / "audit.jsonl")
+        keys = custodian_keys(config, out, audit) if he else None
+        with open_backend(config, env=env, workspace=out / "flare", keys=keys) as backend:
+            rounds = settings.statistics_rounds(config)
+            steps = f"{rounds} rounds (Cox model of the covariates, then the tests)" if rounds > 1 else "one round"
+            say(f"statistics job: {len(config.members)} members, {steps} in {env} (HE {'on' if he else 'off'})")
+            if not he:
+                say(PLAINTEXT_WARNING)
+            recipe = build_recipe(
+                config,
+                he=he,
+                config_path=config.source,
+                outputs=out / "sites",
+                tracking_uri=tracking_uri_for(config, out=out),
+                statistics_only=True,
+            )
+            submission = Submission(config, env, he, rounds, None, keys)
+            backend.submit(recipe, rounds=rounds, submitted=partial(submission.record, audit))
+            finished = record_job(backend.wait(timeout=plan.timeout), config, audit, total=rounds, keys=keys)
+            statistics = _statistics_document(config, finished, env=env, he=he)
+            path = atomic_write(out / "statistics.json", json.dumps(statistics, indent=2, allow_nan=False))
+            tables = write_biomarker_tables(finished.opened, out / "statistics", config=config)
+            audit.append(
+                EVENT_STATISTICS_RELEASED,
+                job_id=finished.job_id,
+                endpoints=sorted(statistics["endpoints"]),
+                members=sorted(finished.results.records),
+            )
+    return StatisticsResult(statistics=statistics, path=path, tables=tables, job_id=finished.job_id)
+
+
+def _statistics_document(config: ConsortiumConfig, finished, *, env: str, he: bool) -> dict:
+    """What ``statistics.json`` holds; NaN (a feature no test could be made for) becomes ``null``."""
+    return {
+        "consortium": config.name,
+        "job_id": finished.job_id,
+        "env": env,
+        "he": he,
+        "method": "per-member sums added by the server; equal to the pooled analysis with member as a factor",
+        "min_members": config.statistics_min_members(),
+        "endpoints": statistics_entries(config, finished.opened.details, published=finished.results.records),
+        "data_residency": data_residency(config, he=he),
+    }
