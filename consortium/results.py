@@ -104,6 +104,10 @@ class Released:
     """Per endpoint: withheld rows, the design, subgroups by region, the Cox fit's convergence."""
     he_fingerprint: str | None = None
     """Encrypted aggregates: the fingerprint of the key it was encrypted for (checked against the key used)."""
+    scaling: dict[str, np.ndarray] = field(default_factory=dict)
+    """The summed ``scaling.*`` pieces: the consortium's pooled scaling (:func:`consortium.registry.pooled_scaling`)."""
+    feasibility: dict[str, np.ndarray] = field(default_factory=dict)
+    """The summed ``feasibility.*`` count vectors (``consortium feasibility``), still reals under HE."""
 
 
 def read_records(folder: Path, *, exclude: frozenset[Path] = frozenset()) -> dict[str, list[dict[str, Any]]]:
@@ -165,8 +169,15 @@ def release(results: JobResults, config: ConsortiumConfig, *, client_context: by
             features, values["score"] / members, frequency=values["frequency"] / members
         )
     state = {k: v for k, v in plain.items() if k.startswith((TRUNK_PREFIX, HEAD_PREFIX))}
+    scaling = {k: np.asarray(v, dtype=np.float64) for k, v in plain.items() if k.startswith("scaling.")}
     return Released(
-        state=state, statistics=statistics, rankings=rankings, details=details, he_fingerprint=stored.he_fingerprint
+        state=state,
+        statistics=statistics,
+        rankings=rankings,
+        details=details,
+        he_fingerprint=stored.he_fingerprint,
+        scaling=scaling,
+        feasibility={k: np.asarray(v, dtype=np.float64) for k, v in plain.items() if k.startswith("feasibility.")},
     )
 
 
@@ -199,7 +210,7 @@ def check_plausible(
     total = published_samples(records)
     for key in sorted(plain, key=lambda k: not k.endswith(".members")):  # members first: the clearest sign
         value, kind, count = plain[key], key.split(".", 1)[0], key.rsplit(".", 1)[-1]
-        if kind not in {"stats", "consensus", "coxfit"} or count not in {"members", "samples"}:
+        if kind not in {"stats", "consensus", "coxfit", "scaling"} or count not in {"members", "samples"}:
             continue
         values = np.asarray(value, dtype=np.float64).reshape(-1)
         if count == "members":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from consortium.results import Released
 from jobs.recipe import server_model
 from models.network import SharedModel
 from schema.config import ConsortiumConfig
+from schema.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +36,12 @@ MODEL_NAME = "shared_model"
 def ensure_experiment(config: ConsortiumConfig, *, tracking_uri: str) -> str:
     """The run's MLflow experiment; with a local SQLite store its artifacts go next to the database.
 
-    (MLflow's default for a SQLite store is ``./mlruns`` in the current directory.)
+    (MLflow's default for a SQLite store is ``./mlruns`` in the current directory.) With a tracking
+    server the server places the artifacts (proxied by default); one that does not answer is a
+    :class:`UserError` before anything runs, not MLflow's minutes of retries.
     """
+    if tracking_uri.startswith(("http://", "https://")):
+        check_tracking_server(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
     if experiment is not None:
@@ -47,6 +54,23 @@ def ensure_experiment(config: ConsortiumConfig, *, tracking_uri: str) -> str:
     return mlflow.create_experiment(
         config.tracking.experiment, artifact_location=location, tags={"consortium": config.name}
     )
+
+
+def check_tracking_server(uri: str, *, timeout: float = 10.0) -> None:
+    """``UserError`` naming ``tracking.uri`` unless something answers HTTP at ``uri`` (any status: a server
+    behind a proxy that wants credentials answers too; MLflow then says what it lacks)."""
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(
+            f"tracking.uri = {uri}: no MLflow tracking server answers there ({reason}); start it (mlflow server "
+            "--host HOST --port PORT ...), check that this machine reaches it, or leave tracking.uri out "
+            "(mlflow.db in the run folder)"
+        ) from None
 
 
 def tracking_uri_for(config: ConsortiumConfig, *, out: Path) -> str:
@@ -118,7 +142,9 @@ def log_shared_model(
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
         with tempfile.TemporaryDirectory(prefix="consortium-model-") as folder:
-            report["tracking"]["registered_model"] = log_registered_model(config, released.state, folder=Path(folder))
+            report["tracking"]["registered_model"] = log_registered_model(
+                config, released.state, folder=Path(folder), pooled=released.scaling
+            )
         for member, records in (member_records or {}).items():
             _log_member_run(config, member, records, experiment_id=experiment_id, job_id=report["job_id"])
         for name, table in released.statistics.items():

@@ -9,14 +9,23 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
-from models.data import MemberData, TaskSpec
+from models.data import MemberData, ScaledRows, TaskSpec
 from omics.contract import ContractRules
 from omics.io import read_member
 from omics.layout import MemberLayout
-from omics.prepare import log_expression, member_arrays, prepare_member, pseudobulk_member, task_targets
+from omics.prepare import (
+    log_expression,
+    member_arrays,
+    panel_scaling,
+    prepare_member,
+    pseudobulk_member,
+    task_targets,
+)
 from schema import settings
 from schema.config import ConsortiumConfig, task_columns
 
@@ -37,12 +46,14 @@ class StatisticsSamples:
 
 @dataclass
 class LoadedMember:
-    """A member's model-ready samples, its log-scale expression (for the statistics) and its panel mask."""
+    """A member's model-ready samples, its log-scale expression (for the statistics), its panel mask and
+    the fixed scaling its samples were normalized with (:func:`omics.prepare.panel_scaling`)."""
 
     data: MemberData
-    log_expression: np.ndarray
+    log_expression: np.ndarray | sp.csr_matrix  # float32; a sparse member's CSR matrix (also data.X's)
     measured: np.ndarray
     statistics: StatisticsSamples | None = None
+    scaling: dict | None = None
 
 
 def task_specs(config: ConsortiumConfig, member: str) -> list[TaskSpec]:
@@ -63,8 +74,9 @@ def load_member(config: ConsortiumConfig, member_name: str, *, fold: int | None 
         The file is unreadable or breaks the contract.
     """
     member = config.member(member_name)
+    raw = read_member(member.data)  # read once: the pseudobulk samples below are summed from it too
     prepared = prepare_member(
-        read_member(member.data),
+        raw,
         tasks=member.tasks,
         rules=ContractRules(**settings.contract_rules(config)),
         val_fraction=config.data.val_fraction,
@@ -75,22 +87,29 @@ def load_member(config: ConsortiumConfig, member_name: str, *, fold: int | None 
         layout=MemberLayout(**settings.member_layout(config, member_name)),
         path=str(member.data),
     )
-    data = MemberData(**member_arrays(prepared, tasks=member.tasks))
+    arrays = member_arrays(prepared, tasks=member.tasks)
+    scaling = panel_scaling(prepared)
+    if sp.issparse(arrays["X"]):  # a sparse member: scaled per block of rows, never as a whole
+        arrays["X"] = ScaledRows(arrays["X"], mean=scaling["mean"], std=scaling["std"], max_value=scaling["max_value"])
+    data = MemberData(**arrays)
     measured = prepared.var["measured"].to_numpy(dtype=bool)
     values = log_expression(prepared)
     if member.sample_column is None:
         samples = StatisticsSamples(values, prepared.obs, data.targets, measured)
     else:
-        samples = statistics_samples(config, member_name)
-    return LoadedMember(data=data, log_expression=values, measured=measured, statistics=samples)
+        samples = statistics_samples(config, member_name, adata=raw)
+    return LoadedMember(data=data, log_expression=values, measured=measured, statistics=samples, scaling=scaling)
 
 
-def statistics_samples(config: ConsortiumConfig, member_name: str) -> StatisticsSamples:
-    """A single-cell member's pseudobulk samples (``members[].sample_column``) for the statistics."""
+def statistics_samples(
+    config: ConsortiumConfig, member_name: str, *, adata: ad.AnnData | None = None
+) -> StatisticsSamples:
+    """A single-cell member's pseudobulk samples (``members[].sample_column``) for the statistics, summed
+    from ``adata`` (the member's file as read, unchanged; default: read it here)."""
     member = config.member(member_name)
     required = [c for task in member.tasks for c in task_columns(task)] + list(config.statistics.covariates)
     bulk = pseudobulk_member(
-        read_member(member.data),
+        read_member(member.data) if adata is None else adata,
         sample_column=member.sample_column,
         cell_type_column=member.cell_type_column,
         cell_type=member.cell_type,
@@ -113,3 +132,49 @@ def statistics_samples(config: ConsortiumConfig, member_name: str) -> Statistics
 def load_member_data(config: ConsortiumConfig, member_name: str, *, fold: int | None = None) -> MemberData:
     """The model-ready samples of one member (see :func:`load_member`)."""
     return load_member(config, member_name, fold=fold).data
+
+
+def scaling_pieces(
+    data: MemberData, log_values: np.ndarray, measured: np.ndarray, *, tasks: list[TaskSpec], minimum: int
+) -> dict[str, np.ndarray]:
+    """The training split's n, sum and sum of squares per panel feature (log values, the features the
+    member measures) and per shared regression endpoint (labels), keyed ``scaling.<part>.<piece>``:
+    summed over the members, they are the consortium's pooled scaling, which the registered model
+    carries for scorers without statistics of their own. Nothing below the small-cell rule (``minimum``)."""
+    train = data.split == "train"
+    if train.sum() < minimum:
+        return {}
+    total, squares = _train_sums(log_values, train)
+    out = {
+        "scaling.features.samples": measured.astype(np.float64) * float(train.sum()),
+        "scaling.features.sum": np.where(measured, total, 0.0),
+        "scaling.features.sumsq": np.where(measured, squares, 0.0),
+    }
+    for task in tasks:
+        labels = data.targets[task.name][train]
+        labels = labels[np.isfinite(labels)]
+        if task.kind == "regression" and task.shared and labels.size >= minimum:
+            part = f"scaling.target_{task.name}"
+            out[f"{part}.samples"] = np.array([float(labels.size)])
+            out[f"{part}.sum"] = np.array([labels.sum()])
+            out[f"{part}.sumsq"] = np.array([(labels**2).sum()])
+    return out
+
+
+def _train_sums(
+    values: np.ndarray | sp.csr_matrix, train: np.ndarray, *, block: int = 16384
+) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 per-feature sum and sum of squares over the ``train`` rows, one block of rows at a time (a
+    CSR matrix from its nonzeros), so no float64 copy of the train split is made."""
+    p = values.shape[1]
+    total, squares = np.zeros(p), np.zeros(p)
+    for start in range(0, values.shape[0], block):
+        part = values[start : start + block][train[start : start + block]]
+        if sp.issparse(part):
+            data = part.data.astype(np.float64)
+            total += np.bincount(part.indices, weights=data, minlength=p)
+            squares += np.bincount(part.indices, weights=data**2, minlength=p)
+        else:
+            total += part.sum(axis=0, dtype=np.float64)
+            squares += np.square(part, dtype=np.float64).sum(axis=0)
+    return total, squares

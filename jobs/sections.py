@@ -10,6 +10,8 @@ key prefix                section      aggregated as
 ``stats.<endpoint>.``     ``stats:<e>`` sum: per-feature sufficient statistics (``omics.association``)
 ``consensus.<endpoint>.`` ``consensus:<e>`` sum: normalized attribution vectors of the endpoint
 ``coxfit.<endpoint>.``    ``coxfit:<e>`` sum: one Newton step of the covariates' Cox model (``omics.cox``)
+``scaling.<part>.``       ``scaling:<p>`` sum: n, sums, sums of squares of the features and shared regression targets
+``feasibility.<name>.``   ``feasibility:<n>`` sum: a protocol's count vector (``omics.feasibility``)
 ========================  ===========  ==========================================================
 
 The site multiplies a mean section by its weight before sending and puts the weight in the meta, so
@@ -37,7 +39,7 @@ from models.network import HEAD_PREFIX, TRUNK_PREFIX
 SECTIONS_META = "consortium_sections"
 PUBLISHED_META = "consortium_published"
 MEAN, SUM = "mean", "sum"
-SUM_SCALES = {"stats": 1e4, "consensus": 1e-3, "coxfit": 1e4}
+SUM_SCALES = {"stats": 1e4, "consensus": 1e-3, "coxfit": 1e4, "scaling": 1e4, "feasibility": 1e2}
 """Divisor of each kind of sum section on the way to the server (undone by :func:`finalize`)."""
 _PREFIXES = {
     TRUNK_PREFIX: ("trunk", MEAN),
@@ -45,6 +47,8 @@ _PREFIXES = {
     "stats.": ("stats", SUM),
     "consensus.": ("consensus", SUM),
     "coxfit.": ("coxfit", SUM),
+    "scaling.": ("scaling", SUM),
+    "feasibility.": ("feasibility", SUM),
 }
 
 

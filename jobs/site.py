@@ -8,7 +8,9 @@ What leaves the site, by construction (:func:`outgoing_state`): the trunk and th
 endpoints every round (with a survival endpoint and covariates, also the pieces of one Newton step of the
 covariates' Cox model); in the last round also each endpoint's association statistics (sums that the
 server only adds) and its normalized attribution vector, except for endpoints below the small-cell rule
-(:mod:`jobs.site_statistics`). Private heads, target scaling and samples never do. In plaintext, in the
+(:mod:`jobs.site_statistics`), and the training split's n, sum and sum of squares per feature (and per
+shared regression endpoint) for the consortium's pooled scaling. Private heads, the member's own target
+scaling and feature scaling (kept in its ``scaling.json``) and samples never do. In plaintext, in the
 result's meta: what the member publishes (validation figures each round, test figures with their
 intervals at the end).
 """
@@ -117,6 +119,7 @@ class MemberSite:
         self.tasks = member_data.task_specs(config, self.member)
         loaded = member_data.load_member(config, self.member, fold=fold)
         self.data, self.log_expression, self.measured = loaded.data, loaded.log_expression, loaded.measured
+        self.scaling = loaded.scaling
         self.statistics = SiteStatistics(config, self.member, loaded.statistics)
         self.model = MultitaskNet(
             self.data.n_features, self.tasks, **settings.network(config), seed=config.training.seed
@@ -284,8 +287,13 @@ class MemberSite:
             test[task.name]["ci"] = [interval.low, interval.high]
             test[task.name]["n"] = interval.n
         self.outputs.save_model(self.model, info=self.model_info())
+        # the fixed preprocessing this member trained with: what it scores new samples with (never sent)
+        self.outputs.save_scaling(
+            self.scaling,
+            targets={t.name: self.model.target_scaling(t.name) for t in self.tasks if t.kind == "regression"},
+        )
         self.outputs.save_predictions(predictions, targets=part.targets)
-        params = self.association_sections()
+        params = {**self.association_sections(), **self.scaling_sections()}
         train = self.data.subset("train")
         features = list(self.data.feature_names)
         for task in self.tasks:
@@ -307,6 +315,12 @@ class MemberSite:
             params[f"consensus.{task.name}.frequency"] = frequency
             params[f"consensus.{task.name}.members"] = np.ones(len(features))
         return {"params": params, "test": test, "samples": self.split_sizes()}
+
+    def scaling_sections(self) -> dict[str, np.ndarray]:
+        """The pieces of the consortium's pooled scaling (:func:`jobs.member_data.scaling_pieces`)."""
+        return member_data.scaling_pieces(
+            self.data, self.log_expression, self.measured, tasks=self.tasks, minimum=self.config.data.min_cell_count
+        )
 
     def model_info(self) -> dict[str, Any]:
         return {

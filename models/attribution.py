@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from models.data import ScaledRows, dense_rows
 from models.network import MultitaskNet
 
 logger = logging.getLogger(__name__)
@@ -40,19 +41,24 @@ class _TaskOutput(nn.Module):
         return self.model.forward_task(x, self.task)
 
 
-def _as_samples(model: MultitaskNet, data_X: np.ndarray) -> np.ndarray:
-    data_X = np.asarray(data_X, dtype=np.float32)
+def _as_samples(model: MultitaskNet, data_X: np.ndarray | ScaledRows) -> np.ndarray | ScaledRows:
+    # a sparse member's rows stay sparse (ScaledRows): attribution reads them one block at a time
+    sparse = isinstance(data_X, ScaledRows)
+    data_X = data_X if sparse else np.asarray(data_X, dtype=np.float32)
     if data_X.ndim != 2 or data_X.shape[1] != model.n_features:
         raise ValueError(f"data_X has shape {data_X.shape}; expected (n_samples, {model.n_features})")
     if data_X.shape[0] == 0:
         raise ValueError("data_X has no samples; attribution needs at least one")
-    if not np.isfinite(data_X).all():
+    if not (data_X.all_finite() if sparse else np.isfinite(data_X).all()):
         raise ValueError("data_X holds NaN/inf values; normalize and impute in the omics layer first")
     return data_X
 
 
-def _baseline(data_X: np.ndarray, baseline: float | np.ndarray | None) -> np.ndarray:
+def _baseline(data_X: np.ndarray | ScaledRows, baseline: float | np.ndarray | None) -> np.ndarray:
     n_features = data_X.shape[1]
+    if baseline is None and isinstance(data_X, ScaledRows):
+        total = sum((block.sum(axis=0, dtype=np.float64) for block in data_X.blocks()), np.zeros(n_features))
+        return (total / data_X.shape[0]).astype(np.float32)
     if baseline is None:
         return data_X.mean(axis=0, dtype=np.float64).astype(np.float32)
     values = np.asarray(baseline, dtype=np.float32)
@@ -110,7 +116,7 @@ def attributions(
     try:
         parts = []
         for start in range(0, data_X.shape[0], chunk):
-            x = torch.from_numpy(data_X[start : start + chunk]).to(device)
+            x = torch.from_numpy(dense_rows(data_X, np.arange(start, min(start + chunk, data_X.shape[0])))).to(device)
             values = explainer.attribute(x, baselines=base, n_steps=int(n_steps))
             parts.append(values.detach().cpu().double().numpy())
     finally:
@@ -307,8 +313,9 @@ def rank_features(
     groups = _groups(kind, task, labels, model.predict(data_X)[task])
     used = _bounded_rows(groups, max_per_group=None if max_per_group is None else int(max_per_group), seed=seed)
     reference = _baseline(data_X, baseline)  # over all rows, as documented in attributions
-    values = attributions(model, data_X[used], task, n_steps=n_steps, baseline=reference)
-    displacement = (data_X[used] - reference).astype(np.float64)
+    rows = dense_rows(data_X, used)  # the bounded rows only, never the whole (sparse) matrix
+    values = attributions(model, rows, task, n_steps=n_steps, baseline=reference)
+    displacement = (rows - reference).astype(np.float64)
     groups = groups[used]
     contrast, slope = _linearized_contrast(
         values, displacement, (groups == 1).astype(np.float64)[None], (groups == 0).astype(np.float64)[None]

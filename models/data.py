@@ -6,14 +6,16 @@ The omics layer turns an AnnData file into the keyword arguments of :class:`Memb
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
 import numpy as np
+import scipy.sparse as sp
 
 TaskKind = Literal["binary", "regression", "survival"]
 SPLITS = ("train", "val", "test")
+ROW_BLOCK = 4096  # rows a sparse member's ScaledRows makes dense at a time (predictions, attribution means)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,85 @@ class TaskSpec:
     shared: bool = field(default=False, kw_only=True)
 
 
+class ScaledRows:
+    """Rows of a sparse matrix of log values, centred and scaled per feature only when rows are read.
+
+    A single-cell member's matrix stays in CSR form: ``(x - mean) / std`` clipped to
+    ``[-max_value, max_value]`` (:func:`omics.normalize.scale_features`'s arithmetic) is dense by nature,
+    so it is built for the rows a minibatch, a prediction block or an attribution block reads, never for
+    the whole matrix. Indexing with rows gives another :class:`ScaledRows` over the same CSR (a view);
+    :meth:`dense` gives the scaled float32 rows; ``np.asarray`` gives all of them (small data only).
+
+    >>> rows = ScaledRows(sp.csr_matrix(np.array([[0.0, 2.0], [4.0, 0.0]])), mean=[2.0, 1.0], std=[2.0, 1.0])
+    >>> rows.dense().tolist()
+    [[-1.0, 1.0], [1.0, -1.0]]
+    >>> rows[np.array([False, True])].dense().tolist()
+    [[1.0, -1.0]]
+    """
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, matrix, *, mean, std, max_value: float = 10.0, rows: np.ndarray | None = None) -> None:
+        matrix = matrix if sp.isspmatrix_csr(matrix) else sp.csr_matrix(matrix)
+        self.matrix = matrix if matrix.dtype == np.float32 else matrix.astype(np.float32)
+        p = self.matrix.shape[1]
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1)
+        std = np.asarray(std, dtype=np.float32).reshape(-1)
+        if self.mean.shape != (p,) or std.shape != (p,):
+            raise ValueError(f"mean and std need one value per feature ({p}), got {self.mean.shape} and {std.shape}")
+        self.scale = np.where(std > 0, std, np.float32(1.0)).astype(np.float32)
+        self.max_value = float(max_value)
+        self.rows = np.arange(self.matrix.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.rows.size), int(self.matrix.shape[1]))
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+    def __getitem__(self, key) -> ScaledRows:
+        return ScaledRows(self.matrix, mean=self.mean, std=self.scale, max_value=self.max_value, rows=self.rows[key])
+
+    def dense(self, positions=None) -> np.ndarray:
+        """The scaled float32 rows at ``positions`` (default: all rows of this view)."""
+        rows = self.rows if positions is None else self.rows[np.asarray(positions)]
+        block = self.matrix[rows].toarray()
+        return np.clip((block - self.mean) / self.scale, -self.max_value, self.max_value).astype(np.float32, copy=False)
+
+    def blocks(self, size: int | None = None) -> Iterator[np.ndarray]:
+        """The scaled rows, ``size`` (default :data:`ROW_BLOCK`) at a time."""
+        size = ROW_BLOCK if size is None else int(size)
+        for start in range(0, len(self), size):
+            yield self.dense(np.arange(start, min(start + size, len(self))))
+
+    def all_finite(self) -> bool:
+        return bool(np.isfinite(self.matrix.data).all())
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self.dense()
+        return out if dtype is None else out.astype(dtype)
+
+
+def dense_rows(X: np.ndarray | ScaledRows, positions=None) -> np.ndarray:
+    """Float32 rows of ``X`` (a dense array or :class:`ScaledRows`) at ``positions`` (default: all)."""
+    if isinstance(X, ScaledRows):
+        return X.dense(positions)
+    return np.asarray(X if positions is None else X[positions], dtype=np.float32)
+
+
+def row_blocks(X: np.ndarray | ScaledRows, size: int | None = None) -> Iterator[np.ndarray]:
+    """The float32 rows of ``X``, ``size`` (default :data:`ROW_BLOCK`) at a time (a sparse member's scaled
+    rows built per block)."""
+    size = ROW_BLOCK if size is None else int(size)
+    if isinstance(X, ScaledRows):
+        yield from X.blocks(size)
+        return
+    for start in range(0, X.shape[0], size):
+        yield np.asarray(X[start : start + size], dtype=np.float32)
+
+
 @dataclass
 class MemberData:
     """One member's samples.
@@ -48,7 +129,8 @@ class MemberData:
     Attributes
     ----------
     X
-        ``(n_samples, n_features)`` float32, already normalized, in consortium panel order.
+        ``(n_samples, n_features)`` float32, already normalized, in consortium panel order; or a sparse
+        member's :class:`ScaledRows` (log values in CSR form, scaled as rows are read).
     targets
         Per task name: ``(n,)`` float for binary (0/1) and regression tasks, ``(n, 2)`` float
         ``[time, event]`` for survival tasks. ``NaN`` marks a missing label (masked, never imputed).
@@ -58,13 +140,14 @@ class MemberData:
         The panel's feature identifiers, ``len == n_features``.
     """
 
-    X: np.ndarray
+    X: np.ndarray | ScaledRows
     targets: dict[str, np.ndarray]
     split: np.ndarray
     feature_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.X = np.ascontiguousarray(self.X, dtype=np.float32)
+        if not isinstance(self.X, ScaledRows):
+            self.X = np.ascontiguousarray(self.X, dtype=np.float32)
         n = self.X.shape[0]
         self.split = np.asarray(self.split).astype(str)
         if self.split.shape != (n,):
@@ -82,8 +165,13 @@ class MemberData:
     def n_features(self) -> int:
         return int(self.X.shape[1])
 
+    @property
+    def sparse(self) -> bool:
+        return isinstance(self.X, ScaledRows)
+
     def subset(self, part: str) -> MemberData:
-        """The samples of one split (``"train"``, ``"val"`` or ``"test"``)."""
+        """The samples of one split (``"train"``, ``"val"`` or ``"test"``); a sparse member's rows are a
+        view of its CSR matrix, not a copy."""
         rows = self.split == part
         return MemberData(
             X=self.X[rows],

@@ -15,8 +15,6 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import pearsonr
 from sklearn.metrics import average_precision_score, r2_score, roc_auc_score
-from sksurv.exceptions import NoComparablePairException
-from sksurv.metrics import concordance_index_censored
 
 from models.data import MemberData, TaskSpec
 from models.network import MultitaskNet
@@ -87,6 +85,10 @@ def _concordance_counts(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -
     """``(concordant, discordant, tied_risk)`` pair counts; zeros when no pair is comparable."""
     if time.size < 2 or not event.any():
         return 0, 0, 0
+    # scikit-survival is imported here: a member process without a survival endpoint never loads it
+    from sksurv.exceptions import NoComparablePairException
+    from sksurv.metrics import concordance_index_censored
+
     try:
         # events tied in time leave sksurv a 0/0 C-index; only its pair counts are used here
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.data import TaskSpec
+from models import data as model_data
+from models.data import ScaledRows, TaskSpec
 
 TRUNK_PREFIX = "trunk."
 HEAD_PREFIX = "heads."
@@ -392,19 +393,28 @@ class MultitaskNet(nn.Module):
         return float(head.target_mean.item()), float(head.target_scale.item())
 
     @torch.no_grad()
-    def predict(self, x: np.ndarray | torch.Tensor, *, batch_size: int = 4096) -> dict[str, np.ndarray]:
+    def predict(
+        self, x: np.ndarray | torch.Tensor | ScaledRows, *, batch_size: int | None = None
+    ) -> dict[str, np.ndarray]:
         """Per task ``(n,)`` predictions in eval mode.
 
         Binary: logits; regression: values in the original target units; survival: log-risk
         (higher means shorter expected survival). The module's train/eval mode is restored.
         """
-        x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not torch.is_tensor(x) else x.float()
-        if x.ndim != 2 or x.shape[1] != self.n_features:
-            raise ValueError(f"predict: X has shape {tuple(x.shape)}; expected (n, {self.n_features})")
+        batch_size = model_data.ROW_BLOCK if batch_size is None else int(batch_size)
+        if isinstance(x, ScaledRows):  # a sparse member's rows: scaled and made dense one block at a time
+            if x.shape[1] != self.n_features:
+                raise ValueError(f"predict: X has shape {x.shape}; expected (n, {self.n_features})")
+            blocks = (torch.from_numpy(block) for block in x.blocks(batch_size))
+        else:
+            x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not torch.is_tensor(x) else x.float()
+            if x.ndim != 2 or x.shape[1] != self.n_features:
+                raise ValueError(f"predict: X has shape {tuple(x.shape)}; expected (n, {self.n_features})")
+            blocks = (x[i : i + batch_size] for i in range(0, x.shape[0], batch_size))
         was_training = self.training
         self.eval()
         try:
-            chunks = [self(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+            chunks = [self(block) for block in blocks]
         finally:
             self.train(was_training)
         out: dict[str, np.ndarray] = {}

@@ -14,20 +14,22 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from models.data import MemberData, TaskSpec
+from models.data import MemberData, ScaledRows, TaskSpec
 from models.losses import multitask_loss
 from models.metrics import evaluate, primary_metric
 from models.network import MultitaskNet
 from models.privacy import PrivacySettings, PrivateTraining, make_private
 
 logger = logging.getLogger(__name__)
+
+VALIDATION_BLOCK = 4096  # validation rows per forward pass: a large (sparse) member is never made dense whole
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,10 +108,12 @@ class FitResult:
     scores: tuple[float, ...] = ()
 
 
-def _target_tensors(part: MemberData, tasks: Sequence[TaskSpec], model: MultitaskNet) -> dict[str, torch.Tensor]:
+def _target_tensors(
+    labels: Mapping[str, np.ndarray], tasks: Sequence[TaskSpec], model: MultitaskNet
+) -> dict[str, torch.Tensor]:
     targets = {}
     for task in tasks:
-        y = np.asarray(part.targets[task.name], dtype=np.float64)
+        y = np.asarray(labels[task.name], dtype=np.float64)
         if task.kind == "regression":
             mean, scale = model.target_scaling(task.name)
             y = (y - mean) / scale
@@ -159,15 +163,19 @@ class LocalTrainer:
         self.tasks = tuple(tasks)
         self.settings = settings
         self._check_inputs()
-        train = data.subset("train")
-        if train.X.shape[0] == 0:
+        # the splits are row numbers into the member's X, not copies of it; a minibatch gathers its rows
+        # (a sparse member's ScaledRows builds them dense, scaled, for that batch only)
+        self._x = data.X if data.sparse else torch.from_numpy(data.X)
+        self._train_rows = torch.from_numpy(np.flatnonzero(data.split == "train"))
+        self._val_rows = torch.from_numpy(np.flatnonzero(data.split == "val"))
+        if self._train_rows.numel() == 0:
             raise ValueError("the train split is empty; mark some rows split='train'")
-        self._set_target_scaling(train)
-        self._x_train = torch.from_numpy(train.X)
-        self._y_train = _target_tensors(train, self.tasks, model)
-        val = data.subset("val")
-        self._x_val = torch.from_numpy(val.X)
-        self._y_val = _target_tensors(val, self.tasks, model)
+        train_targets = {name: y[self._train_rows.numpy()] for name, y in data.targets.items()}
+        self._set_target_scaling(train_targets)
+        self._y_train = _target_tensors(train_targets, self.tasks, model)
+        self._y_val = _target_tensors(
+            {n: y[self._val_rows.numpy()] for n, y in data.targets.items()}, self.tasks, model
+        )
         self._val_tasks = [t for t in self.tasks if _has_labels(self._y_val[t.name])]
         self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
             model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
@@ -180,7 +188,7 @@ class LocalTrainer:
             self._private = make_private(
                 model,
                 self.optimizer,
-                n_samples=self._x_train.shape[0],
+                n_samples=int(self._train_rows.numel()),
                 batch_size=settings.batch_size,
                 privacy=privacy,
                 planned_epochs=planned_epochs,
@@ -210,18 +218,19 @@ class LocalTrainer:
             if shape != expected:
                 raise ValueError(f"targets of {task.kind} task '{task.name}' have shape {shape}; expected {expected}")
             _check_label_values(task, np.asarray(self.data.targets[task.name], dtype=np.float64))
-        bad = int((~np.isfinite(self.data.X)).sum())
+        X = self.data.X
+        bad = int((~np.isfinite(X.matrix.data)).sum()) if isinstance(X, ScaledRows) else int((~np.isfinite(X)).sum())
         if bad:
             raise ValueError(
                 f"X holds {bad} NaN/inf values; missing measurements must be handled by the omics layer "
                 "(harmonize and normalize) before training"
             )
 
-    def _set_target_scaling(self, train: MemberData) -> None:
+    def _set_target_scaling(self, train_targets: Mapping[str, np.ndarray]) -> None:
         for task in self.tasks:
             if task.kind != "regression":
                 continue
-            y = np.asarray(train.targets[task.name], dtype=np.float64)
+            y = np.asarray(train_targets[task.name], dtype=np.float64)
             y = y[~np.isnan(y)]
             if y.size < 2 or not np.std(y) > 0:
                 logger.warning("task '%s': %d train labels, too few to standardize; not scaling", task.name, y.size)
@@ -238,7 +247,7 @@ class LocalTrainer:
                 # Poisson sampling can draw an empty batch; the step must still run (and be accounted)
                 yield batch[0] if len(batch) else torch.zeros(0, dtype=torch.long)
             return
-        order = torch.randperm(self._x_train.shape[0])
+        order = torch.randperm(int(self._train_rows.numel()))
         yield from torch.split(order, self.settings.batch_size)
 
     def train(self, *, epochs: int | None = None) -> TrainStats:
@@ -281,13 +290,18 @@ class LocalTrainer:
         return stats
 
     def _step(self, rows: torch.Tensor) -> float:
-        x = self._x_train[rows]
+        x = self._rows(self._train_rows[rows])
         targets = {name: y[rows] for name, y in self._y_train.items()}
         self.optimizer.zero_grad(set_to_none=True)
         loss = multitask_loss(self._train_module(x), targets, self.tasks)
         loss.backward()
         self.optimizer.step()
         return float(loss.detach())
+
+    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
+        if torch.is_tensor(self._x):
+            return self._x[rows]
+        return torch.from_numpy(self._x.dense(rows.numpy()))
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -297,7 +311,9 @@ class LocalTrainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            return float(multitask_loss(self.model(self._x_val), self._y_val, self.tasks))
+            blocks = [self.model(self._rows(rows)) for rows in torch.split(self._val_rows, VALIDATION_BLOCK)]
+            outputs = {t.name: torch.cat([b[t.name] for b in blocks]) for t in self.tasks}
+            return float(multitask_loss(outputs, self._y_val, self.tasks))
         finally:
             self.model.train(was_training)
 

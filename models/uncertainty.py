@@ -264,3 +264,20 @@ def _interval(estimate: float, values: np.ndarray, *, level: float, n: int) -> I
     tail = (1.0 - level) / 2
     low, high = np.quantile(usable, [tail, 1.0 - tail])
     return Interval(float(estimate), float(low), float(high), n)
+
+
+def bootstrap_metric_values(
+    kind: str, y_true: np.ndarray, predictions: Sequence[np.ndarray], *, n_boot: int = 1000, seed: int = 0
+) -> np.ndarray:
+    """``(n_boot, len(predictions))`` primary-metric values of each prediction on the same resamples of the
+    labelled samples (``nan`` where a resample leaves the metric undefined), for estimators built from
+    several groups' metrics, such as the average of members' AUROC; :func:`percentile_interval` reads them."""
+    named = {f"predictions[{i}]": p for i, p in enumerate(predictions)}
+    y, arrays, groups = _labelled(kind, y_true, named, None)
+    return _bootstrap(kind, y, arrays, groups, n_boot=n_boot, level=0.95, seed=seed)
+
+
+def percentile_interval(estimate: float, values: np.ndarray, *, n: int, level: float = 0.95) -> Interval:
+    """The percentile interval of bootstrap ``values`` around ``estimate``; ``nan`` bounds when fewer than
+    half of the values are finite, as for :func:`metric_interval`."""
+    return _interval(estimate, np.asarray(values, dtype=np.float64), level=level, n=n)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from omics.errors import ContractError
 
@@ -40,12 +41,23 @@ def harmonize_to_panel(adata: ad.AnnData, *, panel: Sequence[str], min_coverage:
     positions = pd.Index(names).get_indexer(panel_index[measured])
 
     def to_panel(matrix) -> np.ndarray:
+        if sp.issparse(matrix):  # CSR stays CSR: its columns renumbered in panel order
+            matrix = matrix if sp.isspmatrix_csr(matrix) else sp.csr_matrix(matrix)
+            if measured.all() and np.array_equal(positions, np.arange(matrix.shape[1])):
+                return matrix.astype(np.float32, copy=False)  # already the panel, in order: no copy
+            picked = matrix[:, positions].astype(np.float32, copy=False)
+            picked.sort_indices()
+            columns = np.flatnonzero(measured).astype(picked.indices.dtype)
+            return sp.csr_matrix(
+                (picked.data, columns[picked.indices], picked.indptr), shape=(adata.n_obs, len(panel_index))
+            )
         out = np.zeros((adata.n_obs, len(panel_index)), dtype=np.float32)
         out[:, measured] = np.asarray(matrix, dtype=np.float32)[:, positions]
         return out
 
     X = to_panel(adata.X)
-    layers = {name: to_panel(layer) for name, layer in adata.layers.items()}
+    # a sparse member's log layer is its X (omics.normalize): one matrix, not two
+    layers = {name: X if layer is adata.X else to_panel(layer) for name, layer in adata.layers.items()}
     var = pd.DataFrame(index=panel_index)
     var["measured"] = measured
     for column in adata.var.columns:

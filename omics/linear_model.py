@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from scipy import stats
 
 from omics.ebayes import ModeratedFit
@@ -93,6 +94,9 @@ def site_linear_statistics(
     out["xtx"][columns] = weight * (xc.T @ xc)[np.triu_indices(k)]
     out["samples"][columns] = float(n)
     out["members"][columns] = 1.0
+    if sp.issparse(Y):
+        _sparse_linear_pieces(Y, xc, columns, weight=weight, out=out)
+        return out
     for start in range(0, columns.size, _COLUMN_BLOCK):
         block = columns[start : start + _COLUMN_BLOCK]
         y = Y[:, block]
@@ -110,12 +114,34 @@ def site_linear_statistics(
     return out
 
 
+def _sparse_linear_pieces(Y: sp.csr_matrix, xc: np.ndarray, columns: np.ndarray, *, weight: float, out: dict) -> None:
+    """``xty``, ``yty`` and ``ysum`` of a CSR ``Y`` from its nonzeros: ``Y'xc`` as a sparse product, and
+    each feature's squares about its mean as the nonzeros' plus the zeros' (``(n - nnz) mean^2``)."""
+    n, p = Y.shape
+    finite = np.isfinite(Y.data)
+    bad = np.intersect1d(np.unique(Y.indices[~finite]), columns) if not finite.all() else np.zeros(0, dtype=int)
+    if bad.size:
+        raise ValueError(
+            f"Y: {bad.size} measured feature(s) hold non-finite values (first: column {int(bad[0])}); "
+            "impute them or mark them False in `measured`"
+        )
+    total = np.bincount(Y.indices, weights=Y.data, minlength=p)
+    mean = total / n
+    xty = np.asarray(Y.T @ xc) - np.outer(mean, xc.sum(axis=0))
+    yty = np.bincount(Y.indices, weights=(Y.data - mean[Y.indices]) ** 2, minlength=p)
+    yty += (n - np.bincount(Y.indices, minlength=p)) * mean**2
+    out["xty"][columns] = weight * xty[columns]
+    out["yty"][columns] = weight * yty[columns]
+    out["ysum"][columns] = total[columns]
+
+
 def checked_pieces_inputs(
     Y: np.ndarray, design: np.ndarray, measured: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``Y`` (n, p), ``design`` (n, k) and ``measured`` (p,) as float64/bool arrays, or a ValueError naming
-    the argument, its shape and the fix (every site-side pieces function checks its inputs here)."""
-    Y = np.asarray(Y, dtype=np.float64)
+    """``Y`` (n, p; dense, or a CSR matrix kept sparse), ``design`` (n, k) and ``measured`` (p,) as
+    float64/bool arrays, or a ValueError naming the argument, its shape and the fix (every site-side
+    pieces function checks its inputs here)."""
+    Y = sp.csr_matrix(Y, dtype=np.float64) if sp.issparse(Y) else np.asarray(Y, dtype=np.float64)
     design = np.asarray(design, dtype=np.float64)
     if Y.ndim != 2:
         raise ValueError(f"Y must be 2-D (samples x features), got shape {Y.shape}; reshape it to (n, p)")

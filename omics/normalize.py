@@ -7,6 +7,10 @@ for three lines of arithmetic).
 The parameters, and the per-feature statistics a member may share (mean and standard deviation of
 the log values, never raw values), are recorded in ``uns['normalization']`` and ``var``; the log-scale
 values before scaling are kept in ``layers['log']``.
+
+A CSR matrix stays sparse: library size and ``log1p`` change only its nonzeros (a block of rows at a
+time), the scaling's mean and SD come from the nonzeros, and the scaling itself (dense by nature) is left
+to whoever reads rows (``uns['normalization']['scaled']`` is False; the models layer's ``ScaledRows``).
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import logging
 
 import anndata as ad
 import numpy as np
+import scipy.sparse as sp
 
 log = logging.getLogger(__name__)
 
 TARGET_SUM = 1e4  # counts per sample after library-size normalization (scanpy's usual choice)
 MAX_VALUE = 10.0  # scaled values are clipped to [-MAX_VALUE, MAX_VALUE]
+_NONZEROS_PER_BLOCK = 2**22  # a sparse matrix's nonzeros normalized at a time
 
 
 def normalize(
@@ -46,24 +52,28 @@ def normalize(
         Library-size normalization and log1p are per sample and need no fit.
     """
     adata = adata.copy() if copy else adata
-    X = np.asarray(adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X, dtype=np.float32)
+    sparse = sp.issparse(adata.X)
+    if sparse:  # CSR stays CSR: library size and log1p touch only the nonzeros
+        X = adata.X if sp.isspmatrix_csr(adata.X) else sp.csr_matrix(adata.X)
+        X = X if X.dtype == np.float32 else X.astype(np.float32)
+    else:
+        X = np.asarray(adata.X, dtype=np.float32)
     steps = []
     if values == "counts":
-        X = np.log1p(library_size_normalized(X, target_sum=target_sum))
+        X = log_values(X, values=values, target_sum=target_sum)
         steps += [f"normalize_total(target_sum={target_sum:g})", "log1p"]
     # the log-scale values before scaling: what association statistics and fold changes are computed on
-    adata.layers["log"] = np.array(X, dtype=np.float32, copy=True)
+    # (a sparse member's layer and X are one matrix: it is scaled as rows are read, never here)
+    adata.layers["log"] = X if sparse else np.array(X, dtype=np.float32, copy=True)
     adata.X = X
     rows = np.ones(adata.n_obs, dtype=bool) if fit_rows is None else np.asarray(fit_rows, dtype=bool)
     if rows.shape != (adata.n_obs,) or rows.sum() < 2:
         raise ValueError(f"fit_rows must mark at least 2 of the {adata.n_obs} samples, got {int(rows.sum())}")
-    fit = adata.X[rows]
-    mean = fit.mean(axis=0)
-    std = fit.std(axis=0, ddof=1)
+    mean, std = column_mean_std(X, rows)
     adata.var["norm_mean"] = mean.astype(np.float32)
     adata.var["norm_std"] = std.astype(np.float32)
-    # as scanpy's scale: a constant feature is centred, not divided by 0
-    adata.X = np.clip((adata.X - mean) / np.where(std > 0, std, 1.0), -max_value, max_value).astype(np.float32)
+    if not sparse:
+        adata.X = scale_features(adata.X, mean=mean, std=std, max_value=max_value)
     steps.append(f"scale(zero_center=True, max_value={max_value:g}, fitted on {int(rows.sum())} samples)")
     adata.uns["normalization"] = {
         "values": values,
@@ -71,9 +81,43 @@ def normalize(
         "max_value": max_value,
         "fitted_on": "train split" if fit_rows is not None else "all samples",
         "steps": steps,
+        # sparse: X holds the log values and is scaled per block of rows (models.data.ScaledRows)
+        "scaled": not sparse,
     }
     log.info("normalized %d x %d: %s", adata.n_obs, adata.n_vars, ", ".join(steps))
     return adata if copy else None
+
+
+def column_mean_std(X, rows: np.ndarray, *, block: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 per-column mean and SD (``ddof=1``) of ``X``'s rows marked in ``rows``; a CSR matrix is
+    read one block of rows at a time from its nonzeros (two passes, the SD about the mean, as numpy's).
+
+    >>> X = np.array([[0.0, 1.0], [2.0, 0.0], [4.0, 3.0]])
+    >>> [v.round(4).tolist() for v in column_mean_std(sp.csr_matrix(X), np.array([True, True, True]))]
+    [[2.0, 1.3333], [2.0, 1.5275]]
+    """
+    rows = np.asarray(rows, dtype=bool)
+    n = int(rows.sum())
+    if not sp.issparse(X):
+        fit = np.asarray(X)[rows]
+        return fit.mean(axis=0, dtype=np.float64), fit.std(axis=0, ddof=1, dtype=np.float64)
+    p = X.shape[1]
+    total, squares, nonzeros = np.zeros(p), np.zeros(p), np.zeros(p)
+
+    def blocks():  # the fitted rows, one block at a time (never a copy of all of them)
+        for start in range(0, X.shape[0], block):
+            yield X[start : start + block][rows[start : start + block]]
+
+    for part in blocks():
+        total += np.bincount(part.indices, weights=part.data.astype(np.float64), minlength=p)
+    mean = total / n
+    for part in blocks():
+        squares += np.bincount(
+            part.indices, weights=(part.data.astype(np.float64) - mean[part.indices]) ** 2, minlength=p
+        )
+        nonzeros += np.bincount(part.indices, minlength=p)
+    squares += (n - nonzeros) * mean**2  # the zeros' squared distances from the mean
+    return mean, np.sqrt(squares / (n - 1))
 
 
 def library_size_normalized(X: np.ndarray, *, target_sum: float) -> np.ndarray:
@@ -82,3 +126,54 @@ def library_size_normalized(X: np.ndarray, *, target_sum: float) -> np.ndarray:
     totals = X.sum(axis=1, dtype=np.float64, keepdims=True)
     totals[totals == 0] = 1.0
     return (X / totals * target_sum).astype(np.float32)
+
+
+def log_values(
+    X: np.ndarray, *, values: str, target_sum: float = TARGET_SUM, library_size: np.ndarray | None = None
+) -> np.ndarray:
+    """The log-scale values the per-feature scaling works on: for ``values="counts"`` library size to
+    ``target_sum`` and ``log1p``; ``"normalized"`` values are returned as they are (float32).
+
+    ``library_size``: each sample's total counts over all the features its file holds (default: the sum
+    of ``X``'s rows), so that a sample scored on the panel's features alone is normalized as in training.
+    """
+    if sp.issparse(X):
+        return _sparse_log_values(X, values=values, target_sum=target_sum, library_size=library_size)
+    X = np.asarray(X, dtype=np.float32)
+    if values != "counts":
+        return X
+    if library_size is None:
+        return np.log1p(library_size_normalized(X, target_sum=target_sum))
+    totals = np.asarray(library_size, dtype=np.float64).reshape(-1, 1)
+    totals = np.where(totals > 0, totals, 1.0)
+    return np.log1p((X / totals * target_sum).astype(np.float32))
+
+
+def _sparse_log_values(X, *, values: str, target_sum: float, library_size: np.ndarray | None) -> sp.csr_matrix:
+    # the dense arithmetic on the nonzeros only (a zero stays zero), sharing the CSR's index arrays
+    X = X if sp.isspmatrix_csr(X) else sp.csr_matrix(X)
+    X = X if X.dtype == np.float32 else X.astype(np.float32)
+    if values != "counts":
+        return X
+    given = None if library_size is None else np.asarray(library_size, dtype=np.float64).reshape(-1)
+    data = np.empty(X.data.shape, dtype=np.float32)
+    step = max(1, _NONZEROS_PER_BLOCK // max(1, int(X.nnz / max(1, X.shape[0]))))
+    for start in range(0, X.shape[0], step):  # float64 intermediates for a block of rows, not for every nonzero
+        stop = min(start + step, X.shape[0])
+        first, last = X.indptr[start], X.indptr[stop]
+        values = X.data[first:last].astype(np.float64)
+        lengths = np.diff(X.indptr[start : stop + 1])
+        rows = np.repeat(np.arange(stop - start), lengths)
+        totals = np.bincount(rows, weights=values, minlength=stop - start) if given is None else given[start:stop]
+        totals = np.where(totals > 0, totals, 1.0)
+        data[first:last] = np.log1p((values / totals[rows] * target_sum).astype(np.float32))
+    return sp.csr_matrix((data, X.indices, X.indptr), shape=X.shape)
+
+
+def scale_features(X: np.ndarray, *, mean: np.ndarray, std: np.ndarray, max_value: float = MAX_VALUE) -> np.ndarray:
+    """Centre and scale each feature with fixed statistics (a training split's), clipped to
+    ``[-max_value, max_value]``; as scanpy's ``scale``, a constant feature is centred, not divided by 0.
+    Each sample's result depends on that sample and the statistics only."""
+    std = np.asarray(std, dtype=np.float32)
+    scaled = (np.asarray(X, dtype=np.float32) - np.asarray(mean, dtype=np.float32)) / np.where(std > 0, std, 1.0)
+    return np.clip(scaled, -max_value, max_value).astype(np.float32)

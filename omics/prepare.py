@@ -9,6 +9,7 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from omics.contract import ContractRules, check_view
 from omics.errors import ContractError
@@ -76,20 +77,51 @@ def task_targets(obs: pd.DataFrame, task: Any) -> np.ndarray:
 
 
 def member_arrays(adata: ad.AnnData, *, tasks: Sequence[Any]) -> dict[str, Any]:
-    """Keyword arguments of ``models.data.MemberData`` for a prepared AnnData."""
+    """Keyword arguments of ``models.data.MemberData`` for a prepared AnnData; a sparse member's ``X`` is
+    its CSR log values (``uns['normalization']['scaled']`` False), for ``models.data.ScaledRows``."""
     return {
-        "X": np.asarray(adata.X, dtype=np.float32),
+        # sparse: the CSR log values, which the caller scales per block of rows with panel_scaling
+        "X": adata.X if sp.issparse(adata.X) else np.asarray(adata.X, dtype=np.float32),
         "targets": {task.name: task_targets(adata.obs, task) for task in tasks},
         "split": adata.obs["split"].astype(str).to_numpy(),
         "feature_names": [str(x) for x in adata.var_names],
     }
 
 
-def log_expression(adata: ad.AnnData) -> np.ndarray:
+def panel_scaling(adata: ad.AnnData) -> dict[str, Any]:
+    """The fixed preprocessing of a prepared AnnData, in panel order, for the member to keep and score
+    with: the normalization's parameters, which features it measures, and each measured feature's
+    training-split mean and SD on the log scale (an unmeasured feature: 0 and 1, never used)."""
+    measured = adata.var["measured"].to_numpy(dtype=bool)
+    mean = np.where(measured, adata.var["norm_mean"].to_numpy(dtype=np.float64), 0.0)
+    std = np.where(measured, adata.var["norm_std"].to_numpy(dtype=np.float64), 1.0)
+    info = adata.uns["normalization"]
+    return {
+        "features": [str(x) for x in adata.var_names],
+        "measured": measured.tolist(),
+        "mean": mean.astype(np.float32).tolist(),
+        "std": std.astype(np.float32).tolist(),
+        "values": str(info["values"]),
+        "target_sum": float(info["target_sum"]),
+        "max_value": float(info["max_value"]),
+        "fitted_on": str(info["fitted_on"]),
+    }
+
+
+def log_expression(adata: ad.AnnData) -> np.ndarray | sp.csr_matrix:
     """The log-scale expression of a prepared AnnData before per-feature scaling (``layers['log']``,
-    unclipped), for association statistics; features the member did not measure are 0 (and masked)."""
-    values = np.asarray(adata.layers["log"], dtype=np.float64)
-    values[:, ~adata.var["measured"].to_numpy(dtype=bool)] = 0.0
+    unclipped), for association statistics; features the member did not measure are 0 (and masked).
+
+    Float32 (the precision the values were computed in; the statistics sum them in float64); a sparse
+    member's stays a CSR matrix (harmonization already holds no value in an unmeasured column)."""
+    layer = adata.layers["log"]
+    if sp.issparse(layer):
+        return layer
+    values = np.asarray(layer, dtype=np.float32)
+    unmeasured = ~adata.var["measured"].to_numpy(dtype=bool)
+    if values[:, unmeasured].any():  # harmonized data holds zeros there already: no copy then
+        values = values.copy()
+        values[:, unmeasured] = 0.0
     return values
 
 

@@ -158,7 +158,8 @@ def _require_counts(X, cells: np.ndarray, *, path: str):
         The kept cells' values are not counts (negative, non-integer, NaN or infinite).
     """
     if sp.issparse(X):
-        X = sp.csr_matrix(X)[cells]
+        X = sp.csr_matrix(X)
+        X = X if np.array_equal(cells, np.arange(X.shape[0])) else X[cells]  # every cell kept: no copy
         blocks = (X.data[i : i + _BLOCK_ELEMENTS] for i in range(0, X.data.size, _BLOCK_ELEMENTS))
     else:
         X = np.asarray(X)
@@ -187,9 +188,12 @@ def _sum_by_sample(X, cells: np.ndarray, codes: np.ndarray, n_samples: int) -> n
     indicator = sp.csr_matrix(
         (np.ones(len(codes), dtype=np.float64), (codes, np.arange(len(codes)))), shape=(n_samples, len(codes))
     )
-    if sp.issparse(X):  # already restricted to the kept cells
-        return np.asarray((indicator @ X.astype(np.float64)).toarray(), dtype=np.float64)
     summed = np.zeros((n_samples, X.shape[1]), dtype=np.float64)
+    if sp.issparse(X):  # already restricted to the kept cells; float64 a block of cells at a time, not whole
+        rows = max(1, _BLOCK_ELEMENTS // max(1, int(X.nnz / max(1, X.shape[0]))))
+        for start in range(0, X.shape[0], rows):
+            summed += (indicator[:, start : start + rows] @ X[start : start + rows].astype(np.float64)).toarray()
+        return summed
     for start, block in _row_blocks(X, cells):
         summed += indicator[:, start : start + len(block)] @ block
     return summed

@@ -59,6 +59,7 @@ _STEMS = (
 DEFAULT_SIZES = (300, 800, 2000)
 GENES_PER_PROGRAM = 12
 N_SHARED_PROGRAMS = 3  # response, regression, survival drivers shared by every member
+ENDPOINTS = ("response", "marker", "pfs")  # each member's binary, regression and survival endpoint
 
 
 @dataclass
@@ -93,12 +94,19 @@ def make_consortium(
     missing_label_fraction: float = 0.1,
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
+    shared: Sequence[str] = (),
 ) -> SyntheticConsortium:
     """Write one ``<member>.h5ad`` per member and ``ground_truth.json`` into ``out``.
 
     Deterministic for ``seed``. Member ``i`` is called ``pharma-<letter>`` and owns the tasks
     ``<letter>_response`` (binary), ``<letter>_marker`` (regression) and ``<letter>_pfs`` (survival).
+    An endpoint named in ``shared`` (``"response"``, ``"marker"``, ``"pfs"``) is instead one endpoint of
+    that name at every member (a shared endpoint: its head is federated); its planted features are the
+    shared program's and each member's own (the data are the same either way).
     """
+    unknown = sorted(set(shared) - set(ENDPOINTS))
+    if unknown:
+        raise ValueError(f"shared={list(shared)}: unknown endpoint(s) {unknown}; use some of {list(ENDPOINTS)}")
     if len(sizes) < 1 or min(sizes) < 60:
         raise ValueError(f"sizes must give at least one member of >= 60 samples, got {list(sizes)}")
     n_programs = N_SHARED_PROGRAMS + len(sizes)
@@ -126,6 +134,12 @@ def make_consortium(
         activity[own] = member_rng.normal(size=n_samples)
         counts = _counts(member_rng, base, loadings, activity, nuisance, n_samples, batch_scale=0.3)
         obs, task_truth, tasks = _outcomes(member_rng, letter, activity, programs, missing_label_fraction)
+        for task in tasks:
+            stem = task["name"].split("_", 1)[1]
+            if stem in shared:
+                genes = task_truth.pop(task["name"])
+                task["name"] = stem
+                truth[stem] = list(dict.fromkeys([*truth.get(stem, []), *genes]))
         truth.update(task_truth)
         names = list(panel)
         if index == len(sizes) - 1 and len(sizes) > 1:
@@ -245,7 +259,7 @@ def _outcomes(
     tasks = [
         {"name": f"{letter}_response", "type": "binary", "column": "response"},
         {"name": f"{letter}_marker", "type": "regression", "column": "marker_level"},
-        {"name": f"{letter}_pfs", "type": "survival", "time": "pfs_days", "event": "pfs_event"},
+        {"name": f"{letter}_pfs", "type": "survival", "time": "pfs_days", "event": "pfs_event", "time_unit": "days"},
     ]
     own_genes = programs[f"specific_{letter}"]
     truth = {

@@ -16,14 +16,17 @@ from schema.errors import UserError
 console = Console()
 
 
-def synthesize(out: Path, *, sizes: list[int], n_features: int, seed: int, rounds: int = 5) -> Path:
-    """Write a synthetic consortium into ``out``; return the path of its consortium.yaml."""
+def synthesize(
+    out: Path, *, sizes: list[int], n_features: int, seed: int, rounds: int = 5, shared: tuple[str, ...] = ()
+) -> Path:
+    """Write a synthetic consortium into ``out``; return the path of its consortium.yaml. ``shared``: the
+    endpoints every member holds under one name (:func:`omics.synthetic.make_consortium`)."""
     from omics.synthetic import make_consortium
     from schema.config import config_from_dict, dump_config
 
     out = Path(out).resolve()  # the config's paths are written relative to its own folder
     try:
-        synthetic = make_consortium(out, sizes=sizes, n_features=n_features, seed=seed)
+        synthetic = make_consortium(out, sizes=sizes, n_features=n_features, seed=seed, shared=shared)
     except ValueError as exc:
         raise UserError(f"consortium synth: {exc}") from None
     panel_path = out / "panel.txt"

@@ -13,8 +13,9 @@ from jobs.member_data import task_specs
 from jobs.recipe import server_model
 from jobs.sections import PUBLISHED_META, finalize, section_of, sections_of
 from jobs.site import STEPS_META, MemberSite, PrivateStateLeak, outgoing_state, serve
-from jobs.site_outputs import SiteOutputs, read_predictions
+from jobs.site_outputs import SiteOutputs, read_predictions, read_scaling
 from models.network import MultitaskNet, SharedModel
+from omics.normalize import scale_features
 from schema.config import load_config
 from schema.names import KEY_METRIC
 
@@ -125,8 +126,12 @@ def test_the_last_round_adds_statistics_and_attributions(served, config):
     extra = keys - _shared_keys(config)
     tasks = ["a_response", "a_marker", SHARED_ENDPOINT]
     # synth declares age and sex: the survival endpoint's Cox model of them travels every round (coxfit)
-    assert {k.split(".")[0] for k in extra} == {"stats", "consensus", "coxfit"}
-    assert {k.split(".")[1] for k in extra if not k.startswith("coxfit.")} == set(tasks)
+    assert {k.split(".")[0] for k in extra} == {"stats", "consensus", "coxfit", "scaling"}
+    assert {k.split(".")[1] for k in extra if not k.startswith(("coxfit.", "scaling."))} == set(tasks)
+    # the pooled scaling's pieces: the panel's features (its one regression endpoint, a_marker, is private)
+    assert {k for k in extra if k.startswith("scaling.")} == {
+        f"scaling.features.{n}" for n in ("samples", "sum", "sumsq")
+    }
     assert {k for k in extra if k.startswith("coxfit.")} == {
         f"coxfit.{SHARED_ENDPOINT}.{n}" for n in ("loglik", "gradient", "information", "events", "samples")
     }
@@ -268,6 +273,15 @@ def test_the_site_keeps_its_final_model_and_predictions(served, config):
     net.load_state_dict(checkpoint["state_dict"])
     predictions = read_predictions(site.outputs.folder)
     assert set(predictions["prediction"]) == set(predictions["target"]) == {"a_response", "a_marker", SHARED_ENDPOINT}
+    # the fixed preprocessing it trained with, kept to score new samples: its samples scaled with it are the
+    # samples it trained on, whichever others are scored with them
+    scaling = read_scaling(site.outputs.folder)
+    assert scaling["features"] == list(site.data.feature_names) and scaling["fitted_on"] == "train split"
+    mean, scale = site.model.target_scaling("a_marker")
+    assert scaling["targets"] == {"a_marker": {"mean": mean, "scale": scale}}
+    scaled = scale_features(site.log_expression, mean=np.array(scaling["mean"]), std=np.array(scaling["std"]))
+    scaled[:, ~np.array(scaling["measured"])] = 0.0
+    np.testing.assert_allclose(scaled, site.data.X, rtol=0, atol=1e-6)
 
 
 def test_dp_site_spends_epsilon_within_the_budget(config, tmp_path):
