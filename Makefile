@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
+# the demo's FLARE server ports, FL and admin (default 8102,8103): `make demo DEMO_PORTS=9102,9103`
+DEMO_PORTS ?=
 
 .PHONY: install demo test test-fast lint clean
 
@@ -18,7 +20,7 @@ $(STAMP): setup.cfg constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(BIN)/consortium demo --out $(DEMO_DIR) --force  # a repeated demo replaces the last demo run
+	$(BIN)/consortium demo --out $(DEMO_DIR) --force $(if $(DEMO_PORTS),--ports $(DEMO_PORTS))  # a repeated demo replaces the last demo run
 
 test: install
 	$(BIN)/ruff check .

@@ -133,7 +133,9 @@ def gse7390_members(*, seed: int) -> tuple[dict[str, ad.AnnData], dict]:
         f"gse7390: patients (events) per member: "
         f"{ {n: (a.n_obs, int(a.obs['dm_event'].sum())) for n, a in data.items()} }"
     )
-    tasks = [{"name": "distant_metastasis", "type": "survival", "time": "dm_time", "event": "dm_event"}]
+    tasks = [
+        {"name": "distant_metastasis", "type": "survival", "time": "dm_time", "event": "dm_event", "time_unit": "days"}
+    ]
     return data, {"tasks": tasks, "values": "normalized"}
 
 

@@ -21,7 +21,7 @@ import threading
 import typer
 from rich.text import Text
 
-from consortium.commands import audit, data, init, provisioning, release, report, run, stats, synth
+from consortium.commands import audit, data, feasibility, init, provisioning, release, report, run, score, stats, synth
 from consortium.console import INTERRUPTED_MESSAGE, Console
 from schema.errors import UserError
 
@@ -61,8 +61,45 @@ def _root(
     )
 
 
-for _module in (init, data, synth, run, stats, release, report, provisioning, audit):
+for _module in (init, data, synth, run, stats, feasibility, release, report, provisioning, audit, score):
     _module.register(app)
+
+
+def command_line() -> typer.core.TyperGroup:
+    """The app as the command it runs, its boolean flags shown as flags.
+
+    Typer's help (0.29.2) gives every flag a ``<bool>`` type, which reads as if it took a value: a user
+    then types ``--verbose true`` and is told ``true`` is an unexpected argument. A flag's metavar left
+    empty shows it bare, as click's own help does."""
+    root = typer.main.get_command(app)
+    _show_flags_bare(root)
+    return root
+
+
+def _show_flags_bare(command) -> None:
+    help_option = command.get_help_option(typer.Context(command))
+    for param in [*command.params, *([help_option] if help_option else [])]:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _show_flags_bare(sub)
+
+
+def _flag_given_a_value(args: list[str]) -> None:
+    """After a usage error: say so when a flag was given a value (``--verbose true``)."""
+    flags: set[str] = set()
+    stack = [command_line()]
+    while stack:
+        command = stack.pop()
+        flags |= {name for p in command.params if getattr(p, "is_flag", False) for name in p.opts + p.secondary_opts}
+        stack += list(getattr(command, "commands", {}).values())
+    for flag, value in zip(args, args[1:], strict=False):
+        if flag in flags and value.lower() in _BOOLEAN_WORDS:
+            _print_error(f"{flag} is a flag and takes no value: give '{flag}' alone, without '{value}'")
+            return
+
+
+_BOOLEAN_WORDS = frozenset({"true", "false", "yes", "no", "on", "off", "1", "0"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         # click returns the code of a typer.Exit instead of raising it when standalone_mode is off
-        code = app(args=argv, standalone_mode=False)
+        code = command_line()(args=argv, standalone_mode=False)
         if code == 130:  # click's return for an interrupt (KeyboardInterrupt) outside standalone mode
             _interrupted(console_script=argv is None)
     except UserError as exc:
@@ -94,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         # click's usage errors (typer vendors its own click, so match by shape, not by class)
         if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
+            _flag_given_a_value(sys.argv[1:] if argv is None else argv)
             return exc.exit_code
         raise
     finally:

@@ -14,7 +14,8 @@ one (same resamples for both arms).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,15 +25,23 @@ from jobs import member_data
 from models.baselines import train_local, train_pooled
 from models.classical import fit_classical
 from models.data import MemberData, TaskSpec, pool_members
-from models.metrics import primary_metric
+from models.metrics import METRICS, primary_metric
 from models.training import TrainSettings
-from models.uncertainty import metric_interval, paired_difference_interval
+from models.uncertainty import (
+    bootstrap_metric_values,
+    metric_interval,
+    paired_difference_interval,
+    percentile_interval,
+)
 from schema import settings
 from schema.config import ConsortiumConfig
 
 log = logging.getLogger(__name__)
 
 ARMS = ("federated", "local", "pooled", "linear_local", "linear_pooled")
+COMPARED = ARMS[1:]
+"""The arms the federated one is compared with, each by a paired difference."""
+N_BOOT = 1000
 
 
 @dataclass
@@ -133,23 +142,87 @@ def member_figures(arms: ArmPredictions, *, kinds: Mapping[str, str], seed: int)
 def endpoint_figures(
     arms: ArmPredictions, *, kinds: Mapping[str, str], holders: Mapping[str, list[str]], seed: int
 ) -> dict[str, dict[str, Any]]:
-    """Per endpoint, over all holding members' test samples together (C-index within members)."""
+    """Per endpoint, within members: the C-index over pairs inside each member; AUROC and R2 each holding
+    member's own, averaged with weights by its labelled test samples (:func:`within_member_figures`). The
+    AUROC or R2 over all holders' samples together is kept apart, as ``pooled_samples``: member differences
+    alone (a prediction carrying only each member's mean) raise it."""
     out = {}
     for task, members in holders.items():
-        y = np.concatenate([arms.targets[m][task] for m in members])
-        strata = np.concatenate([np.full(len(arms.targets[m][task]), i) for i, m in enumerate(members)])
-        predictions = {
-            arm: np.concatenate([arms.predictions[arm][m][task] for m in members])
-            for arm in ARMS
-            if all(m in arms.predictions.get(arm, {}) for m in members)
-        }
-        out[task] = {
-            "type": kinds[task],
-            "metric": primary_metric(kinds[task]),
-            "members": list(members),
-            **_figures(kinds[task], y, predictions, strata=strata, seed=seed),
-        }
+        kind = kinds[task]
+        present = [a for a in ARMS if all(m in arms.predictions.get(a, {}) for m in members)]
+        ys = [arms.targets[m][task] for m in members]
+        predictions = {a: [arms.predictions[a][m][task] for m in members] for a in present}
+        if kind == "survival":
+            strata = np.concatenate([np.full(len(y), i) for i, y in enumerate(ys)])
+            joined = {a: np.concatenate(p) for a, p in predictions.items()}
+            figures = _figures(kind, np.concatenate(ys), joined, strata=strata, seed=seed)
+        else:
+            figures = within_member_figures(kind, ys, predictions, seed=seed)
+            if "members_left_out" in figures:
+                figures["members_left_out"] = [members[i] for i in figures["members_left_out"]]
+            if len(members) > 1:
+                figures["pooled_samples"] = {
+                    a: _metric(kind, np.concatenate(ys), np.concatenate(p)) for a, p in predictions.items()
+                }
+        out[task] = {"type": kind, "metric": primary_metric(kind), "members": list(members), **figures}
     return out
+
+
+def within_member_figures(
+    kind: str, ys: Sequence[np.ndarray], predictions: Mapping[str, Sequence[np.ndarray]], *, seed: int
+) -> dict[str, Any]:
+    """AUROC or R2 within members: each member's figure, averaged with weights by its labelled test samples,
+    with 95% percentile-bootstrap intervals (resampled within each member; every arm on the same resamples,
+    so the differences are paired). A member whose labels leave the metric undefined (one class, a constant
+    target) is left out; its index is in ``members_left_out``."""
+    arms = list(predictions)
+    weights, estimates, values, left_out = [], [], [], []
+    for i, y in enumerate(ys):
+        labelled = int(np.sum(~np.isnan(np.asarray(y, dtype=np.float64))))
+        if not math.isfinite(_metric(kind, y, np.arange(len(y), dtype=np.float64))):
+            left_out.append(i)
+            continue
+        member = [predictions[a][i] for a in arms]
+        weights.append(labelled)
+        estimates.append([_metric(kind, y, p) for p in member])
+        values.append(bootstrap_metric_values(kind, y, member, n_boot=N_BOOT, seed=seed + i))
+    figures: dict[str, Any] = {"ci": {}, "difference": {}, "n": int(sum(weights))}
+    if left_out:
+        figures["members_left_out"] = left_out
+    if not weights:
+        return {**figures, **{a: math.nan for a in arms}, "ci": {a: [math.nan, math.nan] for a in arms}}
+    w = np.asarray(weights, dtype=np.float64) / sum(weights)
+    estimate = w @ np.asarray(estimates)  # (arms,)
+    resampled = np.einsum("m,mba->ba", w, np.stack(values))  # (n_boot, arms); nan where a member's was
+    for j, arm in enumerate(arms):
+        interval = percentile_interval(float(estimate[j]), resampled[:, j], n=figures["n"])
+        figures[arm] = interval.estimate
+        figures["ci"][arm] = [interval.low, interval.high]
+    if "federated" in arms:
+        f = arms.index("federated")
+        for arm in COMPARED:
+            if arm in arms:
+                j = arms.index(arm)
+                diff = percentile_interval(
+                    float(estimate[f] - estimate[j]), resampled[:, f] - resampled[:, j], n=figures["n"]
+                )
+                figures["difference"][f"federated-{arm}"] = _verdict(diff)
+    return figures
+
+
+def _metric(kind: str, y: np.ndarray, prediction: np.ndarray) -> float:
+    return float(METRICS[kind][primary_metric(kind)](np.asarray(y), np.asarray(prediction)))
+
+
+def _verdict(diff) -> dict[str, Any]:
+    """A paired difference with its interval: a gain where the whole interval is above 0, a loss where it
+    is below."""
+    return {
+        "estimate": diff.estimate,
+        "ci": [diff.low, diff.high],
+        "gain": bool(diff.low > 0),
+        "loss": bool(diff.high < 0),
+    }
 
 
 def _figures(kind: str, y: np.ndarray, predictions: Mapping[str, np.ndarray], *, strata, seed: int) -> dict[str, Any]:
@@ -160,14 +233,10 @@ def _figures(kind: str, y: np.ndarray, predictions: Mapping[str, np.ndarray], *,
         figures["ci"][arm] = [interval.low, interval.high]
         figures["n"] = interval.n
     if "federated" in predictions:
-        for arm in ("local", "pooled", "linear_pooled"):
+        for arm in COMPARED:
             if arm in predictions:
                 diff = paired_difference_interval(
                     kind, y, predictions["federated"], predictions[arm], strata=strata, seed=seed
                 )
-                figures["difference"][f"federated-{arm}"] = {
-                    "estimate": diff.estimate,
-                    "ci": [diff.low, diff.high],
-                    "gain": bool(diff.low > 0),
-                }
+                figures["difference"][f"federated-{arm}"] = _verdict(diff)
     return figures

@@ -105,6 +105,7 @@ MEMBER_EXAMPLES = """\
       #   type: survival
       #   time: os_days           # obs column: follow-up time (> 0)
       #   event: os_event         # obs column: 1 = event, 0 = censored
+      #   time_unit: days         # unit of the follow-up time, shown on the Kaplan-Meier plots
       # - name: tumour_size
       #   type: regression
       #   column: size_mm

@@ -4,14 +4,17 @@ Every function takes the report (``report.json`` as a dict) and, where it needs 
 members' test predictions (:func:`read_site_predictions`); it returns a :class:`~matplotlib.figure.Figure`
 built without pyplot (no global state, no display), so the same code serves the notebook and
 :func:`save_report_plots`. What a plot needs and the run folder does not hold (a member's
-``predictions.npz`` stays at the member in production) is left out and named by :func:`missing_predictions`.
+``predictions.npz`` stays at the member in production) is left out and named by :func:`missing_predictions`;
+a plot with nothing to show is a figure holding that sentence and no axes (:func:`is_message`), and it is
+not saved. Members appear in config order, features by gene symbol where the report has one, legends sit
+outside the data. The biomarker plots are in :mod:`consortium.plots_biomarkers`, the per-sample ones in
+:mod:`consortium.plots_samples`; both are importable from here.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,44 +22,62 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from sklearn.metrics import roc_auc_score, roc_curve
-from sksurv.compare import compare_survival
-from sksurv.nonparametric import kaplan_meier_estimator
+from matplotlib.lines import Line2D
 
-from jobs.site_outputs import PREDICTIONS_FILE, read_predictions
-from omics.statistics import EFFECT, uniform_columns
+from consortium.plots_biomarkers import effect_directions, region_forest, statistics_tables, volcano
+from consortium.plots_common import METRIC_NAMES, grid, is_message, legend_below, message, symbols
+from consortium.plots_samples import (
+    Predictions,
+    kaplan_meier_by_risk,
+    missing_predictions,
+    prediction_panels,
+    read_site_predictions,
+    roc_curves,
+)
 from schema.writes import writing
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "ARMS",
+    "PLOTS_DIR",
+    "effect_directions",
+    "is_message",
+    "kaplan_meier_by_risk",
+    "learning_curves",
+    "metric_intervals",
+    "missing_predictions",
+    "prediction_panels",
+    "read_site_predictions",
+    "region_forest",
+    "report_figures",
+    "roc_curves",
+    "save_report_plots",
+    "statistics_tables",
+    "symbols",
+    "volcano",
+]
+
 PLOTS_DIR = "plots"
 ARMS = ("federated", "local", "pooled", "linear_local", "linear_pooled")
 PRIMARY = {"binary": "auroc", "regression": "r2", "survival": "c_index"}
-Predictions = Mapping[str, Mapping[str, Mapping[str, np.ndarray]]]
-
-
-def _grid(panels: int, *, ncols: int = 3, size: tuple[float, float] = (4.0, 3.4)) -> tuple[Figure, list]:
-    """A figure with exactly ``panels`` axes (unused grid cells removed)."""
-    ncols = max(1, min(ncols, panels))
-    nrows = max(1, math.ceil(panels / ncols))
-    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
-    axes = list(fig.subplots(nrows, ncols, squeeze=False).ravel())
-    for extra in axes[panels:]:
-        fig.delaxes(extra)
-    return fig, axes[:panels]
-
-
-def _empty(message: str) -> Figure:
-    fig = Figure(figsize=(5, 1.5))
-    fig.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
-    return fig
+BOUNDS = {"auroc": (0.0, 1.0), "c_index": (0.0, 1.0), "r2": (None, 1.0)}
+CHANCE = {"auroc": 0.5, "c_index": 0.5, "r2": 0.0}
 
 
 # ----------------------------------------------------------------------------------------------- metrics
 
 
-def metric_bars(report: Mapping[str, Any], *, arms: Sequence[str] = ARMS) -> Figure:
-    """Per member and endpoint, each arm's test metric with its 95% interval; one axes per metric."""
+def _interval(entry: Mapping[str, Any], arm: str) -> tuple[float, float, float]:
+    """An arm's test figure and its 95% interval; NaN where the report has none."""
+    low, high = (entry.get("ci") or {}).get(arm) or (None, None)
+    value, low, high = (np.nan if v is None else float(v) for v in (entry.get(arm), low, high))
+    return value, low, high
+
+
+def metric_intervals(report: Mapping[str, Any], *, arms: Sequence[str] = ARMS) -> Figure:
+    """Per member and endpoint (members in config order), each arm's test metric as a dot with its 95%
+    interval; one axes per metric, its axis spanning the intervals (not from 0), the arms' legend below."""
     rows = [
         (member, task, entry)
         for member, info in report["members"].items()
@@ -65,36 +86,63 @@ def metric_bars(report: Mapping[str, Any], *, arms: Sequence[str] = ARMS) -> Fig
     ]
     metrics = list(dict.fromkeys(entry["metric"] for _, _, entry in rows))
     if not metrics:
-        return _empty("no test figures in this report")
-    fig, axes = _grid(len(metrics), ncols=len(metrics), size=(max(4.0, 0.9 * len(rows) / len(metrics) + 2), 4.0))
+        return message("no test figures in this report")
+    present = [arm for arm in arms if any(e.get(arm) is not None for _, _, e in rows)]
+    most = max(sum(e["metric"] == m for _, _, e in rows) for m in metrics)
+    fig, axes = grid(len(metrics), size=(4.4, 0.22 * most * len(present) + 0.35 * most + 1.4))
+    step = 0.8 / len(present)
     for ax, metric in zip(axes, metrics, strict=True):
         group = [(m, t, e) for m, t, e in rows if e["metric"] == metric]
-        present = [arm for arm in arms if any(e.get(arm) is not None for _, _, e in group)]
-        width = 0.8 / len(present)
-        x = np.arange(len(group))
+        for k in range(0, len(group), 2):
+            ax.axhspan(k - 0.5, k + 0.5, color="0.95", lw=0, zorder=0)  # every other row shaded
         for i, arm in enumerate(present):
-            values = np.array([np.nan if e.get(arm) is None else e[arm] for _, _, e in group], dtype=float)
-            ci = [(e.get("ci") or {}).get(arm) or [None, None] for _, _, e in group]
-            low = np.array([np.nan if c[0] is None else c[0] for c in ci], dtype=float)
-            high = np.array([np.nan if c[1] is None else c[1] for c in ci], dtype=float)
-            yerr = np.nan_to_num(np.clip([values - low, high - values], 0, None))
-            ax.bar(x + (i - (len(present) - 1) / 2) * width, values, width, yerr=yerr, capsize=2, label=arm)
-        ax.set_xticks(x, [f"{m}\n{t}" for m, t, _ in group], rotation=45, ha="right", fontsize=8)
-        ax.set_ylabel(f"test {metric}")
-        ax.set_title(f"{metric}: 95% bootstrap intervals", fontsize=10)
-        if metric in ("auroc", "c_index"):
-            ax.axhline(0.5, color="gray", lw=0.8, ls=":")
-        ax.legend(fontsize=7)
+            value, low, high = np.array([_interval(e, arm) for _, _, e in group]).T
+            y = np.arange(len(group)) - 0.4 + (i + 0.5) * step
+            xerr = np.nan_to_num(np.clip([value - low, high - value], 0, None))
+            ax.errorbar(value, y, xerr=xerr, fmt="o", ms=4, capsize=2, lw=1.2, color=f"C{i}", label=arm)
+        ends = np.array([_interval(e, a) for _, _, e in group for a in present], dtype=float)
+        _span(ax, metric, ends[np.isfinite(ends)])
+        ax.set_yticks(range(len(group)), [f"{m}\n{t}" for m, t, _ in group], fontsize=8)
+        ax.set_ylim(len(group) - 0.5, -0.5)  # the first member on top
+        name = METRIC_NAMES.get(metric, metric)
+        ax.set(xlabel=f"test {name}", title=f"{name}: 95% bootstrap intervals")
+        ax.title.set_fontsize(10)
+        ax.grid(axis="x", color="0.85", lw=0.6)
+    handles = [Line2D([], [], color=f"C{i}", marker="o", ms=4, label=arm) for i, arm in enumerate(present)]
+    legend_below(fig, handles, title="arm")
     return fig
 
 
+def _span(ax, metric: str, values: np.ndarray) -> None:
+    """The x range of one metric: the intervals with a margin, inside the metric's bounds; the chance
+    level drawn when it lies in that range."""
+    if not values.size:
+        return
+    low, high = float(values.min()), float(values.max())
+    margin = max(0.02, 0.08 * (high - low))
+    floor, ceiling = BOUNDS.get(metric, (None, None))
+    left = low - margin if floor is None else max(floor, low - margin)
+    right = high + margin if ceiling is None else min(ceiling + 0.005, high + margin)
+    ax.set_xlim(left, right)
+    chance = CHANCE.get(metric)
+    if chance is not None and left <= chance <= right:
+        ax.axvline(chance, color="gray", lw=0.8, ls=":")
+
+
+def _members_in_order(report: Mapping[str, Any]) -> list[str]:
+    """The members with per-round records: in the report's (config) order, then any it does not list."""
+    seen = {site for r in report.get("rounds") or [] for site in r.get("sites", {})}
+    return [m for m in report["members"] if m in seen] + sorted(seen - set(report["members"]))
+
+
 def learning_curves(report: Mapping[str, Any]) -> Figure:
-    """Per member, each endpoint's validation metric per round; and every member's training loss."""
+    """Per member (config order), each endpoint's validation metric per round; and every member's training
+    loss."""
     rounds = report.get("rounds") or []
-    members = list(dict.fromkeys(site for r in rounds for site in r.get("sites", {})))
+    members = _members_in_order(report)
     if not members:
-        return _empty("no per-round records in this report")
-    fig, axes = _grid(len(members) + 1)
+        return message("no per-round records in this report")
+    fig, axes = grid(len(members) + 1, size=(4.0, 3.6))
     for ax, member in zip(axes, members, strict=False):
         tasks = report["members"].get(member, {}).get("tasks", {})
         for task, entry in tasks.items():
@@ -105,9 +153,10 @@ def learning_curves(report: Mapping[str, Any]) -> Figure:
             ]
             points = [(x, y) for x, y in points if y is not None]
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", ms=3, label=f"{task} {metric}")
+                label = f"{task} {METRIC_NAMES.get(metric, metric)}"
+                ax.plot(*zip(*points, strict=True), marker="o", ms=3, label=label)
         ax.set(title=f"{member}: validation", xlabel="round", ylabel="metric")
-        ax.legend(fontsize=7)
+        _legend_under(ax)
     loss = axes[-1]
     for member in members:
         points = [(r["round"], (r["sites"].get(member) or {}).get("train_loss")) for r in rounds]
@@ -115,218 +164,13 @@ def learning_curves(report: Mapping[str, Any]) -> Figure:
         if points:
             loss.plot(*zip(*points, strict=True), marker="o", ms=3, label=member)
     loss.set(title="training loss", xlabel="round", ylabel="loss")
-    loss.legend(fontsize=7)
+    _legend_under(loss)
     return fig
 
 
-# -------------------------------------------------------------------------------------------- biomarkers
-
-
-def statistics_tables(report: Mapping[str, Any], run_dir: str | Path | None = None) -> dict[str, pd.DataFrame]:
-    """Each endpoint's association statistics: the full table from ``<run>/biomarkers/`` when given and
-    present, else the top features ``report.json`` keeps."""
-    tables = {}
-    for name, rows in report["biomarkers"]["statistics"].items():
-        kept = pd.DataFrame(rows)
-        path = Path(run_dir) / "biomarkers" / f"statistics_{name}.csv" if run_dir is not None else None
-        full = pd.read_csv(path) if path is not None and path.exists() else None
-        # the report keeps the table's head: a table that does not start with it is another run's
-        head = [] if full is None else list(full["feature"].astype(str).head(len(kept)))
-        same_run = full is not None and head == [r["feature"] for r in rows]
-        tables[name] = full if same_run else kept
-    return tables
-
-
-def volcano(
-    report: Mapping[str, Any],
-    *,
-    statistics: Mapping[str, pd.DataFrame] | None = None,
-    q_threshold: float = 0.05,
-    label_top: int = 5,
-) -> Figure:
-    """Effect against -log10 p per endpoint; q below the threshold in colour, planted features ringed."""
-    tables = dict(statistics) if statistics is not None else statistics_tables(report)
-    tables = {name: table for name, table in tables.items() if len(table)}
-    if not tables:
-        return _empty("no association statistics in this report")
-    planted = report["biomarkers"].get("ground_truth") or {}
-    fig, axes = _grid(len(tables))
-    for ax, (name, table) in zip(axes, tables.items(), strict=True):
-        kind = report["endpoints"].get(name, {}).get("type", "binary")
-        table = table.rename(columns={v: k for k, v in uniform_columns(kind).items()})
-        effect = table["effect"].to_numpy(float)
-        height = -np.log10(table["pvalue"].clip(lower=1e-300).to_numpy(float))
-        hit = table["qvalue"].to_numpy(float) < q_threshold
-        colors = np.where(hit, np.where(effect > 0, "tab:red", "tab:blue"), "lightgray")
-        ax.scatter(effect, height, s=8, c=colors, linewidths=0)
-        truth = table["feature"].isin(planted.get(name, [])).to_numpy()
-        if truth.any():
-            ax.scatter(
-                effect[truth], height[truth], s=30, facecolors="none", edgecolors="black", lw=0.7, label="planted"
-            )
-            ax.legend(fontsize=7, loc="best")
-        for row in table.nsmallest(label_top, "pvalue").itertuples():
-            ax.annotate(str(row.feature), (row.effect, -np.log10(max(row.pvalue, 1e-300))), fontsize=6)
-        ax.axvline(0, color="gray", lw=0.6)
-        ax.set(title=f"{name} ({kind}), {len(table)} features", xlabel=EFFECT[kind], ylabel="-log10 p")
-    return fig
-
-
-def region_forest(report: Mapping[str, Any], *, top: int = 6) -> Figure:
-    """Per endpoint analysed by region, the top features' effect in every region with its 95% interval,
-    and the interaction p and I² beside each feature (``statistics.by: region``)."""
-    entries = {
-        name: entry
-        for name, entry in report["biomarkers"].get("statistics_release", {}).items()
-        if entry.get("regions")
-    }
-    if not entries:
-        return _empty("no subgroups by region in this report (statistics.by: region)")
-    fig, axes = _grid(len(entries), ncols=2, size=(6.0, 0.55 * top * 2 + 1.5))
-    for ax, (name, entry) in zip(axes, entries.items(), strict=True):
-        head = [row["feature"] for row in report["biomarkers"]["statistics"].get(name, [])[:top]]
-        rows = pd.DataFrame(entry["regions"])
-        rows = rows[rows["feature"].isin(head)]
-        regions = list(dict.fromkeys(rows["region"]))
-        stats = {r["feature"]: r for r in report["biomarkers"]["statistics"][name][:top]}
-        height = len(regions) + 1
-        ticks, labels = [], []
-        for i, feature in enumerate(head):
-            for j, region in enumerate(regions):
-                match = rows[(rows["feature"] == feature) & (rows["region"] == region)]
-                if match.empty:
-                    continue
-                row = match.iloc[0]
-                y = -(i * height + j)
-                ax.errorbar(
-                    [row["effect"]],
-                    [y],
-                    xerr=[[row["effect"] - row["ci_low"]], [row["ci_high"] - row["effect"]]],
-                    fmt="o",
-                    ms=4,
-                    color=f"C{j}",
-                    label=region if i == 0 else None,
-                )
-            info = stats.get(feature, {})
-            ticks.append(-(i * height + (len(regions) - 1) / 2))
-            labels.append(f"{feature}\np(int) {_fmt_p(info.get('interaction_p'))}, I² {_fmt_pct(info.get('I2'))}")
-        ax.axvline(0, color="gray", lw=0.6)
-        ax.set_yticks(ticks, labels=labels, fontsize=7)
-        kind = report["endpoints"].get(name, {}).get("type", "binary")
-        ax.set(title=f"{name}: effect by region (95% CI)", xlabel=EFFECT.get(kind, "effect"))
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="region", title_fontsize=7)
-    return fig
-
-
-def _fmt_p(value) -> str:
-    return "n/a" if value is None else f"{value:.2g}"
-
-
-def _fmt_pct(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.0f}%"
-
-
-def effect_directions(report: Mapping[str, Any], *, top: int = 10) -> Figure:
-    """Per endpoint, the model's top features by attribution, signed by their direction (up: red)."""
-    rankings = {name: pd.DataFrame(rows) for name, rows in report["biomarkers"].get("model", {}).items() if rows}
-    if not rankings:
-        return _empty("no model rankings in this report")
-    fig, axes = _grid(len(rankings), size=(4.0, 0.25 * top + 1.2))
-    for ax, (name, table) in zip(axes, rankings.items(), strict=True):
-        head = table.sort_values("rank").head(top).iloc[::-1]
-        signed = (head["score"] * head.get("direction", 1)).to_numpy(float)
-        ax.barh(head["feature"].astype(str), signed, color=np.where(signed > 0, "tab:red", "tab:blue"))
-        ax.axvline(0, color="gray", lw=0.6)
-        ax.tick_params(axis="y", labelsize=7)
-        ax.set(title=f"{name}: model, signed", xlabel="attribution x direction")
-    return fig
-
-
-# ----------------------------------------------------------------------------- per-sample (members' files)
-
-
-def read_site_predictions(run_dir: str | Path) -> dict[str, dict[str, dict[str, np.ndarray]]]:
-    """``{member: {"prediction": {task: array}, "target": {task: array}}}`` from the sites' folders the run
-    folder holds (``sites/<member>/`` or, with folds, ``sites/fold<k>/<member>/`` joined out of fold)."""
-    found: dict[str, dict[str, dict[str, np.ndarray]]] = {}
-    for path in sorted(Path(run_dir, "sites").rglob(PREDICTIONS_FILE)):
-        member = path.parent.name
-        arrays = read_predictions(path.parent)
-        mine = found.setdefault(member, {"prediction": {}, "target": {}})
-        for kind, tasks in arrays.items():
-            for task, values in tasks.items():
-                mine[kind][task] = np.concatenate([mine[kind][task], values]) if task in mine[kind] else values
-    return found
-
-
-def missing_predictions(report: Mapping[str, Any], predictions: Predictions, *, kind: str) -> list[str]:
-    """The members holding a ``kind`` endpoint whose predictions this run folder does not have."""
-    holders = {
-        member
-        for member, info in report["members"].items()
-        for entry in info["tasks"].values()
-        if entry.get("type") == kind
-    }
-    return sorted(holders - set(predictions))
-
-
-def _panels(report: Mapping[str, Any], predictions: Predictions, kind: str) -> list[tuple[str, str]]:
-    return [
-        (member, task)
-        for member, info in report["members"].items()
-        for task, entry in info["tasks"].items()
-        if entry.get("type") == kind and task in (predictions.get(member) or {}).get("prediction", {})
-    ]
-
-
-def roc_curves(report: Mapping[str, Any], predictions: Predictions) -> Figure:
-    """ROC of the federated model on each member's binary endpoints (its own test samples)."""
-    panels = _panels(report, predictions, "binary")
-    if not panels:
-        return _empty("no predictions for binary endpoints in this run folder")
-    fig, axes = _grid(len(panels), size=(3.6, 3.4))
-    for ax, (member, task) in zip(axes, panels, strict=True):
-        y = np.asarray(predictions[member]["target"][task], dtype=float)
-        score = np.asarray(predictions[member]["prediction"][task], dtype=float)
-        keep = np.isfinite(y) & np.isfinite(score)
-        y, score = y[keep], score[keep]
-        if np.unique(y).size == 2:
-            fpr, tpr, _ = roc_curve(y, score)
-            ax.plot(fpr, tpr, label=f"AUROC {roc_auc_score(y, score):.3f} (n={y.size})")
-        ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls=":", label="chance")
-        ax.set(title=f"{member}: {task}", xlabel="false positive rate", ylabel="true positive rate", aspect="equal")
-        ax.legend(fontsize=7, loc="lower right")
-    return fig
-
-
-def kaplan_meier_by_risk(report: Mapping[str, Any], predictions: Predictions) -> Figure:
-    """Kaplan-Meier curves (95% bands) of each member's survival endpoints, test samples split at the
-    median predicted risk; the log-rank p between the two groups in the legend title."""
-    panels = _panels(report, predictions, "survival")
-    if not panels:
-        return _empty("no predictions for survival endpoints in this run folder")
-    fig, axes = _grid(len(panels), size=(3.8, 3.4))
-    for ax, (member, task) in zip(axes, panels, strict=True):
-        survival = np.asarray(predictions[member]["target"][task], dtype=float)
-        risk = np.asarray(predictions[member]["prediction"][task], dtype=float)
-        keep = np.isfinite(survival).all(axis=1) & np.isfinite(risk)
-        time, event, risk = survival[keep, 0], survival[keep, 1].astype(bool), risk[keep]
-        high = risk > np.median(risk)
-        title = None
-        if event.any() and 0 < high.sum() < high.size:
-            groups = np.where(high, "high", "low")
-            structured = np.array(list(zip(event, time, strict=True)), dtype=[("event", bool), ("time", float)])
-            _, pvalue = compare_survival(structured, groups)
-            title = f"log-rank p={pvalue:.2g}"
-        for mask, label, color in ((~high, "low risk", "tab:blue"), (high, "high risk", "tab:red")):
-            if not mask.any():
-                continue
-            steps, surv, (low, up) = kaplan_meier_estimator(event[mask], time[mask], conf_type="log-log")
-            ax.step(steps, surv, where="post", color=color, label=f"{label} (n={mask.sum()})")
-            ax.fill_between(steps, low, up, step="post", color=color, alpha=0.15, lw=0)
-        ax.set(title=f"{member}: {task}", xlabel="time", ylabel="survival probability", ylim=(0, 1.02))
-        ax.legend(fontsize=7, title=title, title_fontsize=7)
-    return fig
+def _legend_under(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, frameon=False)
 
 
 # ------------------------------------------------------------------------------------------------ saving
@@ -335,19 +179,23 @@ def kaplan_meier_by_risk(report: Mapping[str, Any], predictions: Predictions) ->
 def report_figures(
     report: Mapping[str, Any], predictions: Predictions, *, statistics: Mapping[str, pd.DataFrame] | None = None
 ) -> dict[str, Figure]:
-    """Every plot this report and these predictions allow, by file stem."""
+    """Every plot this report and these predictions allow, by file stem (none that would only say that
+    there is nothing to show)."""
     figures = {
-        "metrics": metric_bars(report),
+        "metrics": metric_intervals(report),
         "learning_curves": learning_curves(report),
         "volcano": volcano(report, statistics=statistics),
         "effect_directions": effect_directions(report),
+        "forest_by_region": region_forest(report),
     }
-    if any(e.get("regions") for e in report["biomarkers"].get("statistics_release", {}).values()):
-        figures["forest_by_region"] = region_forest(report)
-    if _panels(report, predictions, "binary"):
+    if prediction_panels(report, predictions, "binary"):
         figures["roc"] = roc_curves(report, predictions)
-    if _panels(report, predictions, "survival"):
+    if prediction_panels(report, predictions, "survival"):
         figures["kaplan_meier"] = kaplan_meier_by_risk(report, predictions)
+    for stem, figure in list(figures.items()):
+        if is_message(figure):
+            log.info("no %s plot: %s", stem, figure.texts[0].get_text())
+            del figures[stem]
     return figures
 
 

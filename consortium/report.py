@@ -12,20 +12,25 @@ import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from consortium import comparison
+from consortium.anndata_export import panel_symbols
 from consortium.report_markdown import render_markdown
 from consortium.statistics_release import data_residency, statistics_entries
 from jobs.published import json_safe
 from models.attribution import precision_at_k
 from models.metrics import primary_metric
+from omics.layout import with_symbols
 from schema.config import ConsortiumConfig
 from schema.report import Report
 from schema.writes import atomic_write, writing
+
+if TYPE_CHECKING:
+    from consortium.run_results import FinishedJob
 
 TOP_N = 50
 TOP_K_OVERLAP = 20
@@ -42,7 +47,17 @@ DEFINITIONS = {
     ),
     "budget": "every network arm gets rounds x local_epochs passes over its training data; none selects an epoch",
     "ci": "95% percentile bootstrap over the test samples (within members for endpoint figures); 1000 resamples",
-    "gain": "federated minus another arm, paired bootstrap; called a gain only where the whole interval is above 0",
+    "gain / loss": (
+        "federated minus another arm, paired bootstrap: a gain where the whole interval is above 0, a loss where "
+        "it is below 0, else no difference shown"
+    ),
+    "endpoint figures": (
+        "a shared endpoint's figure within members: AUROC and R2 are each holder's own on its test split, "
+        "averaged with weights by its labelled test samples (intervals resampled within members); the C-index "
+        "counts pairs within a member only. pooled_samples: AUROC or R2 over all holders' test samples together, "
+        "which differences between members alone raise; kept for reference, not a measure of the model"
+    ),
+    "symbol": "the gene symbol a member's file gives for the feature (var['gene_symbols']); '' where none is known",
     "statistics": (
         "per endpoint and feature, member as a factor: limma's linear model with the declared design and "
         "eBayes moderated t (binary: logFC; regression: slope), Cox score test given the covariates stratified "
@@ -55,7 +70,7 @@ DEFINITIONS = {
 
 def build_report(
     config: ConsortiumConfig,
-    outcomes: Sequence[tuple],
+    outcomes: Sequence[FinishedJob],
     *,
     env: str,
     he: bool,
@@ -65,7 +80,7 @@ def build_report(
     folds: int | None,
 ) -> dict[str, Any]:
     """The report of a run: one or (with folds) several jobs, their releases and the comparison."""
-    last_outcome, last_results, released = outcomes[-1]
+    last_outcome, last_results, released = outcomes[-1].outcome, outcomes[-1].results, outcomes[-1].opened
     endpoints = config.endpoints()
     kinds = {name: info["type"] for name, info in endpoints.items()}
     truth = _ground_truth(config)
@@ -78,7 +93,7 @@ def build_report(
     report: dict[str, Any] = {
         "consortium": config.name,
         "job_id": last_outcome.job_id,
-        "job_ids": [o.job_id for o, _, _ in outcomes],
+        "job_ids": [job.job_id for job in outcomes],
         "env": env,
         "folds": folds,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -89,6 +104,7 @@ def build_report(
                 "metric": primary_metric(info["type"]),
                 "members": info["members"],
                 "shared": len(info["members"]) > 1,
+                **({"time_unit": info["time_unit"]} if "time_unit" in info else {}),
             }
             for name, info in endpoints.items()
         },
@@ -133,14 +149,15 @@ def _members(config: ConsortiumConfig, records: Mapping[str, list[dict]]) -> dic
 
 
 def _biomarkers(config: ConsortiumConfig, released, *, truth: dict | None, published) -> dict[str, Any]:
-    entries = statistics_entries(config, released.details, published=published)
+    symbols = panel_symbols(config)  # every record: the id in "feature", the gene symbol beside it
+    entries = statistics_entries(config, released.details, published=published, symbols=symbols)
     statistics = {name: entry.pop("statistics") for name, entry in entries.items()}
     # scanpy's rank_genes_groups convention: the features higher in the positive class (higher risk, larger
     # target) first, by statistic; what a biologist calls the endpoint's markers; and apart, those lower
     markers = {name: entry.pop("markers") for name, entry in entries.items()}
     markers_down = {name: entry.pop("markers_down") for name, entry in entries.items()}
     model = {
-        name: _records(table, [c for c in ("feature", "score", "direction", "frequency", "rank") if c in table])
+        name: _records(with_symbols(table, symbols), ["feature", "symbol", "score", "direction", "frequency", "rank"])
         for name, table in released.rankings.items()
     }
     both = {}
@@ -155,7 +172,7 @@ def _biomarkers(config: ConsortiumConfig, released, *, truth: dict | None, publi
         "statistics_release": entries,
         "model": model,
         f"both_top{TOP_K_OVERLAP}": both,
-        "consensus": _consensus(released.rankings),
+        "consensus": _consensus(released.rankings, symbols=symbols),
     }
     if truth:
         out["ground_truth"] = truth
@@ -165,7 +182,7 @@ def _biomarkers(config: ConsortiumConfig, released, *, truth: dict | None, publi
     return out
 
 
-def _consensus(rankings: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]:
+def _consensus(rankings: Mapping[str, pd.DataFrame], *, symbols: pd.Series) -> list[dict[str, Any]]:
     """All endpoints together: mean over endpoints of each feature's normalized |score|."""
     if not rankings:
         return []
@@ -176,13 +193,14 @@ def _consensus(rankings: Mapping[str, pd.DataFrame]) -> list[dict[str, Any]]:
         columns.append(scores / total if total > 0 else scores * 0.0)
     combined = pd.concat(columns, axis=1).fillna(0.0).mean(axis=1).sort_values(ascending=False, kind="mergesort")
     return [
-        {"feature": str(f), "score": float(s), "rank": i + 1} for i, (f, s) in enumerate(combined.head(TOP_N).items())
+        {"feature": str(f), "symbol": str(symbols.get(str(f), "")), "score": float(s), "rank": i + 1}
+        for i, (f, s) in enumerate(combined.head(TOP_N).items())
     ]
 
 
 def _records(table: pd.DataFrame, columns: list[str], *, top: int = TOP_N) -> list[dict[str, Any]]:
     rows = table.head(top) if "rank" not in table else table.sort_values("rank").head(top)
-    return json_safe(rows.loc[:, columns].to_dict(orient="records"))
+    return json_safe(rows.loc[:, [c for c in columns if c in rows]].to_dict(orient="records"))
 
 
 def _rounds(records: Mapping[str, list[dict]]) -> list[dict[str, Any]]:
@@ -275,18 +293,27 @@ def _add_comparison(report, arms, *, kinds, endpoints, seed) -> None:
 
 
 def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
-    """Per member: mean over its endpoints of each arm; and how many paired gains the intervals support."""
-    per_member, gains = {}, {"federated-local": 0, "federated-pooled": 0, "tasks": 0}
+    """Per comparison (federated against each other arm): the member endpoints compared and how many paired
+    gains and losses the intervals support; per member, each metric's mean over its endpoints by arm (an
+    AUROC is never averaged with an R2 or a C-index)."""
+    paired = {f"federated-{arm}": {"compared": 0, "gains": 0, "losses": 0} for arm in comparison.COMPARED}
+    per_member: dict[str, dict[str, dict[str, float]]] = {}
     for name, info in report["members"].items():
         rows = [t for t in info["tasks"].values() if t.get("local") is not None and t.get("federated") is not None]
-        if not rows:
-            continue
-        per_member[name] = {k: float(np.nanmean([t.get(k, math.nan) for t in rows])) for k in comparison.ARMS}
         for t in rows:
-            gains["tasks"] += 1
-            for key in ("federated-local", "federated-pooled"):
-                gains[key] += bool(t.get("difference", {}).get(key, {}).get("gain"))
-    return {"per_member": per_member, "paired_gains": gains}
+            for key, diff in (t.get("difference") or {}).items():
+                if key in paired:
+                    paired[key]["compared"] += 1
+                    paired[key]["gains"] += bool(diff.get("gain"))
+                    paired[key]["losses"] += bool(diff.get("loss"))
+        for metric in sorted({t["metric"] for t in rows}):
+            same = [t for t in rows if t["metric"] == metric]
+            per_member.setdefault(name, {})[metric] = {
+                arm: float(np.mean(values)) if values else math.nan
+                for arm in comparison.ARMS
+                for values in [[t[arm] for t in same if isinstance(t.get(arm), float) and math.isfinite(t[arm])]]
+            }
+    return {"per_member": per_member, "paired": paired}
 
 
 def _ground_truth(config: ConsortiumConfig) -> dict[str, list[str]] | None:
@@ -307,14 +334,17 @@ def write_report(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def write_biomarker_tables(released, folder: Path) -> list[Path]:
-    """Full tables, one CSV per endpoint: ``statistics_<endpoint>.csv`` and ``model_<endpoint>.csv``."""
+def write_biomarker_tables(released, folder: Path, *, config: ConsortiumConfig | None = None) -> list[Path]:
+    """Full tables, one CSV per endpoint: ``statistics_<endpoint>.csv`` and ``model_<endpoint>.csv``; with
+    ``config``, a ``symbol`` column beside ``feature`` (:func:`consortium.anndata_export.panel_symbols`)."""
     folder.mkdir(parents=True, exist_ok=True)
+    symbols = panel_symbols(config) if config is not None else None
     written = []
     for prefix, tables in (("statistics", released.statistics), ("model", released.rankings)):
         for name, table in tables.items():
             path = folder / f"{prefix}_{name}.csv"
+            shown = with_symbols(table, symbols) if symbols is not None else table
             with writing(path) as temp:
-                table.to_csv(temp, index=False)
+                shown.to_csv(temp, index=False)
             written.append(path)
     return written

@@ -1,21 +1,80 @@
-"""``report.md``: the report as a researcher reads it, with every figure's interval."""
+"""``report.md``: the report as a researcher reads it, with every figure's interval, every gain and every
+loss beyond the paired interval, and genes by their symbols.
+
+The formatting helpers here (:func:`fmt`, :func:`with_ci`, :func:`feature_label`, :func:`verdict`) are the
+ones the console summary (:mod:`consortium.run_summary`) uses too, so both say the same.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from typing import Any
 
+ARM_NAMES = {
+    "federated": "federated",
+    "local": "local only",
+    "pooled": "pooled",
+    "linear_local": "linear local",
+    "linear_pooled": "linear pooled",
+}
+COMPARED = ("local", "pooled", "linear_local", "linear_pooled")
+"""The arms the federated one is compared with (``difference['federated-<arm>']``)."""
+DIRECTIONS = {
+    "binary": ("higher in the positive class", "lower in the positive class"),
+    "regression": ("higher with a larger target", "lower with a larger target"),
+    "survival": ("higher with a higher risk", "lower with a higher risk"),
+}
+SHOWN = 10
 
-def _fmt(value: Any) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.3f}"
 
-
-def _with_ci(value: Any, ci: Any) -> str:
-    if value is None:
+def fmt(value: Any, *, digits: int = 3) -> str:
+    """A figure to ``digits`` decimals; ``n/a`` for a missing or non-finite one."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def with_ci(value: Any, ci: Any, *, digits: int = 3, sign: bool = False) -> str:
+    """``value [low, high]``; the value alone without an interval, ``n/a`` without a value."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    shown = f"{value:+.{digits}f}" if sign else fmt(value, digits=digits)
     if not ci or ci[0] is None:
-        return _fmt(value)
-    return f"{_fmt(value)} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+        return shown
+    return f"{shown} [{fmt(ci[0], digits=digits)}, {fmt(ci[1], digits=digits)}]"
+
+
+def verdict(diff: Mapping[str, Any] | None) -> str:
+    """``gain`` or ``loss`` where the paired interval lies wholly above or below 0, else ``no difference shown``."""
+    if not diff:
+        return ""
+    if diff.get("gain"):
+        return "gain"
+    if diff.get("loss") or (diff.get("ci") and diff["ci"][1] is not None and diff["ci"][1] < 0):
+        return "loss"
+    return "no difference shown"
+
+
+def feature_label(row: Mapping[str, Any]) -> str:
+    """How a person reads a feature: its gene symbol where one is known, else its id."""
+    return str(row.get("symbol") or row["feature"])
+
+
+def differences(report: Mapping[str, Any]) -> Iterator[tuple[str, str, str, dict[str, Any]]]:
+    """Every paired difference of the report: ``(where, endpoint, arm, difference)``, ``where`` a member's
+    name or ``"within members"`` for a shared endpoint's figure."""
+    for member, info in report["members"].items():
+        for task, entry in info["tasks"].items():
+            for arm in COMPARED:
+                diff = (entry.get("difference") or {}).get(f"federated-{arm}")
+                if diff:
+                    yield member, task, arm, diff
+    for name, entry in report["endpoints"].items():
+        for arm in COMPARED:
+            diff = (entry.get("difference") or {}).get(f"federated-{arm}")
+            if diff and entry.get("shared"):
+                yield "within members", name, arm, diff
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -27,6 +86,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- environment: {report['env']}; rounds: {timing['rounds']}{folds}; total {timing['seconds_total']:.1f} s",
         f"- bytes the server received per round (all members): {timing['bytes_received_per_round']:,}",
         f"- homomorphic encryption: {'on' if privacy['he'] else 'off'}; DP-SGD: {'on' if privacy['dp'] else 'off'}",
+        *([f"- released model and biomarker tables: {report['release']['source']}"] if report.get("release") else []),
         "",
         *[
             f"- **{m} dropped out in round {r}**: "
@@ -43,76 +103,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             + " then ".join(f"`{p['job_id']}` (rounds {p['rounds'][0]}-{p['rounds'][1]})" for p in parts)
             for key, parts in (report.get("continued") or {}).items()
         ],
-        "",
-        "## Test metric per member and endpoint (95% bootstrap intervals)",
-        "",
-        "| member | endpoint | metric | federated | local only | pooled | linear pooled | federated - local "
-        "| federated - pooled |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for member, info in report["members"].items():
-        for task, t in info["tasks"].items():
-            ci, diff = t.get("ci") or {}, t.get("difference") or {}
-            lines.append(
-                f"| {member} | {task} | {t['metric']} | {_with_ci(t.get('federated'), ci.get('federated'))} | "
-                f"{_with_ci(t.get('local'), ci.get('local'))} | {_with_ci(t.get('pooled'), ci.get('pooled'))} | "
-                f"{_with_ci(t.get('linear_pooled'), ci.get('linear_pooled'))} | {_diff(diff.get('federated-local'))} | "
-                f"{_diff(diff.get('federated-pooled'))} |"
-            )
-    endpoint_rows = [(n, e) for n, e in report["endpoints"].items() if e.get("federated") is not None]
-    if endpoint_rows:
-        lines += [
-            "",
-            "## Endpoints over all holding members' test samples",
-            "",
-            "| endpoint | members | metric | federated | local | pooled | linear pooled | federated - pooled |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for name, e in endpoint_rows:
-            ci = e.get("ci") or {}
-            lines.append(
-                f"| {name} | {', '.join(e['members'])} | {e['metric']} | "
-                f"{_with_ci(e.get('federated'), ci.get('federated'))} | "
-                f"{_with_ci(e.get('local'), ci.get('local'))} | {_with_ci(e.get('pooled'), ci.get('pooled'))} | "
-                f"{_with_ci(e.get('linear_pooled'), ci.get('linear_pooled'))} | "
-                f"{_diff((e.get('difference') or {}).get('federated-pooled'))} |"
-            )
-    gains = (report.get("summary") or {}).get("paired_gains")
-    if gains:
-        lines += [
-            "",
-            f"Paired gains (interval above 0): federated over local in {gains['federated-local']} of "
-            f"{gains['tasks']} member endpoints, over pooled in {gains['federated-pooled']}.",
-        ]
-        lines += _pooled_below_federated(report, gains["tasks"])
-    seeds = report.get("seeds")
-    if seeds:
-        lines += [
-            "",
-            f"## Paired differences over {seeds['n']} seeds (mean +- sd)",
-            "",
-            "| member | endpoint | federated - local | federated - pooled |",
-            "|---|---|---|---|",
-        ]
-        for member, tasks in seeds["paired_differences"].items():
-            for task, diffs in tasks.items():
-                cells = [diffs.get(k) for k in ("federated-local", "federated-pooled")]
-                shown = [f"{c['mean']:+.3f} +- {c['sd']:.3f}" if c else "" for c in cells]
-                lines.append(f"| {member} | {task} | {shown[0]} | {shown[1]} |")
-    lines += ["", "## Biomarkers per endpoint", ""]
-    bio = report["biomarkers"]
-    for name in report["endpoints"]:
-        up = [r["feature"] for r in bio.get("markers", {}).get(name, [])[:10]]
-        down = [r["feature"] for r in bio.get("markers_down", {}).get(name, [])[:10]]
-        model = [r["feature"] for r in bio["model"].get(name, [])[:10]]
-        lines += [
-            f"- **{name}** statistics, up with the endpoint (top 10 by statistic): {', '.join(up) or 'none'}",
-            f"  down with it: {', '.join(down) or 'none'}",
-            f"  model (top 10): {', '.join(model) or 'n/a'}",
-        ]
-        release = bio.get("statistics_release", {}).get(name)
-        if release:
-            lines.append(f"  {_release_line(release)}")
+    lines += _member_tables(report)
+    lines += _endpoint_table(report)
+    lines += _gains_and_losses(report)
+    lines += _seeds(report)
+    lines += _biomarkers(report)
     residency = report.get("data_residency") or []
     if residency:
         lines += ["", "## Where the data stayed", "", "| member | region | data | what crossed a border |"]
@@ -121,6 +117,166 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [""] + [f"- *{name}*: {text}" for name, text in report.get("definitions", {}).items()]
     lines += ["", f"MLflow: `{report['tracking']['uri']}`, experiment `{report['tracking']['experiment']}`", ""]
     return "\n".join(lines)
+
+
+def _arms(entries: list[Mapping[str, Any]]) -> list[str]:
+    """The arms any of ``entries`` has a figure for, federated first."""
+    return [a for a in ARM_NAMES if a == "federated" or any(e.get(a) is not None for e in entries)]
+
+
+def _member_tables(report: Mapping[str, Any]) -> list[str]:
+    entries = [t for info in report["members"].values() for t in info["tasks"].values()]
+    arms = _arms(entries)
+    compared = [a for a in COMPARED if any(f"federated-{a}" in (e.get("difference") or {}) for e in entries)]
+    lines = [
+        "",
+        "## Test metric per member and endpoint (95% bootstrap intervals)",
+        "",
+        "| member | endpoint | metric | test samples | " + " | ".join(ARM_NAMES[a] for a in arms) + " |",
+        "|---|---|---|---|" + "---|" * len(arms),
+    ]
+    for member, info in report["members"].items():
+        for task, t in info["tasks"].items():
+            ci = t.get("ci") or {}
+            cells = [with_ci(t.get(a), ci.get(a)) for a in arms]
+            lines.append(f"| {member} | {task} | {t['metric']} | {t.get('n_test') or ''} | {' | '.join(cells)} |")
+    if compared:
+        lines += [
+            "",
+            "## Federated against each arm (paired differences, 95% intervals)",
+            "",
+            "| member | endpoint | " + " | ".join(f"federated - {ARM_NAMES[a]}" for a in compared) + " |",
+            "|---|---|" + "---|" * len(compared),
+        ]
+        for member, info in report["members"].items():
+            for task, t in info["tasks"].items():
+                diff = t.get("difference") or {}
+                lines.append(
+                    f"| {member} | {task} | " + " | ".join(_diff(diff.get(f"federated-{a}")) for a in compared) + " |"
+                )
+    return lines
+
+
+def _endpoint_table(report: Mapping[str, Any]) -> list[str]:
+    rows = [(n, e) for n, e in report["endpoints"].items() if e.get("federated") is not None]
+    if not rows:
+        return []
+    arms = _arms([e for _, e in rows])
+    lines = [
+        "",
+        "## Endpoints within members (95% intervals, resampled within members)",
+        "",
+        "| endpoint | members | metric | " + " | ".join(ARM_NAMES[a] for a in arms) + " | federated - pooled |",
+        "|---|---|---|" + "---|" * (len(arms) + 1),
+    ]
+    pooled_samples, left_out = [], []
+    for name, e in rows:
+        ci = e.get("ci") or {}
+        cells = [with_ci(e.get(a), ci.get(a)) for a in arms]
+        diff = _diff((e.get("difference") or {}).get("federated-pooled"))
+        lines.append(f"| {name} | {', '.join(e['members'])} | {e['metric']} | {' | '.join(cells)} | {diff} |")
+        if e.get("members_left_out"):
+            left_out.append(
+                f"- {name}: {', '.join(e['members_left_out'])} (one class or a constant target in the test split)"
+            )
+        if e.get("pooled_samples"):
+            shown = ", ".join(f"{ARM_NAMES[a]} {fmt(v)}" for a, v in e["pooled_samples"].items() if a in ARM_NAMES)
+            pooled_samples.append(f"- {name}: {shown}")
+    if left_out:
+        lines += ["", "Members left out of a within-member figure (their metric is undefined):", "", *left_out]
+    if pooled_samples:
+        lines += [
+            "",
+            "Pooled-sample figures (all holders' test samples together; differences between members alone raise "
+            "them, so they are not a measure of the model):",
+            "",
+            *pooled_samples,
+        ]
+    return lines
+
+
+def _gains_and_losses(report: Mapping[str, Any]) -> list[str]:
+    """Per comparison: how many gains and losses beyond the paired interval, then each one with its numbers."""
+    found = list(differences(report))
+    if not found:
+        return []
+    lines = [
+        "",
+        "## Gains and losses beyond the paired interval",
+        "",
+        "| comparison | member endpoints compared | federated higher (gain) | federated lower (loss) |",
+        "|---|---|---|---|",
+    ]
+    for arm in COMPARED:
+        these = [d for where, _, a, d in found if a == arm and where in report["members"]]
+        if these:
+            gains = sum(verdict(d) == "gain" for d in these)
+            losses = sum(verdict(d) == "loss" for d in these)
+            lines.append(f"| federated - {ARM_NAMES[arm]} | {len(these)} | {gains} | {losses} |")
+    for word, title in (("loss", "Losses: federated below"), ("gain", "Gains: federated above")):
+        cases = [(w, e, a, d) for w, e, a, d in found if verdict(d) == word]
+        lines += ["", f"{title} another arm beyond the paired interval:" if cases else f"{title} no other arm."]
+        lines += [
+            f"- {w} {e}: federated - {ARM_NAMES[a]} {with_ci(d['estimate'], d['ci'], sign=True)}"
+            for w, e, a, d in cases
+        ]
+    per_comparison = max(sum(a == arm and w in report["members"] for w, _, a, _ in found) for arm in COMPARED)
+    lines.append(
+        f"\nWith {per_comparison} member endpoints per comparison and no multiplicity correction, about "
+        f"{0.025 * per_comparison:.2f} gains and as many losses per comparison are expected by chance alone "
+        "(each side of a 95% interval is 2.5%)."
+    )
+    if any(a == "pooled" and verdict(d) == "gain" for _, _, a, d in found):
+        lines.append(
+            "Where pooled falls below federated: the pooled arm trains one network for every member's endpoints "
+            "with the same number of passes, while each federated member ends on its own heads."
+        )
+    return lines
+
+
+def _seeds(report: Mapping[str, Any]) -> list[str]:
+    seeds = report.get("seeds")
+    if not seeds:
+        return []
+    lines = [
+        "",
+        f"## Paired differences over {seeds['n']} seeds (mean +- sd)",
+        "",
+        "| member | endpoint | federated - local | federated - pooled |",
+        "|---|---|---|---|",
+    ]
+    for member, tasks in seeds["paired_differences"].items():
+        for task, diffs in tasks.items():
+            cells = [diffs.get(k) for k in ("federated-local", "federated-pooled")]
+            shown = [f"{c['mean']:+.3f} +- {c['sd']:.3f}" if c else "" for c in cells]
+            lines.append(f"| {member} | {task} | {shown[0]} | {shown[1]} |")
+    return lines
+
+
+def _biomarkers(report: Mapping[str, Any]) -> list[str]:
+    """Per endpoint: the features higher with it and, apart, those lower (by statistic, scanpy's order), and
+    the model's top features; by gene symbol where one is known."""
+    lines = ["", "## Biomarkers per endpoint", ""]
+    bio = report["biomarkers"]
+    for name, endpoint in report["endpoints"].items():
+        up_words, down_words = DIRECTIONS.get(endpoint.get("type", ""), ("up with the endpoint", "down with it"))
+        up = [feature_label(r) for r in bio.get("markers", {}).get(name, [])[:SHOWN]]
+        down = [feature_label(r) for r in bio.get("markers_down", {}).get(name, [])[:SHOWN]]
+        model = [feature_label(r) for r in bio["model"].get(name, [])[:SHOWN]]
+        if name not in bio["statistics"] and not model:
+            continue
+        lines.append(f"- **{name}**")
+        if name in bio["statistics"]:
+            lines += [
+                f"  statistics, {up_words} (top {SHOWN} by statistic): {', '.join(up) or 'none'}",
+                f"  statistics, {down_words}: {', '.join(down) or 'none'}",
+            ]
+        if model:
+            lines.append(f"  model (top {SHOWN}): {', '.join(model)}")
+        release = bio.get("statistics_release", {}).get(name)
+        if release:
+            lines.append(f"  {_release_line(release)}")
+    return lines
 
 
 def _release_line(release: dict[str, Any]) -> str:
@@ -138,30 +294,7 @@ def _release_line(release: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _diff(entry: dict | None) -> str:
+def _diff(entry: Mapping[str, Any] | None) -> str:
     if not entry:
         return ""
-    verdict = "gain" if entry.get("gain") else "no gain shown"
-    return f"{_with_ci(entry.get('estimate'), entry.get('ci'))} ({verdict})"
-
-
-def _pooled_below_federated(report: dict[str, Any], compared: int) -> list[str]:
-    """Where pooled falls below federated beyond the paired interval, say so with the numbers, and how
-    many such cases chance alone gives (each one-sided 2.5%, no multiplicity correction)."""
-    cases = [
-        (member, task, t["difference"]["federated-pooled"])
-        for member, info in report["members"].items()
-        for task, t in info["tasks"].items()
-        if (t.get("difference") or {}).get("federated-pooled", {}).get("gain")
-    ]
-    if not cases:
-        return []
-    lines = ["", "Pooled below federated beyond the paired interval:"]
-    for member, task, diff in cases:
-        lines.append(f"- {member} {task}: federated - pooled {_with_ci(diff['estimate'], diff['ci'])}")
-    lines.append(
-        f"With {compared} member endpoints compared and no multiplicity correction, about {0.025 * compared:.2f} "
-        "such cases are expected by chance alone; the pooled arm also trains one network for every member's "
-        "endpoints with the same number of passes, while each federated member ends on its own heads."
-    )
-    return lines
+    return f"{with_ci(entry.get('estimate'), entry.get('ci'), sign=True)} ({verdict(entry)})"

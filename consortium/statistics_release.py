@@ -3,7 +3,8 @@
 Used by ``report.json`` (``biomarkers``) and by ``consortium stats`` (``statistics.json``), so both say the
 same: the table by p (limma's ``topTable`` columns, or the Cox score test's), the features up and down
 with the endpoint, what was withheld and why, the design, and with ``statistics.by: region`` the effect
-in every region with the interaction test and Cochran's Q.
+in every region with the interaction test and Cochran's Q. Every row carries the gene ``symbol`` beside
+its ``feature`` id ('' where no member's file names one).
 """
 
 from __future__ import annotations
@@ -14,14 +15,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from consortium.anndata_export import panel_symbols
+from omics.layout import with_symbols
 from omics.statistics import ADJ_P, EndpointStatistics
 from schema.config import ConsortiumConfig
 
 
-def records(table: pd.DataFrame | None) -> list[dict[str, Any]]:
-    """Rows as JSON-ready dicts; NaN and inf become ``None``."""
+def records(table: pd.DataFrame | None, *, symbols: pd.Series | None = None) -> list[dict[str, Any]]:
+    """Rows as JSON-ready dicts; NaN and inf become ``None``; with ``symbols`` (by feature id), a ``symbol``
+    beside ``feature``."""
     if table is None or table.empty:
         return []
+    if symbols is not None and "feature" in table:
+        table = with_symbols(table, symbols)
     clean = table.replace([np.inf, -np.inf], np.nan)
     return clean.astype(object).where(clean.notna(), None).to_dict(orient="records")
 
@@ -36,10 +42,16 @@ def small_cell_members(published: Mapping[str, list[dict]]) -> dict[str, list[st
 
 
 def statistics_entries(
-    config: ConsortiumConfig, details: Mapping[str, EndpointStatistics], *, published: Mapping[str, list[dict]]
+    config: ConsortiumConfig,
+    details: Mapping[str, EndpointStatistics],
+    *,
+    published: Mapping[str, list[dict]],
+    symbols: pd.Series | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per endpoint: the full table by p, markers up and down, and how the rows were released."""
+    """Per endpoint: the full table by p, markers up and down, and how the rows were released; gene symbols
+    by feature from ``symbols``, by default those the members' files here give (:func:`panel_symbols`)."""
     endpoints = config.endpoints()
+    symbols = panel_symbols(config) if symbols is None else symbols
     below = small_cell_members(published)
     entries = {}
     for name, detail in details.items():
@@ -52,12 +64,12 @@ def statistics_entries(
             "withheld_min_members": int(detail.withheld),
             "significant_adj_p05": int((table[ADJ_P] < 0.05).sum()) if ADJ_P in table else 0,
             "design": dict(detail.design),
-            "statistics": records(table),
-            "markers": records(detail.markers(direction="up")),
-            "markers_down": records(detail.markers(direction="down")),
+            "statistics": records(table, symbols=symbols),
+            "markers": records(detail.markers(direction="up"), symbols=symbols),
+            "markers_down": records(detail.markers(direction="down"), symbols=symbols),
         }
         if detail.regions is not None:
-            entries[name]["regions"] = records(detail.regions)
+            entries[name]["regions"] = records(detail.regions, symbols=symbols)
     return entries
 
 

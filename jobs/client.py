@@ -11,6 +11,8 @@ Arguments (paths and the cross-validation fold only)::
     --fold K         with data.folds: the fold that is this job's test split
     --stats-only     send only the association statistics (``consortium stats``): no training
     --first-round R  this job continues an interrupted one at round R (from the trainer saved after R-1)
+    --feasibility P  send only the counts of the protocol.yaml P (``consortium feasibility``): no training
+    --member-counts  with --feasibility in a plaintext job: publish the member's own counts too
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from nvflare.client.tracking import MLflowWriter
 
 from jobs.flare_tuning import shorten_result_polling
 from jobs.site import MemberSite, serve
+from jobs.site_feasibility import FeasibilitySite
 from jobs.site_outputs import SiteOutputs, site_folder
 from schema.config import load_config
 from schema.errors import ConfigError
@@ -44,6 +47,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fold", type=int, default=None, help="cross-validation fold (with data.folds)")
     parser.add_argument("--stats-only", action="store_true", help="send only the association statistics")
     parser.add_argument("--first-round", type=int, default=0, help="continue an interrupted job at this round")
+    parser.add_argument("--feasibility", type=Path, default=None, help="count this protocol.yaml; no training")
+    parser.add_argument("--member-counts", action="store_true", help="feasibility: publish this member's counts")
     return parser.parse_args(argv)
 
 
@@ -79,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     # OMP_NUM_THREADS, set by `consortium run` when every member shares this machine, decides this
     log.info("site %s: torch uses %d threads", member, torch.get_num_threads())
     outputs = SiteOutputs(site_folder(outputs_root(args.outputs, job_id=flare.get_job_id()), member))
+    if args.feasibility is not None:  # consortium feasibility: counts only, the member's data is not prepared
+        site = FeasibilitySite(config, member, protocol=args.feasibility, publish_counts=args.member_counts)
+        log.info("site %s: %d feasibility round(s) done", member, serve(site, flare))
+        return
     site = MemberSite(
         config,
         member,

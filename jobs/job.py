@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jobs.recipe import build_recipe, export_job, job_name
-from schema.config import load_config
+from schema.config import ConsortiumConfig, load_config
+from schema.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -25,20 +26,23 @@ log = logging.getLogger(__name__)
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run the consortium job in FLARE's simulator, or export it.")
     parser.add_argument("--config", type=Path, required=True, help="consortium.yaml")
-    parser.add_argument("--rounds", type=int, default=None, help="override training.rounds")
+    parser.add_argument("--rounds", type=_positive, default=None, help="override training.rounds")
     parser.add_argument("--export-to", type=Path, default=None, help="export the job into this folder")
     parser.add_argument("--no-he", action="store_true", help="export without encrypted aggregation")
     parser.add_argument(
         "--workspace", type=Path, default=None, help="simulator folder (default: runs/ beside the config)"
     )
     args = parser.parse_args(argv)
-    config = load_config(args.config)
+    try:
+        config = load_config(args.config)
+    except UserError as exc:  # the message names the file, the field and the fix: no traceback
+        parser.exit(exc.exit_code, f"error: {exc}\n")
     if args.export_to is not None:
         he = config.privacy.he.enabled and not args.no_he
         if config.privacy.he.enabled and args.no_he:
             log.warning("exporting WITHOUT encryption although privacy.he.enabled is true: member sites refuse it")
         folder = export_job(config, args.export_to, he=he, rounds=args.rounds)
-        print(f"job exported to {folder}; submit it with: nvflare job submit -j {folder}")
+        print(f"job exported to {folder}; submit it with a lead's admin kit:\n  {submit_command(config, folder)}")
         return
     from nvflare.recipe import SimEnv
 
@@ -46,6 +50,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     recipe = build_recipe(config, he=False, config_path=config.source, rounds=args.rounds)
     run = recipe.run(SimEnv(clients=[m.name for m in config.members], workspace_root=str(workspace)))
     print(f"job {run.get_job_id()} ({job_name(config)}) done; workspace {workspace}")
+
+
+def submit_command(config: ConsortiumConfig, folder: Path) -> str:
+    """The ``nvflare job submit`` line for ``folder``, with the first member's lead kit as the example
+    (``consortium provision --out KITS`` writes each lead's kit to ``KITS/<lead e-mail>``)."""
+    first = config.members[0]
+    lead = first.admin or f"lead@{first.name}.org"  # the rule of provisioning.project.lead
+    return f"nvflare job submit -j {folder} --startup-kit KITS/{lead}"
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: a job needs at least 1 round")
+    return value
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from nvflare.client.config import ExchangeFormat, TransferType
 from nvflare.fuel.utils.constants import FrameworkType
 from nvflare.job_config.defs import FilterType
 from nvflare.job_config.script_runner import ScriptRunner
-from nvflare.recipe import add_experiment_tracking
 from nvflare.recipe.spec import ExecEnv, Recipe
 from nvflare.recipe.utils import recipe_model_to_job_model, set_recipe_meta
 
@@ -32,6 +31,7 @@ from jobs.flare_tuning import SimulatorTaskPacing
 from jobs.he.filters import DecryptAggregate, EncryptSections
 from jobs.job_end import MarkJobEnded
 from jobs.published import PublishedResultsRecorder
+from jobs.tracking import MemberRuns, member_params
 from jobs.workflow import SumScatterAndGather
 from schema import settings
 from schema.config import ConsortiumConfig
@@ -86,6 +86,8 @@ def client_args(
     fold: int | None = None,
     statistics_only: bool = False,
     first_round: int = 0,
+    feasibility: Path | None = None,
+    member_counts: bool = False,
 ) -> str:
     """``train_args`` of the client script: paths, the fold, the job's kind and a continuing job's first
     round only; every setting comes from consortium.yaml."""
@@ -94,7 +96,9 @@ def client_args(
         args.append("--stats-only")
     if first_round:
         args += ["--first-round", str(int(first_round))]
-    for flag, path in (("--config", config_path), ("--outputs", outputs)):
+    if member_counts:
+        args.append("--member-counts")
+    for flag, path in (("--config", config_path), ("--outputs", outputs), ("--feasibility", feasibility)):
         if path is None:
             continue
         text = str(Path(path).resolve())
@@ -211,6 +215,7 @@ def build_recipe(
     statistics_only: bool = False,
     first_round: int = 0,
     resume_from: Path | None = None,
+    feasibility: Path | None = None,
 ) -> ConsortiumRecipe:
     """The job for ``config``.
 
@@ -237,12 +242,15 @@ def build_recipe(
         Continue an interrupted job: rounds ``first_round`` to the last, from the aggregate stored after
         round ``first_round - 1`` (the file ``FL_global_model.sections`` the interrupted job's server
         kept, readable by the server); each member continues from the trainer it saved after that round.
+    feasibility
+        The ``consortium feasibility`` job: one round in which each member sends only its counts of this
+        ``protocol.yaml`` (:mod:`jobs.site_feasibility`); ``rounds`` is ignored.
     """
     planned = int(rounds if rounds is not None else config.training.rounds)
-    num_rounds = settings.statistics_rounds(config) if statistics_only else planned
+    num_rounds = 1 if feasibility else settings.statistics_rounds(config) if statistics_only else planned
+    kind = "-feasibility" if feasibility else "-stats" if statistics_only else ""
     recipe = ConsortiumRecipe(
-        name=(f"{job_name(config)}-stats" if statistics_only else job_name(config))
-        + ("" if fold is None else f"-fold{fold}"),
+        name=f"{job_name(config)}{kind}" + ("" if fold is None else f"-fold{fold}"),
         model=server_model(config),
         min_clients=config.min_members(),
         all_clients=len(config.members),
@@ -255,31 +263,33 @@ def build_recipe(
             fold=fold,
             statistics_only=statistics_only,
             first_round=first_round,
+            feasibility=feasibility,
+            member_counts=bool(feasibility) and not he,  # a plaintext job: the operator reads each update anyway
         ),
         he=he,
         first_round=first_round,
         resume_from=str(Path(resume_from).resolve()) if resume_from else "",
     )
-    _add_tracking(recipe, config, he=he, tracking_uri=tracking_uri or config.tracking.uri)
+    _add_tracking(recipe, config, he=he, tracking_uri=tracking_uri or config.tracking.uri, rounds=num_rounds)
     # last of the server's components: it handles the job's end after every other one has
     recipe.fed_job.to_server(MarkJobEnded(), id="job_end")
     return recipe
 
 
-def _add_tracking(recipe: Recipe, config: ConsortiumConfig, *, he: bool, tracking_uri: str | None) -> None:
-    """Server-side MLflow receiver: one MLflow run per site, fed by the sites' ``MLflowWriter``."""
+def _add_tracking(recipe: Recipe, config: ConsortiumConfig, *, he: bool, tracking_uri: str | None, rounds: int) -> None:
+    """Server-side MLflow receiver: one MLflow run per member, fed by the sites' ``MLflowWriter``, named after
+    the member and holding its parameters (:class:`jobs.tracking.MemberRuns`)."""
     tags = {"consortium": config.name, "he": "on" if he else "off", "dp": "on" if config.privacy.dp.enabled else "off"}
-    tracking: dict[str, Any] = {
-        "kw_args": {
-            "experiment_name": config.tracking.experiment,
-            "run_name": "he-fedavg" if he else "fedavg",
-            "experiment_tags": {"consortium": config.name},
-            "run_tags": tags,
-        }
+    kw_args = {
+        "experiment_name": config.tracking.experiment,
+        "run_name": "he-fedavg" if he else "fedavg",  # NVFlare's part of the name; MemberRuns renames the runs
+        "experiment_tags": {"consortium": config.name},
+        "run_tags": tags,
     }
-    if tracking_uri:
-        tracking["tracking_uri"] = tracking_uri
-    add_experiment_tracking(recipe, "mlflow", tracking)
+    receiver = MemberRuns(
+        params=member_params(config, he=he, rounds=rounds), tracking_uri=tracking_uri or None, kw_args=kw_args
+    )
+    recipe.fed_job.to_server(receiver, id="receiver")
 
 
 def export_job(config: ConsortiumConfig, job_dir: Path, *, he: bool, rounds: int | None = None) -> Path:

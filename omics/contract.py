@@ -8,6 +8,7 @@ Tasks are duck-typed: objects with ``name``, ``type`` and ``column`` (binary, re
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,9 +19,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from omics.identifiers import count_kinds
+from omics.identifiers import kind_problem
 from omics.labels import LabelError, binary_labels
+from omics.labels import label_counts as label_counts  # re-exported: its callers import it from here
 from omics.layout import LayoutError, MemberLayout, apply_layout
+from omics.values import count_findings, matrices_with_counts
 
 Level = Literal["error", "warning"]
 
@@ -99,13 +102,24 @@ def check_member(
         report = ContractReport(path=str(path), n_samples=adata.n_obs, n_features=adata.n_vars)
         report.error(exc.field, exc.problem, exc.fix)
         return report
-    return check_view(view, tasks=tasks, rules=rules, path=path)
+    sources = matrices_with_counts(adata, layout=layout) if rules.values == "counts" else []
+    return check_view(view, tasks=tasks, rules=rules, path=path, count_sources=sources, member=layout.member)
 
 
 def check_view(
-    adata: ad.AnnData, *, tasks: Sequence[Any], rules: ContractRules, path: str | Path = ""
+    adata: ad.AnnData,
+    *,
+    tasks: Sequence[Any],
+    rules: ContractRules,
+    path: str | Path = "",
+    count_sources: Sequence[str] = (),
+    member: str = "",
 ) -> ContractReport:
-    """Check the platform's view of a member's data (the output of :func:`omics.layout.apply_layout`)."""
+    """Check the platform's view of a member's data (the output of :func:`omics.layout.apply_layout`).
+
+    ``count_sources``: the other matrices of the member's file that hold counts (see
+    :func:`omics.values.matrices_with_counts`), named in the fix when the matrix read holds none; ``member``
+    names the member there."""
     report = ContractReport(path=str(path), n_samples=adata.n_obs, n_features=adata.n_vars)
     report.layout = dict(adata.uns.get("layout", {}))
     if adata.n_obs == 0 or adata.n_vars == 0:
@@ -116,7 +130,7 @@ def check_view(
         )
         return report
     _check_identifiers(adata, rules, report)
-    _check_values(adata, rules, report)
+    _check_values(adata, rules, report, count_sources=count_sources, member=member)
     for task in tasks:
         _check_task(adata.obs, task, rules, report)
     _check_split(adata.obs, report)
@@ -147,20 +161,10 @@ def _check_identifiers(adata: ad.AnnData, rules: ContractRules, report: Contract
             f"{stripped} Ensembl IDs carried a version suffix (e.g. '.12'); matched to the panel without it",
             "nothing to do: versions are ignored when matching the panel",
         )
-    kinds = count_kinds(names)
-    present = [k for k, n in kinds.items() if n]
-    if len(present) > 1:
-        report.error(
-            "var_names",
-            f"mixed identifier kinds: {kinds['symbol']} gene symbols and {kinds['ensembl']} Ensembl IDs",
-            f"map every feature to {rules.id_kind} IDs",
-        )
-    elif present and present[0] != rules.id_kind:
-        report.error(
-            "var_names",
-            f"features are {present[0]} IDs but the consortium panel uses {rules.id_kind} IDs",
-            f"map the features to {rules.id_kind} IDs before joining",
-        )
+    symbols = re.fullmatch(r"var\['(.+)'\]", str(report.layout.get("symbols") or ""))
+    problem = kind_problem(names, id_kind=rules.id_kind, panel=rules.panel, symbol_column=symbols and symbols[1])
+    if problem is not None:
+        report.error("var_names", *problem)
     panel = pd.Index(rules.panel)
     report.coverage = float(panel.isin(names).mean()) if len(panel) else 0.0
     if report.coverage < rules.min_coverage:
@@ -179,7 +183,9 @@ def _check_identifiers(adata: ad.AnnData, rules: ContractRules, report: Contract
         )
 
 
-def _check_values(adata: ad.AnnData, rules: ContractRules, report: ContractReport) -> None:
+def _check_values(
+    adata: ad.AnnData, rules: ContractRules, report: ContractReport, *, count_sources: Sequence[str], member: str
+) -> None:
     X = adata.X
     data = X.data if sp.issparse(X) else np.asarray(X)
     if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
@@ -202,20 +208,13 @@ def _check_values(adata: ad.AnnData, rules: ContractRules, report: ContractRepor
             "re-quantify the affected measurements or correct the units: counts and log values are far smaller",
         )
     if rules.values == "counts":
-        finite = data[np.isfinite(data)] if np.issubdtype(data.dtype, np.floating) else data
-        n_neg = int((finite < 0).sum())
-        if n_neg:
-            report.error(
-                "X",
-                f"{n_neg} negative values, but the consortium expects raw counts",
-                "provide raw counts, or set data.values: normalized in consortium.yaml",
-            )
-        elif finite.size and not np.allclose(finite[:100_000], np.round(finite[:100_000])):
-            report.warn(
-                "X",
-                "values are not whole numbers although counts are expected",
-                "provide raw counts if available; normalization assumes counts",
-            )
+        for problem, fix in count_findings(X, sources=count_sources, member=member):
+            report.error(_matrix_field(report), problem, fix)
+
+
+def _matrix_field(report: ContractReport) -> str:
+    """The matrix the platform read, as the findings name it: ``X``, ``layers['counts']`` or ``raw.X``."""
+    return str(report.layout.get("matrix") or "X")
 
 
 def _check_task(obs: pd.DataFrame, task: Any, rules: ContractRules, report: ContractReport) -> None:
@@ -396,24 +395,3 @@ def _beyond_float32(values: np.ndarray) -> int:
 def _preview(items: Sequence[str], limit: int = 8) -> str:
     items = [str(i) for i in items]
     return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "") or "(none)"
-
-
-def label_counts(path: str | Path, tasks: Sequence[Any]) -> dict[str, int]:
-    """Per task, the size of its smallest class (binary), its events (survival) or its labels (regression).
-
-    Reads only ``obs`` of the file (not the matrix), for checks made before a run starts.
-    """
-    obs = ad.read_h5ad(path, backed="r").obs
-    counts = {}
-    for task in tasks:
-        if task.type == "binary":
-            try:
-                values = binary_labels(obs[task.column], task).dropna()
-            except LabelError:
-                values = pd.Series(dtype=float)  # check_member names the problem; no class has labels here
-            counts[task.name] = int(min((values == 1).sum(), (values == 0).sum()))
-        elif task.type == "survival":
-            counts[task.name] = int((pd.to_numeric(obs[task.event], errors="coerce") == 1).sum())
-        else:
-            counts[task.name] = int(pd.to_numeric(obs[task.column], errors="coerce").notna().sum())
-    return counts

@@ -30,6 +30,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from scipy.stats import false_discovery_control
 from scipy.stats import t as student_t
 
@@ -139,17 +140,19 @@ def site_statistics(
         Linear models: this member's precision weight (:func:`next_member_weight`; 1 = unweighted).
     """
     target = np.asarray(target, dtype=np.float64)
-    if len(target) != len(Y) or len(obs) != len(Y):
-        raise ValueError(f"{path or 'site_statistics'}: Y has {len(Y)} rows, target {len(target)}, obs {len(obs)}")
+    n = Y.shape[0] if sp.issparse(Y) else len(Y)
+    if len(target) != n or len(obs) != n:
+        raise ValueError(f"{path or 'site_statistics'}: Y has {n} rows, target {len(target)}, obs {len(obs)}")
     if below_small_cell(target, kind=kind, min_cell=design.min_cell):
         log.info("%s: below the small-cell rule (min_cell=%d): nothing sent for this endpoint", kind, design.min_cell)
         return None
     rows = np.flatnonzero(~np.isnan(target.reshape(len(target), -1)).any(axis=1))
     covariates = obs.iloc[rows]
-    values = np.asarray(Y)[rows]
+    values = Y[rows] if sp.issparse(Y) else np.asarray(Y)[rows]  # a CSR matrix stays sparse for the linear pieces
     if kind == "survival":
         Z, _ = design_matrix(covariates, None, spec=design.spec, region=design.region, path=path)
         beta = np.zeros(Z.shape[1]) if cox_beta is None else np.asarray(cox_beta, dtype=np.float64)
+        values = values.toarray() if sp.issparse(values) else values
         pieces = site_cox_score_pieces(values, target[rows, 0], target[rows, 1], Z, beta, measured=measured)
         if design.spec.regions:
             pieces.update(region_slots(pieces, q=Z.shape[1], regions=design.spec.regions, region=design.region))
@@ -169,9 +172,9 @@ def detection_pieces(Y: np.ndarray, target: np.ndarray, *, measured: np.ndarray 
     >>> pieces["detected"].tolist(), pieces["positives"].tolist()
     ([1.0, 2.0], [1.0, 1.0])
     """
-    Y, target = np.asarray(Y), np.asarray(target, dtype=np.float64)
+    Y, target = (Y if sp.issparse(Y) else np.asarray(Y)), np.asarray(target, dtype=np.float64)
     measured = np.ones(Y.shape[1], dtype=bool) if measured is None else np.asarray(measured, dtype=bool)
-    detected = np.where(measured, (Y > 0).sum(axis=0), 0).astype(np.float64)
+    detected = np.where(measured, np.asarray((Y > 0).sum(axis=0)).reshape(-1), 0).astype(np.float64)
     positives = np.where(measured, float((target == 1).sum()), 0.0)
     return {"detected": detected, "positives": positives}
 
@@ -214,7 +217,9 @@ def next_member_weight(
     pieces = {key: np.asarray(value, dtype=np.float64) for key, value in summed.items()}
     pieces["xtx"], pieces["xty"] = pieces["xtx"].reshape(p, -1), pieces["xty"].reshape(p, len(columns))
     fit = fit_linear_models(pieces, columns=columns)
-    factor = member_variance_factor(np.asarray(Y)[rows], X, fit, measured=measured, weight=weight)
+    factor = member_variance_factor(
+        Y[rows] if sp.issparse(Y) else np.asarray(Y)[rows], X, fit, measured=measured, weight=weight
+    )
     return 1.0 / factor if np.isfinite(factor) and factor > 0 else weight
 
 

@@ -16,7 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schema.errors import ConfigError
+from schema.feasibility import Feasibility
 from schema.statistics import Statistics
+from schema.tracking import sqlite_under, tracking_store, without_credentials
 
 _NAME = r"^[a-z][a-z0-9_-]{0,62}$"
 _SITE_NAME_FIX = "use lower-case letters, digits, '-' or '_', starting with a letter (for example 'pharma-a')"
@@ -85,6 +87,11 @@ class SurvivalTask(_Strict):
     type: Literal["survival"]
     time: str = Field(description="obs column holding the follow-up time (> 0).")
     event: str = Field(description="obs column holding the event indicator (1 = event, 0 = censored).")
+    time_unit: str | None = Field(
+        default=None,
+        description="Unit of the follow-up time (e.g. days, months), shown on the plots' time axis; the same at "
+        "every member holding the endpoint. Unset: the axis says the unit is not stated (no guess).",
+    )
 
 
 Task = Annotated[BinaryTask | RegressionTask | SurvivalTask, Field(discriminator="type")]
@@ -245,8 +252,19 @@ class Privacy(_Strict):
 
 
 class Tracking(_Strict):
-    uri: str | None = Field(default=None, description="MLflow tracking URI; default: SQLite under the run folder.")
+    """Where the run's MLflow tracking goes: the members' runs, their metrics, the shared model, the registry."""
+
+    uri: str | None = Field(
+        default=None,
+        description="An MLflow tracking server (http(s)://host:port) or a SQLite database (sqlite:///path or a "
+        "plain path to the .db file, relative to this file); default: mlflow.db in the run folder (docs/tracking.md).",
+    )
     experiment: str = "biomarker-consortium"
+
+    @field_validator("uri")
+    @classmethod
+    def _known_store(cls, uri: str | None) -> str | None:
+        return None if uri is None else tracking_store(uri)
 
 
 class ConsortiumConfig(_Strict):
@@ -261,6 +279,7 @@ class ConsortiumConfig(_Strict):
     privacy: Privacy = Privacy()
     tracking: Tracking = Tracking()
     statistics: Statistics = Statistics()
+    feasibility: Feasibility | None = None
     source: Path | None = Field(default=None, exclude=True, description="The file this was read from.")
 
     @model_validator(mode="after")
@@ -284,10 +303,13 @@ class ConsortiumConfig(_Strict):
                         f"(e.g. '{task.name}_{member.name.replace('-', '_')}') or fix its type"
                     )
                 first.setdefault(task.name, (member.name, task.type))
+        _one_time_unit(self.members)
         known = {t.name for m in self.members for t in m.tasks}
         unknown = sorted(set(self.training.task_weights) - known)
         if unknown:
             raise ValueError(f"training.task_weights names unknown tasks {unknown}; known tasks: {sorted(known)}")
+        if self.feasibility is not None:
+            self.feasibility.check_members(m.name for m in self.members)
         return self
 
     @model_validator(mode="after")
@@ -353,11 +375,14 @@ class ConsortiumConfig(_Strict):
         return [t for m in self.members for t in m.tasks]
 
     def endpoints(self) -> dict[str, dict]:
-        """Per endpoint name, in order of appearance: ``{"type": ..., "members": [...]}``."""
+        """Per endpoint name, in order of appearance: ``{"type": ..., "members": [...]}``, and a survival
+        endpoint's ``"time_unit"`` where declared."""
         found: dict[str, dict] = {}
         for member in self.members:
             for task in member.tasks:
                 found.setdefault(task.name, {"type": task.type, "members": []})["members"].append(member.name)
+                if task.type == "survival" and task.time_unit:
+                    found[task.name]["time_unit"] = task.time_unit
         return found
 
     def min_members(self) -> int:
@@ -374,6 +399,22 @@ class ConsortiumConfig(_Strict):
 
 def _org_hint(member: str) -> str:
     return "".join(part.capitalize() + "_" for part in re.split(r"[-_]", member) if part).rstrip("_")
+
+
+def _one_time_unit(members: list[Member]) -> None:
+    """A survival endpoint held by several members declares one ``time_unit`` (or none anywhere)."""
+    units: dict[str, dict[str | None, str]] = {}
+    for member in members:
+        for task in member.tasks:
+            if task.type == "survival":
+                units.setdefault(task.name, {}).setdefault(task.time_unit, member.name)
+    for name, seen in units.items():
+        if len(seen) > 1:
+            declared = ", ".join(f"{unit or 'unset'} at '{owner}'" for unit, owner in seen.items())
+            raise ValueError(
+                f"endpoint '{name}' has time_unit {declared}; a shared survival endpoint needs one unit: convert "
+                "the follow-up times to one unit and give every member the same time_unit"
+            )
 
 
 def _no_duplicates(names: list[str], field: str) -> None:
@@ -414,7 +455,9 @@ def load_config(path: str | Path) -> ConsortiumConfig:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file; run 'consortium synth --out DIR' or write one") from None
+        raise ConfigError(
+            f"{path}: no such file; write one with 'consortium init --out {path}' and fill it in"
+        ) from None
     except IsADirectoryError:
         raise ConfigError(
             f"{path}: is a folder; pass the consortium.yaml file in it (--config {path / 'consortium.yaml'})"
@@ -469,7 +512,10 @@ def _resolve_paths(config: ConsortiumConfig, source: Path) -> ConsortiumConfig:
     panel = config.panel
     if panel.file is not None:
         panel = panel.model_copy(update={"file": _under(base, panel.file)})
-    return config.model_copy(update={"members": members, "panel": panel, "source": source.resolve()})
+    tracking = config.tracking.model_copy(update={"uri": sqlite_under(base, config.tracking.uri)})
+    return config.model_copy(
+        update={"members": members, "panel": panel, "tracking": tracking, "source": source.resolve()}
+    )
 
 
 def _under(base: Path, path: Path) -> Path:
@@ -482,6 +528,8 @@ def _explain(path: Path, exc: ValidationError) -> str:
         field = ".".join(str(p) for p in error["loc"]) or "(top level)"
         field = re.sub(r"\.(binary|regression|survival)(?=\.|$)", "", field)
         value = error.get("input")
+        if error["loc"] == ("tracking", "uri") and isinstance(value, str):
+            value = without_credentials(value)
         message = error["msg"].removeprefix("Value error, ")
         hint = _hint(error)
         if not error["loc"]:  # a check across fields: its message names them

@@ -199,3 +199,121 @@ def listening(port: int) -> bool:
                 if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
                     return True
     return False
+
+
+@contextlib.contextmanager
+def running_kits(config_path: Path, kits: Path, *, he: bool = True, timeout: float = 120):
+    """A consortium provisioned from ``config_path`` into ``kits`` (with the key ceremony when ``he``), its
+    server and every member site started from their own kits on loopback (each site reads
+    ``CONSORTIUM_CONFIG``); yields the config once every member is connected, stops them all on the way out.
+    The config's operator ports must be free (:func:`free_ports`)."""
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    from consortium.cli import main as cli
+    from provisioning.project import member_lead
+    from schema.config import load_config
+
+    config = load_config(config_path)
+    steps = [["provision", "--config", str(config_path), "--out", str(kits)]]
+    if he:
+        keys = kits.parent / f"{kits.name}-keys"
+        steps += [
+            ["keys", "create", "--config", str(config_path), "--out", str(keys)],
+            ["keys", "install", "--config", str(config_path), "--kits", str(kits), "--keys", str(keys)],
+        ]
+    for step in steps:
+        assert cli(step) == 0, f"consortium {' '.join(step)} failed"
+    operator = config.operator
+    processes = [start_site(kits / operator.host)]
+    try:
+        wait_until(
+            lambda: listening(operator.fl_port) and listening(operator.admin_port),
+            timeout=timeout,
+            what="the server to listen",
+        )
+        for member in config.members:
+            processes.append(start_site(kits / member.name, env={"CONSORTIUM_CONFIG": str(config_path)}))
+        lead = member_lead(config.members[0])
+        session = new_secure_session(lead, str(kits / lead), timeout=60)
+        try:
+            wait_until(
+                lambda: len(session.get_system_info().client_info) >= len(config.members),
+                timeout=timeout,
+                interval=1,
+                what="every member site to connect",
+            )
+        finally:
+            session.close()
+        yield config
+    finally:
+        for process in reversed(processes):
+            stop_site(process)
+        stop_job_processes(kits)
+
+
+def release_random_model(
+    config_path: Path, out: Path, *, shared: dict[str, str], seed: int = 7, target: tuple[float, float] = (5.0, 2.0)
+) -> dict[str, Any]:
+    """A synthetic consortium whose endpoints of the given types (``{"survival": "pfs"}``) are renamed to
+    be shared, a seeded random shared model released and registered as a run would, and each member's
+    ``scaling.json`` written as its site writes it (regression targets: ``target`` = mean, scale).
+
+    Returns ``config``, ``model`` (the SharedModel), ``report``, ``run_id``, ``uri`` (tracking) and
+    ``scaling`` (member -> path)."""
+    from consortium.results import Released
+    from consortium.shared_model import log_shared_model, tracking_uri_for
+    from jobs.member_data import load_member
+    from jobs.recipe import server_model
+    from jobs.site_outputs import SiteOutputs
+    from models.network import SharedModel
+    from schema.config import load_config
+
+    raw = yaml.safe_load(Path(config_path).read_text())
+    for member in raw["members"]:
+        for task in member["tasks"]:
+            task["name"] = shared.get(task["type"], task["name"])
+    Path(config_path).write_text(yaml.safe_dump(raw, sort_keys=False))
+    config = load_config(config_path)
+    model = SharedModel(**{**server_model(config)["args"], "seed": seed}).eval()
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    report = {"job_id": "job-1", "privacy": {"he": True, "dp": False}, "timing": {"rounds": 1}, "env": "kits"}
+    report |= {"members": {}, "tracking": {}}
+    records = {
+        m.name: [
+            {"site": m.name, "round": 0, "train_loss": 1.5, "val": {"pfs": {"c_index": 0.6}}, "samples": {"train": 40}}
+        ]
+        for m in config.members
+    }
+    uri = tracking_uri_for(config, out=out)
+    run_id = log_shared_model(config, Released(state=state), report=report, tracking_uri=uri, member_records=records)
+    scaling = {}
+    for member in config.members:
+        regression = [t.name for t in member.tasks if t.type == "regression"]
+        outputs = SiteOutputs(Path(out) / "sites" / member.name)
+        outputs.save_scaling(load_member(config, member.name).scaling, targets={name: target for name in regression})
+        scaling[member.name] = outputs.scaling_path
+    return {"config": config, "model": model, "report": report, "run_id": run_id, "uri": uri, "scaling": scaling}
+
+
+def binary_statistics(features: list[str], *, measured: int = 30, seed: int = 0):
+    """An :class:`omics.statistics.EndpointStatistics` of a binary endpoint over ``features`` from summed pieces
+    of a one-column design (endpoint only): 80 samples, 24 in the class, one member; the features after the
+    first ``measured`` no member measured (absent from the table)."""
+    import numpy as np
+
+    from omics.design import DesignSpec
+    from omics.statistics import endpoint_statistics
+
+    rng = np.random.default_rng(seed)
+    n = len(features)
+    kept = np.arange(n) < measured
+    effect = np.resize(rng.normal(size=measured), n)
+    summed = {
+        "xtx": np.full(n, 80 * 0.3 * 0.7),
+        "xty": np.where(kept, 80 * 0.3 * 0.7 * effect, 0.0),
+        "yty": np.where(kept, 80.0 + 80 * 0.3 * 0.7 * effect**2, 0.0),
+        "ysum": np.where(kept, 160.0, 0.0),
+        "samples": np.where(kept, 80.0, 0.0),
+        "members": kept.astype(float),
+    }
+    return endpoint_statistics(summed, kind="binary", spec=DesignSpec(formula="~ endpoint"), feature_names=features)

@@ -22,21 +22,18 @@ if TYPE_CHECKING:
     from schema.config import ConsortiumConfig
 
 console = Console()
+MIN_TEST_CASES = 15
+"""Below this many test cases of an endpoint's scarcest kind (the smaller class, events, labelled samples),
+its test figures rest on too few samples to tell arms apart: the commands suggest cross-validation."""
 data_app = typer.Typer(help="Check and prepare a member's omics data.", no_args_is_help=True)
-
-
-def check_member_file(config_path: Path, member_name: str) -> ContractReport:
-    """The contract report of one member's file; an unreadable file is a report with one error."""
-    from schema.config import load_config
-
-    return check_member_data(load_config(config_path), member_name)
 
 
 def check_member_data(
     config: ConsortiumConfig, member_name: str, *, design_blocks: dict | None = None
 ) -> ContractReport:
-    """The contract report of one member of a loaded consortium (see :func:`check_member_file`); with
-    ``design_blocks`` (a dict), each endpoint's design block of this member is put in it (rank checks)."""
+    """The contract report of one member of a loaded consortium (an unreadable file is a report with one
+    error); with ``design_blocks`` (a dict), each endpoint's design block of this member is put in it
+    (rank checks)."""
     from omics.contract import ContractReport, ContractRules, check_member
     from omics.errors import DataFileError
     from omics.io import read_member
@@ -85,7 +82,7 @@ def check_statistics_design(
         if member.sample_column is not None:
             from jobs.member_data import statistics_samples
 
-            samples = statistics_samples(config, member_name)
+            samples = statistics_samples(config, member_name, adata=adata)  # the file read once
             obs, targets = samples.obs, samples.targets
         else:
             obs = adata.obs
@@ -111,11 +108,17 @@ def check(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Check a member's data against the consortium contract (exit 0 fit, 1 not fit, 2 usage error)."""
-    report = check_member_file(config, member)
+    from schema.config import load_config
+
+    cfg = load_config(config)
+    report = check_member_data(cfg, member)
+    hint = None if cfg.data.folds else folds_hint(expected_test_cases(report, cfg.data.test_fraction), member=member)
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        typer.echo(json.dumps({**report.to_dict(), "hints": [hint] if hint else []}, indent=2))
     else:
         print_report(report, member)
+        if hint:
+            console.print(Text(hint, style="yellow"))
     raise typer.Exit(0 if report.fit else 1)
 
 
@@ -178,7 +181,62 @@ def split(
         result = {"path": str(target), "data": str(entry.data), "member": member, "stored": True, "split": counts}
         typer.echo(json.dumps(result, indent=2))
         return
-    console.print(Text(f"stored split in {target}: {counts}"))
+    parts = ", ".join(f"{counts.get(part, 0)} {part}" for part in ("train", "val", "test"))
+    console.print(Text(f"stored split in {target}: {parts} samples"))
+    cases = split_test_cases(adata, entry.tasks)
+    console.print(Text("test split: " + ", ".join(f"{task} {n} {kind}" for task, (n, kind) in cases.items())))
+    hint = None if cfg.data.folds else folds_hint(cases, member=member)
+    if hint:
+        console.print(Text(hint, style="yellow"))
+
+
+def split_test_cases(adata, tasks) -> dict[str, tuple[int, str]]:
+    """Per task, the test split's count of the task's scarcest kind: ``(n, "positives"|"negatives"|"events"|
+    "labelled")`` (binary: the smaller class)."""
+    import numpy as np
+
+    from omics.prepare import task_targets
+
+    test = adata.obs["split"].astype(str).to_numpy() == "test"
+    cases: dict[str, tuple[int, str]] = {}
+    for task in tasks:
+        values = task_targets(adata.obs, task)[test]
+        if task.type == "survival":
+            cases[task.name] = (int(np.nansum(values[:, 1] == 1)), "events")
+        elif task.type == "binary":
+            pos, neg = int((values == 1).sum()), int((values == 0).sum())
+            cases[task.name] = (pos, "positives") if pos <= neg else (neg, "negatives")
+        else:
+            cases[task.name] = (int((~np.isnan(values)).sum()), "labelled")
+    return cases
+
+
+def expected_test_cases(report: ContractReport, test_fraction: float) -> dict[str, tuple[int, str]]:
+    """Per task of a data check, about how many of its scarcest kind a test split of ``test_fraction`` holds."""
+    cases: dict[str, tuple[int, str]] = {}
+    for name, info in report.tasks.items():
+        if info["type"] == "binary":
+            n, kind = min((info["positives"], "positives"), (info["negatives"], "negatives"))
+        elif info["type"] == "survival":
+            n, kind = info["events"], "events"
+        else:
+            n, kind = info["labeled"], "labelled"
+        cases[name] = (round(n * test_fraction), kind)
+    return cases
+
+
+def folds_hint(test_cases: dict[str, tuple[int, str]], *, member: str) -> str | None:
+    """One line suggesting cross-validation when a task's test split holds fewer than :data:`MIN_TEST_CASES`
+    of its scarcest kind (``test_cases`` as from :func:`split_test_cases`), else ``None``. The run console
+    may print it too, from the same counts."""
+    few = {task: case for task, case in test_cases.items() if case[0] < MIN_TEST_CASES}
+    if not few:
+        return None
+    shown = ", ".join(f"{n} {kind} of '{task}'" for task, (n, kind) in few.items())
+    return (
+        f"hint: the test split of member '{member}' holds about {shown}: its test figures will have wide "
+        "intervals; run with '--folds 5' (or set data.folds: 5) so every sample is tested once"
+    )
 
 
 def print_report(report: ContractReport, member: str) -> None:

@@ -32,6 +32,27 @@ def write_template(out: Path, *, members: int, force: bool) -> Path:
     return out
 
 
+def set_operator_ports(config_path: Path, ports: str | None) -> None:
+    """Write ``ports`` (``"FL,ADMIN"``, e.g. ``"9102,9103"``) into ``operator.fl_port`` and
+    ``operator.admin_port`` of the consortium.yaml at ``config_path``; ``None`` leaves the file as it is.
+
+    For a consortium the command wrote itself (the demo's): the file is rewritten without comments."""
+    from schema.config import config_from_dict
+
+    if not ports:
+        return
+    try:
+        fl_port, admin_port = (int(part) for part in ports.split(","))
+    except ValueError:
+        raise UserError(f"--ports '{ports}': give the FL and admin ports as two numbers, e.g. 9102,9103") from None
+    raw = yaml.safe_load(Path(config_path).read_text())
+    if (raw["operator"].get("fl_port"), raw["operator"].get("admin_port")) == (fl_port, admin_port):
+        return
+    raw["operator"] |= {"fl_port": fl_port, "admin_port": admin_port}
+    config_from_dict(raw, source=Path(config_path))  # a port out of range or twice is refused, named, here
+    Path(config_path).write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
 def register(app: typer.Typer) -> None:
     @app.command("init")
     def init(

@@ -20,15 +20,18 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from consortium.commands.data import check_member_data, print_report
+from consortium.commands.data import check_member_data, expected_test_cases, folds_hint, print_report
+from consortium.commands.init import set_operator_ports
+from consortium.commands.score import DEMO_SHARED, score_demo
 from consortium.commands.synth import synthesize
 from consortium.console import INTERRUPTED_MESSAGE, Console
+from consortium.run_options import RunOptions
+from consortium.run_summary import print_summary
 from schema.errors import UserError
 
 if TYPE_CHECKING:
-    from consortium.orchestration import RunResult
+    from consortium.run_results import RunResult
     from schema.config import ConsortiumConfig
 
 console = Console()
@@ -53,15 +56,22 @@ class DesignNotEstimable(DataNotFit):
     """The declared design cannot be estimated with member as a factor: the run does not start."""
 
 
-def check_members(config: ConsortiumConfig, *, as_json: bool = False) -> None:
+def check_members(config: ConsortiumConfig, *, as_json: bool = False, folds: int | None = None) -> None:
     """Check every member's data against the contract before FLARE starts; print the unfit members'
-    reports (the JSON object of every member's report with ``as_json``) and raise :class:`DataNotFit`."""
+    reports (the JSON object of every member's report with ``as_json``) and raise :class:`DataNotFit`.
+    Without folds, a member whose test split would be small gets a hint to cross-validate."""
     blocks: dict[str, dict] = {m.name: {} for m in config.members}
     reports = {m.name: check_member_data(config, m.name, design_blocks=blocks[m.name]) for m in config.members}
     unfit = [name for name, report in reports.items() if not report.fit]
     if not unfit:
         check_design_rank_across(config, blocks)
-        (err_console if as_json else console).print(f"data contract: all {len(reports)} members fit to join")
+        say = err_console if as_json else console
+        say.print(f"data contract: all {len(reports)} members fit to join")
+        if not (folds or config.data.folds):
+            for name, report in reports.items():
+                hint = folds_hint(expected_test_cases(report, config.data.test_fraction), member=name)
+                if hint:
+                    say.print(hint, markup=False, highlight=False)
         return
     if as_json:
         members = {name: report.to_dict() for name, report in reports.items()}
@@ -151,59 +161,36 @@ def _progress_bar(total: int, *, stream: TextIO) -> tuple[Progress, Any]:
     return bar, update
 
 
-def execute(
-    config_path: Path,
-    *,
-    env: str,
-    out: Path,
-    rounds: int | None,
-    baselines: bool,
-    he: bool | None,
-    folds: int | None = None,
-    seeds: int = 1,
-    as_json: bool = False,
-    resume: bool = False,
-    force: bool = False,
-) -> RunResult:
-    """Check the run folder and the data, then run; with ``as_json`` every line for the user goes to stderr
-    (stdout stays free for the caller's JSON object). A refused run folder writes nothing."""
+def execute(config_path: Path, options: RunOptions, *, as_json: bool = False) -> RunResult:
+    """Plan the run (nothing is written before the plan holds), check the data, then run; with ``as_json``
+    every line for the user goes to stderr (stdout stays free for the caller's JSON object)."""
     from consortium.flare_env import FederatedRunError, JobInterrupted
-    from consortium.orchestration import check_folds, check_run_folder, empty_run_folder, run_consortium
-    from consortium.run_state import STATE_FILE
+    from consortium.orchestration import run_consortium
+    from consortium.run_folder import empty_run_folder
+    from consortium.run_plan import RunPlan, check_fold_labels
     from schema.config import load_config
 
     # What the imports made (torch, MLflow, NVFlare: millions of objects) lives as long as the process: kept
     # out of the collector's full passes, the report's plots and model export no longer pay for walking it
     gc.freeze()
-    config = load_config(config_path)
-    check_folds(config, folds=folds or config.data.folds)  # a usage error writes nothing
-    if resume and not (out / STATE_FILE).exists():
-        raise UserError(f"{out}: no run to resume here ({STATE_FILE} missing); run the command without --resume")
-    folder = dict(env=env, out=out, rounds=rounds, baselines=baselines, he=he, folds=folds, seeds=seeds)
-    check_run_folder(config, **folder, resume=resume, force=force)  # before the console log is written
-    check_members(config, as_json=as_json)  # before FLARE starts: an unfit member stops the run here
+    options.check()
+    plan = RunPlan.build(load_config(config_path), options)  # refused as a whole, before anything is written
+    check_fold_labels(plan)  # the data checks: before FLARE starts, an unfit member stops the run here
+    if plan.data_here:  # on kits each member checks its own data at its site ('consortium data check')
+        check_members(plan.config, as_json=as_json, folds=plan.folds)
     say = err_console if as_json else console
-    if force:  # now, before the console log of this run is opened in it
-        empty_run_folder(out, config=config, say=lambda line: say.print(line, markup=False, highlight=False))
-    total = rounds or config.training.rounds
-    log_path = out / "console.log"
+    if plan.force:  # now, before the console log of this run is opened in it
+        empty_run_folder(
+            plan.out, inputs=plan.inputs(), say=lambda line: say.print(line, markup=False, highlight=False)
+        )
+    log_path = plan.out / "console.log"
     say.print(f"FLARE's own output goes to {log_path}")
     with console_output_to(log_path, terminal_fd=2 if as_json else 1) as terminal:
-        bar, update = _progress_bar(total, stream=terminal)
+        bar, update = _progress_bar(plan.rounds, stream=terminal)
         with bar:
             try:
                 return run_consortium(
-                    config,
-                    env=env,
-                    out=out,
-                    rounds=rounds,
-                    baselines=baselines,
-                    he=he,
-                    folds=folds,
-                    seeds=seeds,
-                    progress=update,
-                    status=lambda line: bar.console.print(line, markup=False, style="dim"),
-                    resume=resume,  # --force emptied the folder above, before the console log
+                    plan, progress=update, status=lambda line: bar.console.print(line, markup=False, style="dim")
                 )
             except FederatedRunError as exc:
                 raise RunFailed(str(exc)) from None
@@ -229,86 +216,27 @@ def show(result: RunResult, *, as_json: bool) -> None:
         print_summary(result)
 
 
-def print_summary(result: RunResult) -> None:
-    report = result.report
-    arms = [a for a in ("federated", "local", "pooled", "linear_pooled") if a == "federated" or report.get("summary")]
-    table = Table(title="test metric per member and endpoint, 95% bootstrap interval")
-    for column in ("member", "endpoint", "metric", *arms):
-        table.add_column(column, justify="right" if column in arms else "left")
-    for member, info in report["members"].items():
-        for task, entry in info["tasks"].items():
-            ci = entry.get("ci") or {}
-            table.add_row(member, task, entry["metric"], *[_with_ci(entry.get(a), ci.get(a)) for a in arms])
-    console.print(table)
-    for member, info in report["members"].items():
-        for task, entry in info["tasks"].items():
-            for key, diff in (entry.get("difference") or {}).items():
-                if key in ("federated-local", "federated-pooled"):
-                    verdict = "gains" if diff["gain"] else "no gain shown"
-                    console.print(
-                        f"{member} {task}: {key} {_with_ci(diff['estimate'], diff['ci'])}: {verdict}",
-                        markup=False,
-                        highlight=False,
-                    )
-    for member, round_ in (report.get("dropped") or {}).items():
-        back = (report.get("rejoined") or {}).get(member)
-        again = f", answered again from round {back}" if back is not None else ""
-        console.print(f"{member} dropped out in round {round_}{again}; the run went on without it", style="yellow")
-    for key, parts in (report.get("continued") or {}).items():
-        chain = " then ".join(f"{p['job_id']} (rounds {p['rounds'][0]}-{p['rounds'][1]})" for p in parts)
-        console.print(f"job {key} was interrupted and continued: {chain}", markup=False, highlight=False)
-    bio = report["biomarkers"]
-    for name in report["endpoints"]:
-        stats = ", ".join(r["feature"] for r in bio["statistics"].get(name, [])[:8])
-        model = ", ".join(r["feature"] for r in bio["model"].get(name, [])[:8])
-        console.print(f"{name}: statistics {stats}; model {model}", markup=False, highlight=False)
-    planted = bio.get("consensus_planted_in_top")
-    if planted:
-        console.print(f"{planted['planted']} of the top {planted['k']} consensus biomarkers were planted")
-    timing = report["timing"]
-    console.print(
-        f"{timing['rounds']} rounds in {timing['seconds_total']:.0f} s, "
-        f"{timing['bytes_received_per_round']:,} bytes received per round; HE "
-        f"{'on' if report['privacy']['he'] else 'off'}"
-    )
-    console.print(
-        f"report: {result.report_path}\nmarkdown: {result.markdown_path}\n"
-        f"MLflow: mlflow ui --backend-store-uri {report['tracking']['uri']}",
-        markup=False,
-        highlight=False,
-    )
-
-
-def _with_ci(value: Any, ci: Any) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    if not ci or ci[0] is None:
-        return f"{value:.3f}"
-    return f"{value:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
-
-
-def _fmt(value: Any) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
-
-
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run(
         config: Path = typer.Option(..., "--config", help="The consortium.yaml."),
-        env: str = typer.Option("sim", "--env", help="'sim' (FLARE simulator) or 'poc' (real FLARE processes)."),
+        env: str = typer.Option(
+            "sim",
+            "--env",
+            help="'sim' (FLARE simulator), 'poc' (real FLARE processes here) or 'kits' (a running provisioned "
+            "consortium, with --startup-kit).",
+        ),
         out: Path = typer.Option(..., "--out", help="Run folder: report.json, report.md, MLflow store, logs."),
-        rounds: int = typer.Option(None, "--rounds", min=1, help="Override training.rounds."),
+        rounds: int = typer.Option(None, "--rounds", help="Override training.rounds."),
         baselines: bool = typer.Option(False, "--baselines", help="Also train local-only and pooled baselines."),
         he: bool = typer.Option(None, "--he/--no-he", help="Encrypted aggregation (default: privacy.he.enabled)."),
         folds: int = typer.Option(
-            None, "--folds", min=2, max=20, help="K-fold cross-validation: K jobs, every sample tested once."
+            None, "--folds", help="K-fold cross-validation (2 to 20): K jobs, every sample tested once."
         ),
         seeds: int = typer.Option(
             1,
             "--seeds",
-            min=1,
-            max=20,
-            help="Repeat the comparison with N seeds; mean and sd of the paired differences.",
+            help="Repeat the comparison with N seeds (1 to 20); mean and sd of the paired differences.",
         ),
         as_json: bool = typer.Option(
             False, "--json", help="Print the result as one JSON object on stdout; progress goes to stderr."
@@ -321,30 +249,36 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(
             False, "--force", help="Empty --out first when it holds an earlier run (a folder holds one run)."
         ),
+        startup_kit: Path = typer.Option(
+            None,
+            "--startup-kit",
+            help="--env kits: a member lead's admin startup kit (KITS/<lead>), with its member's kit beside it.",
+        ),
+        username: str = typer.Option(
+            None, "--username", help="--env kits: the admin user to log in as (default: the kit folder's name)."
+        ),
     ) -> None:
         """Check every member's data, run the federated biomarker job, write DIR/report.json and DIR/report.md."""
-        if env not in ("sim", "poc"):
-            raise UserError(f"--env '{env}': use 'sim' (FLARE simulator) or 'poc' (a real server and clients)")
-        result = execute(
-            config,
-            env=env,
+        options = RunOptions(
             out=out,
+            env=env,
             rounds=rounds,
             baselines=baselines,
             he=he,
             folds=folds,
             seeds=seeds,
-            as_json=as_json,
             resume=resume,
             force=force,
+            startup_kit=startup_kit,
+            username=username,
         )
-        show(result, as_json=as_json)
+        show(execute(config, options, as_json=as_json), as_json=as_json)
 
     @app.command("demo")
     def demo(
         out: Path = typer.Option(..., "--out", help="Folder for the synthetic consortium and the run."),
         env: str = typer.Option("poc", "--env", help="'poc' (default) or 'sim'."),
-        rounds: int = typer.Option(None, "--rounds", min=1, help="Override the demo's rounds."),
+        rounds: int = typer.Option(None, "--rounds", help="Override the demo's rounds."),
         he: bool = typer.Option(None, "--he/--no-he", help="Encrypted aggregation (default: on with POC)."),
         seed: int = typer.Option(0, "--seed"),
         as_json: bool = typer.Option(
@@ -354,25 +288,26 @@ def register(app: typer.Typer) -> None:
             False, "--resume", help="Continue the demo run interrupted in --out after its last stored round."
         ),
         force: bool = typer.Option(False, "--force", help="Empty --out/run first when it holds an earlier run."),
+        ports: str = typer.Option(
+            None, "--ports", help="The demo server's FL and admin ports, e.g. 9102,9103 (default 8102,8103)."
+        ),
     ) -> None:
         """Synthesize the default consortium, run it federated with baselines, and compare."""
+        use_he = (env == "poc") if he is None else he
+        options = RunOptions(
+            out=out / "run", env=env, rounds=rounds, baselines=True, he=use_he, resume=resume, force=force
+        )
+        options.check()  # a usage error synthesizes and writes nothing
         say = err_console if as_json else console
         consortium_dir = out / "consortium"
         config_path = consortium_dir / "consortium.yaml"
         if not config_path.exists():
             with say.status("synthesizing the default consortium (3 members: 300, 800, 2000 samples)..."):
-                synthesize(consortium_dir, sizes=[300, 800, 2000], n_features=2000, seed=seed, rounds=10)
+                synthesize(
+                    consortium_dir, sizes=[300, 800, 2000], n_features=2000, seed=seed, rounds=10, shared=DEMO_SHARED
+                )
+        set_operator_ports(config_path, ports)
         say.print(f"consortium: {config_path}")
-        use_he = (env == "poc") if he is None else he
-        result = execute(
-            config_path,
-            env=env,
-            out=out / "run",
-            rounds=rounds,
-            baselines=True,
-            he=use_he,
-            as_json=as_json,
-            resume=resume,
-            force=force,
-        )
+        result = execute(config_path, options, as_json=as_json)
         show(result, as_json=as_json)
+        score_demo(config_path, out / "run", console=say)  # a member scores held-out samples with the model

@@ -9,9 +9,8 @@ import yaml
 from consortium.anndata_export import panel_symbols, write_results_anndata
 from consortium.results import Released
 from models.attribution import ranking_from_vector
-from omics.design import DesignSpec
-from omics.statistics import endpoint_statistics
 from schema.config import load_config
+from tests.helpers import binary_statistics
 
 
 @pytest.fixture
@@ -27,20 +26,8 @@ def config(tmp_path, small_config_dict):
 def _released(features: list[str]) -> Released:
     rng = np.random.default_rng(0)
     n = len(features)
-    kept = features[:30]  # features no member measured are absent from a statistics table
-    # summed pieces of a one-column design (endpoint only): 80 samples, 24 in the class, one member
-    effect = rng.normal(size=30)
-    summed = {
-        "xtx": np.full(n, 80 * 0.3 * 0.7),
-        "xty": np.where(np.arange(n) < 30, 80 * 0.3 * 0.7 * np.resize(effect, n), 0.0),
-        "yty": np.where(np.arange(n) < 30, 80.0 + 80 * 0.3 * 0.7 * np.resize(effect, n) ** 2, 0.0),
-        "ysum": np.where(np.arange(n) < 30, 160.0, 0.0),
-        "samples": np.where(np.arange(n) < 30, 80.0, 0.0),
-        "members": (np.arange(n) < 30).astype(float),  # features no member measured are absent from a table
-    }
-    spec = DesignSpec(formula="~ endpoint")
-    table = endpoint_statistics(summed, kind="binary", spec=spec, feature_names=features).table
-    assert set(table["feature"]) == set(kept)
+    table = binary_statistics(features).table
+    assert set(table["feature"]) == set(features[:30])  # features no member measured are absent from a table
     statistics = {"resp": table}
     rankings = {
         "resp": ranking_from_vector(features, rng.normal(size=n)),

@@ -105,6 +105,13 @@ CONFIG_CASES = {
         lambda raw: _second_member(raw, tasks=[{"name": "resp", "type": "regression", "column": "level"}]),
         ["endpoint 'resp' is binary at member 'm1' but regression at member 'm2'", "rename one of them"],
     ),
+    "survival endpoint in two time units": (
+        lambda raw: _second_member(
+            _set("members.0.tasks.2.time_unit", "days")(raw),
+            tasks=[{"name": "os", "type": "survival", "time": "os_days", "event": "os_event", "time_unit": "months"}],
+        ),
+        ["endpoint 'os' has time_unit days at 'm1', months at 'm2'", "give every member the same time_unit"],
+    ),
     "duplicate task in a member": (
         lambda raw: _set("members.0.tasks", raw["members"][0]["tasks"] * 2)(raw),
         ["members[m1].tasks[].name must be unique; repeated: ['lvl', 'os', 'resp']"],
@@ -162,7 +169,10 @@ def test_bad_config_exits_2_naming_field_and_fix(tmp_path, small_config_dict, ca
 
 def _config_file_cases():
     def missing(tmp_path):
-        return tmp_path / "absent.yaml", ["absent.yaml: no such file", "consortium synth --out DIR"]
+        return tmp_path / "absent.yaml", [
+            "absent.yaml: no such file",
+            f"consortium init --out {tmp_path / 'absent.yaml'}",
+        ]
 
     def folder(tmp_path):
         return tmp_path, [f"{tmp_path}: is a folder", "consortium.yaml"]
@@ -475,7 +485,7 @@ LAYOUT_CASES = {
         _text_labels,
         "obs.response",
         ["task 'resp': column 'response' holds text labels ['non-responder', 'responder']"],
-        "add `positive: 'non-responder'` to task 'resp'",
+        "add `positive: 'responder'` to task 'resp'",
     ),
     "missing layer": (
         _missing_layer,

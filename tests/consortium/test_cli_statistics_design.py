@@ -58,9 +58,7 @@ def test_a_formula_that_would_run_code_is_refused_on_load(tmp_path, small_config
     assert code == 2 and "statistics.formula" in captured.err and not marker.exists()
 
 
-def test_a_covariate_confounded_with_member_stops_the_run_before_anything_is_written(
-    tiny_consortium, tmp_path, capsys
-):
+def test_a_covariate_confounded_with_member_stops_the_run_before_anything_is_written(tiny_consortium, tmp_path, capsys):
     raw = yaml.safe_load(tiny_consortium.read_text())
     base = tiny_consortium.parent
     raw["panel"]["file"] = str(base / raw["panel"]["file"])

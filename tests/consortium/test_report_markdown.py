@@ -1,12 +1,14 @@
-"""report.md says why, with numbers, when pooled falls below federated beyond the paired interval."""
+"""report.md lists losses as it lists gains, with numbers, and names genes by their symbols."""
 
 from __future__ import annotations
 
-from consortium.report_markdown import render_markdown
+import pytest
+
+from consortium.report_markdown import render_markdown, verdict, with_ci
 
 
-def _report(gain: bool) -> dict:
-    diff = {"estimate": 0.141, "ci": [0.03, 0.27] if gain else [-0.01, 0.29], "gain": gain}
+def _report(estimate: float, ci: list[float]) -> dict:
+    diff = {"estimate": estimate, "ci": ci, "gain": ci[0] > 0, "loss": ci[1] < 0}
     task = {
         "metric": "auroc",
         "federated": 0.81,
@@ -15,25 +17,67 @@ def _report(gain: bool) -> dict:
         "ci": {"federated": [0.66, 0.94]},
         "difference": {"federated-pooled": diff},
     }
+    other = {**task, "difference": {"federated-pooled": {"estimate": 0.01, "ci": [-0.1, 0.1], "gain": False}}}
     return {
         "job_id": "j1",
         "consortium": "c",
         "env": "sim",
         "timing": {"rounds": 2, "seconds_total": 10.0, "bytes_received_per_round": 100},
         "privacy": {"he": False, "dp": False},
-        "members": {"pharma-a": {"tasks": {"a_response": task}}},
-        "endpoints": {"a_response": {"members": ["pharma-a"], "metric": "auroc"}},
-        "summary": {"paired_gains": {"federated-local": 0, "federated-pooled": int(gain), "tasks": 9}},
-        "biomarkers": {"statistics": {}, "model": {}},
+        "members": {"pharma-a": {"tasks": {"a_response": task}}, "pharma-b": {"tasks": {"b_response": other}}},
+        "endpoints": {
+            "a_response": {"type": "binary", "members": ["pharma-a"], "metric": "auroc"},
+            "b_response": {"type": "binary", "members": ["pharma-b"], "metric": "auroc"},
+        },
+        "biomarkers": {
+            "statistics": {"a_response": [{"feature": "ENSG00000105369", "symbol": "CD79A"}]},
+            "markers": {"a_response": [{"feature": "ENSG00000105369", "symbol": "CD79A"}]},
+            "markers_down": {"a_response": [{"feature": "ENSG00000090382", "symbol": "LYZ"}]},
+            "model": {"a_response": [{"feature": "ENSG00000000003", "symbol": ""}]},
+        },
         "tracking": {"uri": "sqlite:///x", "experiment": "e"},
     }
 
 
-def test_pooled_below_federated_is_explained_with_numbers():
-    text = render_markdown(_report(gain=True))
-    assert "pharma-a a_response: federated - pooled 0.141 [0.030, 0.270]" in text
-    assert "about 0.23 such cases are expected by chance alone" in text
+def test_pooled_below_federated_is_listed_as_a_gain_and_explained():
+    text = render_markdown(_report(0.141, [0.03, 0.27]))
+    assert "Gains: federated above another arm beyond the paired interval:" in text
+    assert "- pharma-a a_response: federated - pooled +0.141 [0.030, 0.270]" in text
+    assert "about 0.05 gains and as many losses per comparison are expected by chance alone" in text
+    assert "the pooled arm trains one network for every member's endpoints" in text
+    assert "| federated - pooled | 2 | 1 | 0 |" in text
 
 
-def test_no_explanation_without_such_a_case():
-    assert "expected by chance" not in render_markdown(_report(gain=False))
+def test_federated_below_pooled_is_listed_as_a_loss():
+    text = render_markdown(_report(-0.12, [-0.238, -0.003]))
+    assert "Losses: federated below another arm beyond the paired interval:" in text
+    assert "- pharma-a a_response: federated - pooled -0.120 [-0.238, -0.003]" in text
+    assert "-0.120 [-0.238, -0.003] (loss)" in text  # in the table of differences too
+    assert "| federated - pooled | 2 | 0 | 1 |" in text
+    assert "Gains: federated above no other arm." in text
+    assert "pooled arm trains one network" not in text
+
+
+def test_features_by_symbol_up_and_down_apart():
+    text = render_markdown(_report(0.01, [-0.1, 0.1]))
+    assert "statistics, higher in the positive class (top 10 by statistic): CD79A" in text
+    assert "statistics, lower in the positive class: LYZ" in text
+    assert "model (top 10): ENSG00000000003" in text  # no symbol known: the id
+    assert "ENSG00000105369" not in text and "ENSG00000090382" not in text
+
+
+@pytest.mark.parametrize(
+    ("diff", "word"),
+    [
+        ({"ci": [0.01, 0.2], "gain": True}, "gain"),
+        ({"ci": [-0.2, -0.01], "gain": False}, "loss"),  # a report written before "loss" was recorded
+        ({"ci": [-0.2, 0.1], "gain": False, "loss": False}, "no difference shown"),
+    ],
+)
+def test_verdict(diff, word):
+    assert verdict(diff) == word
+
+
+def test_with_ci_formats_missing_and_signed_values():
+    assert with_ci(None, [0.1, 0.2]) == "n/a" and with_ci(float("nan"), None) == "n/a"
+    assert with_ci(0.5, None) == "0.500" and with_ci(0.05, [-0.01, 0.1], sign=True) == "+0.050 [-0.010, 0.100]"

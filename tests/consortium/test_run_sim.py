@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from consortium.audit import verify_log
-from consortium.flare_env import shared_threads
+from consortium.backends.threads import shared_threads
 from consortium.processes import stop_processes_under
 from schema.names import JOB_ENDED_FILE
 from tests.helpers import relocated_config
@@ -92,8 +92,8 @@ def test_report_has_every_member_task_and_figure(sim_run: Path):
     for name in ("a_response", "b_pfs"):
         stats = report["biomarkers"]["statistics"][name]
         assert [row["P.Value"] for row in stats] == sorted(row["P.Value"] for row in stats)
-        limma = {"feature", "logFC", "AveExpr", "t", "P.Value", "adj.P.Val", "B", "members", "samples"}
-        cox = {"feature", "statistic", "logHR", "se", "P.Value", "adj.P.Val", "members", "samples", "events"}
+        limma = {"feature", "symbol", "logFC", "AveExpr", "t", "P.Value", "adj.P.Val", "B", "members", "samples"}
+        cox = {"feature", "symbol", "statistic", "logHR", "se", "P.Value", "adj.P.Val", "members", "samples", "events"}
         assert set(stats[0]) == (cox if name.endswith("pfs") else limma)
         assert {"feature", "score", "direction", "frequency", "rank"} <= set(report["biomarkers"]["model"][name][0])
     truth = report["biomarkers"]["ground_truth"]
@@ -162,7 +162,7 @@ def test_notebook_runs_top_to_bottom(sim_run: Path, tmp_path: Path, monkeypatch)
     executed = papermill.execute_notebook(
         str(NOTEBOOK),
         str(tmp_path / "explore_results.ipynb"),
-        parameters=dict(run_dir=str(sim_run), top_features=5),
+        parameters=dict(run_dir=str(sim_run), out_dir=str(tmp_path / "out"), top_features=5),
         cwd=str(NOTEBOOK.parent),
         kernel_name="python3",
         progress_bar=False,
@@ -174,7 +174,8 @@ def test_notebook_runs_top_to_bottom(sim_run: Path, tmp_path: Path, monkeypatch)
     assert len(images) == 6  # metric bars, learning curves, volcano, effect directions, ROC, Kaplan-Meier
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "predictions here for: pharma-a, pharma-b" in text and "no predictions.npz" not in text
-    scores = ad.read_h5ad(sim_run / "biomarker_scores.h5ad")
+    assert not (sim_run / "biomarker_scores.h5ad").exists()  # the notebook writes nothing into the run
+    scores = ad.read_h5ad(tmp_path / "out" / "biomarker_scores.h5ad")
     assert scores.n_vars == 200
     assert {"effect_a_response", "qvalue_b_pfs", "score_a_response", "rank_b_pfs", "consensus_score", "planted"} <= set(
         scores.var.columns

@@ -107,8 +107,17 @@ def test_sites_get_paths_only_and_the_server_an_mlflow_receiver(exported, config
     assert args["task_script_path"] == str(CLIENT_SCRIPT)
     # only paths travel as arguments; every hyper-parameter comes from consortium.yaml
     assert args["task_script_args"] == f"--config {shared_consortium.resolve()} --outputs {out / 'sites'}"
-    receiver = _component(server, "receiver")["args"]
+    component = _component(server, "receiver")
+    assert component["path"] == "jobs.tracking.MemberRuns"
+    receiver = component["args"]
     assert receiver["tracking_uri"] == "sqlite:///" + str(out / "mlflow.db")
+    params = receiver["params"]["pharma-a"]  # each member's run records its parameters
+    assert params["member"] == "pharma-a" and params["rounds"] == "3"
+    assert params["aggregation"] == ("fedavg under HE" if he else "fedavg")
+    assert params["tasks"] == ",".join(
+        f"{t.name}:{t.type}{' (shared)' if t.name in config.shared_endpoints() else ''}"
+        for t in config.member("pharma-a").tasks
+    )
     assert receiver["kw_args"]["experiment_name"] == config.tracking.experiment
     assert receiver["kw_args"]["run_name"] == ("he-fedavg" if he else "fedavg")
     assert receiver["kw_args"]["run_tags"] == {"consortium": config.name, "he": "on" if he else "off", "dp": "off"}

@@ -87,3 +87,23 @@ def test_the_stored_global_model_holds_shared_state_and_statistics_only(sim_run,
     assert np.allclose(plain["consensus.pfs.members"], 2.0)  # both members ranked the shared endpoint
     for member in MEMBERS:  # each site kept its own full model, private heads included
         assert (sites / member / "model.pt").exists() and (sites / member / "predictions.npz").exists()
+
+
+def test_each_member_has_an_mlflow_run_named_after_it_with_its_parameters(sim_run, shared_consortium):
+    """The server's receiver (jobs.tracking.MemberRuns): a run per member, named after it, tagged with the
+    job id the report gives a simulated job (its name), holding the member's parameters and its figures."""
+    import mlflow
+
+    workspace, _ = sim_run
+    config = load_config(shared_consortium)
+    client = mlflow.MlflowClient(tracking_uri="sqlite:///" + str(workspace.parent / "mlflow.db"))
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == set(MEMBERS)
+    for member, run in runs.items():
+        assert run.data.tags["job_id"] == build_recipe(config, he=False).name == "synthetic-consortium-biomarker-mtl"
+        assert run.data.tags["member"] == member and run.data.tags["kind"] == "member"
+        assert run.data.params["member"] == member and run.data.params["org"] == config.member(member).org
+        assert run.data.params["rounds"] == "2" and run.data.params["aggregation"] == "fedavg"
+        assert "pfs:survival (shared)" in run.data.params["tasks"].split(",")
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [0, 1]

@@ -162,7 +162,10 @@ def test_text_labels_without_positive_are_a_clear_error(small_adata):
     (error,) = errors(report)
     assert error.field == "obs.response"
     assert "task 'resp': column 'response' holds text labels ['non-responder', 'responder']" in error.message
-    assert "add `positive: 'non-responder'` to task 'resp' in consortium.yaml" in error.fix
+    assert (
+        "add `positive: 'responder'` to task 'resp' in consortium.yaml if 'responder' is the class to predict"
+        in error.fix
+    )
 
 
 def test_positive_maps_text_labels_to_one_and_zero(small_adata):
