@@ -15,18 +15,13 @@ import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from consortium.audit import AuditLog
-from consortium.backends.open import open_backend
-from consortium.job_audit import Submission, custodian_keys
 from consortium.run_folder import check_statistics_folder, empty_for_force, run_lock
-from consortium.run_job import PLAINTEXT_WARNING, record_job
 from consortium.run_plan import RunPlan
-from consortium.shared_model import tracking_uri_for
-from jobs.recipe import build_recipe
+from consortium.statistics_run import run_summed_job
 from jobs.site_feasibility import COUNTS_KEY, member_obs
 from models.enrollment import enrollment_scenarios
 from omics.feasibility import check_obs, feasibility_layout, round_summed_counts, scenario_fractions
@@ -80,22 +75,9 @@ def run_feasibility(
         if Path(protocol_path).resolve() != counted.resolve():
             shutil.copyfile(protocol_path, counted)
         audit = AuditLog(out / "audit.jsonl")
-        keys = custodian_keys(config, out, audit) if he else None
-        with open_backend(config, env=env, workspace=out / "flare", keys=keys) as backend:
-            say(f"feasibility job: {len(config.members)} members, one round in {env} (HE {'on' if he else 'off'})")
-            if not he:
-                say(PLAINTEXT_WARNING)
-            recipe = build_recipe(
-                config,
-                he=he,
-                config_path=config.source,
-                outputs=out / "sites",
-                tracking_uri=tracking_uri_for(config, out=out),
-                feasibility=counted,
-            )
-            submission = Submission(config, env, he, 1, None, keys)
-            backend.submit(recipe, rounds=1, submitted=partial(submission.record, audit))
-            finished = record_job(backend.wait(timeout=plan.timeout), config, audit, total=1, keys=keys)
+        finished = run_summed_job(
+            plan, audit, rounds=1, what="feasibility job: {members}, one round", say=say, feasibility=counted
+        )
         records = {site: rows[-1] for site, rows in finished.results.records.items() if rows}
         digests = {site: row.get("layout_digest") for site, row in records.items()}
         if set(digests.values()) != {layout.digest()}:

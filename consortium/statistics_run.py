@@ -18,6 +18,7 @@ from consortium.report import write_biomarker_tables
 from consortium.run_folder import check_statistics_folder, empty_for_force, run_lock
 from consortium.run_job import PLAINTEXT_WARNING, record_job
 from consortium.run_plan import RunPlan
+from consortium.run_results import FinishedJob
 from consortium.shared_model import tracking_uri_for
 from consortium.statistics_release import data_residency, statistics_entries
 from jobs.recipe import build_recipe
@@ -53,34 +54,53 @@ def run_statistics(plan: RunPlan, *, status: Callable[[str], None] | None = None
         if plan.force:
             empty_for_force(out, say=say)
         audit = AuditLog(out / "audit.jsonl")
-        keys = custodian_keys(config, out, audit) if he else None
-        with open_backend(config, env=env, workspace=out / "flare", keys=keys) as backend:
-            rounds = settings.statistics_rounds(config)
-            steps = f"{rounds} rounds (Cox model of the covariates, then the tests)" if rounds > 1 else "one round"
-            say(f"statistics job: {len(config.members)} members, {steps} in {env} (HE {'on' if he else 'off'})")
-            if not he:
-                say(PLAINTEXT_WARNING)
-            recipe = build_recipe(
-                config,
-                he=he,
-                config_path=config.source,
-                outputs=out / "sites",
-                tracking_uri=tracking_uri_for(config, out=out),
-                statistics_only=True,
-            )
-            submission = Submission(config, env, he, rounds, None, keys)
-            backend.submit(recipe, rounds=rounds, submitted=partial(submission.record, audit))
-            finished = record_job(backend.wait(timeout=plan.timeout), config, audit, total=rounds, keys=keys)
-            statistics = _statistics_document(config, finished, env=env, he=he)
-            path = atomic_write(out / "statistics.json", json.dumps(statistics, indent=2, allow_nan=False))
-            tables = write_biomarker_tables(finished.opened, out / "statistics", config=config)
-            audit.append(
-                EVENT_STATISTICS_RELEASED,
-                job_id=finished.job_id,
-                endpoints=sorted(statistics["endpoints"]),
-                members=sorted(finished.results.records),
-            )
+        rounds = settings.statistics_rounds(config)
+        steps = f"{rounds} rounds (Cox model of the covariates, then the tests)" if rounds > 1 else "one round"
+        finished = run_summed_job(plan, audit, rounds=rounds, what=f"statistics job: {{members}}, {steps}", say=say)
+        statistics = _statistics_document(config, finished, env=env, he=he)
+        path = atomic_write(out / "statistics.json", json.dumps(statistics, indent=2, allow_nan=False))
+        tables = write_biomarker_tables(finished.opened, out / "statistics", config=config)
+        audit.append(
+            EVENT_STATISTICS_RELEASED,
+            job_id=finished.job_id,
+            endpoints=sorted(statistics["endpoints"]),
+            members=sorted(finished.results.records),
+        )
     return StatisticsResult(statistics=statistics, path=path, tables=tables, job_id=finished.job_id)
+
+
+def run_summed_job(
+    plan: RunPlan,
+    audit: AuditLog,
+    *,
+    rounds: int,
+    what: str,
+    say: Callable[[str], None],
+    feasibility: Path | None = None,
+) -> FinishedJob:
+    """One job of summed sections only, no training (``consortium stats``; ``consortium feasibility`` with
+    the protocol file to count): the custodian's keys under HE, the job on ``plan``'s backend, its
+    submission and rounds audited, what the server received read and the sum opened. ``what`` names the
+    job for the console (``{members}`` becomes the number of members)."""
+    config, out, he, env = plan.config, plan.out, plan.he, plan.env
+    keys = custodian_keys(config, out, audit) if he else None
+    with open_backend(config, env=env, workspace=out / "flare", keys=keys) as backend:
+        members = f"{len(config.members)} members"
+        say(f"{what.format(members=members)} in {env} (HE {'on' if he else 'off'})")
+        if not he:
+            say(PLAINTEXT_WARNING)
+        recipe = build_recipe(
+            config,
+            he=he,
+            config_path=config.source,
+            outputs=out / "sites",
+            tracking_uri=tracking_uri_for(config, out=out),
+            statistics_only=feasibility is None,
+            feasibility=feasibility,
+        )
+        submission = Submission(config, env, he, rounds, None, keys)
+        backend.submit(recipe, rounds=rounds, submitted=partial(submission.record, audit))
+        return record_job(backend.wait(timeout=plan.timeout), config, audit, total=rounds, keys=keys)
 
 
 def _statistics_document(config: ConsortiumConfig, finished, *, env: str, he: bool) -> dict:
