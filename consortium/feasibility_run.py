@@ -59,7 +59,7 @@ def check_protocol(config: ConsortiumConfig, path: Path) -> Protocol:
 def run_feasibility(
     plan: RunPlan, protocol_path: Path, *, status: Callable[[str], None] | None = None
 ) -> FeasibilityResult:
-    """Run the feasibility job of ``plan`` (built with ``command="stats"``) for the protocol at
+    """Run the feasibility job of ``plan`` (built with ``command="feasibility"``) for the protocol at
     ``protocol_path`` and write ``out/feasibility.json`` (what the release rules let out, and the
     enrollment scenarios when ``feasibility:`` gives screening capacities and a target)."""
     config, out, he, env = plan.config, plan.out, plan.he, plan.env
@@ -68,7 +68,7 @@ def run_feasibility(
     layout = feasibility_layout(protocol)
     out.mkdir(parents=True, exist_ok=True)
     with run_lock(out, say=say):
-        check_statistics_folder(out, inputs=plan.inputs(), force=plan.force)
+        check_statistics_folder(out, inputs=plan.inputs(), force=plan.force, command=plan.command)
         if plan.force:
             empty_for_force(out, say=say)
         counted = out / PROTOCOL_FILE  # what the members counted, kept with the run

@@ -28,7 +28,16 @@ log = logging.getLogger(__name__)
 AUDIT_FILE = "audit.jsonl"
 LOCK_FILE = ".consortium-run.lock"
 # what a run (``consortium run`` or ``consortium stats``) writes first or keeps: one of them marks an earlier run
-RUN_MARKERS = (STATE_FILE, AUDIT_FILE, "report.json", "statistics.json", KEPT_FOLDER, "flare", "sites")
+RUN_MARKERS = (
+    STATE_FILE,
+    AUDIT_FILE,
+    "report.json",
+    "statistics.json",
+    "feasibility.json",
+    KEPT_FOLDER,
+    "flare",
+    "sites",
+)
 
 
 class RunFolderError(UserError):
@@ -45,7 +54,10 @@ def refuse_earlier_run(out: Path, *, command: str) -> None:
     found = earlier_run(out)
     if not found:
         return
-    what = "the results of 'consortium stats'" if "statistics.json" in found else "an interrupted run"
+    what = "an interrupted run"
+    for marker, command_name in (("statistics.json", "stats"), ("feasibility.json", "feasibility")):
+        if marker in found:
+            what = f"the results of 'consortium {command_name}'"
     if "report.json" in found:
         try:
             state = RunState.load(out)
@@ -158,8 +170,9 @@ def check_run_folder(
     return state
 
 
-def check_statistics_folder(out: Path, *, inputs: list[Path], force: bool) -> None:
-    """What ``consortium stats`` refuses in ``out`` before it writes a file (see :func:`check_run_folder`)."""
+def check_statistics_folder(out: Path, *, inputs: list[Path], force: bool, command: str = "stats") -> None:
+    """What ``consortium stats`` (or ``command``: ``feasibility``) refuses in ``out`` before it writes a file
+    (see :func:`check_run_folder`)."""
     holder = lock_holder(out)
     if holder is not None and holder != os.getpid():
         raise busy_error(out, holder)
@@ -169,7 +182,7 @@ def check_statistics_folder(out: Path, *, inputs: list[Path], force: bool) -> No
     if force:
         check_force(out, inputs=inputs)
     else:
-        refuse_earlier_run(out, command="stats")
+        refuse_earlier_run(out, command=command)
 
 
 def empty_run_folder(out: Path, *, inputs: list[Path], say: Callable[[str], None]) -> None:

@@ -62,7 +62,7 @@ class RunPlan:
     kit beside it, which opens the aggregate (:mod:`consortium.backends.kits`)."""
 
     config: ConsortiumConfig
-    command: Literal["run", "stats"]
+    command: Literal["run", "stats", "feasibility"]
     env: str
     out: Path
     rounds: int
@@ -77,16 +77,24 @@ class RunPlan:
     member_keys: Path | None = None
 
     @classmethod
-    def build(cls, config: ConsortiumConfig, options: RunOptions, *, command: Literal["run", "stats"] = "run"):
-        """The plan for ``options`` with ``config``, or a :class:`PlanError` (nothing written, no data read)."""
-        if command == "stats" and options.env == "kits":
-            raise PlanError("consortium stats runs its job with --env sim or --env poc (--env kits: consortium run)")
+    def build(
+        cls, config: ConsortiumConfig, options: RunOptions, *, command: Literal["run", "stats", "feasibility"] = "run"
+    ):
+        """The plan for ``options`` with ``config``, or a :class:`PlanError` (nothing written, no data read).
+
+        ``stats`` and ``feasibility`` run one job of summed sections (no training)."""
+        if command != "run" and options.env == "kits":
+            raise PlanError(
+                f"consortium {command} runs its job with --env sim or --env poc (--env kits: consortium run)"
+            )
         options.check()
         he = config.privacy.he.enabled if options.he is None else options.he
         if he and options.env == "sim":
             raise PlanError(HE_IN_SIMULATOR)
-        if command == "stats" and (options.resume or options.folds or options.seeds != 1 or options.baselines):
-            raise PlanError("consortium stats runs one job: --resume, --folds, --seeds and --baselines do not apply")
+        if command != "run" and (options.resume or options.folds or options.seeds != 1 or options.baselines):
+            raise PlanError(
+                f"consortium {command} runs one job: --resume, --folds, --seeds and --baselines do not apply"
+            )
         plan = cls(
             config=config,
             command=command,
@@ -120,8 +128,8 @@ class RunPlan:
 
     def check_folder(self) -> None:
         """What the run folder refuses (read only; checked again once the run holds the folder's lock)."""
-        if self.command == "stats":
-            check_statistics_folder(self.out, inputs=self.inputs(), force=self.force)
+        if self.command != "run":
+            check_statistics_folder(self.out, inputs=self.inputs(), force=self.force, command=self.command)
         else:
             check_run_folder(self.out, self.arguments(), config=self.config, resume=self.resume, force=self.force)
 

@@ -61,9 +61,16 @@ def render_summary(report: Mapping[str, Any], *, report_path: Path, markdown_pat
         f"{timing['bytes_received_per_round']:,} bytes received per round; HE "
         f"{'on' if report['privacy']['he'] else 'off'}"
     )
+    jobs = report.get("job_ids") or ([report["job_id"]] if report.get("job_id") else [])
+    if jobs:
+        say(f"FLARE job{'s' if len(jobs) > 1 else ''}: {', '.join(jobs)}")
     say(f"report: {report_path}")
     say(f"markdown: {markdown_path}")
-    say(f"MLflow: mlflow ui --backend-store-uri {report['tracking']['uri']}")
+    uri = str(report["tracking"]["uri"])
+    if uri.startswith(("http://", "https://")):  # a tracking server: its own web UI
+        say(f"MLflow: {uri}")
+    else:
+        say(f"MLflow: mlflow ui --backend-store-uri {uri}")
 
 
 def _metrics(report: Mapping[str, Any], *, to: Console, say) -> None:

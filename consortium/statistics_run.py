@@ -50,7 +50,7 @@ def run_statistics(plan: RunPlan, *, status: Callable[[str], None] | None = None
     say = status or log.info
     out.mkdir(parents=True, exist_ok=True)
     with run_lock(out, say=say):
-        check_statistics_folder(out, inputs=plan.inputs(), force=plan.force)  # again, holding the folder
+        check_statistics_folder(out, inputs=plan.inputs(), force=plan.force, command=plan.command)  # again, locked
         if plan.force:
             empty_for_force(out, say=say)
         audit = AuditLog(out / "audit.jsonl")

@@ -303,11 +303,11 @@ def export_job(config: ConsortiumConfig, job_dir: Path, *, he: bool, rounds: int
     recipe = build_recipe(config, he=he, rounds=rounds)
     recipe.export(str(job_dir))
     folder = Path(job_dir) / recipe.name
-    _run_installed_code(folder)
+    run_installed_code(folder)
     return folder
 
 
-def _run_installed_code(folder: Path) -> None:
+def run_installed_code(folder: Path) -> None:
     """Point the members' executor at the installed client script and drop the ``custom/`` copies."""
     for config_file in folder.glob("*/config/config_fed_client.json"):
         client_config = json.loads(config_file.read_text())

@@ -33,7 +33,7 @@ from consortium.backends.admin_kit import LOGIN_TIMEOUT, AdminKit
 from consortium.backends.base import Submitted
 from consortium.backends.poc import SERVER_STOPPED, wait_until_finished
 from consortium.flare_env import FederatedRunError, JobInterrupted, JobOutcome
-from jobs.recipe import _run_installed_code  # what jobs.recipe.export_job does to an exported job
+from jobs.recipe import run_installed_code
 from schema.config import ConsortiumConfig
 from schema.errors import UserError
 from schema.names import PUBLISHED_FILE
@@ -191,7 +191,7 @@ def kits_job(recipe, folder: Path, *, config: ConsortiumConfig) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     recipe.export(str(folder))
     job = folder / recipe.name
-    _run_installed_code(job)
+    run_installed_code(job)
     for path in job.glob("*/config/config_fed_client.json"):
         client = json.loads(path.read_text())
         for executor in client.get("executors", []):

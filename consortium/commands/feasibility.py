@@ -33,7 +33,7 @@ def execute(config_path: Path, protocol_path: Path, options: RunOptions, *, as_j
     options.check()
     config = load_config(config_path)
     check_protocol(config, protocol_path)  # exit 2, before anything is written
-    plan = RunPlan.build(config, options, command="stats")  # one job, sim or poc
+    plan = RunPlan.build(config, options, command="feasibility")  # one job, sim or poc
     check_members(plan.config, as_json=as_json)  # before FLARE starts
     log_path = plan.out / "console.log"
     say = err_console if as_json else console

@@ -31,7 +31,9 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(
             None, "--model", help="models:/<name>/<version> (default: the run's, else the latest registered version)."
         ),
-        tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (default: the run's)."),
+        tracking_uri: str = typer.Option(
+            None, "--tracking-uri", help="MLflow tracking URI (default: the run's, else tracking.uri)."
+        ),
         level: float = typer.Option(0.9, "--level", min=0.5, max=0.999, help="Conformal coverage of the intervals."),
         alert: list[str] = typer.Option(
             [], "--alert", metavar="ENDPOINT>VALUE", help="Flag samples beyond a threshold (repeatable; or <, >=, <=)."
@@ -54,9 +56,13 @@ def register(app: typer.Typer) -> None:
         consortium.member(member)  # a ConfigError naming the members otherwise
         fold = released_fold(run) if run is not None else None  # a run with --folds released its last fold
         scaling_path = scaling or default_scaling(run, member, fold=fold)
-        uri = tracking_uri or (tracking_uri_for(consortium, out=run) if run is not None else None)
+        # the run's store, else the consortium's tracking server (tracking.uri) holding its registry
+        uri = tracking_uri or (tracking_uri_for(consortium, out=run) if run is not None else consortium.tracking.uri)
         if uri is None and (model is None or not model.startswith(("runs:/", "file:", "/"))):
-            raise UserError("give --run RUN_FOLDER or --tracking-uri URI: where the registered model is")
+            raise UserError(
+                "give --run RUN_FOLDER or --tracking-uri URI (or set tracking.uri in consortium.yaml): where the "
+                "registered model is"
+            )
         try:
             model_uri = (
                 model or (run_model(run) if run is not None else None) or latest_model(consortium, tracking_uri=uri)

@@ -125,6 +125,11 @@ def test_one_round_in_the_simulator_gives_the_pandas_counts(tiny_consortium: Pat
     events = [json.loads(line)["event"] for line in (out / "audit.jsonl").read_text().splitlines()]
     assert events[-1] == "feasibility_released" and "job_submitted" in events
     assert verify_log(out / "audit.jsonl").ok
+    before = sorted(p.name for p in out.iterdir())
+    assert main([*args, "--out", str(out)]) != 0  # a folder holds one run: refused, named by its command
+    err = capsys.readouterr().err
+    assert "the results of 'consortium feasibility'" in err and "'consortium feasibility' does not write" in err
+    assert sorted(p.name for p in out.iterdir()) == before
 
 
 @pytest.mark.slow

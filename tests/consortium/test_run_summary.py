@@ -225,3 +225,16 @@ def test_stats_command_prints_symbols_higher_and_lower_apart(config, monkeypatch
     assert lines[up + 1].split()[0] == entries[LONG]["markers"][0]["symbol"]
     assert lines[down + 1].split()[0] == entries[LONG]["markers_down"][0]["symbol"]
     assert "ENSG" not in stream.getvalue()
+
+
+def test_summary_names_the_flare_job_and_a_tracking_servers_address(run):
+    printed = _console_text(run)
+    report = json.loads(run.report_path.read_text())
+    assert f"FLARE job: {report['job_ids'][0]}" in printed or f"FLARE jobs: {', '.join(report['job_ids'])}" in printed
+    assert "mlflow ui --backend-store-uri" in printed  # a file store: the command that opens it
+    served = dict(report, tracking={**report["tracking"], "uri": "http://tracking.example:5000"})
+    stream = io.StringIO()
+    render_summary(
+        served, report_path=run.report_path, markdown_path=run.markdown_path, to=Console(file=stream, width=80)
+    )
+    assert "MLflow: http://tracking.example:5000" in stream.getvalue() and "mlflow ui" not in stream.getvalue()
