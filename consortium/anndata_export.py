@@ -79,7 +79,7 @@ def results_anndata(
     symbols
         Gene symbols by panel feature; default: :func:`panel_symbols`.
     """
-    panel = pd.Index(config.panel_features(), dtype=str)
+    panel = pd.Index(config.model_features(), dtype=str)  # the omics panel, then the clinical inputs
     endpoints = config.endpoints()
     names = [n for n in endpoints if n in released.statistics or n in released.rankings]
     var = pd.DataFrame(index=panel)

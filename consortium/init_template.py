@@ -84,7 +84,15 @@ operator:  # the neutral party running the FLARE server; it holds no data and no
 PANEL = """
 panel:  # the feature panel every member's data is harmonized to
   file: panel.txt  # one feature identifier a line (or 'features: [TP53, EGFR, ...]' instead of 'file')
-{rest}"""
+{rest}  # clinical:                     # obs columns as model inputs, after the panel's (without file/features: alone)
+  #   - column: age
+  #     type: numeric             # standardized with the training split's mean and SD
+  #     range: [18, 100]          # a value outside is a contract error
+  #     missing: indicator        # refuse (default: a missing value is an error) or indicator ('age (missing)')
+  #   - column: sex
+  #     type: categorical
+  #     levels: [F, M]            # one 0/1 input per level ('sex=F', 'sex=M'), the same at every member
+"""
 
 MEMBER = """\
   - name: {name}                  # site name, also the FLARE client name
@@ -119,7 +127,7 @@ def render_template(*, members: int = 2, name: str = "my-consortium") -> str:
     names = [f"pharma-{letter}" for letter in ascii_lowercase[:members]]
     parts = [HEADER.format(name=name, first=names[0])]
     parts.append(_section(Operator, indent=1, values={"org": "Neutral_Operator"}, skip=()))
-    panel_fields = _section(Panel, indent=1, skip=("features", "file"))
+    panel_fields = _section(Panel, indent=1, skip=("features", "file", "clinical"))
     parts.append(PANEL.format(rest=panel_fields))
     parts.append("\ndata:  # what a member's data must satisfy to join a run\n")
     parts.append(_section(DataContract, indent=1))

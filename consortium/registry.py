@@ -43,8 +43,11 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from jobs.site_outputs import SCALING_FILE, read_scaling
 from models.network import SharedModel
+from omics.clinical import encode_clinical, filled
+from omics.errors import ContractError
 from omics.layout import strip_ensembl_versions
 from omics.normalize import MAX_VALUE, TARGET_SUM, log_values, scale_features
+from schema.clinical import ClinicalFeature, input_kinds
 from schema.config import ConsortiumConfig
 
 log = logging.getLogger(__name__)
@@ -67,7 +70,9 @@ def model_spec(config: ConsortiumConfig) -> dict[str, Any]:
     t = config.training
     return {
         "consortium": config.name,
-        "features": list(config.panel_features()),
+        "features": list(config.panel_features()),  # the omics panel, read from the input by identifier
+        "clinical": [c.model_dump(mode="json", exclude_none=True) for c in config.panel.clinical],
+        "inputs": list(config.model_features()),  # the network's inputs: the panel, then the clinical inputs
         "endpoints": list(config.shared_endpoints()),
         "kinds": {name: info["type"] for name, info in config.endpoints().items() if name in config.shared_endpoints()},
         "network": {"trunk_widths": list(t.trunk_widths), "head_width": t.head_width, "dropout": t.dropout},
@@ -94,6 +99,9 @@ def pooled_scaling(sums: Mapping[str, np.ndarray], *, config: ConsortiumConfig) 
     measured = n >= 2
     mean = np.where(measured, total / np.maximum(n, 1), 0.0)
     variance = np.where(measured, (squares - n * mean**2) / np.maximum(n - 1, 1), 1.0)
+    # level and indicator inputs stay 0/1 (the members sent only their n)
+    fixed = len(config.panel_features()) + np.flatnonzero(np.array(input_kinds(config.panel.clinical)) != "numeric")
+    measured[fixed], mean[fixed], variance[fixed] = True, 0.0, 1.0
     targets = {}
     for name in config.shared_endpoints():
         part = f"scaling.target_{name}"
@@ -102,7 +110,7 @@ def pooled_scaling(sums: Mapping[str, np.ndarray], *, config: ConsortiumConfig) 
             target_var = (float(sums[f"{part}.sumsq"].item()) - m * target_mean**2) / (m - 1)
             targets[name] = {"mean": target_mean, "scale": float(np.sqrt(max(target_var, 0.0))) or 1.0}
     return {
-        "features": list(config.panel_features()),
+        "features": list(config.model_features()),
         "measured": measured.tolist(),
         "mean": mean.astype(np.float32).tolist(),
         # CKKS noise may leave a constant feature's variance a hair below 0
@@ -196,7 +204,7 @@ class ConsortiumModel(PythonModel):
         self.spec = json.loads(Path(context.artifacts["spec"]).read_text())
         net = self.spec["network"]
         self.model = SharedModel(
-            len(self.spec["features"]),
+            len(self.spec.get("inputs", self.spec["features"])),
             shared_tasks=self.spec["endpoints"],
             trunk_widths=net["trunk_widths"],
             head_width=net["head_width"],
@@ -209,17 +217,17 @@ class ConsortiumModel(PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         scaling = self.scaling(params)
         features = self.spec["features"]
-        X = panel_values(
-            model_input, features=features, measured=np.asarray(scaling["measured"]), values=scaling["values"]
-        )
+        omics = _first_columns(scaling, len(features))
+        X = panel_values(model_input, features=features, measured=np.asarray(omics["measured"]), values=omics["values"])
         library = None
         if LIBRARY_SIZE in model_input.columns:
             library = model_input[LIBRARY_SIZE].to_numpy(dtype=np.float64)
             if not (np.isfinite(library) & (library > 0)).all():
                 raise ScoringInputError(f"column '{LIBRARY_SIZE}' must be positive total counts per sample")
-        return predict_endpoints(
-            self.model, scaled_input(X, scaling=scaling, library_size=library), spec=self.spec, scaling=scaling
-        ).set_axis(model_input.index)
+        scaled = scaled_input(X, scaling=omics, library_size=library)
+        if self.spec.get("clinical"):
+            scaled = np.hstack([scaled, clinical_input(model_input, spec=self.spec, scaling=scaling)])
+        return predict_endpoints(self.model, scaled, spec=self.spec, scaling=scaling).set_axis(model_input.index)
 
     def scaling(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
         path = str((params or {}).get(SCALING_PARAM) or "")
@@ -233,12 +241,39 @@ class ConsortiumModel(PythonModel):
                 "`consortium score`"
             )
         scaling = read_scaling(path)
-        if list(scaling["features"]) != list(self.spec["features"]):
+        inputs = self.spec.get("inputs", self.spec["features"])
+        if list(scaling["features"]) != list(inputs):
             raise ScoringInputError(
-                f"{path}: its features are not this model's panel ({len(scaling['features'])} vs "
-                f"{len(self.spec['features'])}); use the scaling file of a run of '{self.spec['consortium']}'"
+                f"{path}: its features are not this model's inputs ({len(scaling['features'])} vs "
+                f"{len(inputs)}); use the scaling file of a run of '{self.spec['consortium']}'"
             )
         return scaling
+
+
+def _first_columns(scaling: Mapping[str, Any], count: int) -> dict[str, Any]:
+    """``scaling`` restricted to its first ``count`` features (the omics panel's)."""
+    return {**scaling, **{key: list(scaling[key])[:count] for key in ("features", "measured", "mean", "std")}}
+
+
+def clinical_input(frame: pd.DataFrame, *, spec: Mapping[str, Any], scaling: Mapping[str, Any]) -> np.ndarray:
+    """The clinical inputs of ``frame`` (raw obs columns: ``age``, ``sex``) as the network saw them in
+    training: encoded as declared (:func:`omics.clinical.encode_clinical`), a missing numeric value filled
+    with the scaling's mean, then scaled with it (level and indicator columns stay 0/1).
+
+    Raises
+    ------
+    ScoringInputError
+        A column is absent, or a value breaks its declaration (the message names the column and the fix).
+    """
+    clinical = [ClinicalFeature.model_validate(c) for c in spec["clinical"]]
+    try:
+        block = encode_clinical(frame, clinical, path="model input")
+    except ContractError as exc:
+        raise ScoringInputError(str(exc)) from None
+    start = len(spec["features"])
+    mean = np.asarray(scaling["mean"], dtype=np.float64)[start:]
+    std = np.asarray(scaling["std"], dtype=np.float64)[start:]
+    return scale_features(filled(block, mean=mean), mean=mean, std=std, max_value=float(scaling["max_value"]))
 
 
 def predict_endpoints(
@@ -268,8 +303,11 @@ def signature(config: ConsortiumConfig) -> ModelSignature:
     what is missing; a member's unmeasured features may be absent), and the optional library size;
     outputs: one column per shared endpoint; parameter: the member's scaling file."""
     features = [ColSpec("double", name, required=False) for name in config.panel_features()]
+    clinical = [  # raw obs columns, encoded by the model as declared (panel.clinical)
+        ColSpec("double" if c.type == "numeric" else "string", c.column, required=False) for c in config.panel.clinical
+    ]
     return ModelSignature(
-        inputs=Schema([*features, ColSpec("double", LIBRARY_SIZE, required=False)]),
+        inputs=Schema([*features, *clinical, *[ColSpec("double", LIBRARY_SIZE, required=False)] * bool(features)]),
         outputs=Schema([ColSpec("double", name) for name in config.shared_endpoints()]),
         params=ParamSchema([ParamSpec(SCALING_PARAM, "string", "")]),
     )

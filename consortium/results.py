@@ -159,15 +159,13 @@ def release(results: JobResults, config: ConsortiumConfig, *, client_context: by
         summed = stored.params
     plain = finalize(summed, stored.meta)
     check_plausible(plain, config, records=results.records, aggregate=results.global_model)
-    features = config.panel_features()
-    details = open_statistics(plain, config, features=features)
+    details = open_statistics(plain, config, features=config.panel_features())  # the omics panel only
     statistics = {name: detail.table for name, detail in details.items()}
     rankings = {}
+    inputs = config.model_features()  # the model's inputs: the panel, then the clinical inputs
     for name, values in select(plain, "consensus").items():
         members = np.maximum(np.round(values["members"]), 1.0)
-        rankings[name] = ranking_from_vector(
-            features, values["score"] / members, frequency=values["frequency"] / members
-        )
+        rankings[name] = ranking_from_vector(inputs, values["score"] / members, frequency=values["frequency"] / members)
     state = {k: v for k, v in plain.items() if k.startswith((TRUNK_PREFIX, HEAD_PREFIX))}
     scaling = {k: np.asarray(v, dtype=np.float64) for k, v in plain.items() if k.startswith("scaling.")}
     return Released(

@@ -91,6 +91,12 @@ class RunPlan:
         he = config.privacy.he.enabled if options.he is None else options.he
         if he and options.env == "sim":
             raise PlanError(HE_IN_SIMULATOR)
+        if command == "stats" and not config.panel_features():
+            raise PlanError(
+                f"{config.source or 'consortium.yaml'}: consortium stats tests omics features, and panel declares "
+                "none (only panel.clinical); the clinical inputs are ranked by the model of 'consortium run' (give "
+                "panel.features or panel.file to test omics features)"
+            )
         if command != "run" and (options.resume or options.folds or options.seeds != 1 or options.baselines):
             raise PlanError(
                 f"consortium {command} runs one job: --resume, --folds, --seeds and --baselines do not apply"

@@ -82,24 +82,41 @@ class Scores:
 
 
 def member_input(
-    adata: ad.AnnData, *, layout: MemberLayout, features: Sequence[str], values: str = "counts", path: str = ""
+    adata: ad.AnnData,
+    *,
+    layout: MemberLayout,
+    features: Sequence[str],
+    values: str = "counts",
+    path: str = "",
+    clinical: Sequence[str] = (),
 ) -> pd.DataFrame:
     """A member's file, read in its layout, as the pyfunc model's input: the panel features it holds
-    (by identifier, versions stripped) and each sample's library size over every feature of the file.
+    (by identifier, versions stripped), each sample's library size over every feature of the file, and
+    the ``clinical`` obs columns as they are (the model encodes them as ``panel.clinical`` declares).
 
     Raises
     ------
     ScoringInputError
-        A value is NaN, infinite or, for counts, negative (the message names the feature and sample).
+        A value is NaN, infinite or, for counts, negative (the message names the feature and sample), or a
+        clinical column is absent from obs.
     """
+    absent = [c for c in clinical if c not in adata.obs.columns]
+    if absent:
+        raise ScoringInputError(
+            f"{path or 'member data'}: the model takes the clinical obs column(s) {absent} (panel.clinical), "
+            "which obs lacks; add them to the file's obs"
+        )
     view = apply_layout(adata, layout=layout, path=path)
     X = view.X.toarray() if hasattr(view.X, "toarray") else np.asarray(view.X)
     X = np.asarray(X, dtype=np.float64)
-    refuse_bad_values(X, view.obs_names, features=[str(v) for v in view.var_names], values=values)
+    if len(features):  # a clinical-only model reads no feature of X
+        refuse_bad_values(X, view.obs_names, features=[str(v) for v in view.var_names], values=values)
     present = [f for f in features if f in view.var_names]
     frame = pd.DataFrame(X[:, view.var_names.get_indexer(present)], index=view.obs_names, columns=present)
-    if values == "counts":
+    if values == "counts" and len(features):
         frame[LIBRARY_SIZE] = X.sum(axis=1)
+    for column in clinical:
+        frame[column] = view.obs[column].to_numpy()
     return frame
 
 
@@ -141,6 +158,7 @@ def score_file(
         features=spec["features"],
         path=str(data),
         values=config.data.values,
+        clinical=[c["column"] for c in spec.get("clinical", [])],
     )
     predicted = model.predict(frame, params={SCALING_PARAM: str(scaling)})
     data = load_member(config, member, fold=fold).data

@@ -114,7 +114,7 @@ def log_shared_model(
             {
                 "rounds": report["timing"]["rounds"],
                 "members": len(config.members),
-                "n_features": len(config.panel_features()),
+                "n_features": len(config.model_features()),
                 "trunk_widths": ",".join(map(str, config.training.trunk_widths)),
                 "local_epochs": config.training.local_epochs,
                 "env": report["env"],
@@ -126,7 +126,7 @@ def log_shared_model(
                     value = entry.get(kind)
                     if isinstance(value, float) and np.isfinite(value):
                         mlflow.log_metric(f"{kind}/{task}/{entry['metric']}", float(value))
-        n_features = len(config.panel_features())
+        n_features = len(config.model_features())
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_features))]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, config.training.trunk_widths[-1]))]),

@@ -15,6 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from models.data import MemberData, ScaledRows, TaskSpec
+from omics.clinical import ClinicalBlock
 from omics.contract import ContractRules
 from omics.io import read_member
 from omics.layout import MemberLayout
@@ -50,10 +51,12 @@ class LoadedMember:
     the fixed scaling its samples were normalized with (:func:`omics.prepare.panel_scaling`)."""
 
     data: MemberData
-    log_expression: np.ndarray | sp.csr_matrix  # float32; a sparse member's CSR matrix (also data.X's)
+    log_expression: np.ndarray | sp.csr_matrix  # float32; a sparse member's CSR (data.X's, less clinical inputs)
     measured: np.ndarray
     statistics: StatisticsSamples | None = None
     scaling: dict | None = None
+    clinical: ClinicalBlock | None = None
+    """``panel.clinical``'s inputs as encoded (missing numeric values NaN), for the pooled scaling."""
 
 
 def task_specs(config: ConsortiumConfig, member: str) -> list[TaskSpec]:
@@ -98,7 +101,13 @@ def load_member(config: ConsortiumConfig, member_name: str, *, fold: int | None 
         samples = StatisticsSamples(values, prepared.obs, data.targets, measured)
     else:
         samples = statistics_samples(config, member_name, adata=raw)
-    return LoadedMember(data=data, log_expression=values, measured=measured, statistics=samples, scaling=scaling)
+    clinical = None
+    if "clinical" in prepared.uns:
+        info = prepared.uns["clinical"]
+        clinical = ClinicalBlock(list(info["names"]), list(info["kinds"]), np.asarray(prepared.obsm["clinical"]))
+    return LoadedMember(
+        data=data, log_expression=values, measured=measured, statistics=samples, scaling=scaling, clinical=clinical
+    )
 
 
 def statistics_samples(
@@ -135,21 +144,34 @@ def load_member_data(config: ConsortiumConfig, member_name: str, *, fold: int | 
 
 
 def scaling_pieces(
-    data: MemberData, log_values: np.ndarray, measured: np.ndarray, *, tasks: list[TaskSpec], minimum: int
+    data: MemberData,
+    log_values: np.ndarray,
+    measured: np.ndarray,
+    *,
+    tasks: list[TaskSpec],
+    minimum: int,
+    clinical: ClinicalBlock | None = None,
 ) -> dict[str, np.ndarray]:
     """The training split's n, sum and sum of squares per panel feature (log values, the features the
     member measures) and per shared regression endpoint (labels), keyed ``scaling.<part>.<piece>``:
     summed over the members, they are the consortium's pooled scaling, which the registered model
-    carries for scorers without statistics of their own. Nothing below the small-cell rule (``minimum``)."""
+    carries for scorers without statistics of their own. Nothing below the small-cell rule (``minimum``).
+
+    ``clinical``: the clinical inputs follow the panel's features; a numeric one's pieces count its
+    measured values; a level or indicator column (0/1, never scaled) sends zeros besides its n."""
     train = data.split == "train"
     if train.sum() < minimum:
         return {}
     total, squares = _train_sums(log_values, train)
-    out = {
-        "scaling.features.samples": measured.astype(np.float64) * float(train.sum()),
-        "scaling.features.sum": np.where(measured, total, 0.0),
-        "scaling.features.sumsq": np.where(measured, squares, 0.0),
-    }
+    samples = measured.astype(np.float64) * float(train.sum())
+    total, squares = np.where(measured, total, 0.0), np.where(measured, squares, 0.0)
+    if clinical is not None:
+        values = np.where(clinical.numeric[None, :], clinical.values[train], np.nan)
+        present = ~np.isnan(values)
+        samples = np.concatenate([samples, np.where(clinical.numeric, present.sum(axis=0), float(train.sum()))])
+        total = np.concatenate([total, np.nansum(values, axis=0)])
+        squares = np.concatenate([squares, np.nansum(values**2, axis=0)])
+    out = {"scaling.features.samples": samples, "scaling.features.sum": total, "scaling.features.sumsq": squares}
     for task in tasks:
         labels = data.targets[task.name][train]
         labels = labels[np.isfinite(labels)]

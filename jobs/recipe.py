@@ -69,7 +69,7 @@ def server_model(config: ConsortiumConfig) -> dict[str, Any]:
     return {
         "class_path": "models.network.SharedModel",
         "args": {
-            "n_features": len(config.panel_features()),
+            "n_features": len(config.model_features()),
             "shared_tasks": config.shared_endpoints(),
             "trunk_widths": list(training.trunk_widths),
             "head_width": training.head_width,

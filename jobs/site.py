@@ -119,7 +119,7 @@ class MemberSite:
         self.tasks = member_data.task_specs(config, self.member)
         loaded = member_data.load_member(config, self.member, fold=fold)
         self.data, self.log_expression, self.measured = loaded.data, loaded.log_expression, loaded.measured
-        self.scaling = loaded.scaling
+        self.scaling, self.clinical = loaded.scaling, loaded.clinical
         self.statistics = SiteStatistics(config, self.member, loaded.statistics)
         self.model = MultitaskNet(
             self.data.n_features, self.tasks, **settings.network(config), seed=config.training.seed
@@ -319,7 +319,12 @@ class MemberSite:
     def scaling_sections(self) -> dict[str, np.ndarray]:
         """The pieces of the consortium's pooled scaling (:func:`jobs.member_data.scaling_pieces`)."""
         return member_data.scaling_pieces(
-            self.data, self.log_expression, self.measured, tasks=self.tasks, minimum=self.config.data.min_cell_count
+            self.data,
+            self.log_expression,
+            self.measured,
+            tasks=self.tasks,
+            minimum=self.config.data.min_cell_count,
+            clinical=self.clinical,
         )
 
     def model_info(self) -> dict[str, Any]:

@@ -71,11 +71,13 @@ class SiteStatistics:
         self.cox_last: dict[str, CoxStep] = {}  # the last step taken: step-halving compares with its anchor
         self.weights: dict[str, float] = {}  # member-level precision weights (statistics.member_weights)
         self.weight_steps: dict[str, int] = {}
-        if settings.weight_iterations(config):
+        # a clinical-only consortium has no omics feature to test: no statistics, no Cox fit for them
+        self.omics = samples.log_expression.shape[1] > 0
+        if settings.weight_iterations(config) and self.omics:
             for name, kind in self.kinds.items():
                 if kind != "survival":
                     self.weights[name], self.weight_steps[name] = 1.0, 0
-        if settings.cox_iterations(config):
+        if settings.cox_iterations(config) and self.omics:
             for name, kind in self.kinds.items():
                 if kind == "survival":
                     self.cox_beta[name] = np.zeros(len(design_columns(self.design.spec, kind="survival")))
@@ -129,7 +131,7 @@ class SiteStatistics:
         """``stats.<endpoint>.*``: each endpoint's pieces (of ``endpoints`` only, when given), except those
         below the small-cell rule."""
         out: dict[str, np.ndarray] = {}
-        for name, kind in self.kinds.items():
+        for name, kind in self.kinds.items() if self.omics else ():
             if not self.sends(name) or (endpoints is not None and name not in endpoints):
                 continue
             pieces = site_statistics(

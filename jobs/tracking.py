@@ -39,7 +39,7 @@ def member_params(config: ConsortiumConfig, *, he: bool, rounds: int) -> dict[st
         "batch_size": str(training.batch_size),
         "learning_rate": f"{training.learning_rate:g}",
         "trunk_widths": ",".join(map(str, training.trunk_widths)),
-        "n_features": str(len(config.panel_features())),
+        "n_features": str(len(config.model_features())),
         "aggregation": "fedavg under HE" if he else "fedavg",
         "dp_epsilon": f"{config.privacy.dp.epsilon:g}" if config.privacy.dp.enabled else "off",
     }

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from omics.clinical import check_clinical
 from omics.identifiers import kind_problem
 from omics.labels import LabelError, binary_labels
 from omics.labels import label_counts as label_counts  # re-exported: its callers import it from here
@@ -50,6 +51,8 @@ class ContractRules:
     min_class_count: int = 25
     min_events: int = 25
     min_labeled: int = 50
+    clinical: Sequence[Any] = ()
+    """``panel.clinical``'s features (:class:`schema.clinical.ClinicalFeature`): obs columns as model inputs."""
 
 
 @dataclass
@@ -63,6 +66,8 @@ class ContractReport:
     layout: dict[str, Any] = field(default_factory=dict)
     """What was read (``uns['layout']`` of :func:`omics.layout.apply_layout`): the matrix, the
     identifiers, how many Ensembl version suffixes were stripped, the symbol column."""
+    clinical: list[str] = field(default_factory=list)
+    """The clinical model inputs declared (``panel.clinical``), by name."""
 
     @property
     def fit(self) -> bool:
@@ -83,6 +88,7 @@ class ContractReport:
             "coverage": round(self.coverage, 4),
             "tasks": self.tasks,
             "layout": self.layout,
+            "clinical": self.clinical,
             "findings": [asdict(f) for f in self.findings],
         }
 
@@ -102,7 +108,7 @@ def check_member(
         report = ContractReport(path=str(path), n_samples=adata.n_obs, n_features=adata.n_vars)
         report.error(exc.field, exc.problem, exc.fix)
         return report
-    sources = matrices_with_counts(adata, layout=layout) if rules.values == "counts" else []
+    sources = matrices_with_counts(adata, layout=layout) if rules.values == "counts" and rules.panel else []
     return check_view(view, tasks=tasks, rules=rules, path=path, count_sources=sources, member=layout.member)
 
 
@@ -122,15 +128,22 @@ def check_view(
     names the member there."""
     report = ContractReport(path=str(path), n_samples=adata.n_obs, n_features=adata.n_vars)
     report.layout = dict(adata.uns.get("layout", {}))
-    if adata.n_obs == 0 or adata.n_vars == 0:
+    omics = len(rules.panel) > 0  # a clinical-only consortium declares no omics panel: X is not read
+    if adata.n_obs == 0 or (omics and adata.n_vars == 0):
         report.error(
             "X",
             f"the matrix is empty ({adata.n_obs} samples x {adata.n_vars} features)",
             "export the member's samples and features into the file",
         )
         return report
-    _check_identifiers(adata, rules, report)
-    _check_values(adata, rules, report, count_sources=count_sources, member=member)
+    if omics:
+        _check_identifiers(adata, rules, report)
+        _check_values(adata, rules, report, count_sources=count_sources, member=member)
+    else:
+        report.coverage = 1.0  # nothing to cover
+    report.clinical = [name for feature in rules.clinical for name in feature.input_names()]
+    for field_, problem, fix in check_clinical(adata.obs, rules.clinical):
+        report.error(field_, problem, fix)
     for task in tasks:
         _check_task(adata.obs, task, rules, report)
     _check_split(adata.obs, report)

@@ -32,7 +32,7 @@ def harmonize_to_panel(adata: ad.AnnData, *, panel: Sequence[str], min_coverage:
     panel_index = pd.Index(list(panel), dtype=str)
     names = adata.var_names.astype(str)
     measured = panel_index.isin(names)
-    coverage = float(measured.mean()) if len(panel_index) else 0.0
+    coverage = float(measured.mean()) if len(panel_index) else 1.0  # an empty panel (clinical inputs only)
     if coverage < min_coverage:
         raise ContractError(
             f"the data covers {coverage:.1%} of the {len(panel_index)}-feature panel, below the required "

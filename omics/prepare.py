@@ -11,12 +11,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from omics.clinical import ClinicalBlock, clinical_scaling, encode_clinical, filled
 from omics.contract import ContractRules, check_view
 from omics.errors import ContractError
 from omics.harmonize import harmonize_to_panel
 from omics.labels import binary_labels
 from omics.layout import MemberLayout, apply_layout
-from omics.normalize import normalize
+from omics.normalize import normalize, scale_features
 from omics.pseudobulk import pseudobulk
 from omics.split import assign_folds, assign_split
 
@@ -58,8 +59,43 @@ def prepare_member(
     elif "split" not in work.obs.columns:
         assign_split(work, tasks=tasks, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     # scaling statistics come from the training split only: validation and test samples never shape them
-    normalize(work, values=rules.values, fit_rows=(work.obs["split"].astype(str) == "train").to_numpy())
-    return harmonize_to_panel(work, panel=rules.panel, min_coverage=rules.min_coverage)
+    train = (work.obs["split"].astype(str) == "train").to_numpy()
+    if not rules.panel:  # a clinical-only consortium: the file's features are no input
+        work = work[:, []].copy()
+    normalize(work, values=rules.values, fit_rows=train)
+    prepared = harmonize_to_panel(work, panel=rules.panel, min_coverage=rules.min_coverage)
+    if rules.clinical:
+        add_clinical(prepared, clinical=rules.clinical, fit_rows=train, path=path)
+    return prepared
+
+
+def add_clinical(adata: ad.AnnData, *, clinical: Sequence[Any], fit_rows: np.ndarray, path: str = "") -> None:
+    """Encode ``panel.clinical`` (:func:`omics.clinical.encode_clinical`) into ``obsm['clinical']`` (missing
+    numeric values NaN) and its inputs' names, kinds and training-split ``mean``/``std`` into
+    ``uns['clinical']``; :func:`member_arrays` and :func:`panel_scaling` put them after the omics features."""
+    block = encode_clinical(adata.obs, clinical, path=path)
+    mean, std = clinical_scaling(block, fit_rows=fit_rows)
+    adata.obsm["clinical"] = block.values
+    adata.uns["clinical"] = {
+        "names": block.names,
+        "kinds": block.kinds,
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "missing": {n: int(np.isnan(block.values[:, j]).sum()) for j, n in enumerate(block.names) if block.numeric[j]},
+    }
+    log.info("clinical inputs: %s (fitted on %d training samples)", block.names, int(np.sum(fit_rows)))
+
+
+def clinical_inputs(adata: ad.AnnData) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """A prepared AnnData's clinical inputs, missing values filled with their training mean (unscaled), and
+    ``uns['clinical']``; ``None`` without ``panel.clinical``."""
+    if "clinical" not in adata.uns:
+        return None
+    info = adata.uns["clinical"]
+    block = ClinicalBlock(
+        list(info["names"]), list(info["kinds"]), np.asarray(adata.obsm["clinical"], dtype=np.float64)
+    )
+    return filled(block, mean=np.asarray(info["mean"], dtype=np.float64)), info
 
 
 def task_targets(obs: pd.DataFrame, task: Any) -> np.ndarray:
@@ -79,12 +115,24 @@ def task_targets(obs: pd.DataFrame, task: Any) -> np.ndarray:
 def member_arrays(adata: ad.AnnData, *, tasks: Sequence[Any]) -> dict[str, Any]:
     """Keyword arguments of ``models.data.MemberData`` for a prepared AnnData; a sparse member's ``X`` is
     its CSR log values (``uns['normalization']['scaled']`` False), for ``models.data.ScaledRows``."""
+    X = adata.X if sp.issparse(adata.X) else np.asarray(adata.X, dtype=np.float32)
+    names = [str(x) for x in adata.var_names]
+    clinical = clinical_inputs(adata)
+    if clinical is not None:  # after the omics features; sparse: unscaled, as the log values beside them
+        values, info = clinical
+        names += list(info["names"])
+        if sp.issparse(X):
+            X = sp.hstack([X, sp.csr_matrix(values.astype(np.float32))], format="csr", dtype=np.float32)
+        else:
+            max_value = float(adata.uns["normalization"]["max_value"])
+            scaled = scale_features(values, mean=info["mean"], std=info["std"], max_value=max_value)
+            X = np.hstack([X, scaled]).astype(np.float32, copy=False)
     return {
         # sparse: the CSR log values, which the caller scales per block of rows with panel_scaling
-        "X": adata.X if sp.issparse(adata.X) else np.asarray(adata.X, dtype=np.float32),
+        "X": X,
         "targets": {task.name: task_targets(adata.obs, task) for task in tasks},
         "split": adata.obs["split"].astype(str).to_numpy(),
-        "feature_names": [str(x) for x in adata.var_names],
+        "feature_names": names,
     }
 
 
@@ -96,8 +144,15 @@ def panel_scaling(adata: ad.AnnData) -> dict[str, Any]:
     mean = np.where(measured, adata.var["norm_mean"].to_numpy(dtype=np.float64), 0.0)
     std = np.where(measured, adata.var["norm_std"].to_numpy(dtype=np.float64), 1.0)
     info = adata.uns["normalization"]
+    features = [str(x) for x in adata.var_names]
+    if "clinical" in adata.uns:  # the clinical inputs after the omics features, each measured
+        clinical = adata.uns["clinical"]
+        features += list(clinical["names"])
+        measured = np.concatenate([measured, np.ones(len(clinical["names"]), dtype=bool)])
+        mean = np.concatenate([mean, np.asarray(clinical["mean"], dtype=np.float64)])
+        std = np.concatenate([std, np.asarray(clinical["std"], dtype=np.float64)])
     return {
-        "features": [str(x) for x in adata.var_names],
+        "features": features,
         "measured": measured.tolist(),
         "mean": mean.astype(np.float32).tolist(),
         "std": std.astype(np.float32).tolist(),

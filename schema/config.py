@@ -15,6 +15,7 @@ from typing import Annotated, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from schema.clinical import ClinicalFeature, input_names
 from schema.errors import ConfigError
 from schema.feasibility import Feasibility
 from schema.statistics import Statistics
@@ -52,17 +53,31 @@ class Operator(_Strict):
 
 
 class Panel(_Strict):
-    """The consortium feature panel every member's data is harmonized to."""
+    """The consortium's model inputs: the omics feature panel every member's data is harmonized to, and
+    the clinical obs columns beside it (:mod:`schema.clinical`); either may be absent, not both."""
 
     features: list[str] | None = Field(default=None, description="Feature identifiers, in panel order.")
     file: Path | None = Field(default=None, description="Text file with one feature identifier a line.")
     id_kind: Literal["symbol", "ensembl"] = "symbol"
     min_coverage: float = Field(default=0.8, gt=0.0, le=1.0)
+    clinical: list[ClinicalFeature] = Field(
+        default_factory=list,
+        description="obs columns used as model inputs after the omics features (numeric, or categorical with "
+        "declared levels); with them, 'features' and 'file' may be left out (a clinical-only consortium).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> Panel:
-        if (self.features is None) == (self.file is None):
+        if self.features is not None and self.file is not None:
             raise ValueError("give the panel either 'features' (a list) or 'file' (one identifier a line), not both")
+        if self.features is None and self.file is None and not self.clinical:
+            raise ValueError(
+                "give the panel 'features' (a list), 'file' (one identifier a line) or 'clinical' (obs columns "
+                "as model inputs)"
+            )
+        _no_duplicates([c.column for c in self.clinical], "panel.clinical[].column")
+        if self.features is not None:
+            _no_clash(self.features, input_names(self.clinical), source="panel.features")
         return self
 
 
@@ -304,6 +319,7 @@ class ConsortiumConfig(_Strict):
                     )
                 first.setdefault(task.name, (member.name, task.type))
         _one_time_unit(self.members)
+        _no_endpoint_inputs(self.panel, self.members)
         known = {t.name for m in self.members for t in m.tasks}
         unknown = sorted(set(self.training.task_weights) - known)
         if unknown:
@@ -394,11 +410,43 @@ class ConsortiumConfig(_Strict):
         return [name for name, info in self.endpoints().items() if len(info["members"]) > 1]
 
     def panel_features(self) -> list[str]:
-        return list(self.panel.features) if self.panel.features is not None else _read_panel(self.panel.file)
+        """The omics panel's features, in panel order (empty for a clinical-only consortium): what the
+        association statistics test. The model's inputs are :meth:`model_features`."""
+        if self.panel.features is not None:
+            return list(self.panel.features)
+        return _read_panel(self.panel.file) if self.panel.file is not None else []
+
+    def clinical_features(self) -> list[str]:
+        """The model inputs of ``panel.clinical`` (``age``, ``sex=F``, ``age (missing)``), in order."""
+        return input_names(self.panel.clinical)
+
+    def model_features(self) -> list[str]:
+        """The model's inputs, in the order of its input layer: the omics panel, then the clinical inputs.
+        What rankings, attributions, the scaling record and the registered model name."""
+        omics, clinical = self.panel_features(), self.clinical_features()
+        if self.panel.file is not None:
+            try:
+                _no_clash(omics, clinical, source=f"panel.file '{self.panel.file}'")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        return omics + clinical
 
 
 def _org_hint(member: str) -> str:
     return "".join(part.capitalize() + "_" for part in re.split(r"[-_]", member) if part).rstrip("_")
+
+
+def _no_endpoint_inputs(panel: Panel, members: list[Member]) -> None:
+    """A column an endpoint reads at any member is not a model input: the model would see its labels."""
+    inputs = {c.column for c in panel.clinical}
+    for member in members:
+        for task in member.tasks:
+            taken = sorted(inputs & set(task_columns(task)))
+            if taken:
+                raise ValueError(
+                    f"panel.clinical names '{taken[0]}', which task '{task.name}' of member '{member.name}' reads as "
+                    "its endpoint; a model input cannot be the label it predicts: remove it from panel.clinical"
+                )
 
 
 def _one_time_unit(members: list[Member]) -> None:
@@ -415,6 +463,15 @@ def _one_time_unit(members: list[Member]) -> None:
                 f"endpoint '{name}' has time_unit {declared}; a shared survival endpoint needs one unit: convert "
                 "the follow-up times to one unit and give every member the same time_unit"
             )
+
+
+def _no_clash(omics: list[str], clinical: list[str], *, source: str) -> None:
+    both = sorted(set(omics) & set(clinical))
+    if both:
+        raise ValueError(
+            f"{source} and panel.clinical both name the model inputs {both[:5]}; rename the clinical column in "
+            "the members' obs (and in panel.clinical), or drop the feature from the panel"
+        )
 
 
 def _no_duplicates(names: list[str], field: str) -> None:
@@ -496,6 +553,8 @@ def dump_config(config: ConsortiumConfig, path: Path) -> None:
         member["data"] = _relative(Path(member["data"]), base)
     if "file" in raw["panel"]:
         raw["panel"]["file"] = _relative(Path(raw["panel"]["file"]), base)
+    if not raw["panel"]["clinical"]:  # the default: left out, as the file was written
+        del raw["panel"]["clinical"]
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 

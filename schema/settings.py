@@ -24,6 +24,7 @@ def contract_rules(config: ConsortiumConfig) -> dict[str, Any]:
         "min_class_count": config.data.min_class_count,
         "min_events": config.data.min_events,
         "min_labeled": config.data.min_labeled,
+        "clinical": list(config.panel.clinical),
     }
 
 

@@ -248,6 +248,8 @@ def print_report(report: ContractReport, member: str) -> None:
     )
     if report.layout:
         console.print(Text(_layout_line(report.layout)))
+    if report.clinical:
+        console.print(Text(f"clinical inputs (panel.clinical): {', '.join(report.clinical)}"))
     if report.tasks:
         tasks = Table(title="tasks", show_edge=False)
         for column in ("task", "type", "labelled", "classes / events"):
