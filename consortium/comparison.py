@@ -25,7 +25,7 @@ from jobs import member_data
 from models.baselines import train_local, train_pooled
 from models.classical import fit_classical
 from models.data import MemberData, TaskSpec, pool_members
-from models.metrics import METRICS, primary_metric
+from models.metrics import METRICS, primary_metric, spearman_r
 from models.training import TrainSettings
 from models.uncertainty import (
     bootstrap_metric_values,
@@ -160,6 +160,8 @@ def endpoint_figures(
             figures = within_member_figures(kind, ys, predictions, seed=seed)
             if "members_left_out" in figures:
                 figures["members_left_out"] = [members[i] for i in figures["members_left_out"]]
+            if kind == "regression":
+                figures["spearman_r"] = _within_member_spearman(ys, predictions)
             if len(members) > 1:
                 figures["pooled_samples"] = {
                     a: _metric(kind, np.concatenate(ys), np.concatenate(p)) for a, p in predictions.items()
@@ -208,6 +210,18 @@ def within_member_figures(
                 )
                 figures["difference"][f"federated-{arm}"] = _verdict(diff)
     return figures
+
+
+def _within_member_spearman(ys: Sequence[np.ndarray], predictions: Mapping[str, Sequence[np.ndarray]]) -> dict:
+    """Per arm, Spearman's rank correlation within each member, averaged with weights by its labelled test
+    samples (how well an arm orders a member's samples: ranking candidate sites); no interval."""
+    weights = np.array([np.sum(~np.isnan(np.asarray(y, dtype=np.float64))) for y in ys], dtype=np.float64)
+    out = {}
+    for arm, member_predictions in predictions.items():
+        values = np.array([spearman_r(y, p) for y, p in zip(ys, member_predictions, strict=True)])
+        keep = np.isfinite(values) & (weights > 0)
+        out[arm] = float(np.average(values[keep], weights=weights[keep])) if keep.any() else math.nan
+    return out
 
 
 def _metric(kind: str, y: np.ndarray, prediction: np.ndarray) -> float:

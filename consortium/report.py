@@ -23,7 +23,7 @@ from consortium.report_markdown import render_markdown
 from consortium.statistics_release import data_residency, statistics_entries
 from jobs.published import json_safe
 from models.attribution import precision_at_k
-from models.metrics import primary_metric
+from models.metrics import METRICS, primary_metric
 from omics.layout import with_symbols
 from schema.config import ConsortiumConfig
 from schema.report import Report
@@ -56,6 +56,10 @@ DEFINITIONS = {
         "averaged with weights by its labelled test samples (intervals resampled within members); the C-index "
         "counts pairs within a member only. pooled_samples: AUROC or R2 over all holders' test samples together, "
         "which differences between members alone raise; kept for reference, not a measure of the model"
+    ),
+    "spearman_r / other_metrics": (
+        "a regression endpoint's Spearman rank correlation per arm, within each member and averaged with weights by "
+        "its labelled test samples (no interval); other_metrics: a member's other test figures of the federated model"
     ),
     "symbol": "the gene symbol a member's file gives for the feature (var['gene_symbols']); '' where none is known",
     "statistics": (
@@ -144,6 +148,10 @@ def _members(config: ConsortiumConfig, records: Mapping[str, list[dict]]) -> dic
                 "ci": {"federated": figures.get("ci")},
                 "n_test": figures.get("n"),
             }
+            # the member's other figures on its test split (AUPRC, Pearson and Spearman), federated model
+            others = {k: figures[k] for k in METRICS[task.type] if k != metric and k in figures}
+            if others:
+                tasks[task.name]["other_metrics"] = {"federated": others}
         members[member.name] = {"samples": final.get("samples"), "tasks": tasks}
     return members
 

@@ -1,6 +1,6 @@
 """Metrics per task kind, each on the non-missing labels, and :func:`evaluate` for a model.
 
-The numerics come from scikit-learn (AUROC, average precision, R2), scipy (Pearson) and
+The numerics come from scikit-learn (AUROC, average precision, R2), scipy (Pearson, Spearman) and
 scikit-survival (Harrell's C). Each metric returns ``nan`` when it is undefined on the labels
 given (one class only, fewer than two labels, constant targets, no comparable survival pair) or
 when a prediction for a labelled sample is not finite (a diverged model), so a member with a thin
@@ -13,7 +13,7 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-from scipy.stats import pearsonr
+from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import average_precision_score, r2_score, roc_auc_score
 
 from models.data import MemberData, TaskSpec
@@ -149,9 +149,18 @@ def c_index(survival: np.ndarray, risk: np.ndarray, *, strata: np.ndarray | None
     return (concordant + 0.5 * tied_risk) / comparable
 
 
+def spearman_r(y_true: np.ndarray, prediction: np.ndarray) -> float:
+    """Spearman rank correlation of labels and predictions (:func:`scipy.stats.spearmanr`): how well the
+    predictions order the samples (ranking candidate sites), whatever their scale."""
+    y, p = _observed(y_true, prediction)
+    if y.size < 2 or not _finite(p) or np.ptp(y) == 0 or np.ptp(p) == 0:
+        return float("nan")
+    return float(spearmanr(y, p).statistic)
+
+
 METRICS = {
     "binary": {"auroc": auroc, "auprc": auprc},
-    "regression": {"r2": r2, "pearson_r": pearson_r},
+    "regression": {"r2": r2, "pearson_r": pearson_r, "spearman_r": spearman_r},
     "survival": {"c_index": c_index},
 }
 

@@ -77,47 +77,75 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(
             ..., "--out", help="Folder to write consortium.yaml, the .h5ad files and ground_truth.json."
         ),
+        kind: str = typer.Option(
+            "biomarkers",
+            "--kind",
+            help="biomarkers (omics, planted genes), trial (patients' dropout, planted drivers) or sites "
+            "(sponsors' trial sites, planted enrollment effects); trial and sites are clinical-only members.",
+        ),
         members: int = typer.Option(3, "--members", min=1, max=26, help="Number of members."),
-        sizes: str = typer.Option(None, "--sizes", help="Samples per member, comma-separated (default 300,800,2000)."),
+        sizes: str = typer.Option(
+            None,
+            "--sizes",
+            help="Samples per member, comma-separated (default 300,800,2000; trial 250,700,1400; sites 200,500,1000).",
+        ),
         features: int = typer.Option(2000, "--features", min=96, help="Panel size."),
         seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same consortium."),
-        rounds: int = typer.Option(5, "--rounds", min=1, help="Federated rounds written into consortium.yaml."),
+        rounds: int = typer.Option(
+            None, "--rounds", min=1, help="Federated rounds written into consortium.yaml (default 5; sites 10)."
+        ),
         force: bool = typer.Option(False, "--force", help="Write into a folder that already holds files."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
     ) -> None:
-        """Synthesize a consortium whose true biomarkers are known (written to ground_truth.json)."""
-        counts = _parse_sizes(sizes, members)
+        """Synthesize a consortium whose truth is known (written to ground_truth.json): planted biomarkers,
+        or with --kind trial / sites, planted dropout drivers or enrollment effects."""
+        from consortium.synth_clinical import KINDS
+
+        if kind not in KINDS:
+            raise UserError(f"--kind {kind}: use one of {', '.join(KINDS)}")
+        counts = _parse_sizes(sizes, members, kind=kind)
         check_out_folder(out, force=force)
         progress = Console(stderr=True) if as_json else console  # stdout holds only the JSON
         with progress.status("synthesizing members..."):
             try:
-                config_path = synthesize(out, sizes=counts, n_features=features, seed=seed, rounds=rounds)
+                result = _write(out, kind=kind, sizes=counts, n_features=features, seed=seed, rounds=rounds)
             except OSError as exc:
                 raise UserError(
                     f"--out {out}: cannot write {exc.filename} ({exc.strerror}); choose another folder"
                 ) from None
-        written = [
-            {"name": name, "samples": n, "file": str(out / f"{name}.h5ad")}
-            for name, n in zip([f"pharma-{chr(97 + i)}" for i in range(len(counts))], counts, strict=True)
-        ]
         if as_json:
-            ground_truth = str(out / "ground_truth.json")
-            typer.echo(json.dumps({"config": str(config_path), "ground_truth": ground_truth, "members": written}))
+            typer.echo(json.dumps(result))
             return
         table = Table(title=Text(f"synthetic consortium in {out}"))
-        for column in ("member", "samples", "file"):
+        columns = ("member", "samples", "file", "current") if kind != "biomarkers" else ("member", "samples", "file")
+        for column in columns:
             table.add_column(column)
-        for row in written:
-            table.add_row(row["name"], str(row["samples"]), row["file"])
+        for row in result["members"]:
+            table.add_row(row["name"], str(row["samples"]), *(row[c] for c in columns[2:]))
         console.print(table)
-        console.print(f"config: {config_path}\nground truth: {out / 'ground_truth.json'}")
+        console.print(f"config: {result['config']}\nground truth: {result['ground_truth']}")
 
 
-def _parse_sizes(sizes: str | None, members: int) -> list[int]:
+def _write(out: Path, *, kind: str, sizes: list[int], n_features: int, seed: int, rounds: int | None) -> dict:
+    """Write the consortium of ``kind``; its config, ground truth and members (name, samples, file)."""
+    if kind != "biomarkers":
+        from consortium.synth_clinical import synthesize_clinical
+
+        return synthesize_clinical(out, kind=kind, sizes=sizes, seed=seed, rounds=rounds)
+    config_path = synthesize(out, sizes=sizes, n_features=n_features, seed=seed, rounds=rounds or 5)
+    members = [
+        {"name": name, "samples": n, "file": str(out / f"{name}.h5ad")}
+        for name, n in zip([f"pharma-{chr(97 + i)}" for i in range(len(sizes))], sizes, strict=True)
+    ]
+    return {"config": str(config_path), "ground_truth": str(out / "ground_truth.json"), "members": members}
+
+
+def _parse_sizes(sizes: str | None, members: int, *, kind: str = "biomarkers") -> list[int]:
     if sizes is None:
+        from consortium.synth_clinical import DEFAULT_SIZES as CLINICAL_SIZES
         from omics.synthetic import DEFAULT_SIZES
 
-        default = list(DEFAULT_SIZES)
+        default = list(CLINICAL_SIZES.get(kind, DEFAULT_SIZES))
         return (default * members)[:members] if members != len(default) else default
     try:
         counts = [int(s) for s in sizes.split(",") if s.strip()]

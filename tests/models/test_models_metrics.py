@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from models.data import MemberData, TaskSpec
-from models.metrics import auprc, auroc, c_index, evaluate, pearson_r, primary_metric, r2
+from models.metrics import auprc, auroc, c_index, evaluate, pearson_r, primary_metric, r2, spearman_r
 from models.network import MultitaskNet
 
 
@@ -182,5 +182,14 @@ def test_evaluate_returns_every_metric_and_nan_for_thin_splits(rng):
     result = evaluate(model, data, tasks, split="test")
     assert set(result) == {"b", "r", "s"}
     assert set(result["b"]) == {"auroc", "auprc"} and math.isnan(result["b"]["auroc"])
-    assert set(result["r"]) == {"r2", "pearson_r"} and math.isfinite(result["r"]["pearson_r"])
+    assert set(result["r"]) == {"r2", "pearson_r", "spearman_r"} and math.isfinite(result["r"]["pearson_r"])
     assert 0.0 <= result["s"]["c_index"] <= 1.0
+
+
+def test_spearman_is_the_rank_correlation_on_labelled_samples():
+    """Ranks of [1, 2, 3, 4] against [10, 30, 20, 40]: d = (0, 1, -1, 0), rho = 1 - 6 * 2 / (4 * 15) = 0.8."""
+    y = np.array([1.0, 2.0, np.nan, 3.0, 4.0])
+    prediction = np.array([10.0, 30.0, 99.0, 20.0, 40.0])
+    assert spearman_r(y, prediction) == pytest.approx(0.8, abs=1e-12)
+    assert spearman_r(np.array([1.0, 2.0, 3.0]), np.exp(np.array([1.0, 2.0, 3.0]))) == pytest.approx(1.0)
+    assert math.isnan(spearman_r(np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 2.0])))
