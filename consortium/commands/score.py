@@ -104,14 +104,25 @@ def scores_json(scores) -> dict:
 
 
 def print_scores(scores, *, console: Console, out: Path | None = None, title: str | None = None) -> None:
-    """The scores as a table (the first rows), the alerts and the conformal coverage."""
-    table = Table(title=title or f"scores ({len(scores.table)} samples, model {scores.model_uri})")
-    table.add_column("sample")
-    for column in scores.table.columns:
-        table.add_column(str(column), justify="right")
-    for sample, row in scores.table.head(SHOWN_ROWS).iterrows():
-        table.add_row(str(sample), *(_cell(v) for v in row))
-    console.print(table)
+    """The scores as one small table per endpoint (the first rows: sample ids and endpoint names whole at 80
+    columns), the alerts and the conformal coverage."""
+    shown = scores.table.head(SHOWN_ROWS)
+    n = len(scores.table)
+    console.print(title or f"scores ({n} sample{'' if n == 1 else 's'}, model {scores.model_uri})")
+    for name in scores.endpoints:
+        headers = {name: "prediction", f"{name}_low": "low", f"{name}_high": "high", f"{name}_set": "set"}
+        alerts = [a for a in scores.alerts if a.endpoint == name]
+        headers.update({f"alert {a}": f"alert {str(a).removeprefix(name)}" for a in alerts})
+        columns = [c for c in headers if c in shown.columns]
+        if not columns:
+            continue
+        table = Table(title=name, title_justify="left")
+        table.add_column("sample", no_wrap=True)
+        for column in columns:
+            table.add_column(headers[column], justify="right")
+        for sample, row in shown[columns].iterrows():
+            table.add_row(str(sample), *(_cell(v) for v in row))
+        console.print(table)
     if len(scores.table) > SHOWN_ROWS:
         console.print(f"... {len(scores.table) - SHOWN_ROWS} more samples" + (f" in {out}" if out else ""))
     kinds = ", ".join(f"{k}: {_unit(v)}" for k, v in scores.endpoints.items())

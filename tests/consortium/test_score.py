@@ -207,3 +207,42 @@ def _ping(port: int) -> bool:
             return response.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return False
+
+
+def test_the_scores_table_shows_sample_ids_and_endpoint_names_whole_at_80_columns():
+    import io
+    from types import SimpleNamespace
+
+    from consortium.commands.score import print_scores
+    from consortium.console import Console
+    from consortium.scoring import parse_alert
+
+    long_rate, long_flag = "patients_enrolled_per_month", "site_never_enrolls_a_patient"
+    alert = parse_alert(f"{long_flag}>0.5", endpoints=[long_rate, long_flag])
+    sample = "sponsor-alpha-candidate-site-000017"
+    table = pd.DataFrame(
+        {
+            long_rate: [0.23],
+            f"{long_rate}_low": [-0.4],
+            f"{long_rate}_high": [0.87],
+            long_flag: [0.62],
+            f"{long_flag}_set": ["0,1"],
+            f"alert {alert}": [True],
+        },
+        index=[sample],
+    )
+    scores = SimpleNamespace(
+        table=table,
+        model_uri="models:/c/1",
+        endpoints={long_rate: "regression", long_flag: "binary"},
+        alerts=[alert],
+        coverage={},
+        calibration={},
+    )
+    stream = io.StringIO()
+    print_scores(scores, console=Console(file=stream, width=80))
+    printed = stream.getvalue()
+    tables = [line for line in printed.splitlines() if line[:1] in "┏┃┡│└"]  # text lines stay whole when piped
+    assert tables and max(len(line) for line in tables) <= 80
+    assert printed.count(sample) == 2 and "…" not in printed
+    assert long_rate in printed and long_flag in printed and "alert >0.5" in printed
