@@ -114,12 +114,20 @@ def updates_received(folder: Path, site: str) -> int:
     return 0
 
 
-def console_script(args: list[str], *, timeout: float, **options: Any) -> subprocess.CompletedProcess:
-    """``consortium ARGS`` through the installed console script, stdout and stderr piped (not a terminal);
-    a process that does not exit within ``timeout`` seconds fails the test."""
+def console_script(
+    args: list[str], *, timeout: float, prefix: list[str] = (), **options: Any
+) -> subprocess.CompletedProcess:
+    """``consortium ARGS`` through the installed console script, stdout and stderr piped (not a terminal),
+    after ``prefix`` (``ip netns exec NS``: on another host, tests/netns.py); a process that does not exit
+    within ``timeout`` seconds fails the test."""
     script = Path(sys.executable).with_name("consortium")
     return subprocess.run(
-        [str(script), *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, **options
+        [*prefix, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        **options,
     )
 
 
@@ -138,13 +146,14 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def start_site(kit: Path, *, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_site(kit: Path, *, env: dict[str, str] | None = None, prefix: list[str] = ()) -> subprocess.Popen:
     """Start a site from its own kit, as its operator would: ``startup/sub_start.sh`` (it runs ``python3``
-    from PATH, so this interpreter's folder goes first)."""
+    from PATH, so this interpreter's folder goes first), after ``prefix`` (``ip netns exec NS``: on another
+    host, tests/netns.py)."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     log = open(kit / "console.txt", "wb")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
-        ["bash", str(kit / "startup" / "sub_start.sh")],
+        [*prefix, "bash", str(kit / "startup" / "sub_start.sh")],
         cwd=kit,
         env={**os.environ, "PATH": path, **(env or {})},
         stdout=log,
@@ -190,11 +199,13 @@ def stop_job_processes(kits: Path) -> None:
         time.sleep(1)
 
 
-def listening(port: int) -> bool:
-    """Whether a process on this machine listens on ``port`` (read from /proc: no connection is made)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+def listening(port: int, *, pid: int | None = None) -> bool:
+    """Whether a process on this machine listens on ``port`` (read from /proc: no connection is made); with
+    ``pid``, in that process's network namespace."""
+    net = Path("/proc") / (str(pid) if pid else "self") / "net"
+    for table in (net / "tcp", net / "tcp6"):
         with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
+            for line in table.read_text().splitlines()[1:]:
                 local, state = line.split()[1], line.split()[3]
                 if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
                     return True
@@ -317,3 +328,25 @@ def binary_statistics(features: list[str], *, measured: int = 30, seed: int = 0)
         "members": kept.astype(float),
     }
     return endpoint_statistics(summed, kind="binary", spec=DesignSpec(formula="~ endpoint"), feature_names=features)
+
+
+def run_notebook(notebook: Path, out: Path, **parameters: Any) -> dict[str, Any]:
+    """Execute ``notebook`` with papermill (``parameters`` injected) into ``out``; returns its errors, the
+    text it printed and the number of PNG images it showed."""
+    import papermill
+
+    executed = papermill.execute_notebook(
+        str(notebook),
+        str(out),
+        parameters=parameters,
+        cwd=str(notebook.parent),
+        kernel_name="python3",
+        progress_bar=False,
+    )
+    outputs = [o for cell in executed.cells if cell.cell_type == "code" for o in cell.outputs]
+    return {
+        "errors": [o for o in outputs if o.output_type == "error"],
+        "text": "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+        + "".join(o.get("data", {}).get("text/plain", "") for o in outputs if o.output_type == "display_data"),
+        "images": sum("image/png" in o.get("data", {}) for o in outputs),
+    }

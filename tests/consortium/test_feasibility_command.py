@@ -15,7 +15,7 @@ import pytest
 from consortium.audit import verify_log
 from consortium.cli import main
 from schema.config import load_config
-from tests.helpers import relocated_config
+from tests.helpers import relocated_config, run_notebook
 
 PROTOCOL = """
 name: older-adults
@@ -125,6 +125,9 @@ def test_one_round_in_the_simulator_gives_the_pandas_counts(tiny_consortium: Pat
     events = [json.loads(line)["event"] for line in (out / "audit.jsonl").read_text().splitlines()]
     assert events[-1] == "feasibility_released" and "job_submitted" in events
     assert verify_log(out / "audit.jsonl").ok
+    notebook = Path(__file__).resolve().parents[2] / "notebooks" / "use_cases.ipynb"
+    shown = run_notebook(notebook, tmp_path / "use_cases.ipynb", feasibility_dir=str(out))
+    assert not shown["errors"] and shown["images"] == 2 and "after very old" in shown["text"]
     before = sorted(p.name for p in out.iterdir())
     assert main([*args, "--out", str(out)]) != 0  # a folder holds one run: refused, named by its command
     err = capsys.readouterr().err

@@ -15,6 +15,9 @@ import pytest
 from consortium.cli import main
 from consortium.use_case_truth import dropout_against_truth, load_json, scores_against_truth, sites_against_truth
 from schema.config import load_config
+from tests.helpers import run_notebook
+
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "use_cases.ipynb"
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +64,9 @@ def test_dropout_risk_federated_matches_pooled_beats_local_for_the_smallest_and_
     assert scores_against_truth(tmp_path / "at_risk.csv", truth, member="trial-a", column="dropout")["spearman"] > 0.6
     alert = [c for c in scores.columns if c.startswith("alert")]
     assert alert and 0 < scores[alert[0]].astype(bool).sum() < len(scores)
+    shown = run_notebook(NOTEBOOK, tmp_path / "use_cases.ipynb", trial_dir=str(tmp_path))
+    assert not shown["errors"] and "5 of 5 planted drivers in the top 8" in shown["text"]
+    assert "no sites_dir given" in shown["text"] and "current patients: Spearman" in shown["text"]
 
 
 def test_site_selection_ranks_held_out_and_candidate_sites_by_their_true_rate(tmp_path: Path):
@@ -76,3 +82,5 @@ def test_site_selection_ranks_held_out_and_candidate_sites_by_their_true_rate(tm
     _score(config, run, "sponsor-a", tmp_path / "candidates.csv")
     ranked = scores_against_truth(tmp_path / "candidates.csv", truth, member="sponsor-a", column="enrolled_per_month")
     assert ranked["spearman"] > 0.6 and ranked["n"] == 50
+    shown = run_notebook(NOTEBOOK, tmp_path / "use_cases.ipynb", sites_dir=str(tmp_path))
+    assert not shown["errors"] and shown["images"] == 1 and "Spearman, predicted vs true rate" in shown["text"]
