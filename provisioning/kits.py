@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from nvflare.apis.fl_constant import ConfigVarName
 from nvflare.lighter.constants import CtxKey
 from nvflare.lighter.prov_utils import prepare_builders
 from nvflare.lighter.provision import prepare_project
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 PROJECT_FILE = "project.yml"
 CA_STATE_DIR = "_ca"
 OPERATOR_SUFFIX = ".operator"
+SERVER_START = Path("startup") / "sub_start.sh"
+SERVER_SETTINGS = "--set secure_train=true"  # where NVFlare 2.9's server start script lists its settings
 
 
 @dataclass
@@ -116,6 +119,7 @@ def provision(config: ConsortiumConfig, *, out: Path) -> ProvisionResult:
                 shutil.move(str(kit), final / kit.name)
         shutil.copytree(_state_dir(staging / "nvflare", project), final / CA_STATE_DIR)
         _write_policies(final, config, [m.name for m in config.members], server=True, location=out)
+        bound_outcome_wait(final / config.operator.host, seconds=config.training.round_deadline)
         _write_project_file(final / PROJECT_FILE, project)
         if out.exists():
             out.rmdir()
@@ -165,6 +169,25 @@ def add_member(config: ConsortiumConfig, *, kits: Path, member: str) -> Provisio
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("added member %s to %s", member, kits)
     return _result(config, kits, members=[new.name], with_operator=False)
+
+
+def bound_outcome_wait(server_kit: Path, *, seconds: float) -> Path:
+    """Make the server end a job at most ``seconds`` after its own part ended when a member never reports
+    that it ended the job (its link went down mid-run): NVFlare 2.9 keeps such a job RUNNING for its
+    ``client_outcome_wait_timeout`` (900 s), far past what a run waits for a job, even when the rounds went
+    on without that member (``training.min_members``); then it finishes the job with the server's outcome.
+    The server reads the setting from its start command (``--set``) or its environment; it goes into the
+    kit's start script. Returns the script."""
+    script = server_kit / SERVER_START
+    text = script.read_text()
+    if SERVER_SETTINGS not in text:
+        raise ProvisioningError(
+            f"{script}: no '{SERVER_SETTINGS}' in the server's start script; the NVFlare version differs from "
+            "the pinned one (setup.cfg): install the pinned version and provision again"
+        )
+    setting = f"{ConfigVarName.CLIENT_OUTCOME_WAIT_TIMEOUT}={seconds:g}"
+    script.write_text(text.replace(SERVER_SETTINGS, f"{SERVER_SETTINGS} {setting}", 1))
+    return script
 
 
 def _run_nvflare(project: dict, *, workspace: Path, ca_state: Path | None) -> Path:

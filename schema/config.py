@@ -210,7 +210,10 @@ class Training(_Strict):
         default=None, ge=1, description="Members whose update a round needs; the others may drop out (default: all)."
     )
     round_deadline: float = Field(
-        default=600.0, gt=0.0, description="Seconds a round waits for the members beyond min_members before going on."
+        default=600.0,
+        gt=0.0,
+        description="Seconds a round waits for the members beyond min_members before going on; on provisioned kits "
+        "also how long the server waits, after the last round, for a silent member to report the job's end.",
     )
 
     @field_validator("trunk_widths")

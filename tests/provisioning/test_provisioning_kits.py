@@ -1,5 +1,6 @@
 import hashlib
 import json
+import shlex
 import ssl
 import subprocess
 
@@ -177,3 +178,18 @@ def test_the_server_kit_logs_refused_tls_connections_and_the_members_do_not_run_
     assert isinstance(instantiate_class(component["path"], component["args"]), LogRefusedConnections)
     for member in ("pharma-a", "pharma-b"):
         assert TLS_REFUSAL_LOG_PATH not in (kits / member / "local/resources.json").read_text()
+
+
+def test_the_server_stops_waiting_for_a_silent_members_end_of_job_after_a_round_deadline(kits, config):
+    """A member whose link went down never reports that it ended the job: NVFlare's server would keep the job
+    RUNNING 900 s for it; the kit's start command bounds that by training.round_deadline (the whole case across
+    hosts: tests/provisioning/test_separate_hosts.py)."""
+    from nvflare.fuel.utils.argument_utils import parse_vars
+
+    def settings(site: str) -> dict:
+        script = (kits / site / "startup" / "sub_start.sh").read_text().splitlines()
+        words = shlex.split(next(line for line in script if "python3 -u -m nvflare" in line))
+        return parse_vars(words[words.index("--set") + 1 :])
+
+    assert settings("localhost")["client_outcome_wait_timeout"] == config.training.round_deadline == 600
+    assert "client_outcome_wait_timeout" not in settings("pharma-a")
