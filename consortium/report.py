@@ -59,7 +59,8 @@ DEFINITIONS = {
     ),
     "spearman_r / other_metrics": (
         "a regression endpoint's Spearman rank correlation per arm, within each member and averaged with weights by "
-        "its labelled test samples (no interval); other_metrics: a member's other test figures of the federated model"
+        "its labelled test samples (no interval); other_metrics: a member's other test figures of the federated model "
+        "(binary: AUPRC, Brier score, calibration slope, observed minus predicted event rate)"
     ),
     "symbol": "the gene symbol a member's file gives for the feature (var['gene_symbols']); '' where none is known",
     "statistics": (
@@ -148,7 +149,7 @@ def _members(config: ConsortiumConfig, records: Mapping[str, list[dict]]) -> dic
                 "ci": {"federated": figures.get("ci")},
                 "n_test": figures.get("n"),
             }
-            # the member's other figures on its test split (AUPRC, Pearson and Spearman), federated model
+            # the member's other figures on its test split (AUPRC, calibration, Pearson, Spearman), federated model
             others = {k: figures[k] for k in METRICS[task.type] if k != metric and k in figures}
             if others:
                 tasks[task.name]["other_metrics"] = {"federated": others}

@@ -105,6 +105,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         ],
     ]
     lines += _member_tables(report)
+    lines += _calibration_table(report)
     lines += _endpoint_table(report)
     lines += _gains_and_losses(report)
     lines += _seeds(report)
@@ -155,6 +156,32 @@ def _member_tables(report: Mapping[str, Any]) -> list[str]:
                     f"| {member} | {task} | " + " | ".join(_diff(diff.get(f"federated-{a}")) for a in compared) + " |"
                 )
     return lines
+
+
+CALIBRATION = ("brier", "calibration_slope", "calibration_in_the_large")
+
+
+def _calibration_table(report: Mapping[str, Any]) -> list[str]:
+    """The federated model's calibration on each member's test split, for its binary endpoints."""
+    rows = []
+    for member, info in report["members"].items():
+        for task, t in info["tasks"].items():
+            figures = (t.get("other_metrics") or {}).get("federated") or {}
+            if any(k in figures for k in CALIBRATION):
+                rows.append(f"| {member} | {task} | " + " | ".join(fmt(figures.get(k)) for k in CALIBRATION) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        "## Calibration of the federated model's probabilities (binary endpoints, test split)",
+        "",
+        "Brier score (lower is better); calibration slope (1: calibrated, below 1: too extreme); observed minus "
+        "predicted event rate (0: right on average).",
+        "",
+        "| member | endpoint | Brier | calibration slope | observed - predicted rate |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def _endpoint_table(report: Mapping[str, Any]) -> list[str]:

@@ -69,6 +69,11 @@ def dropout_against_truth(report: Mapping[str, Any], truth: Mapping[str, Any]) -
         "c_index_within_members": _arms(endpoint),
         "smallest_member": {"member": smallest, "patients": sizes[smallest], **_arms(small)},
         "drivers": recovered,
+        # the federated model's calibration of discontinued on each member's test split (Brier, slope, in the large)
+        "calibration": {
+            member: (info["tasks"].get("discontinued", {}).get("other_metrics") or {}).get("federated", {})
+            for member, info in report["members"].items()
+        },
         "checks": {
             "federated_at_least_pooled_minus_0.02": bool(endpoint["federated"] >= endpoint["pooled"] - MARGIN),
             "smallest_member_federated_above_local": bool(small["federated"] > small["local"]),

@@ -1,20 +1,22 @@
 """Metrics per task kind, each on the non-missing labels, and :func:`evaluate` for a model.
 
-The numerics come from scikit-learn (AUROC, average precision, R2), scipy (Pearson, Spearman) and
-scikit-survival (Harrell's C). Each metric returns ``nan`` when it is undefined on the labels
-given (one class only, fewer than two labels, constant targets, no comparable survival pair) or
-when a prediction for a labelled sample is not finite (a diverged model), so a member with a thin
-split gets ``nan`` rather than an exception.
+The numerics come from scikit-learn (AUROC, average precision, R2, Brier), scipy (Pearson, Spearman),
+statsmodels (the calibration slope) and scikit-survival (Harrell's C); a binary prediction is a logit.
+Each metric returns ``nan`` when it is undefined on the labels given (one class only, fewer than two
+labels, constant targets, no comparable survival pair) or when a prediction for a labelled sample is not
+finite (a diverged model), so a member with a thin split gets ``nan`` rather than an exception.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.special import expit
 from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import average_precision_score, r2_score, roc_auc_score
+from sklearn.metrics import average_precision_score, brier_score_loss, r2_score, roc_auc_score
 
 from models.data import MemberData, TaskSpec
 from models.network import MultitaskNet
@@ -158,8 +160,61 @@ def spearman_r(y_true: np.ndarray, prediction: np.ndarray) -> float:
     return float(spearmanr(y, p).statistic)
 
 
+MIN_CALIBRATION_LABELS = 20
+"""Fewer labelled samples (or fewer than 5 of a class) give no calibration slope: the fit would be noise."""
+
+
+def brier(y_true: np.ndarray, logit: np.ndarray) -> float:
+    """Brier score of the predicted probabilities ``sigmoid(logit)`` (:func:`sklearn.metrics.brier_score_loss`):
+    the mean squared distance to the 0/1 labels, lower is better (0.25 for a constant 0.5)."""
+    y, s = _observed(y_true, logit)
+    if y.size == 0 or not _finite(s):
+        return float("nan")
+    return float(brier_score_loss(y == 1, expit(s)))
+
+
+def calibration_in_the_large(y_true: np.ndarray, logit: np.ndarray) -> float:
+    """Observed minus predicted event rate (``mean(y) - mean(sigmoid(logit))``): 0 when the model's
+    probabilities are right on average; positive when it under-predicts."""
+    y, s = _observed(y_true, logit)
+    if y.size == 0 or not _finite(s):
+        return float("nan")
+    return float(np.mean(y == 1) - np.mean(expit(s)))
+
+
+def calibration_slope(y_true: np.ndarray, logit: np.ndarray) -> float:
+    """The slope of the logistic recalibration ``logit P(y=1) = a + b * logit`` (statsmodels ``Logit``,
+    unpenalized): 1 for calibrated probabilities, below 1 when they are too extreme (overfitting), above 1
+    when too timid. ``nan`` with fewer than :data:`MIN_CALIBRATION_LABELS` labels, fewer than 5 of a class,
+    or a fit that does not converge (the labels separated by the logit)."""
+    import statsmodels.api as sm  # imported where used: a member without a binary endpoint never loads it
+    from statsmodels.tools.sm_exceptions import PerfectSeparationError, PerfectSeparationWarning
+
+    y, s = _observed(y_true, logit)
+    positives = int((y == 1).sum())
+    if y.size < MIN_CALIBRATION_LABELS or min(positives, y.size - positives) < 5 or not _finite(s):
+        return float("nan")
+    if np.ptp(s) == 0:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerfectSeparationWarning)
+        try:
+            fit = sm.Logit((y == 1).astype(float), sm.add_constant(s, has_constant="add")).fit(disp=0, maxiter=100)
+        except (PerfectSeparationError, PerfectSeparationWarning, np.linalg.LinAlgError):
+            return float("nan")
+    if not fit.mle_retvals.get("converged", False):
+        return float("nan")
+    return float(fit.params[1])
+
+
 METRICS = {
-    "binary": {"auroc": auroc, "auprc": auprc},
+    "binary": {
+        "auroc": auroc,
+        "auprc": auprc,
+        "brier": brier,
+        "calibration_slope": calibration_slope,
+        "calibration_in_the_large": calibration_in_the_large,
+    },
     "regression": {"r2": r2, "pearson_r": pearson_r, "spearman_r": spearman_r},
     "survival": {"c_index": c_index},
 }

@@ -81,3 +81,16 @@ def test_verdict(diff, word):
 def test_with_ci_formats_missing_and_signed_values():
     assert with_ci(None, [0.1, 0.2]) == "n/a" and with_ci(float("nan"), None) == "n/a"
     assert with_ci(0.5, None) == "0.500" and with_ci(0.05, [-0.01, 0.1], sign=True) == "+0.050 [-0.010, 0.100]"
+
+
+def test_calibration_of_binary_endpoints_has_its_own_table():
+    report = _report(0.1, [0.02, 0.2])
+    assert "## Calibration" not in render_markdown(report)  # no calibration figures: no empty table
+    task = report["members"]["pharma-a"]["tasks"]["a_response"]
+    task["other_metrics"] = {
+        "federated": {"auprc": 0.7, "brier": 0.1812, "calibration_slope": 0.734, "calibration_in_the_large": -0.021}
+    }
+    markdown = render_markdown(report)
+    assert "## Calibration of the federated model's probabilities" in markdown
+    assert "| pharma-a | a_response | 0.181 | 0.734 | -0.021 |" in markdown
+    assert "| pharma-b | b_response |" not in markdown.split("## Calibration")[1].split("##")[0]

@@ -54,6 +54,8 @@ def test_dropout_risk_federated_matches_pooled_beats_local_for_the_smallest_and_
         "smallest_member_federated_above_local": True,
         "drivers_in_top_8": True,
     }, json.dumps(result, indent=1)
+    for member, figures in result["calibration"].items():  # the probabilities of discontinuing, calibrated
+        assert 0.0 < figures["brier"] < 0.25 and 0.5 < figures["calibration_slope"] < 2.0, (member, figures)
     within = result["c_index_within_members"]
     low, high = within["ci"]["federated"]
     assert within["federated"] > 0.7 and low < within["federated"] < high

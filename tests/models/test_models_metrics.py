@@ -181,7 +181,8 @@ def test_evaluate_returns_every_metric_and_nan_for_thin_splits(rng):
     model = MultitaskNet(5, tasks, trunk_widths=(8,), head_width=0, dropout=0.0, seed=0)
     result = evaluate(model, data, tasks, split="test")
     assert set(result) == {"b", "r", "s"}
-    assert set(result["b"]) == {"auroc", "auprc"} and math.isnan(result["b"]["auroc"])
+    binary = {"auroc", "auprc", "brier", "calibration_slope", "calibration_in_the_large"}
+    assert set(result["b"]) == binary and math.isnan(result["b"]["auroc"])
     assert set(result["r"]) == {"r2", "pearson_r", "spearman_r"} and math.isfinite(result["r"]["pearson_r"])
     assert 0.0 <= result["s"]["c_index"] <= 1.0
 
@@ -193,3 +194,24 @@ def test_spearman_is_the_rank_correlation_on_labelled_samples():
     assert spearman_r(y, prediction) == pytest.approx(0.8, abs=1e-12)
     assert spearman_r(np.array([1.0, 2.0, 3.0]), np.exp(np.array([1.0, 2.0, 3.0]))) == pytest.approx(1.0)
     assert math.isnan(spearman_r(np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 2.0])))
+
+
+def test_calibration_of_binary_probabilities_on_simulated_labels():
+    from scipy.special import expit
+    from sklearn.metrics import brier_score_loss
+
+    from models.metrics import brier, calibration_in_the_large, calibration_slope
+
+    rng = np.random.default_rng(3)
+    logit = rng.normal(scale=1.5, size=20_000)
+    y = (rng.random(logit.size) < expit(logit)).astype(float)  # labels drawn from the model's own probabilities
+    assert abs(calibration_slope(y, logit) - 1.0) < 0.05
+    assert abs(calibration_in_the_large(y, logit)) < 0.01
+    assert calibration_slope(y, 2.0 * logit) == pytest.approx(0.5, abs=0.03)  # too extreme: slope below 1
+    assert calibration_in_the_large(y, logit - 1.0) > 0.1  # under-predicts the event rate
+    assert brier(y, logit) == pytest.approx(brier_score_loss(y, expit(logit)))
+    y[:10] = np.nan  # unlabelled samples are skipped, as by every metric
+    assert np.isfinite(calibration_slope(y, logit))
+    assert np.isnan(calibration_slope(y[:25], logit[:25]))  # 15 labels: too few for a slope
+    separated = np.r_[np.zeros(20), np.ones(20)]
+    assert np.isnan(calibration_slope(separated, np.r_[-np.ones(20), np.ones(20)]))  # no finite fit
