@@ -116,7 +116,7 @@ def check(
     if as_json:
         typer.echo(json.dumps({**report.to_dict(), "hints": [hint] if hint else []}, indent=2))
     else:
-        print_report(report, member)
+        print_report(report, member, omics=bool(cfg.panel_features()))
         if hint:
             console.print(Text(hint, style="yellow"))
     raise typer.Exit(0 if report.fit else 1)
@@ -239,11 +239,17 @@ def folds_hint(test_cases: dict[str, tuple[int, str]], *, member: str) -> str | 
     )
 
 
-def print_report(report: ContractReport, member: str) -> None:
+def print_report(report: ContractReport, member: str, *, omics: bool = True) -> None:
+    """The contract report of ``member``'s file; ``omics`` False: the consortium has no omics panel
+    (clinical inputs only), so the file's features and coverage are not part of the check."""
     verdict = "[green]fit to join[/]" if report.fit else "[red]NOT fit to join[/]"
+    measured = (
+        f" x {report.n_features} features, panel coverage {report.coverage:.1%}"
+        if omics
+        else ", clinical inputs only (no omics panel)"
+    )
     console.print(
-        f"[bold]{escape(member)}[/] ({escape(report.path)}): {report.n_samples} samples x {report.n_features} "
-        f"features, panel coverage {report.coverage:.1%}: {verdict}",
+        f"[bold]{escape(member)}[/] ({escape(report.path)}): {report.n_samples} samples{measured}: {verdict}",
         highlight=False,
     )
     if report.layout:

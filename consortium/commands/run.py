@@ -78,7 +78,7 @@ def check_members(config: ConsortiumConfig, *, as_json: bool = False, folds: int
         typer.echo(json.dumps({"started": False, "fit": False, "unfit": unfit, "members": members}, indent=2))
     else:
         for name in unfit:
-            print_report(reports[name], name)
+            print_report(reports[name], name, omics=bool(config.panel_features()))
     source = config.source or "consortium.yaml"
     raise DataNotFit(
         f"run not started: the data of {', '.join(repr(n) for n in unfit)} does not meet the consortium contract "

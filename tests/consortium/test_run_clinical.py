@@ -142,6 +142,14 @@ def test_a_clinical_only_run_trains_ranks_and_scores(consortium, tmp_path, capsy
     assert "consortium stats tests omics features, and panel declares none" in capsys.readouterr().err
 
 
+def test_data_check_of_a_clinical_only_member_says_so(consortium, capsys):
+    assert main(["data", "check", "--config", str(consortium["alone"]), "--member", "pharma-a"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "120 samples, clinical inputs only (no omics panel): fit to join" in first and "coverage" not in first
+    assert main(["data", "check", "--config", str(consortium["both"]), "--member", "pharma-a"]) == 0
+    assert "120 samples x 120 features, panel coverage 100.0%" in capsys.readouterr().out
+
+
 def test_init_template_shows_clinical_inputs_commented_and_they_load(tmp_path):
     path = tmp_path / "consortium.yaml"
     assert main(["init", "--out", str(path)]) == 0
