@@ -28,6 +28,7 @@ import torch
 from nvflare.client.tracking import MLflowWriter
 
 from jobs.flare_tuning import shorten_result_polling
+from jobs.process_memory import return_freed_arrays
 from jobs.site import MemberSite, serve
 from jobs.site_feasibility import FeasibilitySite
 from jobs.site_outputs import SiteOutputs, site_folder
@@ -77,6 +78,7 @@ def outputs_root(arg: Path | None, *, job_id: str) -> Path:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     shorten_result_polling()
+    return_freed_arrays()  # arrays a member frees leave its resident memory (training excepted)
     flare.init()
     site_name = flare.get_site_name()
     config = load_config(config_path(args.config))

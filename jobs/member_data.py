@@ -32,6 +32,8 @@ from schema.config import ConsortiumConfig, task_columns
 
 log = logging.getLogger(__name__)
 
+_DENSE_BLOCK_VALUES = 2**22  # values of a dense member's rows summed at a time (scaling pieces)
+
 
 @dataclass
 class StatisticsSamples:
@@ -51,7 +53,7 @@ class LoadedMember:
     the fixed scaling its samples were normalized with (:func:`omics.prepare.panel_scaling`)."""
 
     data: MemberData
-    log_expression: np.ndarray | sp.csr_matrix  # float32; a sparse member's CSR (data.X's, less clinical inputs)
+    log_expression: np.ndarray | sp.csr_matrix  # float32, data.X's matrix (dense or CSR) less the clinical inputs
     measured: np.ndarray
     statistics: StatisticsSamples | None = None
     scaling: dict | None = None
@@ -77,9 +79,11 @@ def load_member(config: ConsortiumConfig, member_name: str, *, fold: int | None 
         The file is unreadable or breaks the contract.
     """
     member = config.member(member_name)
-    raw = read_member(member.data)  # read once: the pseudobulk samples below are summed from it too
+    # read once: a single-cell member's pseudobulk samples are summed from the file as read; any other
+    # member's counts are not held past their normalization
+    raw = read_member(member.data) if member.sample_column is not None else None
     prepared = prepare_member(
-        raw,
+        read_member(member.data) if raw is None else raw,
         tasks=member.tasks,
         rules=ContractRules(**settings.contract_rules(config)),
         val_fraction=config.data.val_fraction,
@@ -90,13 +94,16 @@ def load_member(config: ConsortiumConfig, member_name: str, *, fold: int | None 
         layout=MemberLayout(**settings.member_layout(config, member_name)),
         path=str(member.data),
     )
-    arrays = member_arrays(prepared, tasks=member.tasks)
+    # the log values, scaled per block of rows as they are read (never as a whole): the network and the
+    # statistics read one matrix, not a scaled copy beside the log values
+    arrays = member_arrays(prepared, tasks=member.tasks, scaled=False)
     scaling = panel_scaling(prepared)
-    if sp.issparse(arrays["X"]):  # a sparse member: scaled per block of rows, never as a whole
-        arrays["X"] = ScaledRows(arrays["X"], mean=scaling["mean"], std=scaling["std"], max_value=scaling["max_value"])
+    log_values = arrays["X"]
+    arrays["X"] = ScaledRows(log_values, mean=scaling["mean"], std=scaling["std"], max_value=scaling["max_value"])
     data = MemberData(**arrays)
     measured = prepared.var["measured"].to_numpy(dtype=bool)
-    values = log_expression(prepared)
+    # without clinical inputs the very matrix the network reads; with them, its first (panel) columns
+    values = log_expression(prepared) if sp.issparse(log_values) else log_values[:, : prepared.n_vars]
     if member.sample_column is None:
         samples = StatisticsSamples(values, prepared.obs, data.targets, measured)
     else:
@@ -187,16 +194,22 @@ def _train_sums(
     values: np.ndarray | sp.csr_matrix, train: np.ndarray, *, block: int = 16384
 ) -> tuple[np.ndarray, np.ndarray]:
     """Float64 per-feature sum and sum of squares over the ``train`` rows, one block of rows at a time (a
-    CSR matrix from its nonzeros), so no float64 copy of the train split is made."""
+    CSR matrix from its nonzeros; a dense one's also a block of columns at a time), so no float64 copy of
+    the train split is made."""
     p = values.shape[1]
     total, squares = np.zeros(p), np.zeros(p)
+    if not sp.issparse(values):
+        columns = max(1, _DENSE_BLOCK_VALUES // max(1, min(block, values.shape[0])))
+        for start in range(0, values.shape[0], block):
+            rows = train[start : start + block]
+            for first in range(0, p, columns):
+                part = values[start : start + block, first : first + columns][rows]
+                total[first : first + columns] += part.sum(axis=0, dtype=np.float64)
+                squares[first : first + columns] += np.square(part, dtype=np.float64).sum(axis=0)
+        return total, squares
     for start in range(0, values.shape[0], block):
         part = values[start : start + block][train[start : start + block]]
-        if sp.issparse(part):
-            data = part.data.astype(np.float64)
-            total += np.bincount(part.indices, weights=data, minlength=p)
-            squares += np.bincount(part.indices, weights=data**2, minlength=p)
-        else:
-            total += part.sum(axis=0, dtype=np.float64)
-            squares += np.square(part, dtype=np.float64).sum(axis=0)
+        data = part.data.astype(np.float64)
+        total += np.bincount(part.indices, weights=data, minlength=p)
+        squares += np.bincount(part.indices, weights=data**2, minlength=p)
     return total, squares

@@ -29,6 +29,7 @@ import torch
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 
 from jobs import member_data
+from jobs.process_memory import training_heap
 from jobs.sections import PUBLISHED_META, finalize, section_of, weighted_update
 from jobs.site_outputs import SiteOutputs
 from jobs.site_statistics import SiteStatistics
@@ -182,7 +183,8 @@ class MemberSite:
         self.statistics.absorb(state)
         # heads of private endpoints untouched; round 0 brings the server's initial trunk and shared heads
         self.model.load_shared_state({k: v for k, v in state.items() if k.startswith((TRUNK_PREFIX, HEAD_PREFIX))})
-        stats = trainer.train(epochs=self.config.training.local_epochs)
+        with training_heap():  # its steps reuse the heap; the rest of the round gives freed arrays back
+            stats = trainer.train(epochs=self.config.training.local_epochs)
         val = trainer.evaluate("val")
         published: dict[str, Any] = {
             "round": current,
@@ -192,14 +194,13 @@ class MemberSite:
             "val": {name: figures for name, figures in val.items() if self.statistics.sends(name)},
             "epsilon": trainer.epsilon_spent(),
         }
-        params = outgoing_state(self.model)
-        # the last round adds every endpoint's pieces below (finish); before it, the iterative steps' pieces
-        params.update(self.statistics.every_round_sections() if current + 1 < total else self.statistics.cox_sections())
         if current + 1 < total:  # what this site continues from, should the federation be interrupted
+            params = {**outgoing_state(self.model), **self.statistics.every_round_sections()}
             self.outputs.save_checkpoint({**trainer.state_dict(), COX_STATE: self.statistics.state()}, round_=current)
-        else:
+        else:  # the last round: no round after it trains, so its memory goes to the extras (finish)
+            trainer.release_training_state()
             final = self.finish()
-            params.update(final["params"])
+            params = {**outgoing_state(self.model), **self.statistics.cox_sections(), **final["params"]}
             published.update(test=final["test"], samples=final["samples"], **self.statistics.summary())
         published["seconds"] = time.perf_counter() - started
         published["finished_at"] = time.time()  # wall clock: round times and overhead (benchmarks/overhead.py)

@@ -74,6 +74,7 @@ def attributions(
     *,
     n_steps: int = 32,
     baseline: float | np.ndarray | None = None,
+    dtype: type = np.float64,
 ) -> np.ndarray:
     """Signed integrated gradients of one task's raw output, per sample and feature.
 
@@ -91,11 +92,14 @@ def attributions(
     baseline
         Reference input: ``None`` uses the per-feature mean of ``data_X``; a scalar or an
         ``(n_features,)`` array otherwise.
+    dtype
+        ``np.float64``, or ``np.float32``: the values as Captum computes them, in half the memory (each
+        one is exactly its float64 value).
 
     Returns
     -------
     numpy.ndarray
-        ``(n_samples, n_features)`` float64 attributions in output units; each row sums to
+        ``(n_samples, n_features)`` attributions in output units; each row sums to
         ``f(x) - f(baseline)`` up to the integration error. Rescaling a feature's input rescales
         its gradient inversely, so attributions do not depend on the inputs' units.
     """
@@ -114,14 +118,14 @@ def attributions(
     was_training = model.training
     model.eval()
     try:
-        parts = []
+        out = np.empty(data_X.shape, dtype=np.float32)  # filled a chunk at a time: no list of parts to join
         for start in range(0, data_X.shape[0], chunk):
             x = torch.from_numpy(dense_rows(data_X, np.arange(start, min(start + chunk, data_X.shape[0])))).to(device)
             values = explainer.attribute(x, baselines=base, n_steps=int(n_steps))
-            parts.append(values.detach().cpu().double().numpy())
+            out[start : start + chunk] = values.detach().cpu().float().numpy()
     finally:
         model.train(was_training)
-    return np.concatenate(parts)
+    return out.astype(dtype, copy=False)
 
 
 def _task_kind(model: MultitaskNet, task: str) -> str:
@@ -168,8 +172,24 @@ def _groups(kind: str, task: str, labels: np.ndarray | None, output: np.ndarray)
     return groups
 
 
+class _Paths:
+    """The attributed rows' integrated gradients ``a`` (float32, as Captum gives them) and their inputs
+    ``x`` (float32) with the baseline ``b``: each column block's float64 ``a`` and displacement ``d = x - b``
+    is made when it is used, so no float64 (samples x features) array is ever whole."""
+
+    def __init__(self, values: np.ndarray, rows: np.ndarray, reference: np.ndarray) -> None:
+        self.values, self.rows, self.reference = values, rows, reference
+        self.n_features = values.shape[1]
+
+    def blocks(self):
+        for start in range(0, self.n_features, _COLUMN_BLOCK):
+            block = slice(start, start + _COLUMN_BLOCK)
+            displacement = (self.rows[:, block] - self.reference[block]).astype(np.float64)
+            yield block, self.values[:, block].astype(np.float64), displacement
+
+
 def _linearized_contrast(
-    values: np.ndarray, displacement: np.ndarray, weights_high: np.ndarray, weights_low: np.ndarray
+    paths: _Paths, weights_high: np.ndarray, weights_low: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(contrast, slope)`` per feature, for each row of sample weights ``(n_sets, n_samples)``.
 
@@ -177,24 +197,19 @@ def _linearized_contrast(
     contrast is ``slope_j`` times the gap between the group means of ``d_j``.
     """
     weights = weights_high + weights_low
-    n_features = values.shape[1]
-    numerator = np.empty((weights.shape[0], n_features))
-    denominator = np.empty_like(numerator)
+    numerator = np.empty((weights.shape[0], paths.n_features))
+    denominator, high, low = np.empty_like(numerator), np.empty_like(numerator), np.empty_like(numerator)
     # per feature: blocks of columns bound the (samples x features) temporaries at wide panels
-    for start in range(0, n_features, _COLUMN_BLOCK):
-        block = slice(start, start + _COLUMN_BLOCK)
-        numerator[:, block] = weights @ (values[:, block] * displacement[:, block])
-        denominator[:, block] = weights @ np.square(displacement[:, block])
+    for block, values, displacement in paths.blocks():
+        numerator[:, block] = weights @ (values * displacement)
+        denominator[:, block] = weights @ np.square(displacement)
+        high[:, block], low[:, block] = weights_high @ displacement, weights_low @ displacement
     slope = np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
-    gap = weights_high @ displacement / weights_high.sum(axis=1, keepdims=True) - (
-        weights_low @ displacement / weights_low.sum(axis=1, keepdims=True)
-    )
+    gap = high / weights_high.sum(axis=1, keepdims=True) - low / weights_low.sum(axis=1, keepdims=True)
     return slope * gap, slope
 
 
-def _bootstrap_frequency(
-    values: np.ndarray, displacement: np.ndarray, groups: np.ndarray, *, n_boot: int, top_k: int, seed: int
-) -> np.ndarray:
+def _bootstrap_frequency(paths: _Paths, groups: np.ndarray, *, n_boot: int, top_k: int, seed: int) -> np.ndarray:
     """Fraction of row resamples (within each group) in which a feature is in the top ``top_k``."""
     rng = np.random.default_rng(seed)
     weights = {}
@@ -203,8 +218,8 @@ def _bootstrap_frequency(
         # multinomial counts: how often each row is drawn when resampling the group with replacement
         weights[group] = np.zeros((n_boot, groups.size))
         weights[group][:, rows] = rng.multinomial(rows.size, np.full(rows.size, 1.0 / rows.size), size=n_boot)
-    contrast, _ = _linearized_contrast(values, displacement, weights[1], weights[0])
-    n_features = values.shape[1]
+    contrast, _ = _linearized_contrast(paths, weights[1], weights[0])
+    n_features = paths.n_features
     counts = np.zeros(n_features)
     for scores in np.abs(contrast):
         order = np.lexsort((np.arange(n_features), -scores))  # ties broken by column: reproducible
@@ -314,16 +329,16 @@ def rank_features(
     used = _bounded_rows(groups, max_per_group=None if max_per_group is None else int(max_per_group), seed=seed)
     reference = _baseline(data_X, baseline)  # over all rows, as documented in attributions
     rows = dense_rows(data_X, used)  # the bounded rows only, never the whole (sparse) matrix
-    values = attributions(model, rows, task, n_steps=n_steps, baseline=reference)
-    displacement = (rows - reference).astype(np.float64)
+    values = attributions(model, rows, task, n_steps=n_steps, baseline=reference, dtype=np.float32)
+    paths = _Paths(values, rows, reference)
     groups = groups[used]
     contrast, slope = _linearized_contrast(
-        values, displacement, (groups == 1).astype(np.float64)[None], (groups == 0).astype(np.float64)[None]
+        paths, (groups == 1).astype(np.float64)[None], (groups == 0).astype(np.float64)[None]
     )
     logger.debug("task '%s' (%s): contrast over %d samples", task, kind, int(used.size))
     frequency = None
     if n_boot:
-        frequency = _bootstrap_frequency(values, displacement, groups, n_boot=int(n_boot), top_k=int(top_k), seed=seed)
+        frequency = _bootstrap_frequency(paths, groups, n_boot=int(n_boot), top_k=int(top_k), seed=seed)
     return _ranked(feature_names, np.abs(contrast[0]), np.sign(slope[0]), frequency=frequency)
 
 

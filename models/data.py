@@ -15,7 +15,8 @@ import scipy.sparse as sp
 
 TaskKind = Literal["binary", "regression", "survival"]
 SPLITS = ("train", "val", "test")
-ROW_BLOCK = 4096  # rows a sparse member's ScaledRows makes dense at a time (predictions, attribution means)
+ROW_BLOCK = 4096  # rows ScaledRows makes dense at a time (predictions, attribution means)
+_SCALED_VALUES = 2**22  # values ScaledRows reads and scales at a time into the rows it returns
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,14 @@ class TaskSpec:
 
 
 class ScaledRows:
-    """Rows of a sparse matrix of log values, centred and scaled per feature only when rows are read.
+    """Rows of a matrix of log values, centred and scaled per feature only when rows are read.
 
     A single-cell member's matrix stays in CSR form: ``(x - mean) / std`` clipped to
     ``[-max_value, max_value]`` (:func:`omics.normalize.scale_features`'s arithmetic) is dense by nature,
     so it is built for the rows a minibatch, a prediction block or an attribution block reads, never for
-    the whole matrix. Indexing with rows gives another :class:`ScaledRows` over the same CSR (a view);
+    the whole matrix. A dense member's float32 log values are read the same way, so that a member site
+    holds one matrix for its statistics (the log values) and its network (their scaled rows), not two.
+    Indexing with rows gives another :class:`ScaledRows` over the same matrix (a view);
     :meth:`dense` gives the scaled float32 rows; ``np.asarray`` gives all of them (small data only).
 
     >>> rows = ScaledRows(sp.csr_matrix(np.array([[0.0, 2.0], [4.0, 0.0]])), mean=[2.0, 1.0], std=[2.0, 1.0])
@@ -63,8 +66,11 @@ class ScaledRows:
     dtype = np.dtype(np.float32)
 
     def __init__(self, matrix, *, mean, std, max_value: float = 10.0, rows: np.ndarray | None = None) -> None:
-        matrix = matrix if sp.isspmatrix_csr(matrix) else sp.csr_matrix(matrix)
-        self.matrix = matrix if matrix.dtype == np.float32 else matrix.astype(np.float32)
+        if isinstance(matrix, np.ndarray):  # dense log values: read in place (a float32 array is not copied)
+            self.matrix = np.asarray(matrix, dtype=np.float32)
+        else:
+            matrix = matrix if sp.isspmatrix_csr(matrix) else sp.csr_matrix(matrix)
+            self.matrix = matrix if matrix.dtype == np.float32 else matrix.astype(np.float32)
         p = self.matrix.shape[1]
         self.mean = np.asarray(mean, dtype=np.float32).reshape(-1)
         std = np.asarray(std, dtype=np.float32).reshape(-1)
@@ -87,8 +93,15 @@ class ScaledRows:
     def dense(self, positions=None) -> np.ndarray:
         """The scaled float32 rows at ``positions`` (default: all rows of this view)."""
         rows = self.rows if positions is None else self.rows[np.asarray(positions)]
-        block = self.matrix[rows].toarray()
-        return np.clip((block - self.mean) / self.scale, -self.max_value, self.max_value).astype(np.float32, copy=False)
+        out = np.empty((rows.size, self.matrix.shape[1]), dtype=np.float32)
+        step = max(1, _SCALED_VALUES // max(1, self.matrix.shape[1]))
+        for start in range(0, rows.size, step):  # the same float32 arithmetic, in place, a few rows at a time
+            block = self.matrix[rows[start : start + step]]
+            part = out[start : start + step]
+            np.subtract(block if isinstance(block, np.ndarray) else block.toarray(), self.mean, out=part)
+            np.divide(part, self.scale, out=part)
+            np.clip(part, -self.max_value, self.max_value, out=part)
+        return out
 
     def blocks(self, size: int | None = None) -> Iterator[np.ndarray]:
         """The scaled rows, ``size`` (default :data:`ROW_BLOCK`) at a time."""
@@ -96,8 +109,15 @@ class ScaledRows:
         for start in range(0, len(self), size):
             yield self.dense(np.arange(start, min(start + size, len(self))))
 
+    def nonfinite(self) -> int:
+        """How many stored values (all rows, not only this view's) are NaN or infinite."""
+        if isinstance(self.matrix, np.ndarray):  # a block of rows at a time: no matrix-sized mask
+            blocks = (self.matrix[start : start + ROW_BLOCK] for start in range(0, self.matrix.shape[0], ROW_BLOCK))
+            return sum(int((~np.isfinite(block)).sum()) for block in blocks)
+        return int((~np.isfinite(self.matrix.data)).sum())
+
     def all_finite(self) -> bool:
-        return bool(np.isfinite(self.matrix.data).all())
+        return self.nonfinite() == 0
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self.dense()
@@ -129,8 +149,8 @@ class MemberData:
     Attributes
     ----------
     X
-        ``(n_samples, n_features)`` float32, already normalized, in consortium panel order; or a sparse
-        member's :class:`ScaledRows` (log values in CSR form, scaled as rows are read).
+        ``(n_samples, n_features)`` float32, already normalized, in consortium panel order; or
+        :class:`ScaledRows` (a member's log values, dense or in CSR form, scaled as rows are read).
     targets
         Per task name: ``(n,)`` float for binary (0/1) and regression tasks, ``(n, 2)`` float
         ``[time, event]`` for survival tasks. ``NaN`` marks a missing label (masked, never imputed).
@@ -167,11 +187,12 @@ class MemberData:
 
     @property
     def sparse(self) -> bool:
-        return isinstance(self.X, ScaledRows)
+        """Whether ``X`` holds a CSR matrix (a dense member's :class:`ScaledRows` read a dense one)."""
+        return isinstance(self.X, ScaledRows) and sp.issparse(self.X.matrix)
 
     def subset(self, part: str) -> MemberData:
-        """The samples of one split (``"train"``, ``"val"`` or ``"test"``); a sparse member's rows are a
-        view of its CSR matrix, not a copy."""
+        """The samples of one split (``"train"``, ``"val"`` or ``"test"``); :class:`ScaledRows` are a view
+        of the member's matrix, not a copy."""
         rows = self.split == part
         return MemberData(
             X=self.X[rows],

@@ -164,8 +164,8 @@ class LocalTrainer:
         self.settings = settings
         self._check_inputs()
         # the splits are row numbers into the member's X, not copies of it; a minibatch gathers its rows
-        # (a sparse member's ScaledRows builds them dense, scaled, for that batch only)
-        self._x = data.X if data.sparse else torch.from_numpy(data.X)
+        # (a member's ScaledRows builds them dense, scaled, for that batch only)
+        self._x = data.X if isinstance(data.X, ScaledRows) else torch.from_numpy(data.X)
         self._train_rows = torch.from_numpy(np.flatnonzero(data.split == "train"))
         self._val_rows = torch.from_numpy(np.flatnonzero(data.split == "val"))
         if self._train_rows.numel() == 0:
@@ -219,7 +219,7 @@ class LocalTrainer:
                 raise ValueError(f"targets of {task.kind} task '{task.name}' have shape {shape}; expected {expected}")
             _check_label_values(task, np.asarray(self.data.targets[task.name], dtype=np.float64))
         X = self.data.X
-        bad = int((~np.isfinite(X.matrix.data)).sum()) if isinstance(X, ScaledRows) else int((~np.isfinite(X)).sum())
+        bad = X.nonfinite() if isinstance(X, ScaledRows) else int((~np.isfinite(X)).sum())
         if bad:
             raise ValueError(
                 f"X holds {bad} NaN/inf values; missing measurements must be handled by the omics layer "
@@ -422,6 +422,15 @@ class LocalTrainer:
         self.epochs_done = int(state["epochs_done"])
         if self._private is not None:
             self._private.engine.accountant.load_state_dict(state["accountant"])
+
+    def release_training_state(self) -> None:
+        """Free what only further training reads: the gradients and the optimizer's moments (for a wide
+        panel's first layer, three times its weights). A member calls it after its last round's training,
+        before the test figures, statistics and attribution; a later :meth:`train` would start the
+        moments afresh."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
 
     # -- reporting -------------------------------------------------------------------------------
 

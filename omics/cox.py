@@ -186,7 +186,7 @@ def newton_step(
     return CoxStep(beta + delta, step, loglik, bool(converged), beta, loglik)
 
 
-def site_cox_score_pieces(X, time, event, Z, beta, *, measured=None) -> dict[str, np.ndarray]:
+def site_cox_score_pieces(X, time, event, Z, beta, *, measured=None, rows=None) -> dict[str, np.ndarray]:
     """One member's pieces of every feature's score test given the covariates' fit, to be summed.
 
     Parameters
@@ -198,6 +198,9 @@ def site_cox_score_pieces(X, time, event, Z, beta, *, measured=None) -> dict[str
         As in :func:`site_cox_fit_pieces` (``beta`` is the federated fit of the covariates).
     measured
         ``(p,)`` bool, False where this member did not measure the feature: it contributes zeros there.
+    rows
+        The positions of the ``n`` rows of ``X`` that ``time``, ``event`` and ``Z`` describe (default: all
+        of them); each block of columns reads them, so the rows are never copied whole.
 
     Returns
     -------
@@ -210,14 +213,16 @@ def site_cox_score_pieces(X, time, event, Z, beta, *, measured=None) -> dict[str
         everything else is zero there.
     """
     time, event, Z, beta = _checked(time, event, Z, beta)
-    X = np.asarray(X, dtype=np.float64)
+    X = np.asarray(X)  # float32 log values stay float32: each block of columns is made float64 as it is read
+    X = X if X.dtype in (np.float32, np.float64) else X.astype(np.float64)
     n, q = Z.shape
-    if X.ndim != 2 or X.shape[0] != n:
+    if X.ndim != 2 or (X.shape[0] if rows is None else len(rows)) != n:
         raise ValueError(
             f"X must be 2-D with one row per sample ({n}, p), got shape {X.shape}; "
             "pass samples as rows and features as columns"
         )
     p = X.shape[1]
+    rows = np.arange(n) if rows is None else np.asarray(rows)
     measured = np.ones(p, dtype=bool) if measured is None else np.asarray(measured)
     if measured.shape != (p,) or measured.dtype != bool:
         raise ValueError(
@@ -227,7 +232,9 @@ def site_cox_score_pieces(X, time, event, Z, beta, *, measured=None) -> dict[str
     upper = np.triu_indices(q)
     out = {key: np.zeros((p, width)) for key, width in _widths(q).items()}
     columns = np.flatnonzero(measured)
-    bad = columns[~np.isfinite(X[:, columns]).all(axis=0)]
+    width = max(1, _BLOCK_ELEMENTS // max(n, 1))
+    blocks = [columns[lo : lo + width] for lo in range(0, columns.size, width)]
+    bad = np.concatenate([b[~np.isfinite(X[np.ix_(rows, b)]).all(axis=0)] for b in blocks]) if blocks else columns
     if bad.size:
         raise ValueError(
             f"X: {bad.size} measured feature(s) hold non-finite values (first: column {bad[0]}); "
@@ -241,10 +248,9 @@ def site_cox_score_pieces(X, time, event, Z, beta, *, measured=None) -> dict[str
     residual = -efron.a
     residual[efron.rows] += 1.0
     ZR, ZD = efron.sums(Zs)
-    width = max(1, _BLOCK_ELEMENTS // n)
     for lo in range(0, columns.size, width):
         block = columns[lo : lo + width]
-        x = X[np.ix_(efron.order, block)]
+        x = X[np.ix_(rows[efron.order], block)].astype(np.float64, copy=False)
         mean = x.mean(axis=0)
         x -= mean  # U_x, I_xx and I_xz do not change when x shifts; centering keeps the sums well conditioned
         contributes = np.einsum("ij,ij->j", x, x) / n > _RELATIVE_ZERO_VARIANCE * (1.0 + mean**2)
@@ -252,9 +258,18 @@ def site_cox_score_pieces(X, time, event, Z, beta, *, measured=None) -> dict[str
         c3, c4, c5 = efron.c345[:, :, None]
         ax = efron.a[:, None] * x
         out["score_x"][block, 0] = np.where(contributes, residual @ x, 0.0)
-        info_xx = np.einsum("ij,ij->j", ax, x) - (XR * (XR * c3 - 2.0 * XD * c4) + XD * XD * c5).sum(axis=0)
-        out["info_xx"][block, 0] = np.where(contributes, info_xx, 0.0)
-        out["info_xz"][block] = np.where(contributes[:, None], ax.T @ Zs - efron.cross(XR, XD, ZR, ZD), 0.0)
+        weighted, ax_z = np.einsum("ij,ij->j", ax, x), ax.T @ Zs
+        del ax, x  # the block's (samples x features) arrays, before the (event times x features) ones below
+        # XR * (XR * c3 - 2.0 * XD * c4) + XD * XD * c5, in place: the same operations, two temporaries
+        inner, other = XR * c3, np.multiply(2.0, XD)
+        other *= c4
+        inner -= other
+        inner *= XR
+        np.multiply(XD, XD, out=other)
+        other *= c5
+        inner += other
+        out["info_xx"][block, 0] = np.where(contributes, weighted - inner.sum(axis=0), 0.0)
+        out["info_xz"][block] = np.where(contributes[:, None], ax_z - efron.cross(XR, XD, ZR, ZD), 0.0)
         out["members"][block, 0] = contributes
     keep = out["members"][:, 0] > 0
     out["score_z"][keep] = gradient

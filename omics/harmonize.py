@@ -20,6 +20,8 @@ from omics.errors import ContractError
 
 log = logging.getLogger(__name__)
 
+_COLUMN_BLOCK = 2048  # features copied into panel order at a time
+
 
 def harmonize_to_panel(adata: ad.AnnData, *, panel: Sequence[str], min_coverage: float = 0.0) -> ad.AnnData:
     """A new AnnData with ``var_names == panel`` and a ``var['measured']`` mask.
@@ -51,8 +53,13 @@ def harmonize_to_panel(adata: ad.AnnData, *, panel: Sequence[str], min_coverage:
             return sp.csr_matrix(
                 (picked.data, columns[picked.indices], picked.indptr), shape=(adata.n_obs, len(panel_index))
             )
+        matrix = np.asarray(matrix, dtype=np.float32)
+        if measured.all() and np.array_equal(positions, np.arange(matrix.shape[1])):
+            return matrix  # already the panel, in order: no copy
         out = np.zeros((adata.n_obs, len(panel_index)), dtype=np.float32)
-        out[:, measured] = np.asarray(matrix, dtype=np.float32)[:, positions]
+        targets = np.flatnonzero(measured)
+        for start in range(0, targets.size, _COLUMN_BLOCK):  # no second matrix-sized temporary
+            out[:, targets[start : start + _COLUMN_BLOCK]] = matrix[:, positions[start : start + _COLUMN_BLOCK]]
         return out
 
     X = to_panel(adata.X)

@@ -51,7 +51,12 @@ NEGLIGIBLE_PER_SAMPLE = 1e-5
 
 
 def site_linear_statistics(
-    Y: np.ndarray, design: np.ndarray, *, measured: np.ndarray | None = None, weight: float = 1.0
+    Y: np.ndarray,
+    design: np.ndarray,
+    *,
+    measured: np.ndarray | None = None,
+    weight: float = 1.0,
+    rows: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """One member's within-member centered cross-products, ready to be summed across members.
 
@@ -69,6 +74,9 @@ def site_linear_statistics(
         ``yty``, which makes the fit weighted least squares with this weight on every row of the
         member, as limma's ``arrayWeights(var.group=member)`` weights do; see
         :func:`member_variance_factor` for estimating it.
+    rows
+        Dense ``Y`` only: the positions of the ``n`` rows of ``Y`` that ``design`` describes (default: all
+        of them); each block of columns reads them, so the rows are never copied whole.
 
     Returns
     -------
@@ -77,8 +85,10 @@ def site_linear_statistics(
         ``Xc'Xc`` in ``np.triu_indices(k)`` order), ``xty`` ``(p, k)``, ``yty`` ``(p,)``, ``ysum``
         ``(p,)``, ``samples`` ``(p,)`` and ``members`` ``(p,)`` (1.0).
     """
-    Y, design, measured = checked_pieces_inputs(Y, design, measured)
-    n, p = Y.shape
+    if rows is not None and sp.issparse(Y):
+        Y, rows = Y[rows], None
+    Y, design, measured = checked_pieces_inputs(Y, design, measured, rows=rows)
+    n, p = design.shape[0], Y.shape[1]
     if not (np.isfinite(weight) and weight > 0):
         raise ValueError(f"weight must be a positive finite number, got {weight}; use 1.0 for no weighting")
     k = design.shape[1]
@@ -99,7 +109,8 @@ def site_linear_statistics(
         return out
     for start in range(0, columns.size, _COLUMN_BLOCK):
         block = columns[start : start + _COLUMN_BLOCK]
-        y = Y[:, block]
+        # column-major, as ``Y[:, block]`` of a float64 matrix is: the sums below add in the same order
+        y = (Y[:, block] if rows is None else Y[np.ix_(rows, block)]).astype(np.float64, order="F", copy=False)
         if not np.isfinite(y).all():
             bad = block[~np.isfinite(y).all(axis=0)]
             raise ValueError(
@@ -136,16 +147,21 @@ def _sparse_linear_pieces(Y: sp.csr_matrix, xc: np.ndarray, columns: np.ndarray,
 
 
 def checked_pieces_inputs(
-    Y: np.ndarray, design: np.ndarray, measured: np.ndarray | None
+    Y: np.ndarray, design: np.ndarray, measured: np.ndarray | None, *, rows: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``Y`` (n, p; dense, or a CSR matrix kept sparse), ``design`` (n, k) and ``measured`` (p,) as
     float64/bool arrays, or a ValueError naming the argument, its shape and the fix (every site-side
-    pieces function checks its inputs here)."""
-    Y = sp.csr_matrix(Y, dtype=np.float64) if sp.issparse(Y) else np.asarray(Y, dtype=np.float64)
+    pieces function checks its inputs here). A dense float32 ``Y`` stays float32 (the callers make each block
+    of columns float64 as they read it: a member's log values are never copied whole)."""
+    if sp.issparse(Y):
+        Y = sp.csr_matrix(Y, dtype=np.float64)
+    else:
+        Y = np.asarray(Y)
+        Y = Y if Y.dtype in (np.float32, np.float64) else Y.astype(np.float64)
     design = np.asarray(design, dtype=np.float64)
     if Y.ndim != 2:
         raise ValueError(f"Y must be 2-D (samples x features), got shape {Y.shape}; reshape it to (n, p)")
-    n, p = Y.shape
+    n, p = (Y.shape[0] if rows is None else len(rows)), Y.shape[1]
     if design.ndim != 2 or design.shape[0] != n or design.shape[1] < 1:
         raise ValueError(
             f"design must be 2-D with one row per row of Y ({n}) and at least one column, got shape "

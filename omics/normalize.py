@@ -64,8 +64,10 @@ def normalize(
         steps += [f"normalize_total(target_sum={target_sum:g})", "log1p"]
     # the log-scale values before scaling: what association statistics and fold changes are computed on
     # (a sparse member's layer and X are one matrix: it is scaled as rows are read, never here)
-    adata.layers["log"] = X if sparse else np.array(X, dtype=np.float32, copy=True)
-    adata.X = X
+    # (library size + log1p made a new array; "normalized" values are copied, never the caller's array)
+    fresh = sparse or values == "counts"
+    adata.layers["log"] = X if fresh else np.array(X, dtype=np.float32, copy=True)
+    adata.X = adata.layers["log"]
     rows = np.ones(adata.n_obs, dtype=bool) if fit_rows is None else np.asarray(fit_rows, dtype=bool)
     if rows.shape != (adata.n_obs,) or rows.sum() < 2:
         raise ValueError(f"fit_rows must mark at least 2 of the {adata.n_obs} samples, got {int(rows.sum())}")
@@ -98,9 +100,14 @@ def column_mean_std(X, rows: np.ndarray, *, block: int = 16384) -> tuple[np.ndar
     """
     rows = np.asarray(rows, dtype=bool)
     n = int(rows.sum())
-    if not sp.issparse(X):
-        fit = np.asarray(X)[rows]
-        return fit.mean(axis=0, dtype=np.float64), fit.std(axis=0, ddof=1, dtype=np.float64)
+    if not sp.issparse(X):  # a block of columns at a time: no float64 copy of the fitted rows
+        X, mean, std = np.asarray(X), np.empty(X.shape[1]), np.empty(X.shape[1])
+        step = max(1, _NONZEROS_PER_BLOCK // max(1, n))
+        for start in range(0, X.shape[1], step):
+            fit = X[:, start : start + step][rows]
+            mean[start : start + step] = fit.mean(axis=0, dtype=np.float64)
+            std[start : start + step] = fit.std(axis=0, ddof=1, dtype=np.float64)
+        return mean, std
     p = X.shape[1]
     total, squares, nonzeros = np.zeros(p), np.zeros(p), np.zeros(p)
 
@@ -125,7 +132,18 @@ def library_size_normalized(X: np.ndarray, *, target_sum: float) -> np.ndarray:
     counts stays 0. A new float32 array."""
     totals = X.sum(axis=1, dtype=np.float64, keepdims=True)
     totals[totals == 0] = 1.0
-    return (X / totals * target_sum).astype(np.float32)
+    return _divided(X, totals, target_sum=target_sum)
+
+
+def _divided(X: np.ndarray, totals: np.ndarray, *, target_sum: float) -> np.ndarray:
+    """``(X / totals * target_sum)`` as float32, computed in float64 a block of rows at a time (the same
+    arithmetic; no float64 copy of the whole matrix)."""
+    out = np.empty(X.shape, dtype=np.float32)
+    step = max(1, _NONZEROS_PER_BLOCK // max(1, X.shape[1]))
+    for start in range(0, X.shape[0], step):
+        rows = slice(start, start + step)
+        out[rows] = X[rows] / totals[rows] * target_sum
+    return out
 
 
 def log_values(
@@ -143,10 +161,11 @@ def log_values(
     if values != "counts":
         return X
     if library_size is None:
-        return np.log1p(library_size_normalized(X, target_sum=target_sum))
-    totals = np.asarray(library_size, dtype=np.float64).reshape(-1, 1)
-    totals = np.where(totals > 0, totals, 1.0)
-    return np.log1p((X / totals * target_sum).astype(np.float32))
+        normalized = library_size_normalized(X, target_sum=target_sum)
+    else:
+        totals = np.asarray(library_size, dtype=np.float64).reshape(-1, 1)
+        normalized = _divided(X, np.where(totals > 0, totals, 1.0), target_sum=target_sum)
+    return np.log1p(normalized, out=normalized)  # a new array already: log1p in place
 
 
 def _sparse_log_values(X, *, values: str, target_sum: float, library_size: np.ndarray | None) -> sp.csr_matrix:
@@ -175,5 +194,6 @@ def scale_features(X: np.ndarray, *, mean: np.ndarray, std: np.ndarray, max_valu
     ``[-max_value, max_value]``; as scanpy's ``scale``, a constant feature is centred, not divided by 0.
     Each sample's result depends on that sample and the statistics only."""
     std = np.asarray(std, dtype=np.float32)
-    scaled = (np.asarray(X, dtype=np.float32) - np.asarray(mean, dtype=np.float32)) / np.where(std > 0, std, 1.0)
-    return np.clip(scaled, -max_value, max_value).astype(np.float32)
+    scaled = np.subtract(np.asarray(X, dtype=np.float32), np.asarray(mean, dtype=np.float32), dtype=np.float32)
+    np.divide(scaled, np.where(std > 0, std, np.float32(1.0)), out=scaled)  # in place: one new array in all
+    return np.clip(scaled, -max_value, max_value, out=scaled)

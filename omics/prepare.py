@@ -50,6 +50,7 @@ def prepare_member(
         error with its fix.
     """
     work = apply_layout(adata, layout=layout, path=path)  # a new object: the caller's adata is not changed
+    del adata  # not held here past its normalization (a caller that keeps the file as read still holds it)
     report = check_view(work, tasks=tasks, rules=rules, path=path)
     if not report.fit:
         errors = [f"  {f.field}: {f.message} (fix: {f.fix})" for f in report.findings if f.level == "error"]
@@ -112,23 +113,30 @@ def task_targets(obs: pd.DataFrame, task: Any) -> np.ndarray:
     return pd.to_numeric(obs[task.column], errors="coerce").to_numpy(dtype=np.float64)
 
 
-def member_arrays(adata: ad.AnnData, *, tasks: Sequence[Any]) -> dict[str, Any]:
+def member_arrays(adata: ad.AnnData, *, tasks: Sequence[Any], scaled: bool = True) -> dict[str, Any]:
     """Keyword arguments of ``models.data.MemberData`` for a prepared AnnData; a sparse member's ``X`` is
-    its CSR log values (``uns['normalization']['scaled']`` False), for ``models.data.ScaledRows``."""
-    X = adata.X if sp.issparse(adata.X) else np.asarray(adata.X, dtype=np.float32)
+    its CSR log values (``uns['normalization']['scaled']`` False), for ``models.data.ScaledRows``.
+
+    ``scaled=False``: a dense member's ``X`` is its log values too (:func:`log_expression`, the clinical
+    inputs after them unscaled), to be scaled as rows are read (``models.data.ScaledRows`` with
+    :func:`panel_scaling`); without clinical inputs it is the very array :func:`log_expression` gives."""
+    sparse = sp.issparse(adata.X)
+    X = adata.X if sparse else (np.asarray(adata.X, dtype=np.float32) if scaled else log_expression(adata))
     names = [str(x) for x in adata.var_names]
     clinical = clinical_inputs(adata)
-    if clinical is not None:  # after the omics features; sparse: unscaled, as the log values beside them
+    if clinical is not None:  # after the omics features; beside log values: unscaled, as they are
         values, info = clinical
         names += list(info["names"])
-        if sp.issparse(X):
+        if sparse:
             X = sp.hstack([X, sp.csr_matrix(values.astype(np.float32))], format="csr", dtype=np.float32)
-        else:
+        elif scaled:
             max_value = float(adata.uns["normalization"]["max_value"])
-            scaled = scale_features(values, mean=info["mean"], std=info["std"], max_value=max_value)
-            X = np.hstack([X, scaled]).astype(np.float32, copy=False)
+            columns = scale_features(values, mean=info["mean"], std=info["std"], max_value=max_value)
+            X = np.hstack([X, columns]).astype(np.float32, copy=False)
+        else:
+            X = np.hstack([X, values.astype(np.float32)])
     return {
-        # sparse: the CSR log values, which the caller scales per block of rows with panel_scaling
+        # sparse (or scaled=False): the log values, which the caller scales per block of rows with panel_scaling
         "X": X,
         "targets": {task.name: task_targets(adata.obs, task) for task in tasks},
         "split": adata.obs["split"].astype(str).to_numpy(),

@@ -49,6 +49,8 @@ from omics.linear_model import (
 
 log = logging.getLogger(__name__)
 
+_COLUMN_BLOCK = 2048  # features whose detection counts are taken at a time (no samples x features mask)
+
 Kind = Literal["binary", "regression", "survival"]
 ENDPOINT = "endpoint"
 P_VALUE, ADJ_P = "P.Value", "adj.P.Val"
@@ -148,23 +150,35 @@ def site_statistics(
         return None
     rows = np.flatnonzero(~np.isnan(target.reshape(len(target), -1)).any(axis=1))
     covariates = obs.iloc[rows]
-    values = Y[rows] if sp.issparse(Y) else np.asarray(Y)[rows]  # a CSR matrix stays sparse for the linear pieces
+    # a CSR matrix stays sparse for the linear pieces; a dense one is read by blocks of columns, each
+    # taking the labelled rows then (no copy of all of them)
+    values, subset = (_rows(Y, rows), None) if sp.issparse(Y) or rows.size == n else (np.asarray(Y), rows)
     if kind == "survival":
         Z, _ = design_matrix(covariates, None, spec=design.spec, region=design.region, path=path)
         beta = np.zeros(Z.shape[1]) if cox_beta is None else np.asarray(cox_beta, dtype=np.float64)
         values = values.toarray() if sp.issparse(values) else values
-        pieces = site_cox_score_pieces(values, target[rows, 0], target[rows, 1], Z, beta, measured=measured)
+        pieces = site_cox_score_pieces(
+            values, target[rows, 0], target[rows, 1], Z, beta, measured=measured, rows=subset
+        )
         if design.spec.regions:
             pieces.update(region_slots(pieces, q=Z.shape[1], regions=design.spec.regions, region=design.region))
     else:
         X, _ = design_matrix(covariates, target[rows], spec=design.spec, region=design.region, path=path)
-        pieces = site_linear_statistics(values, X, measured=measured, weight=weight)
+        pieces = site_linear_statistics(values, X, measured=measured, weight=weight, rows=subset)
         if design.detection and kind == "binary":
-            pieces.update(detection_pieces(values, target[rows], measured=measured))
+            pieces.update(detection_pieces(values, target[rows], measured=measured, rows=subset))
     return {key: np.asarray(value, dtype=np.float64).reshape(-1) for key, value in pieces.items()}
 
 
-def detection_pieces(Y: np.ndarray, target: np.ndarray, *, measured: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def _rows(Y, rows: np.ndarray):
+    """``Y``'s ``rows`` (sorted positions); ``Y`` itself, not a copy, when they are all its rows."""
+    Y = Y if sp.issparse(Y) else np.asarray(Y)
+    return Y if rows.size == Y.shape[0] else Y[rows]
+
+
+def detection_pieces(
+    Y: np.ndarray, target: np.ndarray, *, measured: np.ndarray | None = None, rows: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Per feature, how many of a member's labelled samples detect it (``Y > 0``) and how many are in the
     class: summed across members, they drive :func:`low_detection`. Counts only, like ``samples``.
 
@@ -174,7 +188,13 @@ def detection_pieces(Y: np.ndarray, target: np.ndarray, *, measured: np.ndarray 
     """
     Y, target = (Y if sp.issparse(Y) else np.asarray(Y)), np.asarray(target, dtype=np.float64)
     measured = np.ones(Y.shape[1], dtype=bool) if measured is None else np.asarray(measured, dtype=bool)
-    detected = np.where(measured, np.asarray((Y > 0).sum(axis=0)).reshape(-1), 0).astype(np.float64)
+    if sp.issparse(Y):
+        detected = np.asarray((Y > 0).sum(axis=0)).reshape(-1)
+    else:  # a block of columns at a time: no (samples x features) mask
+        take = slice(None) if rows is None else rows  # ``rows``: the samples ``target`` is of (dense Y)
+        blocks = [Y[take, lo : lo + _COLUMN_BLOCK] for lo in range(0, Y.shape[1], _COLUMN_BLOCK)]
+        detected = np.concatenate([np.count_nonzero(b > 0, axis=0) for b in blocks]) if blocks else np.zeros(0)
+    detected = np.where(measured, detected, 0).astype(np.float64)
     positives = np.where(measured, float((target == 1).sum()), 0.0)
     return {"detected": detected, "positives": positives}
 
@@ -217,9 +237,7 @@ def next_member_weight(
     pieces = {key: np.asarray(value, dtype=np.float64) for key, value in summed.items()}
     pieces["xtx"], pieces["xty"] = pieces["xtx"].reshape(p, -1), pieces["xty"].reshape(p, len(columns))
     fit = fit_linear_models(pieces, columns=columns)
-    factor = member_variance_factor(
-        Y[rows] if sp.issparse(Y) else np.asarray(Y)[rows], X, fit, measured=measured, weight=weight
-    )
+    factor = member_variance_factor(_rows(Y, rows), X, fit, measured=measured, weight=weight)
     return 1.0 / factor if np.isfinite(factor) and factor > 0 else weight
 
 

@@ -253,7 +253,7 @@ def site_weighted_statistics(
     out["members"][columns] = 1.0
     for start in range(0, columns.size, _COLUMN_BLOCK):
         block = columns[start : start + _COLUMN_BLOCK]
-        y, w = Y[:, block], weights[:, block]
+        y, w = Y[:, block].astype(np.float64, copy=False), weights[:, block]
         if not np.isfinite(y).all():
             bad = block[~np.isfinite(y).all(axis=0)]
             raise ValueError(

@@ -58,7 +58,7 @@ def test_the_registered_model_scores_a_members_raw_file_as_in_training(consortiu
     # the trunk and the shared heads on the member's data exactly as its site normalized it in training
     trained = load_member(consortium, member.name).data.X
     with torch.no_grad():
-        x = torch.as_tensor(trained)
+        x = torch.as_tensor(np.asarray(trained))  # the scaled rows the site's network read
         pfs = model.forward_task(x, "pfs").double().numpy()
         marker = model.forward_task(x, "marker").double().numpy() * 2.0 + 5.0  # the member's target units
     np.testing.assert_allclose(scores["pfs"].to_numpy(), pfs, rtol=0, atol=1e-6)
