@@ -4,7 +4,8 @@ members that hold obs columns only (an AnnData with zero var columns), their see
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,47 @@ class ClinicalConsortium:
     clinical: list[dict[str, Any]]
     ground_truth_path: Path
     truth: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MemberDraw:
+    """One member to write: its position, letter (``a``, ``b``...), name, mix and its own random stream."""
+
+    index: int
+    letter: str
+    name: str
+    mix: dict[str, Any]
+    rng: np.random.Generator
+
+
+def member_draws(
+    out: Path, sizes: Sequence[int], *, seed: int, prefix: str, mixes: Sequence[dict[str, Any]], unit: str
+) -> Iterator[tuple[MemberDraw, int]]:
+    """Check ``sizes`` (at least one member, each of >= 100 ``unit``), create ``out`` and yield each member's
+    draw with its size: named ``<prefix>-<letter>``, the mixes in turn, the stream ``default_rng([seed, i])``."""
+    if len(sizes) < 1 or min(sizes) < 100:
+        raise ValueError(f"sizes must give at least one member of >= 100 {unit}, got {list(sizes)}")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for index, n in enumerate(sizes):
+        letter = chr(ord("a") + index)
+        rng = np.random.default_rng([seed, index])
+        yield MemberDraw(index, letter, f"{prefix}-{letter}", mixes[index % len(mixes)], rng), n
+
+
+def write_current(obs: pd.DataFrame, out: Path, draw: MemberDraw, *, suffix: str) -> tuple[Path, ad.AnnData]:
+    """Write the samples ``draw``'s member scores (no endpoints) to ``<name>.current.h5ad``, ids
+    ``<letter>-<suffix>-NNNNN``."""
+    path = Path(out) / f"{draw.name}.current.h5ad"
+    current = obs_only(obs, prefix=f"{draw.letter}-{suffix}")
+    current.write_h5ad(path)
+    return path, current
+
+
+def write_truth(out: Path, truth: dict[str, Any]) -> Path:
+    """``ground_truth.json`` in ``out``."""
+    path = Path(out) / "ground_truth.json"
+    path.write_text(json.dumps(truth, indent=1))
+    return path
 
 
 class _TaskView:

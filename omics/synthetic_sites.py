@@ -13,7 +13,6 @@ candidate sites (no endpoints) to rank with ``consortium score``.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,9 +25,11 @@ from omics.synthetic_obs import (
     ClinicalConsortium,
     ClinicalMember,
     categorical,
-    obs_only,
+    member_draws,
     with_missing,
+    write_current,
     write_obs_member,
+    write_truth,
 )
 
 log = logging.getLogger(__name__)
@@ -81,17 +82,11 @@ def make_sites_consortium(
 ) -> ClinicalConsortium:
     """Write ``sponsor-<letter>.h5ad`` (past sites), ``sponsor-<letter>.current.h5ad`` (candidate sites)
     and ``ground_truth.json`` into ``out``. Deterministic for ``seed``."""
-    if len(sizes) < 1 or min(sizes) < 100:
-        raise ValueError(f"sizes must give at least one member of >= 100 sites, got {list(sizes)}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     members: list[ClinicalMember] = []
     truth_members: dict[str, Any] = {}
-    for index, n in enumerate(sizes):
-        letter = chr(ord("a") + index)
-        name = f"sponsor-{letter}"
-        mix = _MIXES[index % len(_MIXES)]
-        rng = np.random.default_rng([seed, index])
+    for draw, n in member_draws(out, sizes, seed=seed, prefix="sponsor", mixes=_MIXES, unit="sites"):
+        name, letter, mix, rng = draw.name, draw.letter, draw.mix, draw.rng
         sites = _sites(rng, n, mix)
         mu = true_rate(sites, baseline=mix["baseline"])
         rate = mu * rng.gamma(FRAILTY_SHAPE, 1.0 / FRAILTY_SHAPE, n)
@@ -102,9 +97,7 @@ def make_sites_consortium(
         adata = write_obs_member(sites, path, prefix=letter, tasks=TASKS, seed=seed)
         candidates = _sites(rng, max(40, int(candidate_fraction * n)), mix)
         candidate_mu = true_rate(candidates, baseline=mix["baseline"])
-        current_path = out / f"{name}.current.h5ad"
-        current = obs_only(candidates, prefix=f"{letter}-cand")
-        current.write_h5ad(current_path)
+        current_path, current = write_current(candidates, out, draw, suffix="cand")
         truth_members[name] = {
             "baseline_rate_per_month": mix["baseline"],
             "sites": _rates(adata.obs_names, mu, rate),
@@ -119,7 +112,7 @@ def make_sites_consortium(
                 [dict(t) for t in TASKS],
                 n,
                 current=current_path,
-                region=MEMBER_REGIONS[index % len(MEMBER_REGIONS)],
+                region=MEMBER_REGIONS[draw.index % len(MEMBER_REGIONS)],
             )
         )
         log.info("wrote %s: %d sites, %d enrolled none", path, n, int((enrolled == 0).sum()))
@@ -134,9 +127,7 @@ def make_sites_consortium(
         "frailty_shape": FRAILTY_SHAPE,
         "members": truth_members,
     }
-    truth_path = out / "ground_truth.json"
-    truth_path.write_text(json.dumps(truth, indent=1))
-    return ClinicalConsortium("sites", members, CLINICAL, truth_path, truth)
+    return ClinicalConsortium("sites", members, CLINICAL, write_truth(out, truth), truth)
 
 
 def true_rate(sites: pd.DataFrame, *, baseline: float) -> np.ndarray:

@@ -12,7 +12,6 @@ true risk; ``<member>.current.h5ad`` holds patients now on trial (no endpoints) 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,10 +24,12 @@ from omics.synthetic_obs import (
     ClinicalConsortium,
     ClinicalMember,
     categorical,
-    obs_only,
+    member_draws,
     standardized,
     with_missing,
+    write_current,
     write_obs_member,
+    write_truth,
 )
 
 log = logging.getLogger(__name__)
@@ -91,17 +92,11 @@ def make_trial_consortium(
     Endpoints, shared by every member: ``discontinued`` (binary) and ``dropout`` (survival: months to
     discontinuation ``dropout_time``, event ``discontinued``, censored at the trial's end).
     """
-    if len(sizes) < 1 or min(sizes) < 100:
-        raise ValueError(f"sizes must give at least one member of >= 100 patients, got {list(sizes)}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     members: list[ClinicalMember] = []
     truth_members: dict[str, Any] = {}
-    for index, n in enumerate(sizes):
-        letter = chr(ord("a") + index)
-        name = f"trial-{letter}"
-        mix = _MIXES[index % len(_MIXES)]
-        rng = np.random.default_rng([seed, index])
+    for draw, n in member_draws(out, sizes, seed=seed, prefix="trial", mixes=_MIXES, unit="patients"):
+        name, letter, mix, rng = draw.name, draw.letter, draw.mix, draw.rng
         patients = _patients(rng, n, mix)
         risk = true_log_hazard(patients)
         time, event = _follow_up(rng, risk, hazard=mix["hazard"])
@@ -110,9 +105,7 @@ def make_trial_consortium(
         path = out / f"{name}.h5ad"
         adata = write_obs_member(patients, path, prefix=letter, tasks=TASKS, seed=seed)
         current = _patients(rng, max(40, int(current_fraction * n)), mix)
-        current_path = out / f"{name}.current.h5ad"
-        current_adata = obs_only(current, prefix=f"{letter}-now")
-        current_adata.write_h5ad(current_path)
+        current_path, current_adata = write_current(current, out, draw, suffix="now")
         truth_members[name] = {
             "baseline_hazard_per_month": mix["hazard"],
             "patients": _risks(adata.obs_names, risk, mix["hazard"]),
@@ -136,9 +129,7 @@ def make_trial_consortium(
         "risk": "log relative hazard of dropout (member baseline excluded); risk_12m: P(dropout by 12 months)",
         "members": truth_members,
     }
-    truth_path = out / "ground_truth.json"
-    truth_path.write_text(json.dumps(truth, indent=1))
-    return ClinicalConsortium("trial", members, CLINICAL, truth_path, truth)
+    return ClinicalConsortium("trial", members, CLINICAL, write_truth(out, truth), truth)
 
 
 def true_log_hazard(patients: pd.DataFrame) -> np.ndarray:
