@@ -332,6 +332,7 @@ def main() -> None:
     parser.add_argument("--no-poc-he", action="store_true", help="skip the POC run with HE")
     parser.add_argument("--scaling", action="store_true", help="add the member/feature table (simulator)")
     parser.add_argument("--big", action="store_true", help="scaling with 16 members and 20k features too")
+    parser.add_argument("--cells", default=None, help="only these scaling cells, e.g. 16x20000 (implies --scaling)")
     parser.add_argument("--attribution", action="store_true", help="bounded vs full attribution quality")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ports", default=None, help="POC's FL and admin ports, e.g. 8202,8203 (default: synth's)")
@@ -360,9 +361,11 @@ def main() -> None:
         median = command["median_s"]
         print(f"\n`consortium run --env sim --no-he --rounds 2` (synth defaults): {runs} s; median {median:.1f} s")
     cells = []
-    if args.scaling:
+    if args.scaling or args.cells:
         grid = [(m, f) for f in (2000, 20000) for m in (3, 8, 16)]
         grid = [(m, f) for m, f in grid if args.big or (m <= 8 and f <= 2000)]
+        if args.cells:
+            grid = [tuple(int(n) for n in cell.split("x")) for cell in args.cells.split(",")]
         for members, features in grid:
             cell_config = consortium_of(out, members=members, features=features, seed=args.seed)
             cells.append(run_case(cell_config, env="sim", he=False, rounds=3, out=out / f"scale-{members}x{features}"))

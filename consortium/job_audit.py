@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from consortium.audit import EVENT_JOB_SUBMITTED, EVENT_KEYS_CREATED, EVENT_ROUND_COMPLETED, AuditLog
+from consortium.backends.base import Backend
 from consortium.results import JobResults
 from provisioning.he_keys import create_keys, load_context, public_fingerprint
+from provisioning.mask_keys import list_fingerprints
 from schema.config import ConsortiumConfig
 from schema.names import CLIENT_CONTEXT_FILE, SERVER_CONTEXT_FILE
 
@@ -29,10 +31,16 @@ class Submission:
     keys: Path | None
     continuation: dict[str, Any] = field(default_factory=dict)
 
-    def record(self, audit: AuditLog, job_id: str) -> None:
-        """The job's submission; under HE with the fingerprint of the public context its server was given."""
+    def record(self, audit: AuditLog, job_id: str, *, backend: Backend | None = None) -> None:
+        """The job's submission; under HE with the fingerprint of the public context its server was given;
+        under secure aggregation with each member's mask key fingerprint, from the list of the member kit
+        the ``backend`` holds on this machine (:attr:`~consortium.backends.base.Backend.mask_keys`)."""
         keys = self.keys
         fingerprint = public_fingerprint(load_context(keys / SERVER_CONTEXT_FILE)) if keys else None
+        masks = {}
+        if self.config.secure_aggregation():
+            folder = backend.mask_keys if backend is not None else None
+            masks = {"mask_fingerprints": list_fingerprints(folder) if folder is not None else None}
         audit.append(
             EVENT_JOB_SUBMITTED,
             job_id=job_id,
@@ -44,6 +52,8 @@ class Submission:
             dp=self.config.privacy.dp.enabled,
             fold=self.fold,
             members=[m.name for m in self.config.members],
+            secure_aggregation=self.config.secure_aggregation(),
+            **masks,
             **self.continuation,
         )
 

@@ -20,6 +20,7 @@ import pandas as pd
 from consortium import comparison
 from consortium.anndata_export import panel_symbols
 from consortium.report_markdown import render_markdown
+from consortium.report_privacy import privacy
 from consortium.statistics_release import data_residency, statistics_entries
 from jobs.published import json_safe
 from models.attribution import precision_at_k
@@ -118,7 +119,7 @@ def build_report(
         "rounds": _rounds(last_results.records),
         "dropped": last_results.dropped([m.name for m in config.members], _total_rounds(last_results.records)),
         "rejoined": last_results.rejoined([m.name for m in config.members], _total_rounds(last_results.records)),
-        "privacy": _privacy(config, he, last_results.records),
+        "privacy": privacy(config, he=he, records=last_results.records),
         "data_residency": data_residency(config, he=he),
         "timing": _timing(last_results.records, seconds=seconds, rounds=_total_rounds(last_results.records)),
         "tracking": {"uri": tracking_uri, "experiment": config.tracking.experiment},
@@ -225,51 +226,6 @@ def _rounds(records: Mapping[str, list[dict]]) -> list[dict[str, Any]]:
                 k: record.get(k) for k in ("train_loss", "val", "steps", "bytes_received", "epsilon")
             }
     return [rounds[k] for k in sorted(rounds)]
-
-
-def _privacy(config: ConsortiumConfig, he: bool, records: Mapping[str, list[dict]]) -> dict[str, Any]:
-    epsilon = {site: r[-1].get("epsilon") for site, r in records.items() if r and r[-1].get("epsilon") is not None}
-    dp = config.privacy.dp
-    return {
-        "he": he,
-        "he_scheme": f"CKKS N={config.privacy.he.poly_modulus_degree}, coeff_mod_bit_sizes="
-        f"{config.privacy.he.coeff_mod_bit_sizes}"
-        if he
-        else None,
-        "dp": dp.enabled,
-        "epsilon_spent": epsilon or None,
-        "epsilon_target": dp.epsilon if dp.enabled else None,
-        "delta": dp.delta if dp.enabled else None,
-        "shared": (
-            "under HE when it is on: the trunk and the heads of shared endpoints every round (with a survival "
-            "endpoint and covariates, the pieces of one Newton step of the covariates' Cox model); in the last "
-            "round each endpoint's summed association statistics and attribution vectors. One small-cell rule: a "
-            f"member with fewer than {config.data.min_cell_count} samples in a class, labelled samples or events "
-            "(samples, not cells) sends nothing for that endpoint: no statistics, attribution, validation or test "
-            "figures. In plaintext, outside HE and the DP budget: per-round training loss and validation figures, "
-            "step counts, final test figures with their intervals and sample counts per split"
-        ),
-        "operator_reads": (
-            "ciphertexts only: the operator cannot read any member's update, statistics or their sum"
-            if he
-            else "everything in plaintext: the operator reads each member's update and statistics as they arrive"
-        ),
-        "min_members": config.statistics_min_members(),
-        "dp_guarantee": _dp_guarantee(config),
-    }
-
-
-def _dp_guarantee(config: ConsortiumConfig) -> str | None:
-    if not config.privacy.dp.enabled:
-        return None
-    survival = sorted({t.name for t in config.tasks if t.type == "survival"})
-    text = "DP-SGD (Opacus) over all planned rounds: (epsilon, delta) for the model updates"
-    if survival:
-        text += (
-            f". Not a formal guarantee for survival endpoints {survival}: the Cox partial likelihood couples "
-            "the samples of a batch. The association statistics are exact sums, not DP-protected"
-        )
-    return text
 
 
 def _timing(records: Mapping[str, list[dict]], *, seconds: float, rounds: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ ones the console summary (:mod:`consortium.run_summary`) uses too, so both say t
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -86,6 +87,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- environment: {report['env']}; rounds: {timing['rounds']}{folds}; total {timing['seconds_total']:.1f} s",
         f"- bytes the server received per round (all members): {timing['bytes_received_per_round']:,}",
         f"- homomorphic encryption: {'on' if privacy['he'] else 'off'}; DP-SGD: {'on' if privacy['dp'] else 'off'}",
+        *_secure_aggregation(privacy),
         *([f"- released model and biomarker tables: {report['release']['source']}"] if report.get("release") else []),
         "",
         *[
@@ -118,6 +120,35 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [""] + [f"- *{name}*: {text}" for name, text in report.get("definitions", {}).items()]
     lines += ["", f"MLflow: `{report['tracking']['uri']}`, experiment `{report['tracking']['experiment']}`", ""]
     return "\n".join(lines)
+
+
+WIDTH = 80
+"""report.md's privacy lines are wrapped at this width (list items, continued with two spaces)."""
+
+
+def _item(text: str) -> list[str]:
+    """A list item wrapped at :data:`WIDTH`, its continuation lines indented."""
+    return textwrap.wrap(text, width=WIDTH, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)
+
+
+def _secure_aggregation(privacy: Mapping[str, Any]) -> list[str]:
+    """Secure aggregation: on (how) or off (why), the threat model, what the aggregate reveals, quantization."""
+    state = privacy.get("secure_aggregation")
+    if not state:
+        return []  # a report written before secure aggregation existed
+    if state["enabled"]:
+        lines = _item(f"- secure aggregation: on. {state['threat_model']}")
+    else:
+        lines = _item(f"- secure aggregation: off, {state.get('why_off') or 'not configured'}. {state['threat_model']}")
+    lines += _item(f"- what the aggregate itself reveals: {state['aggregate_reveals']}")
+    quantization = state.get("quantization")
+    if quantization:
+        lines += _item(
+            f"- quantization: {quantization['fraction_bits']} fractional bits; a summed value is within "
+            f"{quantization['error_bound_sum']:.2g} of the exact sum ({quantization['members']} members); "
+            f"each member's values stay below {quantization['value_limit']:.2g} in absolute value"
+        )
+    return lines
 
 
 def _arms(entries: list[Mapping[str, Any]]) -> list[str]:

@@ -38,6 +38,17 @@ log = logging.getLogger(__name__)
 PLAINTEXT_WARNING = (
     "plaintext aggregation (HE off): the operator reads each member's update and statistics as they arrive"
 )
+MASKED_WARNING = (
+    "HE off, secure aggregation on: the operator reads only the sum of the members' masked updates "
+    "(fixed point, 32 fractional bits), never one member's"
+)
+
+
+def plaintext_warning(config: ConsortiumConfig) -> str:
+    """What the console says about a job without HE."""
+    return MASKED_WARNING if config.secure_aggregation() else PLAINTEXT_WARNING
+
+
 POLL_SECONDS = 1.0
 
 Progress = Callable[[int, int, dict[str, Any]], None]
@@ -68,9 +79,10 @@ def run_job(context: JobContext, spec: JobSpec, config: ConsortiumConfig) -> Fin
         return read_kept(context, key, config)
     label = spec.label(folds=plan.folds, seeds=plan.seeds, first_round=first)
     he = "on" if plan.he else "off"
-    say(f"federated job{label}: {len(config.members)} members x {total} rounds in {plan.env} (HE {he})")
+    masks = "on" if config.secure_aggregation() else "off"
+    say(f"federated job{label}: {len(config.members)} members x {total} rounds in {plan.env} (HE {he}, masks {masks})")
     if not plan.he:
-        say(PLAINTEXT_WARNING)
+        say(plaintext_warning(config))
     while True:  # once, or again from the next round when a restarted member is back (POC)
         recipe = build_recipe(
             config,
@@ -89,7 +101,9 @@ def run_job(context: JobContext, spec: JobSpec, config: ConsortiumConfig) -> Fin
             with watch_rounds(plan.out / "flare", total, context.progress, first_round=first):
                 # audited as FLARE returns the job id, before any round: job_submitted precedes what follows
                 context.backend.submit(
-                    recipe, rounds=total - first, submitted=partial(submission.record, context.audit)
+                    recipe,
+                    rounds=total - first,
+                    submitted=partial(submission.record, context.audit, backend=context.backend),
                 )
                 outcome = context.backend.wait(timeout=plan.timeout)
         except MemberRejoined as exc:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from consortium.backends.admin_kit import AdminKit, install_member_keys, member_context
+from consortium.backends.admin_kit import AdminKit, install_member_keys, mask_key_problems, member_context
 from consortium.backends.ports import check_ports_free
 from consortium.job_audit import custodian_keys
 from consortium.run_folder import check_run_folder, check_statistics_folder, consortium_inputs
@@ -218,6 +218,14 @@ def _kits(config: ConsortiumConfig, options: RunOptions, *, he: bool) -> dict[st
             "encrypted aggregate. Give a lead's kit from a folder that also holds its member's kit, or submit the "
             "job with 'nvflare job submit' and release it at a member with 'consortium release --job ID --kit "
             "LEAD_KIT --keys MEMBER_KIT'"
+        )
+    masks = mask_key_problems(kit, config)
+    if masks:
+        raise PlanError(
+            f"--startup-kit {kit.folder}: {config.source} uses secure aggregation (privacy.secure_aggregation) and "
+            f"the member kits beside it cannot mask:\n  " + "\n  ".join(masks) + "\nEach member runs 'consortium "
+            "keys masks --config consortium.yaml --kit KITS/<member> --public DIR' on its own kit (again once DIR "
+            "holds every member's public file), then 'consortium keys verify'"
         )
     return {"kit": kit, "member_keys": secret}
 

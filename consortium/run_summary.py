@@ -59,7 +59,7 @@ def render_summary(report: Mapping[str, Any], *, report_path: Path, markdown_pat
     say(
         f"{timing['rounds']} rounds in {timing['seconds_total']:.0f} s, "
         f"{timing['bytes_received_per_round']:,} bytes received per round; HE "
-        f"{'on' if report['privacy']['he'] else 'off'}"
+        f"{'on' if report['privacy']['he'] else 'off'}, masks {'on' if _masked(report) else 'off'}"
     )
     jobs = report.get("job_ids") or ([report["job_id"]] if report.get("job_id") else [])
     if jobs:
@@ -174,3 +174,8 @@ def _biomarkers(report: Mapping[str, Any], *, say) -> None:
     planted = bio.get("consensus_planted_in_top")
     if planted:
         say(f"{planted['planted']} of the top {planted['k']} consensus biomarkers were planted")
+
+
+def _masked(report: dict) -> bool:
+    """Whether the run's members masked what they sent (``privacy.secure_aggregation``; absent in older reports)."""
+    return bool((report["privacy"].get("secure_aggregation") or {}).get("enabled"))

@@ -78,6 +78,8 @@ def data_residency(config: ConsortiumConfig, *, he: bool) -> list[dict[str, str]
     crossed = (
         "encrypted (CKKS) model updates and summed statistics; the operator adds ciphertexts it cannot read"
         if he
+        else "model updates and statistics under pairwise masks: the operator reads only their sum"
+        if config.secure_aggregation()
         else "model updates and statistics in plaintext: the operator reads each member's pieces as they arrive"
     )
     return [

@@ -16,7 +16,7 @@ from consortium.backends.open import open_backend
 from consortium.job_audit import Submission, custodian_keys
 from consortium.report import write_biomarker_tables
 from consortium.run_folder import check_statistics_folder, empty_for_force, run_lock
-from consortium.run_job import PLAINTEXT_WARNING, record_job
+from consortium.run_job import plaintext_warning, record_job
 from consortium.run_plan import RunPlan
 from consortium.run_results import FinishedJob
 from consortium.shared_model import tracking_uri_for
@@ -88,7 +88,7 @@ def run_summed_job(
         members = f"{len(config.members)} members"
         say(f"{what.format(members=members)} in {env} (HE {'on' if he else 'off'})")
         if not he:
-            say(PLAINTEXT_WARNING)
+            say(plaintext_warning(config))
         recipe = build_recipe(
             config,
             he=he,
@@ -99,7 +99,7 @@ def run_summed_job(
             feasibility=feasibility,
         )
         submission = Submission(config, env, he, rounds, None, keys)
-        backend.submit(recipe, rounds=rounds, submitted=partial(submission.record, audit))
+        backend.submit(recipe, rounds=rounds, submitted=partial(submission.record, audit, backend=backend))
         return record_job(backend.wait(timeout=plan.timeout), config, audit, total=rounds, keys=keys)
 
 

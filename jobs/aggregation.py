@@ -30,6 +30,8 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from jobs.he.context import WorkspaceContext, load_context_from_workspace, public_fingerprint
+from jobs.he.masked_words import WordSum, is_masked_dxo
+from jobs.he.masks import mask_ciphertexts
 from jobs.he.payload import DATA_KEY, ENCRYPTED_KIND, CiphertextSum, EncryptedUpdate, is_encrypted_dxo
 from jobs.published import KIND_ROUND, RECORDS_LOCK, append_digest, file_digest, records_digest, run_folder
 from jobs.sections import SECTIONS_META, add_sections, sections_of
@@ -59,6 +61,9 @@ class SectionSumAggregator(Aggregator):
         self.tenseal_context_file = tenseal_context_file
         self._he = WorkspaceContext(tenseal_context_file, private=False) if self.he else None
         self._lock = threading.Lock()
+        self.unmask = None
+        """Under secure aggregation: ``(binding, {section: revealed self masks})`` to take off the sum
+        (:class:`jobs.secure_round.MaskedRound` sets it for the round's aggregation)."""
         self.reset(None)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
@@ -96,6 +101,14 @@ class SectionSumAggregator(Aggregator):
                 self._cipher = CiphertextSum(self._he.get(fl_ctx))
             self._cipher.add(EncryptedUpdate.from_dxo(dxo))
             return
+        if is_masked_dxo(dxo):
+            if self._sums:
+                raise ValueError("masked words after plaintext sections in one round; every member masks or none")
+            self._words = self._words or WordSum()
+            self._words.add(dxo)
+            return
+        if self._words is not None:
+            raise ValueError("plaintext sections after masked words in one round; every member masks or none")
         if is_encrypted_dxo(dxo) or dxo.data_kind != DataKind.WEIGHTS:
             raise ValueError(f"expected plaintext sections (WEIGHTS), got {dxo.data_kind}")
         sections = sections_of(dxo.meta)
@@ -115,8 +128,22 @@ class SectionSumAggregator(Aggregator):
                 if self._cipher is None:
                     raise RuntimeError("no member sent an encrypted update this round; check the members' logs")
                 result = self._cipher.result()
+                if self.unmask is not None:
+                    binding, sources = self.unmask
+                    context = self._he.get(fl_ctx)
+                    for name, part in result.sections.items():
+                        if sources.get(name):
+                            part.chunks = mask_ciphertexts(
+                                context, sources[name], binding, section=name, chunks=part.chunks, subtract=True
+                            )
                 result.meta.update(round_meta)
                 dxo = result.to_dxo()
+            elif self._words is not None:
+                if self.unmask is None:
+                    raise RuntimeError("masked words but no revealed self masks; the workflow must open the round")
+                binding, sources = self.unmask
+                dxo = self._words.result(unmask=sources, binding=binding)
+                dxo.meta.update(round_meta)
             else:
                 if not self._sections:
                     raise RuntimeError("no member sent an update this round; check the members' logs")
@@ -131,6 +158,7 @@ class SectionSumAggregator(Aggregator):
             self._sums: dict[str, np.ndarray] = {}
             self._sections = None
             self._cipher: CiphertextSum | None = None
+            self._words: WordSum | None = None
 
 
 class SectionShareableGenerator(ShareableGenerator):

@@ -30,12 +30,14 @@ from jobs.executor import InstalledClientScript
 from jobs.flare_tuning import SimulatorTaskPacing
 from jobs.he.filters import DecryptAggregate, EncryptSections
 from jobs.job_end import MarkJobEnded
+from jobs.member_masks import COMPONENT_ID as MASKS_ID
+from jobs.member_masks import MaskWords, MemberMasks, SecureAggregationTasks
 from jobs.published import PublishedResultsRecorder
 from jobs.tracking import MemberRuns, member_params
 from jobs.workflow import SumScatterAndGather
 from schema import settings
 from schema.config import ConsortiumConfig
-from schema.names import HE_SCOPE, KEY_METRIC, TRAIN_TASK
+from schema.names import HE_SCOPE, KEY_METRIC, SECAGG_RESEND_TASK, SECAGG_REVEAL_TASK, TRAIN_TASK
 
 CLIENT_SCRIPT = Path(__file__).resolve().with_name("client.py")
 HE_SIM_ENV_ERROR = (
@@ -130,11 +132,13 @@ class ConsortiumRecipe(Recipe):
         round_deadline: float = 600.0,
         first_round: int = 0,
         resume_from: str = "",
+        secure_aggregation: dict | None = None,
     ) -> None:
         """``min_clients`` members must answer each round; with fewer than ``all_clients``, a round waits
         up to ``round_deadline`` seconds for the others, then goes on without them. A job continuing an
         interrupted one runs rounds ``first_round`` to ``num_rounds - 1`` from the aggregate stored at
-        ``resume_from`` (a path at the server)."""
+        ``resume_from`` (a path at the server). ``secure_aggregation`` (``{"holders": {endpoint: [members]},
+        "min_members": n}``) has the members mask what they send (:mod:`jobs.member_masks`)."""
         if num_rounds < 1:
             raise ValueError(f"num_rounds={num_rounds}; a federated run needs at least one round")
         if not 0 <= first_round < num_rounds or bool(first_round) != bool(resume_from):
@@ -143,6 +147,8 @@ class ConsortiumRecipe(Recipe):
                 f"round below num_rounds={num_rounds}, from a stored aggregate"
             )
         self.name, self.min_clients, self.num_rounds, self.he = name, min_clients, num_rounds, he
+        self.secure_aggregation = secure_aggregation is not None
+        masking = secure_aggregation or {}
         job = BaseFedJob(name=name, min_clients=min_clients, key_metric=KEY_METRIC, key_metric_mode="max")
         job_model = recipe_model_to_job_model(model) if isinstance(model, dict) else model
         persistor = SectionAggregatePersistor(model=job_model, resume_from=resume_from)
@@ -168,6 +174,9 @@ class ConsortiumRecipe(Recipe):
                 # aggregation and the next round's start (0.1-0.4 s here); the summed sections are freed
                 # by reference counting anyway
                 memory_gc_rounds=0,
+                secure_aggregation=self.secure_aggregation,
+                holders=masking.get("holders"),
+                min_members=int(masking.get("min_members") or 0),
             )
         )
         job.to_server({"server": {"task_request_interval": TASK_REQUEST_INTERVAL}})
@@ -182,14 +191,29 @@ class ConsortiumRecipe(Recipe):
             )
         )
         job.to_clients({"default_task_fetch_interval": CLIENT_TASK_FETCH_INTERVAL})
+        self.member_masks: MemberMasks | None = None
+        if self.secure_aggregation:
+            self.member_masks = MemberMasks(
+                he=he, holders=masking.get("holders"), min_members=masking.get("min_members")
+            )
+            job.to_clients(self.member_masks, id=MASKS_ID)
+            job.to_clients(SecureAggregationTasks(), tasks=[SECAGG_RESEND_TASK, SECAGG_REVEAL_TASK])
+            if not he:
+                job.to_clients(MaskWords(), tasks=[TRAIN_TASK], filter_type=FilterType.TASK_RESULT)
         if he:
             job.to_clients(DecryptAggregate(), tasks=[TRAIN_TASK], filter_type=FilterType.TASK_DATA)
-            job.to_clients(EncryptSections(), tasks=[TRAIN_TASK], filter_type=FilterType.TASK_RESULT)
+            encrypt = EncryptSections(secure_aggregation=self.secure_aggregation)
+            job.to_clients(encrypt, tasks=[TRAIN_TASK], filter_type=FilterType.TASK_RESULT)
         super().__init__(job)
         self.fed_job = job  # what later additions go to (the recipe's own attribute is private)
         self._simulator_paced = False
         if he:
             set_recipe_meta(self, JobMetaKey.SCOPE, HE_SCOPE)
+
+    def use_key_folder(self, folder: Path) -> None:
+        """Simulated members: their mask keys are in ``folder/<member>/`` (not in a kit's ``startup/``)."""
+        if self.member_masks is not None:
+            self.member_masks.key_folder = str(Path(folder).resolve())
 
     def process_env(self, env: ExecEnv) -> None:
         from nvflare.recipe.sim_env import SimEnv
@@ -264,16 +288,26 @@ def build_recipe(
             statistics_only=statistics_only,
             first_round=first_round,
             feasibility=feasibility,
-            member_counts=bool(feasibility) and not he,  # a plaintext job: the operator reads each update anyway
+            # a plaintext job without masks: the operator reads each update anyway
+            member_counts=bool(feasibility) and not he and not config.secure_aggregation(),
         ),
         he=he,
         first_round=first_round,
         resume_from=str(Path(resume_from).resolve()) if resume_from else "",
+        secure_aggregation=masking_plan(config),
     )
     _add_tracking(recipe, config, he=he, tracking_uri=tracking_uri or config.tracking.uri, rounds=num_rounds)
     # last of the server's components: it handles the job's end after every other one has
     recipe.fed_job.to_server(MarkJobEnded(), id="job_end")
     return recipe
+
+
+def masking_plan(config: ConsortiumConfig) -> dict | None:
+    """What the job's masks need from ``consortium.yaml``, or None without secure aggregation."""
+    if not config.secure_aggregation():
+        return None
+    holders = {name: list(info["members"]) for name, info in config.endpoints().items()}
+    return {"holders": holders, "min_members": config.min_members()}
 
 
 def _add_tracking(recipe: Recipe, config: ConsortiumConfig, *, he: bool, tracking_uri: str | None, rounds: int) -> None:

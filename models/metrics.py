@@ -187,8 +187,11 @@ def calibration_slope(y_true: np.ndarray, logit: np.ndarray) -> float:
     unpenalized): 1 for calibrated probabilities, below 1 when they are too extreme (overfitting), above 1
     when too timid. ``nan`` with fewer than :data:`MIN_CALIBRATION_LABELS` labels, fewer than 5 of a class,
     or a fit that does not converge (the labels separated by the logit)."""
-    import statsmodels.api as sm  # imported where used: a member without a binary endpoint never loads it
+    # imported where used (a member without a binary endpoint never loads it), and the model's own module,
+    # not statsmodels.api (which loads all of it, time series and scipy.signal included: ~25 MB more)
+    from statsmodels.discrete.discrete_model import Logit
     from statsmodels.tools.sm_exceptions import PerfectSeparationError, PerfectSeparationWarning
+    from statsmodels.tools.tools import add_constant
 
     y, s = _observed(y_true, logit)
     positives = int((y == 1).sum())
@@ -199,7 +202,7 @@ def calibration_slope(y_true: np.ndarray, logit: np.ndarray) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("error", PerfectSeparationWarning)
         try:
-            fit = sm.Logit((y == 1).astype(float), sm.add_constant(s, has_constant="add")).fit(disp=0, maxiter=100)
+            fit = Logit((y == 1).astype(float), add_constant(s, has_constant="add")).fit(disp=0, maxiter=100)
         except (PerfectSeparationError, PerfectSeparationWarning, np.linalg.LinAlgError):
             return float("nan")
     if not fit.mle_retvals.get("converged", False):

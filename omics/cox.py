@@ -85,11 +85,18 @@ class _Efron:
     c345: np.ndarray  # (3, T): sum_l phi^j / S0_l^2 for j = 0, 1, 2
     loglik: float
 
-    def sums(self, A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Risk-set and tied-set weighted sums of the columns of ``A`` (sorted), each ``(T, k)``."""
-        wA = self.w[:, None] * A
-        risk = np.cumsum(wA[::-1], axis=0)[::-1][self.start]
-        return risk, np.add.reduceat(wA[self.rows], self.first, axis=0)
+    def sums(self, A: np.ndarray, *, overwrite: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Risk-set and tied-set weighted sums of the columns of ``A`` (sorted), each ``(T, k)``;
+        ``overwrite``: ``A`` (float64) is the work array, no (samples x k) copy is made (same values)."""
+        if overwrite:
+            A *= self.w[:, None]
+            wA = A
+        else:
+            wA = self.w[:, None] * A
+        tied = np.add.reduceat(wA[self.rows], self.first, axis=0)
+        backwards = wA[::-1]
+        np.cumsum(backwards, axis=0, out=backwards)  # a running sum in place: the same additions in order
+        return wA[self.start], tied
 
     def cross(self, AR, AD, BR, BD) -> np.ndarray:
         """``sum_t sum_l S1A_l S1B_l' / S0_l^2`` from the risk-set and tied-set sums of A and B."""
@@ -254,12 +261,13 @@ def site_cox_score_pieces(X, time, event, Z, beta, *, measured=None, rows=None) 
         mean = x.mean(axis=0)
         x -= mean  # U_x, I_xx and I_xz do not change when x shifts; centering keeps the sums well conditioned
         contributes = np.einsum("ij,ij->j", x, x) / n > _RELATIVE_ZERO_VARIANCE * (1.0 + mean**2)
-        XR, XD = efron.sums(x)
         c3, c4, c5 = efron.c345[:, :, None]
         ax = efron.a[:, None] * x
         out["score_x"][block, 0] = np.where(contributes, residual @ x, 0.0)
         weighted, ax_z = np.einsum("ij,ij->j", ax, x), ax.T @ Zs
-        del ax, x  # the block's (samples x features) arrays, before the (event times x features) ones below
+        del ax
+        XR, XD = efron.sums(x, overwrite=True)  # x's last use: its risk-set sums are made in it
+        del x  # the block's (samples x features) array, before the (event times x features) ones below
         # XR * (XR * c3 - 2.0 * XD * c4) + XD * XD * c5, in place: the same operations, two temporaries
         inner, other = XR * c3, np.multiply(2.0, XD)
         other *= c4

@@ -118,7 +118,8 @@ def site_linear_statistics(
                 "impute them or mark them False in `measured`"
             )
         total = y.sum(axis=0)
-        yc = y - total / n
+        yc = y  # centered in place (``y`` is the block's own copy): no second (samples x block) array
+        yc -= total / n
         out["xty"][block] = weight * (yc.T @ xc)
         out["yty"][block] = weight * np.einsum("ij,ij->j", yc, yc)
         out["ysum"][block] = total

@@ -224,6 +224,8 @@ class Training(_Strict):
         return widths
 
 
+SECURE_AGGREGATION_FLOOR = 3
+"""Fewest members a masked round may have (jobs.he.masks.FLOOR_MEMBERS): with two, the sum reveals the other."""
 _MAX_COEFF_BITS = {4096: 109, 8192: 218, 16384: 438}  # SEAL's limits for 128-bit security
 
 
@@ -267,6 +269,11 @@ class DifferentialPrivacy(_Strict):
 class Privacy(_Strict):
     he: HomomorphicEncryption = HomomorphicEncryption()
     dp: DifferentialPrivacy = DifferentialPrivacy()
+    secure_aggregation: bool | None = Field(
+        default=None,
+        description="Pairwise masks under what each member sends, cancelling only in the sum (docs/governance.md); "
+        "default: on where every round has at least 3 members (3 or more members, training.min_members >= 3).",
+    )
 
 
 class Tracking(_Strict):
@@ -330,6 +337,23 @@ class ConsortiumConfig(_Strict):
         if self.feasibility is not None:
             self.feasibility.check_members(m.name for m in self.members)
         return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_members(self) -> ConsortiumConfig:
+        if self.privacy.secure_aggregation and self.min_members() < SECURE_AGGREGATION_FLOOR:
+            raise ValueError(
+                f"privacy.secure_aggregation is true but a round may close with {self.min_members()} members "
+                f"(training.min_members, {len(self.members)} members): masks need at least "
+                f"{SECURE_AGGREGATION_FLOOR} in every round, since with two each reads the other's update from the "
+                "sum; set training.min_members to 3 or more (with 3+ members), or secure_aggregation: false"
+            )
+        return self
+
+    def secure_aggregation(self) -> bool:
+        """Whether members mask what they send (``privacy.secure_aggregation``; by default where every round
+        has at least 3 members)."""
+        chosen = self.privacy.secure_aggregation
+        return self.min_members() >= SECURE_AGGREGATION_FLOOR if chosen is None else bool(chosen)
 
     @model_validator(mode="after")
     def _one_org_per_member(self) -> ConsortiumConfig:

@@ -23,6 +23,16 @@ SERVER_CONTEXT_FILE = "server_context.tenseal"
 """The operator's public CKKS context, in the server kit's ``startup/``."""
 HE_MANIFEST_FILE = "he_context.json"
 
+# -- secure aggregation (pairwise masks) ----------------------------------------------------------
+MASK_KEY_FILE = "mask_key.x25519"
+"""A member's X25519 private mask key (32 raw bytes, mode 0600), made in its own kit's ``startup/``; never sent."""
+MASK_PUBLIC_KEYS_FILE = "mask_public_keys.json"
+"""Every member's public mask key (hex, by site name), in each member kit's ``startup/``."""
+SECAGG_RESEND_TASK = "secagg_resend"
+"""The server asks a round's remaining members for their update again, masked for the shorter list."""
+SECAGG_REVEAL_TASK = "secagg_reveal"
+"""The server asks a round's contributors for the self-mask seed of the exchange it will open."""
+
 # -- what a federated job leaves behind at the server ---------------------------------------------
 GLOBAL_MODEL_FILE = "FL_global_model.sections"
 """The final aggregate the server stores: plaintext sums, or ciphertext sums under HE."""

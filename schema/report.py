@@ -44,10 +44,34 @@ class Biomarkers(_Open):
     consensus: list[dict[str, Any]]
 
 
+class Quantization(_Open):
+    """Secure aggregation without HE: values travel as fixed-point words modulo 2^64 (jobs.he.fixed_point)."""
+
+    fraction_bits: int
+    members: int
+    error_bound_sum: float = Field(description="largest error of a summed value against the exact sum: n * 2^-(f+1)")
+    value_limit: float = Field(description="largest |value| one member may send (the sum cannot wrap)")
+
+
+class SecureAggregation(_Open):
+    """Pairwise masks that cancel only in the sum (issue 26, docs/governance.md)."""
+
+    enabled: bool
+    why_off: str | None = None
+    members_per_round: int = Field(description="the fewest members a round may have (training.min_members)")
+    colluders_tolerated: int = Field(description="members that may join the operator and learn nothing more")
+    threat_model: str
+    aggregate_reveals: str
+    quantization: Quantization | None = None
+
+
 class Privacy(_Open):
     he: bool
     dp: bool
     shared: str
+    secure_aggregation: SecureAggregation | None = Field(
+        default=None, description="always written since secure aggregation exists; absent in older reports"
+    )
 
 
 class Timing(_Open):

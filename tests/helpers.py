@@ -214,10 +214,10 @@ def listening(port: int, *, pid: int | None = None) -> bool:
 
 @contextlib.contextmanager
 def running_kits(config_path: Path, kits: Path, *, he: bool = True, timeout: float = 120):
-    """A consortium provisioned from ``config_path`` into ``kits`` (with the key ceremony when ``he``), its
-    server and every member site started from their own kits on loopback (each site reads
-    ``CONSORTIUM_CONFIG``); yields the config once every member is connected, stops them all on the way out.
-    The config's operator ports must be free (:func:`free_ports`)."""
+    """A consortium provisioned from ``config_path`` into ``kits`` (with the key ceremony when ``he``, and
+    every member's mask key under secure aggregation), its server and every member site started from their
+    own kits on loopback (each site reads ``CONSORTIUM_CONFIG``); yields the config once every member is
+    connected, stops them all on the way out. The config's operator ports must be free (:func:`free_ports`)."""
     from nvflare.fuel.flare_api.flare_api import new_secure_session
 
     from consortium.cli import main as cli
@@ -232,6 +232,8 @@ def running_kits(config_path: Path, kits: Path, *, he: bool = True, timeout: flo
             ["keys", "create", "--config", str(config_path), "--out", str(keys)],
             ["keys", "install", "--config", str(config_path), "--kits", str(kits), "--keys", str(keys)],
         ]
+    if config.secure_aggregation():  # every member's mask key on this one machine (each member's own step)
+        steps.append(["keys", "masks", "--config", str(config_path), "--kits", str(kits)])
     for step in steps:
         assert cli(step) == 0, f"consortium {' '.join(step)} failed"
     operator = config.operator

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from consortium.backends.base import ADMIN_CONFIG
+from provisioning.mask_keys import verify_masks
 from provisioning.project import member_lead
 from schema.config import ConsortiumConfig
 from schema.errors import UserError
@@ -45,6 +46,28 @@ def member_context(kit: AdminKit, config: ConsortiumConfig) -> Path | None:
         if member_lead(member) == kit.username and path.is_file():
             return path
     return None
+
+
+def lead_member_startup(kit: AdminKit, config: ConsortiumConfig) -> Path | None:
+    """The ``startup/`` of the member whose lead ``kit`` logs in as, beside the admin kit; ``None`` where
+    this machine holds no such kit."""
+    for member in config.members:
+        folder = kit.folder.parent / member.name / "startup"
+        if member_lead(member) == kit.username and folder.is_dir():
+            return folder
+    return None
+
+
+def mask_key_problems(kit: AdminKit, config: ConsortiumConfig) -> list[str]:
+    """Where ``config`` uses secure aggregation: what keeps the member kits beside ``kit`` (those this
+    machine holds) from masking, each naming its file; empty when they are ready or none is here."""
+    if not config.secure_aggregation():
+        return []
+    here = [m.name for m in config.members if (kit.folder.parent / m.name / "startup").is_dir()]
+    if not here:
+        return []
+    report = verify_masks(kit.folder.parent, config=config, sites=here)
+    return [f"{finding.path}: {finding.problem}" for finding in report.findings]
 
 
 def install_member_keys(secret: Path, folder: Path) -> Path:

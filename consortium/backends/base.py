@@ -10,6 +10,7 @@ starts (processes, a POC system, a simulator still ending) it ends on :meth:`Bac
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 from consortium.flare_env import JobOutcome
@@ -32,6 +33,10 @@ class Backend(Protocol):
     """Runs one job at a time."""
 
     name: str
+    mask_keys: Path | None
+    """Where secure aggregation masks: a member's key folder on this machine holding the members' public
+    mask keys (``mask_public_keys.json``), once the system is up; its fingerprints go into the job's audit
+    entry. ``None`` where this machine holds none."""
 
     def submit(self, recipe, *, rounds: int, submitted: Submitted | None = None) -> str:
         """Start ``recipe``'s job of ``rounds`` rounds; its id."""

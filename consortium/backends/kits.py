@@ -16,6 +16,12 @@ holds the lead's member kit, beside the admin kit as ``consortium provision`` wr
 :func:`~consortium.backends.admin_kit.member_context` finds it and
 :func:`~consortium.backends.admin_kit.install_member_keys` puts the key pair in the run's key folder.
 Elsewhere the run plan refuses the run and says to release the job at a member with ``consortium release``.
+
+Secure aggregation: each member site masks with the key in its own kit (``consortium keys masks``). The run
+plan refuses a run whose member kits on this machine (beside the admin kit) lack their mask keys or the
+members' list (:func:`~consortium.backends.admin_kit.mask_key_problems`), before anything is submitted; the
+job's audit entry records the fingerprints of the lead's member kit's list. Kits elsewhere are their
+members' to check (``consortium keys verify``); a site without its keys fails its first round.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from consortium.backends.admin_kit import LOGIN_TIMEOUT, AdminKit
+from consortium.backends.admin_kit import LOGIN_TIMEOUT, AdminKit, lead_member_startup
 from consortium.backends.base import Submitted
 from consortium.backends.poc import SERVER_STOPPED, wait_until_finished
 from consortium.flare_env import FederatedRunError, JobInterrupted, JobOutcome
@@ -57,6 +63,7 @@ class KitsBackend:
 
     def __init__(self, config: ConsortiumConfig, workspace: Path, *, kit: AdminKit) -> None:
         self.config, self.workspace, self.kit = config, workspace, kit
+        self.mask_keys = lead_member_startup(kit, config) if config.secure_aggregation() else None
         self._run = None  # nvflare.recipe.Run of the submitted job
         self._job_id: str | None = None
         self._rounds = 0

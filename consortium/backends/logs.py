@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exceeded|Leak)\w*: ")
+_LOGGED_CAUSE = re.compile(r" - ((?:MaskRefused|SecureAggregationFailed): .*)$")
+"""A cause a component logs without a traceback (secure aggregation's refusals: jobs.member_masks)."""
 
 
 def first_errors(folder: Path | None, job_id: str | None = None, *, limit: int = 4) -> str:
@@ -19,8 +21,10 @@ def first_errors(folder: Path | None, job_id: str | None = None, *, limit: int =
             continue
         site = log_file.relative_to(folder).parts[0]
         for line in log_file.read_text(errors="replace").splitlines():
-            if _EXCEPTION_LINE.match(line):
-                found.setdefault(f"  {site}: {line.strip()[:300]}", None)
+            logged = _LOGGED_CAUSE.search(line)
+            if _EXCEPTION_LINE.match(line) or logged:
+                shown = logged.group(1) if logged else line.strip()
+                found.setdefault(f"  {site}: {shown[:300]}", None)
     ranked = sorted(found, key=lambda shown: "abort" in shown)
     return "\nerrors in the logs:\n" + "\n".join(ranked[:limit]) if ranked else ""
 

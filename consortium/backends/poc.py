@@ -59,6 +59,7 @@ class PocBackend:
         self._job_id: str | None = None
         self._rounds = 0
         self._handed_over: list[Path] = []  # copies of rejoined jobs' stored rounds, made here
+        self.mask_keys: Path | None = None  # a member kit's startup/ once the system is up (secure aggregation)
 
     def submit(self, recipe, *, rounds: int, submitted: Submitted | None = None) -> str:
         from nvflare.recipe import ProdEnv
@@ -66,6 +67,8 @@ class PocBackend:
         self._remove_handed_over()
         if self._prod is None:
             self._prod = self._system.enter_context(poc_system(self.config, self.workspace, keys=self.keys))
+            if self.config.secure_aggregation():
+                self.mask_keys = self._prod / self.config.members[0].name / "startup"
         lead = member_lead(self.config.members[0])
         env = ProdEnv(startup_kit_location=str(self._prod / lead), username=lead, login_timeout=30)
         self._run, self._job_id, self._rounds = None, None, rounds

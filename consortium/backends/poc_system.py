@@ -1,7 +1,9 @@
 """A POC system on this machine: NVFlare's own ``nvflare poc`` tooling driven through its public command
 line, with the project that :mod:`provisioning.project` builds for production and the site policies of
 :mod:`provisioning.policies`; under HE the member key custodian's contexts (never NVFlare's HEBuilder)
-are installed into the kits with :func:`provisioning.he_keys.install_keys`.
+are installed into the kits with :func:`provisioning.he_keys.install_keys`, and under secure aggregation
+each member kit gets its mask key and the members' list
+(:func:`provisioning.mask_keys.ceremony_on_one_machine`: one machine plays every member).
 
 Everything lies under the ``workspace`` folder given: ``project.yml`` and the POC workspace (kits, logs,
 job results). Also here: what the command can see of the server on this machine (its ports), and the
@@ -30,6 +32,7 @@ from consortium.flare_env import FederatedRunError
 from consortium.processes import stop_processes_under
 from consortium.results import JobResults, read_records
 from provisioning.he_keys import install_keys
+from provisioning.mask_keys import ceremony_on_one_machine
 from provisioning.policies import write_site_policies
 from provisioning.project import build_project, member_lead
 from schema.config import ConsortiumConfig
@@ -69,6 +72,9 @@ def poc_system(
         write_site_policies(prod / member.name, config=config, member_site=keys is not None, lead_byoc=True)
     if keys is not None:
         install_keys(prod, keys, config=config)
+    if config.secure_aggregation():
+        # one machine plays every member: each kit's mask key made in its own startup/, the list in each
+        ceremony_on_one_machine(prod, config=config)
     try:
         try:
             _nvflare(

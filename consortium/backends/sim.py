@@ -30,6 +30,7 @@ from consortium.backends.logs import first_errors
 from consortium.backends.threads import environment, shared_threads
 from consortium.flare_env import INTERRUPTED, FederatedRunError, JobInterrupted, JobOutcome
 from consortium.processes import signal_processes_under, stop_processes_under
+from jobs.he.mask_files import make_member_keys
 from schema.config import ConsortiumConfig
 from schema.names import JOB_ENDED_FILE, PUBLISHED_FILE
 
@@ -111,6 +112,7 @@ class SimBackend:
     server writes its log (from then on this process only waits)."""
 
     name = "sim"
+    mask_keys: Path | None = None
 
     def __init__(self, config: ConsortiumConfig, workspace: Path, *, started: Callable[[], None] | None = None):
         self.config, self.workspace, self._started = config, workspace, started
@@ -122,6 +124,8 @@ class SimBackend:
             self._ending.finish()
             self._ending = None
         self._job = _SimJob(recipe, self.config, self.workspace)
+        if getattr(recipe, "secure_aggregation", False):  # the members' public mask keys, for the audit log
+            self.mask_keys = self.workspace / "mask_keys" / self.config.members[0].name
         self._job.start(submitted)
         return recipe.name
 
@@ -156,6 +160,11 @@ class _SimJob:
         from nvflare.recipe import SimEnv
 
         self.recipe, self.config = recipe, config
+        if getattr(recipe, "secure_aggregation", False):
+            # simulated members on one machine: each one's mask key in its own folder of the workspace
+            folder = workspace / "mask_keys"
+            make_member_keys(folder, [m.name for m in config.members])
+            recipe.use_key_folder(folder)
         self.sim = SimEnv(clients=[m.name for m in config.members], workspace_root=str(workspace))
         self.logs = workspace / recipe.name
         self.since = time.time()

@@ -1,7 +1,10 @@
-"""``consortium keys create|install|verify``: the HE key ceremony, run by a member's key custodian.
+"""``consortium keys create|install|verify``: the HE key ceremony, run by a member's key custodian;
+``consortium keys masks``: each member's mask key for secure aggregation, made in its own kit.
 
 The custodian runs it on its own machine (the operator must never see ``client_context.tenseal``) and
 records each step in its own audit log, ``<keys>/audit.jsonl``, signed with ``<keys>.custodian/audit.key``.
+Mask keys (:mod:`provisioning.mask_keys`) are made by each member in its own kit; ``keys verify`` checks
+them too where the consortium uses secure aggregation, and records their fingerprints.
 """
 
 from __future__ import annotations
@@ -27,11 +30,15 @@ from consortium.commands.signed_log import (
     operator_key,
     record,
 )
+from schema.errors import UserError
 
 if TYPE_CHECKING:
     from provisioning.he_keys import KeyReport
+    from provisioning.mask_keys import Ceremony, MaskReport
 
-keys_app = typer.Typer(help="The HE key ceremony, run by a member's key custodian (never the operator).")
+keys_app = typer.Typer(
+    help="The HE key ceremony, run by a member's key custodian (never the operator); each member's mask key."
+)
 
 
 @keys_app.command("create")
@@ -171,6 +178,11 @@ def keys_verify(
     report = he_keys.verify_keys(
         kits_dir, config=consortium, sites=site or None, fingerprint=fingerprint, workspace=workspace
     )
+    masks = None
+    if consortium.secure_aggregation():
+        from provisioning.mask_keys import verify_masks
+
+        masks = verify_masks(kits_dir, config=consortium, sites=site or None, workspace=workspace)
     kits_log = Path(kits_dir) / AUDIT_FILE
     key = signing_key or operator_key(kits_dir)
     if signing_key is None and not key.exists():
@@ -184,20 +196,143 @@ def keys_verify(
         log_path = Path(audit or kits_log)
         follows = (kits_dir,) if log_path.resolve() != kits_log.resolve() else ()
         log = open_log(log_path, key, kits=kits_dir, follows=follows, as_json=as_json)
+        mask_details = {} if masks is None else {"masks_ok": masks.ok, "mask_fingerprints": masks.fingerprints}
         record(
             log,
             EVENT_KEYS_VERIFIED,
             as_json=as_json,
-            ok=report.ok,
+            ok=report.ok and (masks is None or masks.ok),
             fingerprint=report.fingerprint,
             scanned=report.scanned,
-            findings=[f"{f.path}: {f.problem}" for f in report.findings],
+            findings=[f"{f.path}: {f.problem}" for f in [*report.findings, *(masks.findings if masks else [])]],
+            **mask_details,
         )
     if as_json:
-        echo_json(_key_report_dict(report))
+        echo_json({**_key_report_dict(report), **({"masks": _mask_report_dict(masks)} if masks else {})})
     else:
         _print_report(report)
+        if masks is not None:
+            _print_mask_report(masks)
     report.raise_for_failure()
+    if masks is not None:
+        masks.raise_for_failure()
+
+
+@keys_app.command("masks")
+def keys_masks(
+    config: Path = CONFIG_OPTION,
+    kit: Path | None = typer.Option(
+        None, "--kit", help="Your member kit (KITS/<member>): its mask key is made there and never leaves it."
+    ),
+    kits_dir: Path | None = typer.Option(
+        None,
+        "--kits",
+        help="A folder holding every member kit: each gets a key and the list (one machine only: POC, tests, demos).",
+    ),
+    public: Path | None = typer.Option(
+        None,
+        "--public",
+        help="Folder of the members' public key files (<member>.maskpub.json): yours is written there, and the "
+        "list is installed once it holds every member's. Default with --kit: the kit's parent folder.",
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Make a member's mask key (secure aggregation) in its own kit and install every member's public key.
+
+    Each member runs it on its own machine: ``--kit KITS/<member> --public DIR`` makes the private key in
+    ``startup/`` (it never leaves the kit) and writes DIR/<member>.maskpub.json to hand on; once DIR holds
+    every member's file, the same command installs the list into the kit. Compare the printed fingerprints
+    with the other members' over a second channel.
+    """
+    from provisioning import mask_keys
+    from schema.config import load_config
+
+    if (kit is None) == (kits_dir is None):
+        raise UserError(
+            "give --kit KITS/<member> (your own member kit) or --kits KITS (every member kit on one machine), "
+            "not both or neither"
+        )
+    consortium = load_config(config)
+    if not consortium.secure_aggregation():
+        notes(as_json).print(
+            Text(
+                f"note: {consortium.source} does not use secure aggregation (privacy.secure_aggregation); jobs "
+                "will not read these keys"
+            )
+        )
+    if kits_dir is not None:
+        ceremony = mask_keys.ceremony_on_one_machine(kits_dir, config=consortium, public_dir=public)
+    else:
+        public = public if public is not None else Path(kit).resolve().parent
+        ceremony = mask_keys.member_ceremony(kit, config=consortium, public_dir=public)
+    if as_json:
+        echo_json(
+            {
+                "keys": [
+                    {
+                        "member": key.member,
+                        "private_key": str(key.private_key),
+                        "created": key.created,
+                        "public_file": str(key.public_file) if key.public_file else None,
+                        "fingerprint": key.fingerprint,
+                    }
+                    for key in ceremony.keys
+                ],
+                "installed": [str(path) for path in ceremony.installed],
+                "fingerprints": ceremony.fingerprints,
+                "missing": ceremony.missing,
+            }
+        )
+        return
+    _print_ceremony(ceremony, public)
+
+
+def _print_ceremony(ceremony: Ceremony, public: Path | None) -> None:
+    for key in ceremony.keys:
+        how = "made" if key.created else "kept (already there)"
+        console.print(Text(f"{key.member}: private mask key {how}: {key.private_key} (never leaves this kit)"))
+        if key.public_file is not None:
+            console.print(Text(f"{key.member}: public key file {key.public_file} (hand it on to every member)"))
+    table = Table("member", "public mask key fingerprint (sha256)", title="mask public keys")
+    for member, value in ceremony.fingerprints.items():
+        table.add_row(Text(member), value)
+    console.print(table)
+    for path in ceremony.installed:
+        console.print(Text(f"installed {path}"))
+    if ceremony.missing:
+        console.print(
+            Text(
+                f"not installed yet: no public key file in {public} for {', '.join(ceremony.missing)}. Once every "
+                "member's <member>.maskpub.json is there, run this command again to install the list"
+            )
+        )
+
+
+def _mask_report_dict(report: MaskReport) -> dict:
+    return {
+        "ok": report.ok,
+        "fingerprints": dict(report.fingerprints),
+        "checked": list(report.checked),
+        "scanned": report.scanned,
+        "findings": [{"path": str(f.path), "problem": f.problem} for f in report.findings],
+    }
+
+
+def _print_mask_report(report: MaskReport) -> None:
+    if report.ok:
+        table = Table("member", "public mask key fingerprint (sha256)", title="mask keys")
+        for member, value in report.fingerprints.items():
+            table.add_row(Text(member), value)
+        console.print(table)
+        console.print(
+            f"[green]ok[/]: every member kit checked holds its own mask key and the same list "
+            f"({len(report.checked)} kits); {report.scanned} server files searched, no member's mask key"
+        )
+        return
+    table = Table("file", "problem", title="mask key verification: findings", show_lines=True)
+    for finding in report.findings:
+        table.add_row(Text(str(finding.path)), Text(finding.problem))
+    console.print(table)
 
 
 def _key_report_dict(report: KeyReport) -> dict:

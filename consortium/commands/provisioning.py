@@ -76,6 +76,12 @@ def provision_command(
         f"'consortium keys create' and 'consortium keys install --kits {result.out}'. "
         f"Keep {result.out / kits.CA_STATE_DIR} and {log.key_path.parent} with the operator; never ship them."
     )
+    if consortium.secure_aggregation():
+        console.print(
+            "Secure aggregation: each member makes its mask key in its own kit and hands on its public file: "
+            f"'consortium keys masks --config {config} --kit <its kit> --public DIR', again once DIR holds every "
+            "member's file."
+        )
 
 
 def add_member_command(
@@ -106,6 +112,11 @@ def add_member_command(
         f"re-keyed): consortium keys install --config {config} --kits {result.out} "
         f"--keys KEYDIR --member {member}"
     )
+    if consortium.secure_aggregation():
+        console.print(
+            f"Secure aggregation: '{member}' makes its mask key ('consortium keys masks --config {config} --kit "
+            f"<its kit> --public DIR'), then every member installs the longer list (the same command, again)."
+        )
 
 
 def _kits_dict(result: ProvisionResult) -> dict:

@@ -10,28 +10,25 @@ from __future__ import annotations
 
 import time
 
-from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.filter import Filter
-from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 from jobs.he.context import WorkspaceContext
-from jobs.he.payload import EncryptedUpdate, decrypt_update, encrypt_update, is_encrypted_dxo
+from jobs.he.masks import MaskRefused
+from jobs.he.payload import (
+    WIRE_BYTES_META,
+    EncryptedUpdate,
+    decrypt_update,
+    dxo_or_none,
+    encrypt_update,
+    is_encrypted_dxo,
+)
+from jobs.member_masks import member_masks
 from jobs.sections import sections_of
+from jobs.secure_aggregation import refusal_reply
 from schema.names import CLIENT_CONTEXT_FILE
-
-WIRE_BYTES_META = "consortium_wire_bytes"
-
-
-def dxo_or_none(shareable: Shareable) -> DXO | None:
-    """The shareable's DXO, or None for replies that carry none (errors, empty results)."""
-    if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
-        return None
-    try:
-        return from_shareable(shareable)
-    except ValueError:
-        return None
 
 
 class _MemberContextFilter(Filter):
@@ -47,8 +44,13 @@ class _MemberContextFilter(Filter):
 class EncryptSections(_MemberContextFilter):
     """Task-result filter: every section of the site's sum-ready update packed into CKKS ciphertexts.
 
-    The sections meta (weights, reductions) and the rest of the site's meta stay in plaintext.
+    The sections meta (weights, reductions) and the rest of the site's meta stay in plaintext. With
+    ``secure_aggregation``, the member's :class:`jobs.member_masks.MemberMasks` encrypts and masks it.
     """
+
+    def __init__(self, tenseal_context_file: str = CLIENT_CONTEXT_FILE, secure_aggregation: bool = False) -> None:
+        super().__init__(tenseal_context_file)
+        self.secure_aggregation = bool(secure_aggregation)
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
         dxo = dxo_or_none(shareable)
@@ -60,7 +62,14 @@ class EncryptSections(_MemberContextFilter):
                 "FLModel(params=..., meta=...) built by jobs.sections.weighted_update"
             )
         started = time.perf_counter()
-        update = encrypt_update(self._he.get(fl_ctx), dxo.data, meta=dxo.meta)
+        if self.secure_aggregation:
+            try:
+                update = EncryptedUpdate.from_dxo(member_masks(fl_ctx).seal(dxo.data, dxo.meta, fl_ctx))
+            except MaskRefused as exc:
+                self.log_error(fl_ctx, f"MaskRefused: {exc}")
+                return refusal_reply(str(exc))
+        else:
+            update = encrypt_update(self._he.get(fl_ctx), dxo.data, meta=dxo.meta)
         update.meta[WIRE_BYTES_META] = update.n_bytes
         update.to_dxo().update_shareable(shareable)
         self.log_info(

@@ -39,6 +39,8 @@ from jobs.he.seal_bytes import add_to_c0
 
 MASK_VERSION = "consortium-mask/1"
 MODULUS_2_64 = 1 << 64
+CHUNKS_PER_STREAM = 64
+"""Ciphertext chunks masked from one PRG stream per source and prime (64 x 8192 values: 4 MB at N = 8192)."""
 FLOOR_MEMBERS = 3
 """No member masks for fewer: with two, each learns the other's update from the sum whatever is masked."""
 _RAW = serialization.Encoding.Raw
@@ -221,20 +223,50 @@ class PairwiseMasker:
         if unknown:
             raise MaskRefused(f"round {binding.round}: no public mask key for {unknown}; reinstall the kits' mask keys")
 
-    def mask(self, binding: RoundBinding, *, section: str, chunk: int, modulus: int, count: int) -> np.ndarray:
-        """This member's mask for one chunk: ``count`` values below ``modulus`` (uint64)."""
+    def mask(
+        self,
+        binding: RoundBinding,
+        *,
+        section: str,
+        chunk: int,
+        modulus: int,
+        count: int,
+        among: Sequence[str] | None = None,
+    ) -> np.ndarray:
+        """This member's mask for one chunk: ``count`` values below ``modulus`` (uint64).
+
+        ``among``: the members that send this section (its holders in the round; default the round's list):
+        pairs with the others are left out, so the section's masks cancel over its holders' sum.
+        """
         self.check(binding)
+        others = [m for m in (binding.members if among is None else among) if m != self.name]
+        stray = sorted(set(others) - set(binding.members))
+        if stray:
+            raise MaskRefused(
+                f"section '{section}': holders {stray} are not in the round's list {list(binding.members)}"
+            )
         if modulus != MODULUS_2_64 and not 2 <= modulus < 1 << 63:
             raise ValueError(f"modulus {modulus}: masks are drawn modulo 2^64 or a prime below 2^63 (CKKS: 60 bits)")
         base = binding.info(section=section, chunk=chunk, modulus=modulus)
         total = np.zeros(count, dtype=np.uint64)
-        for other in binding.members:
-            if other == self.name:
-                continue
+        for other in sorted(set(others)):
             info = base + json.dumps(sorted((self.name, other)), separators=(",", ":")).encode()
             key = HKDFExpand(algorithm=hashes.SHA256(), length=32, info=info).derive(self._pair_keys[other])
             _accumulate(total, draw_below(key, modulus, count), modulus, add=other > self.name)
         return total
+
+
+class SectionPairs:
+    """A :class:`PairwiseMasker` restricted to one section's holders (a :class:`MaskSource`)."""
+
+    def __init__(self, masker: PairwiseMasker, among: Sequence[str]) -> None:
+        self.masker, self.among = masker, tuple(among)
+
+    def check(self, binding: RoundBinding) -> None:
+        self.masker.check(binding)
+
+    def mask(self, binding: RoundBinding, *, section: str, chunk: int, modulus: int, count: int) -> np.ndarray:
+        return self.masker.mask(binding, section=section, chunk=chunk, modulus=modulus, count=count, among=self.among)
 
 
 def data_moduli(context: ts.Context) -> np.ndarray:
@@ -286,11 +318,17 @@ def mask_ciphertexts(
     first = list(context.seal_context().data.first_parms_id())
     degree = context.seal_context().data.first_context_data().parms().poly_modulus_degree()
     out = []
-    for index, chunk in enumerate(chunks):
-        rows = []
+    # one stream per source and prime over a block of chunks, one after the other: few calls, bounded memory
+    for block, first_chunk in enumerate(range(0, len(chunks), CHUNKS_PER_STREAM)):
+        part = chunks[first_chunk : first_chunk + CHUNKS_PER_STREAM]
+        masks = []
         for q in moduli.tolist():
-            mask = combined_mask(sources, binding, section=section, chunk=index, modulus=int(q), count=degree)
-            rows.append((np.uint64(q) - mask) % np.uint64(q) if subtract else mask)
-        where = f"section '{section}' chunk {index}"
-        out.append(add_to_c0(bytes(chunk), np.stack(rows), moduli, where=where, parms_id=first))
+            mask = combined_mask(
+                sources, binding, section=section, chunk=block, modulus=int(q), count=len(part) * degree
+            )
+            masks.append(np.subtract(np.uint64(q), mask) % np.uint64(q) if subtract else mask)
+        for offset, chunk in enumerate(part):
+            rows = np.stack([mask[offset * degree : (offset + 1) * degree] for mask in masks])
+            where = f"section '{section}' chunk {first_chunk + offset}"
+            out.append(add_to_c0(bytes(chunk), rows, moduli, where=where, parms_id=first))
     return out

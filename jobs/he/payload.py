@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tenseal as ts
-from nvflare.apis.dxo import DXO, DataKind, MetaKey
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.shareable import Shareable
 from tenseal import sealapi
 
 from jobs.he.context import headroom
@@ -47,6 +49,19 @@ META_LAYOUT = "he_layout"
 # A member's values may use this share of the sum's headroom: room for 64 equal contributions.
 MAX_CONTRIBUTORS = 64
 _OWN_META = {META_FORMAT, META_LAYOUT, MetaKey.PROCESSED_ALGORITHM}
+
+
+WIRE_BYTES_META = "consortium_wire_bytes"
+
+
+def dxo_or_none(shareable: Shareable) -> DXO | None:
+    """The shareable's DXO, or None for replies that carry none (errors, empty results)."""
+    if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+        return None
+    try:
+        return from_shareable(shareable)
+    except ValueError:
+        return None
 
 
 @dataclass

@@ -94,3 +94,53 @@ def test_calibration_of_binary_endpoints_has_its_own_table():
     assert "## Calibration of the federated model's probabilities" in markdown
     assert "| pharma-a | a_response | 0.181 | 0.734 | -0.021 |" in markdown
     assert "| pharma-b | b_response |" not in markdown.split("## Calibration")[1].split("##")[0]
+
+
+def _secure_aggregation(*, enabled: bool, he: bool) -> dict:
+    state = {
+        "enabled": enabled,
+        "why_off": None if enabled else "fewer than 3 members per round: a round may close with 2",
+        "members_per_round": 3 if enabled else 2,
+        "colluders_tolerated": 1 if enabled else 0,
+        "threat_model": "Pairwise masks ...: the operator together with up to 1 member learns nothing of another "
+        "member's update beyond what the aggregate itself reveals."
+        if enabled
+        else "No masks and no HE: the operator reads every member's update as it arrives.",
+        "aggregate_reveals": "a member reads the aggregate minus its own update: the sum of the other two"
+        if enabled
+        else "with two members in a round, the aggregate minus a member's own update is the other member's update",
+        "quantization": None,
+    }
+    if enabled and not he:
+        state["quantization"] = {
+            "fraction_bits": 32,
+            "members": 3,
+            "error_bound_sum": 3 * 2.0**-33,
+            "value_limit": 2.0**25,
+        }
+    return state
+
+
+@pytest.mark.parametrize(("enabled", "he"), [(True, True), (True, False), (False, True), (False, False)])
+def test_secure_aggregation_is_stated_within_80_columns(enabled, he):
+    report = _report(0.01, [-0.1, 0.1])
+    report["privacy"] = {"he": he, "dp": False, "secure_aggregation": _secure_aggregation(enabled=enabled, he=he)}
+    text = render_markdown(report)
+    block = text.split("- secure aggregation:")[1].split("\n\n")[0]
+    lines = ("- secure aggregation:" + block).splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    joined = " ".join(line.strip() for line in lines)
+    if enabled:
+        assert joined.startswith("- secure aggregation: on. Pairwise masks")
+        assert "learns nothing of another member's update beyond what the aggregate itself reveals." in joined
+        assert "- what the aggregate itself reveals: a member reads the aggregate minus its own update" in joined
+    else:
+        assert joined.startswith("- secure aggregation: off, fewer than 3 members per round")
+        assert "the other member's update" in joined
+    quantization = "- quantization: 32 fractional bits; a summed value is within 3.5e-10 of the exact sum (3 members)"
+    assert (quantization in joined) == (enabled and not he)
+
+
+def test_a_report_without_secure_aggregation_still_renders():
+    text = render_markdown(_report(0.01, [-0.1, 0.1]))  # written before secure aggregation existed
+    assert "homomorphic encryption: off; DP-SGD: off" in text and "secure aggregation" not in text

@@ -238,3 +238,13 @@ def test_summary_names_the_flare_job_and_a_tracking_servers_address(run):
         served, report_path=run.report_path, markdown_path=run.markdown_path, to=Console(file=stream, width=80)
     )
     assert "MLflow: http://tracking.example:5000" in stream.getvalue() and "mlflow ui" not in stream.getvalue()
+
+
+def test_report_states_secure_aggregation_off_with_two_members(run):
+    state = json.loads(run.report_path.read_text())["privacy"]["secure_aggregation"]
+    assert state["enabled"] is False and state["quantization"] is None
+    assert state["why_off"].startswith("fewer than 3 members per round: a round may close with 2")
+    assert "the aggregate minus a member's own update is the other member's update" in state["aggregate_reveals"]
+    markdown = run.markdown_path.read_text()
+    assert "- secure aggregation: off, fewer than 3 members per round: a round may close\n" in markdown
+    assert "- what the aggregate itself reveals: with two members in a round, the aggregate\n" in markdown

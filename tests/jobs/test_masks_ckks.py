@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import tenseal as ts
@@ -15,13 +17,13 @@ from jobs.he.masks import (
     RoundBinding,
     data_moduli,
     mask_ciphertexts,
-    new_private_key,
     public_bytes,
 )
 from jobs.he.packing import add_into, decrypt_flat, encrypt_flat, load_chunks, serialize_chunks
 from jobs.he.seal_bytes import COMPR_NONE, CiphertextBytes, SealFormatError
 from jobs.he.self_mask import RevealedSelfMask, SelfMask
 from schema.config import HomomorphicEncryption
+from tests.jobs.test_masks import fixed_key, fixed_seeds
 
 SITES = ("site-1", "site-2", "site-3")
 N_VALUES = 13 * 8192  # 106,496 values: 13 full chunks at N = 8192
@@ -29,7 +31,7 @@ N_VALUES = 13 * 8192  # 106,496 values: 13 full chunks at N = 8192
 
 @pytest.fixture(scope="module")
 def group() -> dict[str, PairwiseMasker]:
-    keys = {name: new_private_key() for name in SITES}
+    keys = {name: fixed_key(name) for name in SITES}  # fixed: the chi-square checks see the same draws every run
     public = {name: public_bytes(key) for name, key in keys.items()}
     return {name: PairwiseMasker(name, keys[name], public, min_members=3) for name in SITES}
 
@@ -44,8 +46,10 @@ BINDING = RoundBinding.of("job-masks", 2, SITES)
 
 
 @pytest.fixture(scope="module")
-def self_masks() -> dict[str, SelfMask]:
-    return {name: SelfMask(name) for name in SITES}
+def self_masks() -> Iterator[dict[str, SelfMask]]:
+    with pytest.MonkeyPatch.context() as patch:  # seeds drawn while the module's fixtures mask: fixed too
+        fixed_seeds(patch)
+        yield {name: SelfMask(name) for name in SITES}
 
 
 @pytest.fixture(scope="module")

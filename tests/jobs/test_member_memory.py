@@ -1,6 +1,7 @@
 """What a member site holds (``benchmarks/member_memory.py`` measures how much): its log values once, read
 by the network as scaled rows equal to the matrix ``prepare_member`` scales; no optimizer state or
-gradients past its last round's training; no scikit-survival without a survival endpoint."""
+gradients past its last round's training; no statsmodels.api, and no scikit-survival without a survival
+endpoint."""
 
 from __future__ import annotations
 
@@ -113,7 +114,9 @@ def test_the_last_round_frees_the_training_state(tmp_path):
     assert {"consensus.resp.score", "trunk.0.weight"} <= set(sent.params)
 
 
-def test_a_member_without_a_survival_endpoint_never_loads_scikit_survival(tmp_path):
+def test_a_member_never_loads_statsmodels_api_nor_scikit_survival_without_a_survival_endpoint(tmp_path):
+    # one round is the last: it trains, takes the test figures (a binary endpoint's calibration slope:
+    # statsmodels' Logit module alone), the statistics and the attribution (Captum, loaded there only)
     config_path = _member(tmp_path)
     probe = f"""
 import sys
@@ -127,7 +130,8 @@ config = load_config({str(config_path)!r})
 site = MemberSite(config, "m1", outputs=SiteOutputs({str(tmp_path / "site")!r}))
 initial = {{k: v.numpy() for k, v in SharedModel(**server_model(config)["args"]).state_dict().items()}}
 site.train_round(FLModel(params=initial, current_round=0, total_rounds=1))
-print(sorted(m for m in sys.modules if m.split(".")[0] == "sksurv"))
+heavy = ["sksurv"]
+print(sorted(m for m in sys.modules if m.split(".")[0] in heavy or m == "statsmodels.api"))
 """
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False

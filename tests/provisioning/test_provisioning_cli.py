@@ -65,8 +65,11 @@ def test_add_member_then_install_only_the_new_member(cli_kits, tmp_path, write_c
     install = ["keys", "install", "--config", str(grown), "--kits", str(kits), "--keys", str(keys)]
     assert main([*install, "--member", "pharma-c"]) == 0
     assert (kits / "localhost/startup/server_context.tenseal").read_bytes() == server_before
+    # three members: secure aggregation by default, so every member kit needs its mask key and the list
+    assert main(["keys", "verify", "--config", str(grown), "--kits", str(kits)]) == 1
+    assert main(["keys", "masks", "--config", str(grown), "--kits", str(kits)]) == 0
     assert main(["keys", "verify", "--config", str(grown), "--kits", str(kits)]) == 0
-    assert _events(kits / "audit.jsonl")[-2:] == ["member_added", "keys_verified"]
+    assert _events(kits / "audit.jsonl")[-3:] == ["member_added", "keys_verified", "keys_verified"]
     assert _events(keys / "audit.jsonl")[-1] == "keys_installed"
     assert verify_log(kits / "audit.jsonl").ok and verify_log(keys / "audit.jsonl").ok
 

@@ -93,15 +93,22 @@ finally:
 
 @contextlib.contextmanager
 def _running(network: PrivateNetwork, cfg: Path, kits: Path) -> Iterator[ConsortiumConfig]:
-    """The consortium of ``cfg`` provisioned into ``kits`` (key ceremony included), its server and members
+    """The consortium of ``cfg`` provisioned into ``kits`` (key ceremonies included), its server and members
     started from their kits, each on its own host; yields the config once the lead sees every member."""
     config = load_config(cfg)
-    keys = kits.parent / "keys"
-    for step in (
+    keys, public = kits.parent / "keys", kits.parent / "mask-public"
+    steps = [
         ["provision", "--config", str(cfg), "--out", str(kits)],
         ["keys", "create", "--config", str(cfg), "--out", str(keys)],
         ["keys", "install", "--config", str(cfg), "--kits", str(kits), "--keys", str(keys)],
-    ):
+    ]
+    if config.secure_aggregation():  # each member on its own kit: its public file, then (again) the list
+        masks = [
+            ["keys", "masks", "--config", str(cfg), "--kit", str(kits / m.name), "--public", str(public)]
+            for m in config.members
+        ]
+        steps += [*masks, *masks, ["keys", "verify", "--config", str(cfg), "--kits", str(kits)]]
+    for step in steps:
         assert cli(step) == 0, f"consortium {' '.join(step)} failed"
     server = start_site(kits / SERVER, prefix=network.prefix(SERVER))
     processes = [server]
