@@ -29,7 +29,16 @@ from nvflare.app_common.app_constant import AppConstants
 from jobs.he.context import WorkspaceContext
 from jobs.he.mask_files import load_masker
 from jobs.he.masked_words import WORDS_KEY, mask_update
-from jobs.he.masks import MaskRefused, MaskSource, PairwiseMasker, RoundBinding, SectionPairs, mask_ciphertexts
+from jobs.he.masks import (
+    MaskRefused,
+    MaskSource,
+    PairwiseMasker,
+    RoundBinding,
+    SectionPairs,
+    apply_masks,
+    ciphertext_masks,
+    mask_ciphertexts,
+)
 from jobs.he.payload import WIRE_BYTES_META, dxo_or_none, encrypt_update
 from jobs.he.self_mask import SelfMask
 from jobs.sections import SECTIONS_META, sections_of
@@ -74,6 +83,9 @@ class MemberMasks(FLComponent):
         self._self_masks: SelfMask | None = None
         self._binding: RoundBinding | None = None
         self._update: tuple[dict, dict] | None = None
+        self._chunks: dict[str, int] = {}  # each section's ciphertext chunks in the last update (HE)
+        self._ahead: tuple[RoundBinding, dict] | None = None
+        self._drawing: threading.Thread | None = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if self._he is not None:
@@ -81,9 +93,47 @@ class MemberMasks(FLComponent):
         if event_type == EventType.AFTER_TASK_DATA_FILTER and fl_ctx.get_prop(FLContextKey.TASK_NAME) == TRAIN_TASK:
             data = fl_ctx.get_prop(FLContextKey.TASK_DATA)
             with self._lock:
-                self._binding, self._update = None, None
+                self._binding, self._update, self._ahead = None, None, None
                 if data is not None:
                     self._binding = self.binding_of(data, fl_ctx)[0]
+                    self._draw_ahead(self._binding, fl_ctx)
+
+    def _draw_ahead(self, binding: RoundBinding, fl_ctx: FLContext) -> None:
+        """Under HE, draw this round's masks while the member trains: they depend on the round's plan and
+        the sections' sizes (last round's), not on the update (:func:`jobs.he.masks.ciphertext_masks`)."""
+        if self._he is None or not self._chunks:
+            return
+        try:
+            masker, self_masks = self._load(fl_ctx)
+            context = self._he.get(fl_ctx)
+        except (ValueError, OSError) as exc:  # said again, with its fix, when the update is masked
+            self.log_warning(fl_ctx, f"masks not drawn ahead: {exc}")
+            return
+        shapes = dict(self._chunks)
+
+        def draw() -> None:
+            ready = {}
+            for section, n_chunks in shapes.items():
+                among = tuple(predicted_holders(section, binding.members, self.holders))
+                sources = [SectionPairs(masker, among), self_masks]
+                try:
+                    masks = ciphertext_masks(context, sources, binding, section=section, n_chunks=n_chunks)
+                except MaskRefused:
+                    return  # refused again, with the reason, when the update is masked
+                ready[(section, among, n_chunks)] = masks
+            self._ahead = (binding, ready)
+
+        self._drawing = threading.Thread(target=draw, name="masks-ahead", daemon=True)
+        self._drawing.start()
+
+    def _drawn(self, binding: RoundBinding, section: str, among: list[str], n_chunks: int):
+        """Masks drawn ahead for this section, or None."""
+        if self._drawing is not None:
+            self._drawing.join()
+            self._drawing = None
+        if self._ahead is None or self._ahead[0] != binding:
+            return None
+        return self._ahead[1].get((section, tuple(among), n_chunks))
 
     def binding_of(self, data: Shareable, fl_ctx: FLContext) -> tuple[RoundBinding, dict | None]:
         round_ = data.get_header(AppConstants.CURRENT_ROUND)
@@ -151,7 +201,13 @@ class MemberMasks(FLComponent):
         context = self._he.get(fl_ctx)
         update = encrypt_update(context, kept, meta=kept_meta)
         for name, part in update.sections.items():
-            part.chunks = mask_ciphertexts(context, sources[name], binding, section=name, chunks=part.chunks)
+            among = sources[name][0].among
+            drawn = self._drawn(binding, name, among, len(part.chunks)) if told is None else None
+            if drawn is None:
+                part.chunks = mask_ciphertexts(context, sources[name], binding, section=name, chunks=part.chunks)
+            else:
+                part.chunks = apply_masks(context, part.chunks, drawn, section=name)
+        self._chunks = {name: len(part.chunks) for name, part in update.sections.items()}
         return update.to_dxo()
 
 

@@ -142,6 +142,19 @@ def sections_of(meta: Mapping | None) -> dict[str, Section]:
     return {name: Section.from_meta(name, value) for name, value in described.items()}
 
 
+def described_sections(params: Mapping[str, np.ndarray], meta: Mapping | None, *, action: str) -> dict[str, Section]:
+    """The sections of an outgoing update, checked to cover every key of ``params`` (``action``: what the
+    caller refuses to do with a partial update, e.g. ``"encrypt"``)."""
+    described = sections_of(meta)
+    if not described:
+        raise ValueError(f"the update has no '{SECTIONS_META}' meta; send it through jobs.sections.weighted_update")
+    covered = {k for s in described.values() for k in s.keys}
+    stray = sorted(set(params) - covered)
+    if stray:
+        raise ValueError(f"keys {stray[:5]} belong to no described section; refusing to {action} a partial update")
+    return described
+
+
 def add_sections(total: dict[str, Section] | None, update: Mapping[str, Section]) -> dict[str, Section]:
     """Sum the weights and contributors of ``update`` into ``total`` (the server's bookkeeping)."""
     total = dict(total or {})

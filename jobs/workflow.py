@@ -73,6 +73,11 @@ class SumScatterAndGather(ScatterAndGather):
 
     def _accept_train_result(self, client_name: str, result, fl_ctx: FLContext, is_unknown_task: bool = False) -> bool:
         reason = result.get_header(REFUSAL_HEADER) if self.secure_aggregation else None
+        if reason and client_name not in self.aggregator.members:
+            self.log_warning(
+                fl_ctx, f"{client_name} joined after round {self._current_round}'s list: from the next one"
+            )
+            return False
         if reason:
             self.system_panic(
                 f"round {self._current_round}: {client_name} refused to mask its update: {reason}", fl_ctx

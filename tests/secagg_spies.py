@@ -19,12 +19,14 @@ from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.job_config.defs import FilterType
 
 from jobs.he.masked_words import WORDS_KEY, is_masked_dxo
 from jobs.he.payload import EncryptedUpdate, is_encrypted_dxo
 from jobs.member_masks import member_masks
 from jobs.secure_aggregation import HEADER, plan_header
 from jobs.workflow import SumScatterAndGather
+from schema.names import SECAGG_RESEND_TASK, TRAIN_TASK
 
 
 class KeepPlain(Filter):
@@ -86,3 +88,19 @@ class ShortListServer(SumScatterAndGather):
         super()._prepare_train_task_data(client_task, fl_ctx)
         two = sorted(c.name for c in self._engine.get_clients())[:2]
         client_task.task.data.set_header(HEADER, plan_header(two, exchange=0, sections=None))
+
+
+def spying(build, spy: Path):
+    """``build`` (``jobs.recipe.build_recipe``) with the spies added: each member keeps its update before the
+    job's own filter encrypts or masks it; the operator keeps what it receives, in both exchanges."""
+
+    def spied(config, **kwargs):
+        recipe = build(config, **kwargs)
+        members = recipe.fed_job._deploy_map["@ALL"].app_config
+        chain = next(filters for tasks, filters in members.task_result_filters if tasks == {TRAIN_TASK})
+        chain.insert(0, KeepPlain(str(spy)))
+        for task in (TRAIN_TASK, SECAGG_RESEND_TASK):
+            recipe.fed_job.to_server(CuriousOperator(str(spy)), filter_type=FilterType.TASK_RESULT, tasks=[task])
+        return recipe
+
+    return spied

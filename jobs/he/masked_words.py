@@ -22,7 +22,7 @@ from nvflare.apis.dxo import DXO, DataKind
 from jobs.he.fixed_point import FRACTION_BITS, dequantize, mask_words, quantize
 from jobs.he.masks import MaskSource, RoundBinding
 from jobs.he.packing import Layout, flatten, unflatten
-from jobs.sections import SECTIONS_META, Section, add_sections, sections_of
+from jobs.sections import SECTIONS_META, Section, add_sections, described_sections, sections_of
 
 MASKED_FORMAT = "consortium-masked-words/1"
 MASKED_KIND = DataKind.APP_DEFINED
@@ -50,13 +50,7 @@ def mask_update(
 ) -> DXO:
     """A member's sum-ready sections (:func:`jobs.sections.weighted_update`) as masked words; ``sources``
     holds each section's mask sources (its holders' pairwise masks and the member's self mask)."""
-    described = sections_of(meta)
-    if not described:
-        raise ValueError(f"the update has no '{SECTIONS_META}' meta; send it through jobs.sections.weighted_update")
-    covered = {k for s in described.values() for k in s.keys}
-    stray = sorted(set(params) - covered)
-    if stray:
-        raise ValueError(f"keys {stray[:5]} belong to no described section; refusing to mask a partial update")
+    described = described_sections(params, meta, action="mask")
     words, layouts = {}, {}
     for name, section in described.items():
         flat, layout = flatten({k: params[k] for k in section.keys})

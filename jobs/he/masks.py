@@ -294,6 +294,57 @@ def combined_mask(
     return total
 
 
+def ciphertext_masks(
+    context: ts.Context,
+    sources: Sequence[MaskSource],
+    binding: RoundBinding,
+    *,
+    section: str,
+    n_chunks: int,
+    subtract: bool = False,
+) -> list[list[np.ndarray]]:
+    """The sources' masks for ``n_chunks`` chunks of a section: per block of :data:`CHUNKS_PER_STREAM` chunks,
+    one array per prime of the level (negated modulo the prime with ``subtract``).
+
+    They depend on the binding and the section's size, not on the values: a member can draw them while it
+    trains (:class:`jobs.member_masks.MemberMasks`). Refuses (:class:`MaskRefused`) if a source refuses.
+    """
+    if not sources:
+        raise ValueError("no mask source given; pass the member's PairwiseMasker (and SelfMask)")
+    for source in sources:
+        source.check(binding)
+    moduli = data_moduli(context).tolist()
+    degree = context.seal_context().data.first_context_data().parms().poly_modulus_degree()
+    blocks = []
+    # one stream per source and prime over a block of chunks, one after the other: few calls, bounded memory
+    for block, first_chunk in enumerate(range(0, n_chunks, CHUNKS_PER_STREAM)):
+        count = min(CHUNKS_PER_STREAM, n_chunks - first_chunk) * degree
+        masks = []
+        for q in moduli:
+            mask = combined_mask(sources, binding, section=section, chunk=block, modulus=int(q), count=count)
+            masks.append(np.subtract(np.uint64(q), mask) % np.uint64(q) if subtract else mask)
+        blocks.append(masks)
+    return blocks
+
+
+def apply_masks(
+    context: ts.Context, chunks: Sequence[bytes], masks: list[list[np.ndarray]], *, section: str
+) -> list[bytes]:
+    """Serialized CKKS chunks with ``masks`` (:func:`ciphertext_masks`) added to ``c0``; seeded chunks stay
+    seeded and keep their size."""
+    moduli = data_moduli(context)
+    first = list(context.seal_context().data.first_parms_id())
+    degree = context.seal_context().data.first_context_data().parms().poly_modulus_degree()
+    if len(masks) != -(-len(chunks) // CHUNKS_PER_STREAM):
+        raise ValueError(f"section '{section}': masks for {len(masks)} blocks, {len(chunks)} chunks")
+    out = []
+    for index, chunk in enumerate(chunks):
+        block, offset = divmod(index, CHUNKS_PER_STREAM)
+        rows = np.stack([mask[offset * degree : (offset + 1) * degree] for mask in masks[block]])
+        out.append(add_to_c0(bytes(chunk), rows, moduli, where=f"section '{section}' chunk {index}", parms_id=first))
+    return out
+
+
 def mask_ciphertexts(
     context: ts.Context,
     sources: Sequence[MaskSource],
@@ -310,25 +361,5 @@ def mask_ciphertexts(
     residue of ``c0`` is masked, modulo each prime of the ciphertext's level; seeded chunks stay seeded and
     keep their size. Refuses (:class:`MaskRefused`) before touching anything if a source refuses the binding.
     """
-    if not sources:
-        raise ValueError("no mask source given; pass the member's PairwiseMasker (and SelfMask)")
-    for source in sources:
-        source.check(binding)
-    moduli = data_moduli(context)
-    first = list(context.seal_context().data.first_parms_id())
-    degree = context.seal_context().data.first_context_data().parms().poly_modulus_degree()
-    out = []
-    # one stream per source and prime over a block of chunks, one after the other: few calls, bounded memory
-    for block, first_chunk in enumerate(range(0, len(chunks), CHUNKS_PER_STREAM)):
-        part = chunks[first_chunk : first_chunk + CHUNKS_PER_STREAM]
-        masks = []
-        for q in moduli.tolist():
-            mask = combined_mask(
-                sources, binding, section=section, chunk=block, modulus=int(q), count=len(part) * degree
-            )
-            masks.append(np.subtract(np.uint64(q), mask) % np.uint64(q) if subtract else mask)
-        for offset, chunk in enumerate(part):
-            rows = np.stack([mask[offset * degree : (offset + 1) * degree] for mask in masks])
-            where = f"section '{section}' chunk {first_chunk + offset}"
-            out.append(add_to_c0(bytes(chunk), rows, moduli, where=where, parms_id=first))
-    return out
+    masks = ciphertext_masks(context, sources, binding, section=section, n_chunks=len(chunks), subtract=subtract)
+    return apply_masks(context, chunks, masks, section=section)

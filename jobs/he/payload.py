@@ -38,7 +38,7 @@ from jobs.he.packing import (
     slot_peak,
     unflatten,
 )
-from jobs.sections import SECTIONS_META, Section, add_sections, sections_of
+from jobs.sections import SECTIONS_META, Section, add_sections, described_sections, sections_of
 
 HE_FORMAT = "consortium-ckks-sections/2"  # /2: symmetric seeded ciphertexts, two values per slot
 HE_ALGORITHM = "CKKS"
@@ -138,13 +138,7 @@ def encrypt_update(context: ts.Context, params: Mapping[str, np.ndarray], *, met
         A key lies in no section of ``meta``, or a value would leave too little headroom for the sum of
         :data:`MAX_CONTRIBUTORS` members under the context's modulus (the sum would wrap around).
     """
-    described = sections_of(meta)
-    if not described:
-        raise ValueError(f"the update has no '{SECTIONS_META}' meta; send it through jobs.sections.weighted_update")
-    covered = {k for s in described.values() for k in s.keys}
-    stray = sorted(set(params) - covered)
-    if stray:
-        raise ValueError(f"keys {stray[:5]} belong to no described section; refusing to encrypt a partial update")
+    described = described_sections(params, meta, action="encrypt")
     limit = headroom(context) / MAX_CONTRIBUTORS
     capacity = chunk_capacity(context)
     sections = {}

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from nvflare.job_config.defs import FilterType
 
 import consortium.run_job as run_job
 from consortium.cli import main
@@ -32,30 +31,14 @@ from jobs.he.packing import Layout, decrypt_flat
 from jobs.he.payload import decrypt_update
 from jobs.sections import section_of
 from jobs.store import read_aggregate
-from schema.names import SECAGG_RESEND_TASK, TRAIN_TASK
 from tests.helpers import free_ports, poc_kit, relocated_config, updates_received, wait_until
 from tests.jobs.test_masks_ckks import decrypted_coefficients, residue_uniformity_p
-from tests.secagg_spies import CuriousOperator, KeepPlain
+from tests.secagg_spies import spying
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
 MEMBERS = ("pharma-a", "pharma-b", "pharma-c", "pharma-d")
 VICTIM, DEAD = "pharma-b", "pharma-d"
-
-
-def _spied(spy: Path):
-    real = run_job.build_recipe
-
-    def build(config, **kwargs):
-        recipe = real(config, **kwargs)
-        members = recipe.fed_job._deploy_map["@ALL"].app_config
-        chain = next(filters for tasks, filters in members.task_result_filters if tasks == {TRAIN_TASK})
-        chain.insert(0, KeepPlain(str(spy)))  # before the job's own filter encrypts and masks
-        for task in (TRAIN_TASK, SECAGG_RESEND_TASK):
-            recipe.fed_job.to_server(CuriousOperator(str(spy)), filter_type=FilterType.TASK_RESULT, tasks=[task])
-        return recipe
-
-    return build
 
 
 def _kill_while_training(flare: Path, done: threading.Event, killed: dict) -> None:
@@ -94,7 +77,7 @@ def test_operator_and_a_member_read_nothing_of_another_member(tmp_path: Path, mo
         training={"rounds": 3, "min_members": 3, "round_deadline": 25},
     )  # fmt: skip
     spy, out = tmp_path / "spy", tmp_path / "run"
-    monkeypatch.setattr(run_job, "build_recipe", _spied(spy))
+    monkeypatch.setattr(run_job, "build_recipe", spying(run_job.build_recipe, spy))
     done, killed = threading.Event(), {}
     crash = threading.Thread(target=_kill_while_training, args=(out / "flare", done, killed), daemon=True)
     crash.start()

@@ -12,35 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from nvflare.job_config.defs import FilterType
 
 import consortium.run_job as run_job
 from consortium.cli import main
 from consortium.commands.synth import synthesize
 from jobs.he.fixed_point import FRACTION_BITS, error_bound
 from jobs.store import read_aggregate
-from schema.names import SECAGG_RESEND_TASK, TRAIN_TASK
 from tests.helpers import relocated_config
-from tests.secagg_spies import CuriousOperator, KeepPlain, ShortListServer
+from tests.secagg_spies import ShortListServer, spying
 
 pytestmark = pytest.mark.slow
 
 MEMBERS = ("pharma-a", "pharma-b", "pharma-c")
-
-
-def _spied(spy: Path):
-    real = run_job.build_recipe
-
-    def build(config, **kwargs):
-        recipe = real(config, **kwargs)
-        members = recipe.fed_job._deploy_map["@ALL"].app_config
-        chain = next(filters for tasks, filters in members.task_result_filters if tasks == {TRAIN_TASK})
-        chain.insert(0, KeepPlain(str(spy)))  # before the job's own filter masks
-        for task in (TRAIN_TASK, SECAGG_RESEND_TASK):
-            recipe.fed_job.to_server(CuriousOperator(str(spy)), filter_type=FilterType.TASK_RESULT, tasks=[task])
-        return recipe
-
-    return build
 
 
 def _truth(spy: Path, member: str, round_: int) -> dict[str, np.ndarray]:
@@ -51,7 +34,7 @@ def test_the_operator_reads_only_the_sum(tmp_path: Path, monkeypatch, capsys):
     data = synthesize(tmp_path / "data", sizes=[150, 200, 250], n_features=200, seed=7, shared=("response",))
     config = relocated_config(data, tmp_path, training={"rounds": 2})
     spy, out = tmp_path / "spy", tmp_path / "run"
-    monkeypatch.setattr(run_job, "build_recipe", _spied(spy))
+    monkeypatch.setattr(run_job, "build_recipe", spying(run_job.build_recipe, spy))
     code = main(["run", "--config", str(config), "--env", "sim", "--no-he", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
