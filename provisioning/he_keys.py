@@ -57,6 +57,13 @@ class Finding:
     problem: str
 
 
+def raise_for_findings(findings: list[Finding], *, what: str) -> None:
+    """A :class:`KeyVerificationError` listing each finding's file and problem, if there is any."""
+    if findings:
+        lines = "\n".join(f"  {f.path}: {f.problem}" for f in findings)
+        raise KeyVerificationError(f"{what} failed:\n{lines}", findings=findings)
+
+
 @dataclass
 class KeyReport:
     """The outcome of :func:`verify_keys`."""
@@ -74,9 +81,7 @@ class KeyReport:
         return not self.findings
 
     def raise_for_failure(self) -> None:
-        if self.findings:
-            lines = "\n".join(f"  {f.path}: {f.problem}" for f in self.findings)
-            raise KeyVerificationError(f"HE key verification failed:\n{lines}", findings=self.findings)
+        raise_for_findings(self.findings, what="HE key verification")
 
 
 def load_context(path: Path) -> ts.Context:

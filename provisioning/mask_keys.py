@@ -29,8 +29,8 @@ from pathlib import Path
 
 from jobs.he.mask_files import FIX, create_member_key, fingerprints, read_public_keys, write_public_keys
 from jobs.he.masks import key_fingerprint, load_private_key, public_bytes
-from provisioning.errors import KeyCeremonyError, KeyVerificationError
-from provisioning.he_keys import Finding
+from provisioning.errors import KeyCeremonyError
+from provisioning.he_keys import Finding, raise_for_findings
 from schema.config import ConsortiumConfig
 from schema.names import MASK_KEY_FILE, MASK_PUBLIC_KEYS_FILE
 from schema.writes import atomic_write
@@ -86,9 +86,7 @@ class MaskReport:
         return not self.findings
 
     def raise_for_failure(self) -> None:
-        if self.findings:
-            lines = "\n".join(f"  {f.path}: {f.problem}" for f in self.findings)
-            raise KeyVerificationError(f"mask key verification failed:\n{lines}", findings=self.findings)
+        raise_for_findings(self.findings, what="mask key verification")
 
 
 def kit_member(kit: Path, *, config: ConsortiumConfig) -> str:

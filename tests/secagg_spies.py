@@ -13,16 +13,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-from nvflare.apis.dxo import from_shareable
 from nvflare.apis.filter import Filter
-from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.job_config.defs import FilterType
 
 from jobs.he.masked_words import WORDS_KEY, is_masked_dxo
-from jobs.he.payload import EncryptedUpdate, is_encrypted_dxo
+from jobs.he.payload import EncryptedUpdate, dxo_or_none, is_encrypted_dxo
 from jobs.member_masks import member_masks
 from jobs.secure_aggregation import HEADER, plan_header
 from jobs.workflow import SumScatterAndGather
@@ -35,9 +34,9 @@ class KeepPlain(Filter):
         self.folder = folder
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+        dxo = dxo_or_none(shareable)
+        if dxo is None:
             return shareable
-        dxo = from_shareable(shareable)
         round_ = member_masks(fl_ctx)._binding.round
         folder = Path(self.folder) / "plain" / f"{fl_ctx.get_identity_name()}-r{round_}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -52,9 +51,9 @@ class CuriousOperator(Filter):
         self.folder = folder
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+        dxo = dxo_or_none(shareable)
+        if dxo is None:
             return shareable
-        dxo = from_shareable(shareable)
         site = shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, "unknown")
         round_ = shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND)
         base = Path(self.folder) / "received"

@@ -329,10 +329,7 @@ def _print_mask_report(report: MaskReport) -> None:
             f"({len(report.checked)} kits); {report.scanned} server files searched, no member's mask key"
         )
         return
-    table = Table("file", "problem", title="mask key verification: findings", show_lines=True)
-    for finding in report.findings:
-        table.add_row(Text(str(finding.path)), Text(finding.problem))
-    console.print(table)
+    _print_findings(report.findings, title="mask key verification: findings")
 
 
 def _key_report_dict(report: KeyReport) -> dict:
@@ -366,8 +363,12 @@ def _print_report(report: KeyReport) -> None:
             f"{report.scanned} server files searched, no secret key"
         )
         return
-    table = Table("file", "problem", title="HE key verification: findings", show_lines=True)
-    for finding in report.findings:
+    _print_findings(report.findings, title="HE key verification: findings")
+
+
+def _print_findings(findings: list, *, title: str) -> None:
+    table = Table("file", "problem", title=title, show_lines=True)
+    for finding in findings:
         table.add_row(Text(str(finding.path)), Text(finding.problem))
     console.print(table)
 
