@@ -3,9 +3,10 @@
 :class:`MemberMasks` (a client component, id :data:`COMPONENT_ID`) holds the member's pairwise masker
 (its kit's mask keys, :mod:`jobs.he.mask_files`), its self masks and the round's sum-ready update. The
 job's result filter (:class:`jobs.he.filters.EncryptSections` under HE, :class:`MaskWords` without) hands
-it each ``train`` result; :class:`SecureAggregationTasks` answers the server's two extra tasks of a
-round: ``secagg_resend`` (the same update masked for the server's shorter lists) and ``secagg_reveal``
-(the self-mask seed of the one exchange the server opens). The client script knows none of this.
+it each ``train`` result; :class:`SecureAggregationTasks` answers the server's ``secagg_resend`` task (the
+same update masked for the server's shorter lists), and the component itself answers the server's
+``secagg_reveal`` aux message (the self-mask seed of the one exchange the server opens). The client script
+knows none of this.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_component import FLComponent
-from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
@@ -43,7 +44,7 @@ from jobs.he.payload import WIRE_BYTES_META, dxo_or_none, encrypt_update
 from jobs.he.self_mask import SelfMask
 from jobs.sections import SECTIONS_META, sections_of
 from jobs.secure_aggregation import HEADER, SEED_META, checked_holders, predicted_holders, read_header, refusal_reply
-from schema.names import CLIENT_CONTEXT_FILE, SECAGG_RESEND_TASK, SECAGG_REVEAL_TASK, TRAIN_TASK
+from schema.names import CLIENT_CONTEXT_FILE, SECAGG_RESEND_TASK, SECAGG_REVEAL_TOPIC, TRAIN_TASK
 
 COMPONENT_ID = "secure_aggregation"
 REVEAL_FORMAT = "consortium-mask-reveal/1"
@@ -90,6 +91,9 @@ class MemberMasks(FLComponent):
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if self._he is not None:
             self._he.on_event(event_type, fl_ctx)
+        if event_type == EventType.START_RUN:
+            engine = fl_ctx.get_engine()
+            engine.register_aux_message_handler(topic=SECAGG_REVEAL_TOPIC, message_handle_func=self.on_reveal)
         if event_type == EventType.AFTER_TASK_DATA_FILTER and fl_ctx.get_prop(FLContextKey.TASK_NAME) == TRAIN_TASK:
             data = fl_ctx.get_prop(FLContextKey.TASK_DATA)
             with self._lock:
@@ -171,6 +175,29 @@ class MemberMasks(FLComponent):
         _, self_masks = self._load(fl_ctx)
         return self_masks.reveal(binding).hex()
 
+    def on_reveal(self, topic: str, request: Shareable, fl_ctx: FLContext) -> Shareable:
+        """The server's ``secagg_reveal`` aux message: this member's self-mask seed of the exchange it opens.
+
+        Only the server asks: a request from a member of the consortium (aux messages may pass between
+        clients) is refused. Whoever asked, a member reveals one exchange per round and masks nothing more
+        in that round (:class:`jobs.he.self_mask.SelfMask`).
+        """
+        try:
+            asker = str((request.get_peer_props() or {}).get(ReservedKey.IDENTITY_NAME, ""))
+            members = {m for names in self.holders.values() for m in names}
+            if asker in members or asker == fl_ctx.get_identity_name():
+                raise MaskRefused(f"'{asker}' asked for a self-mask seed; only the server may")
+            binding, _ = self.binding_of(request, fl_ctx)
+            if asker in binding.members:
+                raise MaskRefused(f"'{asker}' asked for a self-mask seed; only the server may")
+            seed = self.reveal(binding, fl_ctx)
+        except MaskRefused as exc:
+            self.log_error(fl_ctx, f"MaskRefused: {exc}")
+            return refusal_reply(str(exc))
+        self.log_info(fl_ctx, f"round {binding.round}: self mask of exchange {binding.exchange} revealed")
+        dxo = DXO(data_kind=DataKind.METRICS, data={}, meta={REVEAL_META: REVEAL_FORMAT, SEED_META: seed})
+        return dxo.to_shareable()
+
     def _masked(self, binding: RoundBinding, told: dict | None, fl_ctx: FLContext) -> DXO:
         masker, self_masks = self._load(fl_ctx)
         masker.check(binding)
@@ -219,7 +246,7 @@ def member_masks(fl_ctx: FLContext) -> MemberMasks:
 
 
 class SecureAggregationTasks(Executor):
-    """The member's executor of ``secagg_resend`` and ``secagg_reveal`` (the client script never sees them)."""
+    """The member's executor of ``secagg_resend`` (the client script never sees it)."""
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         masks = member_masks(fl_ctx)
@@ -228,10 +255,6 @@ class SecureAggregationTasks(Executor):
             if task_name == SECAGG_RESEND_TASK:
                 dxo = masks.resend(binding, sections, fl_ctx)
                 self.log_info(fl_ctx, f"round {binding.round}: update masked again for exchange {binding.exchange}")
-            elif task_name == SECAGG_REVEAL_TASK:
-                seed = masks.reveal(binding, fl_ctx)
-                dxo = DXO(data_kind=DataKind.METRICS, data={}, meta={REVEAL_META: REVEAL_FORMAT, SEED_META: seed})
-                self.log_info(fl_ctx, f"round {binding.round}: self mask of exchange {binding.exchange} revealed")
             else:
                 return make_reply(ReturnCode.TASK_UNKNOWN)
         except MaskRefused as exc:

@@ -37,7 +37,7 @@ from jobs.tracking import MemberRuns, member_params
 from jobs.workflow import SumScatterAndGather
 from schema import settings
 from schema.config import ConsortiumConfig
-from schema.names import HE_SCOPE, KEY_METRIC, SECAGG_RESEND_TASK, SECAGG_REVEAL_TASK, TRAIN_TASK
+from schema.names import HE_SCOPE, KEY_METRIC, SECAGG_RESEND_TASK, TRAIN_TASK
 
 CLIENT_SCRIPT = Path(__file__).resolve().with_name("client.py")
 HE_SIM_ENV_ERROR = (
@@ -197,7 +197,7 @@ class ConsortiumRecipe(Recipe):
                 he=he, holders=masking.get("holders"), min_members=masking.get("min_members")
             )
             job.to_clients(self.member_masks, id=MASKS_ID)
-            job.to_clients(SecureAggregationTasks(), tasks=[SECAGG_RESEND_TASK, SECAGG_REVEAL_TASK])
+            job.to_clients(SecureAggregationTasks(), tasks=[SECAGG_RESEND_TASK])
             if not he:
                 job.to_clients(MaskWords(), tasks=[TRAIN_TASK], filter_type=FilterType.TASK_RESULT)
         if he:

@@ -6,7 +6,8 @@
 and each section's predicted holders, :mod:`jobs.secure_aggregation`). If a member is missing or a
 section's holders differ, it asks the members that answered to send again for the lists it saw
 (``secagg_resend``, exchange ``k + 1``); then it asks each contributor of the last exchange for its
-self-mask seed (``secagg_reveal``) and has the aggregator take those self masks off the sum. The
+self-mask seed (``secagg_reveal``, an aux message: no task poll to wait for) and has the aggregator take
+those self masks off the sum. The
 operator never sees a member's update unmasked, and opens one exchange per round only.
 """
 
@@ -34,7 +35,10 @@ from jobs.secure_aggregation import (
     predicted_holders,
     seen_holders,
 )
-from schema.names import SECAGG_RESEND_TASK, SECAGG_REVEAL_TASK
+from schema.names import SECAGG_RESEND_TASK, SECAGG_REVEAL_TOPIC
+
+REVEAL_TIMEOUT = 60.0
+"""Seconds the server waits for the members' self-mask seeds (one small aux message each)."""
 
 
 class SecureAggregationFailed(RuntimeError):
@@ -107,7 +111,7 @@ class MaskedRound(Aggregator):
             "so the round cannot be opened: the job ends"
         )
 
-    def _ask(self, task_name: str, members: list[str], header: dict, fl_ctx: FLContext, on_result=None) -> None:
+    def _ask(self, task_name: str, members: list[str], header: dict, fl_ctx: FLContext) -> None:
         data = Shareable()
         data.set_header(HEADER, header)
         round_ = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
@@ -120,8 +124,6 @@ class MaskedRound(Aggregator):
             result, name = client_task.result, client_task.client.name
             if result.get_header(REFUSAL_HEADER):
                 refusals[name] = str(result.get_header(REFUSAL_HEADER))
-            elif on_result is not None:
-                on_result(name, result)
             elif result.get_return_code(ReturnCode.OK) == ReturnCode.OK:
                 result.set_peer_props({ReservedKey.IDENTITY_NAME: name, **(result.get_peer_props() or {})})
                 self.accept(result, fl_ctx)
@@ -143,24 +145,44 @@ class MaskedRound(Aggregator):
             raise SecureAggregationFailed(f"round {round_}: members refused to {task_name.split('_')[1]}: {said}")
 
     def _reveal(self, members: list[str], header: dict, fl_ctx: FLContext) -> dict[str, bytes]:
-        seeds: dict[str, bytes] = {}
+        """Each contributor's self-mask seed of the exchange opened, asked in one aux message per member.
 
-        def on_result(name: str, result: Shareable) -> None:
-            if result.get_return_code(ReturnCode.OK) != ReturnCode.OK:
-                return
+        An aux request reaches a member over its open connection at once; a task would wait for the
+        member's next poll (up to ``task_request_interval``) and the workflow's next check of the task.
+        """
+        request = Shareable()
+        request.set_header(HEADER, header)
+        round_ = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        request.set_header(AppConstants.CURRENT_ROUND, round_)
+        replies = fl_ctx.get_engine().send_aux_request(
+            targets=list(members), topic=SECAGG_REVEAL_TOPIC, request=request, timeout=REVEAL_TIMEOUT, fl_ctx=fl_ctx
+        )
+        seeds: dict[str, bytes] = {}
+        refusals: dict[str, str] = {}
+        for name in members:
+            reply = replies.get(name)
+            if not isinstance(reply, Shareable):
+                continue
+            if reply.get_header(REFUSAL_HEADER):
+                refusals[name] = str(reply.get_header(REFUSAL_HEADER))
+                continue
+            if reply.get_return_code(ReturnCode.OK) != ReturnCode.OK:
+                self.log_warning(fl_ctx, f"{name} answered the reveal with {reply.get_return_code()}")
+                continue
             try:
-                seed = bytes.fromhex(str(from_shareable(result).meta.get(SEED_META, "")))
+                seed = bytes.fromhex(str(from_shareable(reply).meta.get(SEED_META, "")))
             except ValueError:
-                return
+                continue
             if len(seed) == 32:
                 seeds[name] = seed
-
-        self._ask(SECAGG_REVEAL_TASK, members, header, fl_ctx, on_result=on_result)
+        if refusals:
+            said = "; ".join(f"{name}: {reason}" for name, reason in sorted(refusals.items()))
+            raise SecureAggregationFailed(f"round {round_}: members refused to reveal: {said}")
         missing = sorted(set(members) - set(seeds))
         if missing:
-            round_ = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
             raise SecureAggregationFailed(
-                f"round {round_}: {missing} sent a masked update but no self-mask seed; the sum stays masked "
-                "(a member lost between its update and its reveal ends the round: docs/governance.md)"
+                f"round {round_}: {missing} sent a masked update but no self-mask seed within {REVEAL_TIMEOUT:g} s; "
+                "the sum stays masked (a member lost between its update and its reveal ends the round: "
+                "docs/governance.md)"
             )
         return seeds

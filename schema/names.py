@@ -30,8 +30,9 @@ MASK_PUBLIC_KEYS_FILE = "mask_public_keys.json"
 """Every member's public mask key (hex, by site name), in each member kit's ``startup/``."""
 SECAGG_RESEND_TASK = "secagg_resend"
 """The server asks a round's remaining members for their update again, masked for the shorter list."""
-SECAGG_REVEAL_TASK = "secagg_reveal"
-"""The server asks a round's contributors for the self-mask seed of the exchange it will open."""
+SECAGG_REVEAL_TOPIC = "secagg_reveal"
+"""The server asks a round's contributors for the self-mask seed of the exchange it will open (an aux
+message to each member over its open connection, not a task: no wait for the member's next poll)."""
 
 # -- what a federated job leaves behind at the server ---------------------------------------------
 GLOBAL_MODEL_FILE = "FL_global_model.sections"

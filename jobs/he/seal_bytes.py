@@ -33,6 +33,8 @@ SEAL_MAGIC = 0xA15E
 HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compression mode, reserved, total size
 COMPR_NONE, COMPR_ZLIB, COMPR_ZSTD = 0, 1, 2
 _METADATA = struct.Struct("<4QB3QdQ")  # parms_id, is_ntt_form, size, N, L, scale, correction factor (SEAL 4)
+INCOMPRESSIBLE_BITS = 48
+"""Residues of primes wider than this are written uncompressed after masking (see :func:`add_to_c0`)."""
 _MAX_BODY = 1 << 28  # 256 MiB: far above any ciphertext at N <= 16384, below a decompression bomb
 
 
@@ -172,6 +174,11 @@ def add_to_c0(
         )
     if np.any(opened.c0 >= moduli) or np.any(masks >= moduli):
         raise ValueError(f"{where}: residues at or above their prime; the ciphertext or the masks are not reduced")
-    total = opened.c0 + masks  # primes are below 2^61, so the sum cannot overflow 64 bits
-    opened.c0 = np.where(total >= moduli, total - moduli, total)
-    return opened.to_bytes()
+    c0 = opened.c0  # a fresh array (parse copies): summed in place, primes below 2^61 cannot overflow 64 bits
+    c0 += masks
+    reduced = c0 - moduli  # wraps above c0 where c0 < q
+    np.minimum(c0, reduced, out=c0)
+    # residues of primes above 2^48 are random in at least 6 of each word's 8 bytes: zstd gains nothing on
+    # them (+10 bytes on a 65,714-byte body) and costs a pass, so such chunks are written uncompressed
+    wide = int(moduli.min()).bit_length() > INCOMPRESSIBLE_BITS
+    return opened.to_bytes(compression=COMPR_NONE if wide else None)

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from nvflare.apis.dxo import from_shareable
+from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.app_constant import AppConstants
 
 from jobs.he.fixed_point import error_bound
 from jobs.he.masked_words import WordSum, mask_update
@@ -12,6 +17,9 @@ from jobs.he.self_mask import RevealedSelfMask, SelfMask
 from jobs.member_masks import MemberMasks
 from jobs.sections import weighted_update
 from jobs.secure_aggregation import (
+    HEADER,
+    REFUSAL_HEADER,
+    SEED_META,
     checked_holders,
     plan_header,
     predicted_holders,
@@ -147,3 +155,36 @@ def test_the_plan_header_is_parsed_never_evaluated():
     assert [section_endpoint(s) for s in ("trunk", "head:pfs", "scaling:target_age", "scaling:features")] == [
         None, "pfs", "age", None,
     ]  # fmt: skip
+
+
+def _reveal_request(asker: str, *, round_: int, members: list[str]):
+    request = Shareable()
+    request.set_header(HEADER, plan_header(members, exchange=0, sections=None))
+    request.set_header(AppConstants.CURRENT_ROUND, round_)
+    request.set_peer_props({ReservedKey.IDENTITY_NAME: asker})
+    return request
+
+
+def test_the_reveal_answers_the_server_once_a_round_and_never_a_member(maskers):
+    """The ``secagg_reveal`` aux message: aux messages may pass between clients, so a member that asks
+    another for its seed is refused; the server gets the seed of one exchange per round."""
+    member = MemberMasks(he=False, holders=HOLDERS, min_members=3)
+    selves = SelfMask("m-a")
+    member._masker, member._self_masks = maskers["m-a"], selves
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "m-a", private=False)
+    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job-x", private=False)
+
+    def ask(asker: str, round_: int) -> Shareable:
+        return member.on_reveal("secagg_reveal", _reveal_request(asker, round_=round_, members=MEMBERS), fl_ctx)
+
+    binding = RoundBinding.of("job-x", 4, MEMBERS)
+    sent = selves.mask(binding, section="trunk", chunk=0, modulus=2**64, count=8)  # m-a masked round 4
+    refused = ask("m-b", 4)  # a member of the consortium plays the server
+    assert "only the server may" in refused.get_header(REFUSAL_HEADER)
+    reply = ask("consortium-server", 4)  # nothing was revealed to m-b: the server still gets the seed
+    assert reply.get_header(REFUSAL_HEADER) is None
+    seed = RevealedSelfMask(bytes.fromhex(from_shareable(reply).meta[SEED_META]))
+    assert np.array_equal(seed.mask(binding, section="trunk", chunk=0, modulus=2**64, count=8), sent)
+    with pytest.raises(MaskRefused, match="already revealed"):
+        selves.check(binding)  # revealed: m-a masks nothing more in round 4
