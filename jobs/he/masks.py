@@ -123,10 +123,25 @@ class RoundBinding:
         return json.dumps(fields, separators=(",", ":")).encode()
 
 
-def _keystream(key: bytes, n_bytes: int, state: list) -> bytes:
+_ZEROS = b""  # the plaintext the keystream is read through (grown to the largest draw; bytes: never written)
+
+
+def _keystream_words(key: bytes, n_words: int, state: list) -> np.ndarray:
+    """The next ``n_words`` little-endian 64-bit words of the AES-256-CTR keystream under ``key`` (``state``
+    carries the stream from one call to the next), as a new writable uint64 array.
+
+    The zeros it encrypts are made once, not per draw, and the cipher writes into the array itself: a
+    fresh zero buffer and a copy per draw cost five times the encryption.
+    """
+    global _ZEROS
     if not state:
         state.append(Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor())
-    return state[0].update(bytes(n_bytes))
+    n_bytes = 8 * n_words
+    if len(_ZEROS) < n_bytes:
+        _ZEROS = bytes(n_bytes)
+    out = np.empty(n_bytes + 15, dtype=np.uint8)  # update_into asks for a block's slack
+    state[0].update_into(memoryview(_ZEROS)[:n_bytes], out)
+    return out[:n_bytes].view("<u8").astype(np.uint64, copy=False)
 
 
 def draw_below(key: bytes, modulus: int, count: int) -> np.ndarray:
@@ -139,7 +154,7 @@ def draw_below(key: bytes, modulus: int, count: int) -> np.ndarray:
         raise ValueError(f"modulus {modulus}: masks are drawn below a modulus in [2, 2^64]")
     state: list = []
     if modulus == MODULUS_2_64:
-        return np.frombuffer(_keystream(key, 8 * count, state), dtype="<u8").astype(np.uint64)
+        return _keystream_words(key, count, state)
     bits = int(modulus - 1).bit_length()
     cut, bound = np.uint64((1 << bits) - 1), np.uint64(modulus)
     kept: list[np.ndarray] = []
@@ -147,29 +162,66 @@ def draw_below(key: bytes, modulus: int, count: int) -> np.ndarray:
     while have < count:
         need = count - have
         words = int(need * (1 << bits) / modulus * 1.01) + 16
-        draws = np.frombuffer(_keystream(key, 8 * words, state), dtype="<u8") & cut
-        below = draws < bound
-        if not below.all():  # most CKKS primes lie just under a power of two: nearly every word is kept
-            draws = draws[below]
+        draws = _keystream_words(key, words, state)
+        draws &= cut
+        if draws.size and draws.max() >= bound:  # CKKS primes lie just under a power of two: rarely taken
+            draws = draws[draws < bound]
         kept.append(draws[:need])
         have += kept[-1].size
     return kept[0] if len(kept) == 1 else np.concatenate(kept)
 
 
-def _accumulate(total: np.ndarray, draws: np.ndarray, modulus: int, *, add: bool) -> None:
-    """``total += draws`` (or ``-=``) modulo ``modulus``, in place; ``draws`` is overwritten."""
-    if modulus == MODULUS_2_64:  # uint64 arithmetic wraps modulo 2^64
-        if add:
-            total += draws
-        else:
-            total -= draws
-        return
-    q = np.uint64(modulus)
-    if not add:
-        np.subtract(q, draws, out=draws)  # -r = q - r, in (0, q]
-    total += draws  # below 2q < 2^64: moduli here are below 2^63
-    np.subtract(total, q, out=draws)  # wraps above total where total < q
-    np.minimum(total, draws, out=total)
+class ModularSum:
+    """A sum of arrays of values below ``modulus``, modulo ``modulus`` (uint64), reduced lazily.
+
+    Terms are added as they are (``negative`` ones into a second sum) and a sum is reduced only when one
+    more term could pass 2^64: at 60-bit primes, once every 16 terms. Modulo 2^64 the uint64 arithmetic
+    wraps by itself. The result is exactly that of reducing after every term.
+
+    >>> total = ModularSum(3, 7)
+    >>> total.add(np.array([6, 5, 0], dtype=np.uint64)); total.add(np.array([3, 1, 0], dtype=np.uint64), negative=True)
+    >>> total.result().tolist()
+    [3, 4, 0]
+    """
+
+    def __init__(self, count: int, modulus: int) -> None:
+        self.count, self.modulus, self.wraps = int(count), int(modulus), int(modulus) == MODULUS_2_64
+        # how many terms of at most q - 1 a uint64 holds (moduli here are below 2^63: at least 2)
+        self.limit = 0 if self.wraps else ((1 << 64) - 1) // (self.modulus - 1)
+        self.sums: dict[bool, np.ndarray | None] = {False: None, True: None}
+        self.terms = {False: 0, True: 0}
+
+    def add(self, values: np.ndarray, *, negative: bool = False) -> None:
+        """Add (``negative``: subtract) ``values``, each below the modulus; the first array added is kept
+        and summed into, not copied."""
+        if self.wraps:  # one sum: uint64 arithmetic is arithmetic modulo 2^64
+            negative, values = False, (np.negative(values) if negative else values)
+        total = self.sums[negative]
+        if total is None:
+            self.sums[negative], self.terms[negative] = values, 1
+            return
+        if self.terms[negative] == self.limit:
+            np.remainder(total, np.uint64(self.modulus), out=total)
+            self.terms[negative] = 1
+        total += values
+        self.terms[negative] += 1
+
+    def result(self) -> np.ndarray:
+        """The sum modulo the modulus."""
+        total, negative = self.sums[False], self.sums[True]
+        if total is None:
+            total = np.zeros(self.count, dtype=np.uint64)
+        if self.wraps:
+            return total
+        q = np.uint64(self.modulus)
+        if self.terms[False] > 1:
+            np.remainder(total, q, out=total)
+        if negative is not None:
+            if self.terms[True] > 1:
+                np.remainder(negative, q, out=negative)
+            total += q - negative  # below 2q < 2^64
+            np.remainder(total, q, out=total)
+        return total
 
 
 class PairwiseMasker:
@@ -248,12 +300,12 @@ class PairwiseMasker:
         if modulus != MODULUS_2_64 and not 2 <= modulus < 1 << 63:
             raise ValueError(f"modulus {modulus}: masks are drawn modulo 2^64 or a prime below 2^63 (CKKS: 60 bits)")
         base = binding.info(section=section, chunk=chunk, modulus=modulus)
-        total = np.zeros(count, dtype=np.uint64)
+        total = ModularSum(count, modulus)
         for other in sorted(set(others)):
             info = base + json.dumps(sorted((self.name, other)), separators=(",", ":")).encode()
             key = HKDFExpand(algorithm=hashes.SHA256(), length=32, info=info).derive(self._pair_keys[other])
-            _accumulate(total, draw_below(key, modulus, count), modulus, add=other > self.name)
-        return total
+            total.add(draw_below(key, modulus, count), negative=other < self.name)
+        return total.result()
 
 
 class SectionPairs:
@@ -287,11 +339,10 @@ def combined_mask(
     sources: Sequence[MaskSource], binding: RoundBinding, *, section: str, chunk: int, modulus: int, count: int
 ) -> np.ndarray:
     """The sum of the sources' masks for one chunk, modulo ``modulus`` (each source returns a new array)."""
-    total = sources[0].mask(binding, section=section, chunk=chunk, modulus=modulus, count=count)
-    for source in sources[1:]:
-        draws = source.mask(binding, section=section, chunk=chunk, modulus=modulus, count=count)
-        _accumulate(total, draws, modulus, add=True)
-    return total
+    total = ModularSum(count, modulus)
+    for source in sources:
+        total.add(source.mask(binding, section=section, chunk=chunk, modulus=modulus, count=count))
+    return total.result()
 
 
 def ciphertext_masks(
