@@ -13,6 +13,7 @@ from jobs.he import fixed_point as fp
 from jobs.he.masks import (
     MODULUS_2_64,
     MaskRefused,
+    ModularSum,
     PairwiseMasker,
     RoundBinding,
     draw_below,
@@ -72,6 +73,45 @@ def test_draws_are_deterministic_per_key_and_differ_between_keys():
     np.testing.assert_array_equal(first, draw_below(b"k" * 32, PRIME_60, 5_000))
     np.testing.assert_array_equal(first[:1_000], draw_below(b"k" * 32, PRIME_60, 1_000))  # a prefix of one stream
     assert np.mean(first == draw_below(b"j" * 32, PRIME_60, 5_000)) == 0.0
+
+
+def test_draws_are_the_aes_ctr_keystream_words():
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = bytes(range(32))
+    stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(8 * 3_000))
+    words = np.frombuffer(stream, dtype="<u8")
+    np.testing.assert_array_equal(draw_below(key, MODULUS_2_64, 3_000), words)
+    cut = words & np.uint64((1 << 60) - 1)
+    np.testing.assert_array_equal(draw_below(key, PRIME_60, 2_000), cut[cut < PRIME_60][:2_000])
+
+
+@pytest.mark.parametrize("modulus", [PRIME_60, 2**40 - 87, 97, MODULUS_2_64])
+def test_a_lazily_reduced_sum_is_the_sum_reduced_term_by_term(modulus):
+    rng = np.random.default_rng(5)
+    terms = [rng.integers(0, modulus - 1, 300, dtype=np.uint64, endpoint=True) for _ in range(40)]  # > 16 a side
+    negative = rng.random(40) < 0.3
+    expected = [0] * 300
+    total = ModularSum(300, modulus)
+    for values, minus in zip(terms, negative, strict=True):
+        expected = [
+            (e - int(v) if minus else e + int(v)) % modulus for e, v in zip(expected, values.tolist(), strict=True)
+        ]
+        total.add(values.copy(), negative=bool(minus))
+    assert total.result().tolist() == expected
+    assert ModularSum(4, modulus).result().tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("modulus", [PRIME_60, MODULUS_2_64])
+def test_masks_cancel_exactly_in_the_sum_of_20_members(modulus):
+    names = [f"m{i:02d}" for i in range(20)]  # the first member adds 19 pairwise draws: reduced lazily
+    group = maskers(names)
+    binding = RoundBinding.of("job-1", 0, names)
+    total = [0] * 512
+    for m in group.values():
+        mask = m.mask(binding, section="trunk", chunk=1, modulus=modulus, count=512).tolist()
+        total = [(t + v) % modulus for t, v in zip(total, mask, strict=True)]
+    assert total == [0] * 512
 
 
 @pytest.mark.parametrize("modulus", [PRIME_60, MODULUS_2_64])
