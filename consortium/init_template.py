@@ -102,6 +102,7 @@ MEMBER = """\
     # layer: counts               # read X from this layer, or 'raw' for adata.raw (default: adata.X)
     # var_id_column: gene_ids     # match the panel against this var column (default: var_names)
     # symbol_column: gene_symbols # var column of display names (default: gene_symbols when present)
+    # read: chunks                # read the matrix a block of rows at a time (default auto: when too big)
     tasks:                        # the same name and type at several members is one shared endpoint
       - name: response
         type: binary              # binary | regression | survival

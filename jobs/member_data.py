@@ -15,6 +15,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from models.data import MemberData, ScaledRows, TaskSpec
+from omics.chunked import ChunkedRows, chunked_read, is_chunked
+from omics.chunked_prepare import chunked_member_arrays, matrix_group, prepare_member_in_chunks
 from omics.clinical import ClinicalBlock
 from omics.contract import ContractRules
 from omics.io import read_member
@@ -33,6 +35,7 @@ from schema.config import ConsortiumConfig, task_columns
 log = logging.getLogger(__name__)
 
 _DENSE_BLOCK_VALUES = 2**22  # values of a dense member's rows summed at a time (scaling pieces)
+_SPARSE_BLOCK_VALUES = 2**21  # nonzeros of a CSR member summed at a time (scaling pieces)
 
 
 @dataclass
@@ -53,7 +56,8 @@ class LoadedMember:
     the fixed scaling its samples were normalized with (:func:`omics.prepare.panel_scaling`)."""
 
     data: MemberData
-    log_expression: np.ndarray | sp.csr_matrix  # float32, data.X's matrix (dense or CSR) less the clinical inputs
+    # float32, data.X's matrix (dense, CSR, or omics.chunked.ChunkedRows read from the file) less the clinical inputs
+    log_expression: np.ndarray | sp.csr_matrix | ChunkedRows
     measured: np.ndarray
     statistics: StatisticsSamples | None = None
     scaling: dict | None = None
@@ -79,31 +83,39 @@ def load_member(config: ConsortiumConfig, member_name: str, *, fold: int | None 
         The file is unreadable or breaks the contract.
     """
     member = config.member(member_name)
-    # read once: a single-cell member's pseudobulk samples are summed from the file as read; any other
-    # member's counts are not held past their normalization
-    raw = read_member(member.data) if member.sample_column is not None else None
-    prepared = prepare_member(
-        read_member(member.data) if raw is None else raw,
-        tasks=member.tasks,
-        rules=ContractRules(**settings.contract_rules(config)),
-        val_fraction=config.data.val_fraction,
-        test_fraction=config.data.test_fraction,
-        seed=config.data.split_seed,
-        folds=config.data.folds,
-        fold=fold,
-        layout=MemberLayout(**settings.member_layout(config, member_name)),
-        path=str(member.data),
-    )
-    # the log values, scaled per block of rows as they are read (never as a whole): the network and the
-    # statistics read one matrix, not a scaled copy beside the log values
-    arrays = member_arrays(prepared, tasks=member.tasks, scaled=False)
+    layout = MemberLayout(**settings.member_layout(config, member_name))
+    options = {
+        "tasks": member.tasks,
+        "rules": ContractRules(**settings.contract_rules(config)),
+        "val_fraction": config.data.val_fraction,
+        "test_fraction": config.data.test_fraction,
+        "seed": config.data.split_seed,
+        "folds": config.data.folds,
+        "fold": fold,
+        "layout": layout,
+    }
+    raw = None
+    if _read_in_chunks(member, layout):  # never whole: read from the file a block of rows at a time
+        prepared, reader = prepare_member_in_chunks(member.data, **options)
+        arrays = chunked_member_arrays(prepared, reader, tasks=member.tasks)
+    else:
+        # read once: a single-cell member's pseudobulk samples are summed from the file as read; any other
+        # member's counts are not held past their normalization
+        raw = read_member(member.data) if member.sample_column is not None else None
+        prepared = prepare_member(read_member(member.data) if raw is None else raw, **options, path=str(member.data))
+        # the log values, scaled per block of rows as they are read (never as a whole): the network and the
+        # statistics read one matrix, not a scaled copy beside the log values
+        arrays = member_arrays(prepared, tasks=member.tasks, scaled=False)
     scaling = panel_scaling(prepared)
     log_values = arrays["X"]
     arrays["X"] = ScaledRows(log_values, mean=scaling["mean"], std=scaling["std"], max_value=scaling["max_value"])
     data = MemberData(**arrays)
     measured = prepared.var["measured"].to_numpy(dtype=bool)
     # without clinical inputs the very matrix the network reads; with them, its first (panel) columns
-    values = log_expression(prepared) if sp.issparse(log_values) else log_values[:, : prepared.n_vars]
+    if is_chunked(log_values):
+        values = log_values.panel()
+    else:
+        values = log_expression(prepared) if sp.issparse(log_values) else log_values[:, : prepared.n_vars]
     if member.sample_column is None:
         samples = StatisticsSamples(values, prepared.obs, data.targets, measured)
     else:
@@ -115,6 +127,14 @@ def load_member(config: ConsortiumConfig, member_name: str, *, fold: int | None 
     return LoadedMember(
         data=data, log_expression=values, measured=measured, statistics=samples, scaling=scaling, clinical=clinical
     )
+
+
+def _read_in_chunks(member, layout: MemberLayout) -> bool:
+    """``members[].read``: a single-cell member's pseudobulk is summed in memory (``read: chunks`` is
+    refused for it by the config), so ``auto`` reads it whole."""
+    if member.sample_column is not None:
+        return False
+    return chunked_read(member.data, group=matrix_group(layout), read=member.read, member=member.name)
 
 
 def statistics_samples(
@@ -198,7 +218,11 @@ def _train_sums(
     the train split is made."""
     p = values.shape[1]
     total, squares = np.zeros(p), np.zeros(p)
-    if not sp.issparse(values):
+    if is_chunked(values):  # read from the file: its block size
+        block = values.source.block_rows
+    elif sp.issparse(values):  # rows of about _SPARSE_BLOCK_VALUES nonzeros
+        block = max(1, int(_SPARSE_BLOCK_VALUES * values.shape[0] // max(1, values.nnz)))
+    if not sp.issparse(values) and not is_chunked(values):
         columns = max(1, _DENSE_BLOCK_VALUES // max(1, min(block, values.shape[0])))
         for start in range(0, values.shape[0], block):
             rows = train[start : start + block]

@@ -50,7 +50,9 @@ class ScaledRows:
     A single-cell member's matrix stays in CSR form: ``(x - mean) / std`` clipped to
     ``[-max_value, max_value]`` (:func:`omics.normalize.scale_features`'s arithmetic) is dense by nature,
     so it is built for the rows a minibatch, a prediction block or an attribution block reads, never for
-    the whole matrix. A dense member's float32 log values are read the same way, so that a member site
+    the whole matrix. A member too large for memory gives a row reader instead (``omics.chunked``: an
+    object with ``reads_rows``, ``shape`` and ``blocks()``, indexed by rows to give CSR float32 rows), read
+    the same way. A dense member's float32 log values are read the same way, so that a member site
     holds one matrix for its statistics (the log values) and its network (their scaled rows), not two.
     Indexing with rows gives another :class:`ScaledRows` over the same matrix (a view);
     :meth:`dense` gives the scaled float32 rows; ``np.asarray`` gives all of them (small data only).
@@ -68,6 +70,8 @@ class ScaledRows:
     def __init__(self, matrix, *, mean, std, max_value: float = 10.0, rows: np.ndarray | None = None) -> None:
         if isinstance(matrix, np.ndarray):  # dense log values: read in place (a float32 array is not copied)
             self.matrix = np.asarray(matrix, dtype=np.float32)
+        elif getattr(matrix, "reads_rows", False):  # read from a file: rows (index arrays) come back as CSR
+            self.matrix = matrix
         else:
             matrix = matrix if sp.isspmatrix_csr(matrix) else sp.csr_matrix(matrix)
             self.matrix = matrix if matrix.dtype == np.float32 else matrix.astype(np.float32)
@@ -114,6 +118,8 @@ class ScaledRows:
         if isinstance(self.matrix, np.ndarray):  # a block of rows at a time: no matrix-sized mask
             blocks = (self.matrix[start : start + ROW_BLOCK] for start in range(0, self.matrix.shape[0], ROW_BLOCK))
             return sum(int((~np.isfinite(block)).sum()) for block in blocks)
+        if getattr(self.matrix, "reads_rows", False):  # one pass over the file
+            return sum(int((~np.isfinite(part.data)).sum()) for _, part in self.matrix.blocks())
         return int((~np.isfinite(self.matrix.data)).sum())
 
     def all_finite(self) -> bool:
@@ -187,8 +193,9 @@ class MemberData:
 
     @property
     def sparse(self) -> bool:
-        """Whether ``X`` holds a CSR matrix (a dense member's :class:`ScaledRows` read a dense one)."""
-        return isinstance(self.X, ScaledRows) and sp.issparse(self.X.matrix)
+        """Whether ``X`` holds a CSR matrix or a row reader of one (a dense member's :class:`ScaledRows` read
+        a dense one)."""
+        return isinstance(self.X, ScaledRows) and not isinstance(self.X.matrix, np.ndarray)
 
     def subset(self, part: str) -> MemberData:
         """The samples of one split (``"train"``, ``"val"`` or ``"test"``); :class:`ScaledRows` are a view

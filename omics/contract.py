@@ -24,7 +24,7 @@ from omics.identifiers import kind_problem
 from omics.labels import LabelError, binary_labels
 from omics.labels import label_counts as label_counts  # re-exported: its callers import it from here
 from omics.layout import LayoutError, MemberLayout, apply_layout
-from omics.values import count_findings, matrices_with_counts
+from omics.values import SAMPLED, count_findings, matrices_with_counts
 
 Level = Literal["error", "warning"]
 
@@ -120,12 +120,14 @@ def check_view(
     path: str | Path = "",
     count_sources: Sequence[str] = (),
     member: str = "",
+    stored=None,
 ) -> ContractReport:
     """Check the platform's view of a member's data (the output of :func:`omics.layout.apply_layout`).
 
     ``count_sources``: the other matrices of the member's file that hold counts (see
     :func:`omics.values.matrices_with_counts`), named in the fix when the matrix read holds none; ``member``
-    names the member there."""
+    names the member there. ``stored``: the matrix whose values are checked when ``adata.X`` does not hold
+    them (a member read in chunks: an :class:`omics.chunked.H5Matrix`, read a block of rows at a time)."""
     report = ContractReport(path=str(path), n_samples=adata.n_obs, n_features=adata.n_vars)
     report.layout = dict(adata.uns.get("layout", {}))
     omics = len(rules.panel) > 0  # a clinical-only consortium declares no omics panel: X is not read
@@ -138,7 +140,7 @@ def check_view(
         return report
     if omics:
         _check_identifiers(adata, rules, report)
-        _check_values(adata, rules, report, count_sources=count_sources, member=member)
+        _check_values(adata, rules, report, count_sources=count_sources, member=member, stored=stored)
     else:
         report.coverage = 1.0  # nothing to cover
     report.clinical = [name for feature in rules.clinical for name in feature.input_names()]
@@ -197,22 +199,33 @@ def _check_identifiers(adata: ad.AnnData, rules: ContractRules, report: Contract
 
 
 def _check_values(
-    adata: ad.AnnData, rules: ContractRules, report: ContractReport, *, count_sources: Sequence[str], member: str
+    adata: ad.AnnData,
+    rules: ContractRules,
+    report: ContractReport,
+    *,
+    count_sources: Sequence[str],
+    member: str,
+    stored=None,
 ) -> None:
-    X = adata.X
-    data = X.data if sp.issparse(X) else np.asarray(X)
-    if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
-        report.error("X", f"dtype {data.dtype} is not a real number type", "store X as float32 or an integer type")
+    if stored is None:
+        X = adata.X
+        dtype, blocks = (X.data if sp.issparse(X) else np.asarray(X)).dtype, None
+    else:  # read from the file a block of rows at a time; counts judged on the first values, as in memory
+        dtype, blocks, X = stored.dtype, stored.stored_blocks(), stored.first_stored(SAMPLED)
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        report.error("X", f"dtype {dtype} is not a real number type", "store X as float32 or an integer type")
         return
-    n_nan = int(np.isnan(data).sum()) if np.issubdtype(data.dtype, np.floating) else 0
-    n_inf = int(np.isinf(data).sum()) if np.issubdtype(data.dtype, np.floating) else 0
+    n_nan = n_inf = n_huge = 0
+    for data in [X.data if sp.issparse(X) else np.asarray(X)] if blocks is None else blocks:
+        n_nan += int(np.isnan(data).sum()) if np.issubdtype(data.dtype, np.floating) else 0
+        n_inf += int(np.isinf(data).sum()) if np.issubdtype(data.dtype, np.floating) else 0
+        n_huge += _beyond_float32(data)
     if n_nan or n_inf:
         report.error(
             "X",
             f"{n_nan} NaN and {n_inf} infinite values",
             "remove or re-quantify the affected measurements; missing values are not allowed in X",
         )
-    n_huge = _beyond_float32(data)
     if n_huge:
         report.error(
             "X",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import anndata as ad
 import h5py
+import pandas as pd
 
 from omics.errors import DataFileError
 from omics.split import read_split_file, split_file
@@ -28,6 +29,33 @@ def read_member(path: str | Path) -> ad.AnnData:
         or the split beside it does not fit the file.
     """
     path = Path(path)
+    check_member_file(path)
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as exc:  # anndata raises many kinds for damaged files
+        raise DataFileError(
+            f"{path}: unreadable AnnData file ({type(exc).__name__}: {exc}); the file may be truncated, re-export it"
+        ) from None
+    log.info("read %s: %d samples x %d features", path, adata.n_obs, adata.n_vars)
+    stored = read_stored_split(path, adata.obs_names)
+    if stored is not None:
+        adata.obs["split"] = stored
+        adata.uns["split_file"] = str(split_file(path))
+    return adata
+
+
+def read_stored_split(path: str | Path, obs_names) -> pd.Categorical | None:
+    """The split stored beside the member's file (``<name>.split.csv``), for ``obs_names``; ``None`` without one."""
+    stored = split_file(Path(path))
+    if not stored.is_file():
+        return None
+    log.info("read the split stored beside it: %s", stored)
+    return read_split_file(stored, obs_names)
+
+
+def check_member_file(path: str | Path) -> None:
+    """Raise :class:`DataFileError` unless ``path`` is an HDF5 file with AnnData's ``X``, ``obs`` and ``var``."""
+    path = Path(path)
     if not path.exists():
         raise DataFileError(f"{path}: no such file; check the member's 'data' path in consortium.yaml")
     if path.is_dir():
@@ -47,19 +75,6 @@ def read_member(path: str | Path) -> ad.AnnData:
             f"{path}: HDF5 file without AnnData's {', '.join(missing)}; "
             "write the member data with anndata's `adata.write_h5ad(path)`"
         )
-    try:
-        adata = ad.read_h5ad(path)
-    except Exception as exc:  # anndata raises many kinds for damaged files
-        raise DataFileError(
-            f"{path}: unreadable AnnData file ({type(exc).__name__}: {exc}); the file may be truncated, re-export it"
-        ) from None
-    log.info("read %s: %d samples x %d features", path, adata.n_obs, adata.n_vars)
-    stored = split_file(path)
-    if stored.is_file():
-        adata.obs["split"] = read_split_file(stored, adata.obs_names)
-        adata.uns["split_file"] = str(stored)
-        log.info("read the split stored beside it: %s", stored)
-    return adata
 
 
 def write_member(adata: ad.AnnData, path: str | Path) -> None:

@@ -29,6 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
+from omics.chunked import is_chunked
 from omics.ebayes import ModeratedFit
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ LINEAR_KEYS = ("xtx", "xty", "yty", "ysum", "samples", "members")
 TOP_TABLE_COLUMNS = ["feature", "logFC", "AveExpr", "t", "P.Value", "adj.P.Val", "B", "members", "samples"]
 # features per block in site_linear_statistics: bounds the temporaries to ~ n x 2048 floats
 _COLUMN_BLOCK = 2048
+_SPARSE_BLOCK_VALUES = 2**21  # nonzeros of a CSR matrix made float64 at a time
 # A column is not estimable when its sum of squares left after the earlier estimable columns is below
 # this share of its own (within-member) sum of squares. lm's 1e-7 is on the norm (1e-14 on the sum
 # of squares), which CKKS noise (~1e-9 relative) would defeat; on the sum of squares it still flags
@@ -85,8 +87,8 @@ def site_linear_statistics(
         ``Xc'Xc`` in ``np.triu_indices(k)`` order), ``xty`` ``(p, k)``, ``yty`` ``(p,)``, ``ysum``
         ``(p,)``, ``samples`` ``(p,)`` and ``members`` ``(p,)`` (1.0).
     """
-    if rows is not None and sp.issparse(Y):
-        Y, rows = Y[rows], None
+    if rows is not None and (sp.issparse(Y) or is_chunked(Y)):
+        Y, rows = (Y.take(rows) if is_chunked(Y) else Y[rows]), None
     Y, design, measured = checked_pieces_inputs(Y, design, measured, rows=rows)
     n, p = design.shape[0], Y.shape[1]
     if not (np.isfinite(weight) and weight > 0):
@@ -104,7 +106,7 @@ def site_linear_statistics(
     out["xtx"][columns] = weight * (xc.T @ xc)[np.triu_indices(k)]
     out["samples"][columns] = float(n)
     out["members"][columns] = 1.0
-    if sp.issparse(Y):
+    if sp.issparse(Y) or is_chunked(Y):
         _sparse_linear_pieces(Y, xc, columns, weight=weight, out=out)
         return out
     for start in range(0, columns.size, _COLUMN_BLOCK):
@@ -126,22 +128,43 @@ def site_linear_statistics(
     return out
 
 
-def _sparse_linear_pieces(Y: sp.csr_matrix, xc: np.ndarray, columns: np.ndarray, *, weight: float, out: dict) -> None:
+def _sparse_linear_pieces(Y, xc: np.ndarray, columns: np.ndarray, *, weight: float, out: dict) -> None:
     """``xty``, ``yty`` and ``ysum`` of a CSR ``Y`` from its nonzeros: ``Y'xc`` as a sparse product, and
-    each feature's squares about its mean as the nonzeros' plus the zeros' (``(n - nnz) mean^2``)."""
+    each feature's squares about its mean as the nonzeros' plus the zeros' (``(n - nnz) mean^2``).
+
+    Two passes over blocks of rows (the sums, then the products about the mean), each block made float64
+    as it is read: a CSR matrix's rows of about :data:`_SPARSE_BLOCK_VALUES` nonzeros (no float64 copy of
+    the whole matrix), a :class:`omics.chunked.ChunkedRows` ``Y``'s blocks as it reads them from its file."""
     n, p = Y.shape
-    finite = np.isfinite(Y.data)
-    bad = np.intersect1d(np.unique(Y.indices[~finite]), columns) if not finite.all() else np.zeros(0, dtype=int)
+
+    def blocks():
+        if is_chunked(Y):
+            for first, part in Y.blocks():
+                yield first, part.astype(np.float64)
+            return
+        step = max(1, int(_SPARSE_BLOCK_VALUES * n // max(1, Y.nnz)))
+        for first in range(0, n, step):
+            yield first, Y[first : first + step].astype(np.float64)
+
+    total, bad = np.zeros(p), np.zeros(0, dtype=int)
+    for _, part in blocks():
+        finite = np.isfinite(part.data)
+        if not finite.all():
+            bad = np.union1d(bad, np.intersect1d(np.unique(part.indices[~finite]), columns))
+        total += np.bincount(part.indices, weights=part.data, minlength=p)
     if bad.size:
         raise ValueError(
             f"Y: {bad.size} measured feature(s) hold non-finite values (first: column {int(bad[0])}); "
             "impute them or mark them False in `measured`"
         )
-    total = np.bincount(Y.indices, weights=Y.data, minlength=p)
     mean = total / n
-    xty = np.asarray(Y.T @ xc) - np.outer(mean, xc.sum(axis=0))
-    yty = np.bincount(Y.indices, weights=(Y.data - mean[Y.indices]) ** 2, minlength=p)
-    yty += (n - np.bincount(Y.indices, minlength=p)) * mean**2
+    xty, yty, nonzeros = np.zeros((p, xc.shape[1])), np.zeros(p), np.zeros(p)
+    for first, part in blocks():
+        xty += np.asarray(part.T @ xc[first : first + part.shape[0]])
+        yty += np.bincount(part.indices, weights=(part.data - mean[part.indices]) ** 2, minlength=p)
+        nonzeros += np.bincount(part.indices, minlength=p)
+    xty -= np.outer(mean, xc.sum(axis=0))
+    yty += (n - nonzeros) * mean**2
     out["xty"][columns] = weight * xty[columns]
     out["yty"][columns] = weight * yty[columns]
     out["ysum"][columns] = total[columns]
@@ -154,8 +177,11 @@ def checked_pieces_inputs(
     float64/bool arrays, or a ValueError naming the argument, its shape and the fix (every site-side
     pieces function checks its inputs here). A dense float32 ``Y`` stays float32 (the callers make each block
     of columns float64 as they read it: a member's log values are never copied whole)."""
-    if sp.issparse(Y):
-        Y = sp.csr_matrix(Y, dtype=np.float64)
+    if sp.issparse(Y):  # float32 values stay float32 (made float64 a block of rows at a time)
+        Y = sp.csr_matrix(Y)
+        Y = Y if Y.dtype in (np.float32, np.float64) else Y.astype(np.float64)
+    elif is_chunked(Y):  # read from the file by blocks of rows, each made float64 as it is read
+        pass
     else:
         Y = np.asarray(Y)
         Y = Y if Y.dtype in (np.float32, np.float64) else Y.astype(np.float64)

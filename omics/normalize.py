@@ -21,6 +21,8 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
+from omics.chunked import is_chunked
+
 log = logging.getLogger(__name__)
 
 TARGET_SUM = 1e4  # counts per sample after library-size normalization (scanpy's usual choice)
@@ -91,8 +93,9 @@ def normalize(
 
 
 def column_mean_std(X, rows: np.ndarray, *, block: int = 16384) -> tuple[np.ndarray, np.ndarray]:
-    """Float64 per-column mean and SD (``ddof=1``) of ``X``'s rows marked in ``rows``; a CSR matrix is
-    read one block of rows at a time from its nonzeros (two passes, the SD about the mean, as numpy's).
+    """Float64 per-column mean and SD (``ddof=1``) of ``X``'s rows marked in ``rows``; a CSR matrix (or a
+    :class:`omics.chunked.ChunkedRows`, read from the file) is read one block of rows at a time from its
+    nonzeros (two passes, the SD about the mean, as numpy's).
 
     >>> X = np.array([[0.0, 1.0], [2.0, 0.0], [4.0, 3.0]])
     >>> [v.round(4).tolist() for v in column_mean_std(sp.csr_matrix(X), np.array([True, True, True]))]
@@ -100,7 +103,9 @@ def column_mean_std(X, rows: np.ndarray, *, block: int = 16384) -> tuple[np.ndar
     """
     rows = np.asarray(rows, dtype=bool)
     n = int(rows.sum())
-    if not sp.issparse(X):  # a block of columns at a time: no float64 copy of the fitted rows
+    if is_chunked(X):  # a member read from its file: only the fitted rows are read, a block at a time
+        X, rows, block = X.take(np.flatnonzero(rows)), np.ones(n, dtype=bool), X.source.block_rows
+    elif not sp.issparse(X):  # a block of columns at a time: no float64 copy of the fitted rows
         X, mean, std = np.asarray(X), np.empty(X.shape[1]), np.empty(X.shape[1])
         step = max(1, _NONZEROS_PER_BLOCK // max(1, n))
         for start in range(0, X.shape[1], step):

@@ -51,7 +51,45 @@ def prepare_member(
     """
     work = apply_layout(adata, layout=layout, path=path)  # a new object: the caller's adata is not changed
     del adata  # not held here past its normalization (a caller that keeps the file as read still holds it)
-    report = check_view(work, tasks=tasks, rules=rules, path=path)
+    train = checked_split(
+        work,
+        tasks=tasks,
+        rules=rules,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        folds=folds,
+        fold=fold,
+        path=path,
+    )
+    if not rules.panel:  # a clinical-only consortium: the file's features are no input
+        work = work[:, []].copy()
+    normalize(work, values=rules.values, fit_rows=train)
+    prepared = harmonize_to_panel(work, panel=rules.panel, min_coverage=rules.min_coverage)
+    if rules.clinical:
+        add_clinical(prepared, clinical=rules.clinical, fit_rows=train, path=path)
+    return prepared
+
+
+def checked_split(
+    work: ad.AnnData,
+    *,
+    tasks: Sequence[Any],
+    rules: ContractRules,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    folds: int | None = None,
+    fold: int | None = None,
+    path: str = "",
+    stored=None,
+) -> np.ndarray:
+    """Check the contract on the layout's view ``work`` (raise :class:`ContractError` listing every error
+    with its fix), then split it in place (``obs['split']``; a stored split is kept, ``folds`` makes fold
+    ``fold`` of a cross-validation); returns the training rows, which alone fit the scaling statistics.
+    ``stored``: the matrix whose values are checked when ``work.X`` does not hold them
+    (:func:`omics.contract.check_view`)."""
+    report = check_view(work, tasks=tasks, rules=rules, path=path, stored=stored)
     if not report.fit:
         errors = [f"  {f.field}: {f.message} (fix: {f.fix})" for f in report.findings if f.level == "error"]
         raise ContractError(f"{path or 'member data'} is not fit to join:\n" + "\n".join(errors))
@@ -60,14 +98,7 @@ def prepare_member(
     elif "split" not in work.obs.columns:
         assign_split(work, tasks=tasks, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     # scaling statistics come from the training split only: validation and test samples never shape them
-    train = (work.obs["split"].astype(str) == "train").to_numpy()
-    if not rules.panel:  # a clinical-only consortium: the file's features are no input
-        work = work[:, []].copy()
-    normalize(work, values=rules.values, fit_rows=train)
-    prepared = harmonize_to_panel(work, panel=rules.panel, min_coverage=rules.min_coverage)
-    if rules.clinical:
-        add_clinical(prepared, clinical=rules.clinical, fit_rows=train, path=path)
-    return prepared
+    return (work.obs["split"].astype(str) == "train").to_numpy()
 
 
 def add_clinical(adata: ad.AnnData, *, clinical: Sequence[Any], fit_rows: np.ndarray, path: str = "") -> None:

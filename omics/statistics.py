@@ -34,6 +34,7 @@ import scipy.sparse as sp
 from scipy.stats import false_discovery_control
 from scipy.stats import t as student_t
 
+from omics.chunked import is_chunked
 from omics.contrasts import cochran_q, contrast_effects, f_test
 from omics.cox import CoxStep, cox_score_table, newton_step, site_cox_fit_pieces, site_cox_score_pieces
 from omics.cox_regions import cox_region_tables, region_slots
@@ -50,6 +51,7 @@ from omics.linear_model import (
 log = logging.getLogger(__name__)
 
 _COLUMN_BLOCK = 2048  # features whose detection counts are taken at a time (no samples x features mask)
+_NONZERO_BLOCK = 2**22  # a CSR matrix's stored values whose detection is counted at a time
 
 Kind = Literal["binary", "regression", "survival"]
 ENDPOINT = "endpoint"
@@ -152,10 +154,13 @@ def site_statistics(
     covariates = obs.iloc[rows]
     # a CSR matrix stays sparse for the linear pieces; a dense one is read by blocks of columns, each
     # taking the labelled rows then (no copy of all of them)
-    values, subset = (_rows(Y, rows), None) if sp.issparse(Y) or rows.size == n else (np.asarray(Y), rows)
+    whole_rows = sp.issparse(Y) or is_chunked(Y) or rows.size == n  # a chunked Y: a view of those rows
+    values, subset = (_rows(Y, rows), None) if whole_rows else (np.asarray(Y), rows)
     if kind == "survival":
         Z, _ = design_matrix(covariates, None, spec=design.spec, region=design.region, path=path)
         beta = np.zeros(Z.shape[1]) if cox_beta is None else np.asarray(cox_beta, dtype=np.float64)
+        # the Cox pieces read columns of every row: a chunked member's labelled rows are read whole here
+        values = values.csr() if is_chunked(values) else values
         values = values.toarray() if sp.issparse(values) else values
         pieces = site_cox_score_pieces(
             values, target[rows, 0], target[rows, 1], Z, beta, measured=measured, rows=subset
@@ -172,6 +177,8 @@ def site_statistics(
 
 def _rows(Y, rows: np.ndarray):
     """``Y``'s ``rows`` (sorted positions); ``Y`` itself, not a copy, when they are all its rows."""
+    if is_chunked(Y):
+        return Y if rows.size == Y.shape[0] else Y.take(rows)
     Y = Y if sp.issparse(Y) else np.asarray(Y)
     return Y if rows.size == Y.shape[0] else Y[rows]
 
@@ -186,10 +193,12 @@ def detection_pieces(
     >>> pieces["detected"].tolist(), pieces["positives"].tolist()
     ([1.0, 2.0], [1.0, 1.0])
     """
-    Y, target = (Y if sp.issparse(Y) else np.asarray(Y)), np.asarray(target, dtype=np.float64)
+    Y, target = (Y if sp.issparse(Y) or is_chunked(Y) else np.asarray(Y)), np.asarray(target, dtype=np.float64)
     measured = np.ones(Y.shape[1], dtype=bool) if measured is None else np.asarray(measured, dtype=bool)
-    if sp.issparse(Y):
-        detected = np.asarray((Y > 0).sum(axis=0)).reshape(-1)
+    if is_chunked(Y) or sp.issparse(Y):  # from the nonzeros (a chunked Y: a block of rows at a time)
+        detected = np.zeros(Y.shape[1])
+        for _, part in Y.blocks() if is_chunked(Y) else [(0, sp.csr_matrix(Y))]:
+            detected += _detected_nonzeros(part)
     else:  # a block of columns at a time: no (samples x features) mask
         take = slice(None) if rows is None else rows  # ``rows``: the samples ``target`` is of (dense Y)
         blocks = [Y[take, lo : lo + _COLUMN_BLOCK] for lo in range(0, Y.shape[1], _COLUMN_BLOCK)]
@@ -197,6 +206,16 @@ def detection_pieces(
     detected = np.where(measured, detected, 0).astype(np.float64)
     positives = np.where(measured, float((target == 1).sum()), 0.0)
     return {"detected": detected, "positives": positives}
+
+
+def _detected_nonzeros(Y: sp.csr_matrix) -> np.ndarray:
+    """Per column, how many of a CSR matrix's stored values are above 0, :data:`_NONZERO_BLOCK` of them at
+    a time (no mask as large as the matrix)."""
+    detected, block = np.zeros(Y.shape[1]), _NONZERO_BLOCK
+    for lo in range(0, Y.nnz, block):
+        data, indices = Y.data[lo : min(lo + block, Y.nnz)], Y.indices[lo : min(lo + block, Y.nnz)]
+        detected += np.bincount(indices[data > 0], minlength=Y.shape[1])
+    return detected
 
 
 def low_detection(summed: Mapping[str, np.ndarray]) -> np.ndarray | None:

@@ -145,6 +145,12 @@ class Member(_Strict):
     )
     cell_type_column: str | None = Field(default=None, description="With sample_column: the obs column of cell types.")
     cell_type: str | None = Field(default=None, description="With cell_type_column: the cell type to pseudobulk.")
+    read: Literal["auto", "memory", "chunks"] = Field(
+        default="auto",
+        description="How the member's matrix is read: 'memory' (whole), 'chunks' (a block of rows at a time from "
+        "the file, for a matrix larger than memory) or 'auto' (chunks when the matrix would need more than half "
+        "the memory available).",
+    )
 
     @model_validator(mode="after")
     def _pseudobulk_settings(self) -> Member:
@@ -157,6 +163,11 @@ class Member(_Strict):
             raise ValueError(
                 f"member '{self.name}': cell_type_column needs sample_column (the obs column naming each cell's "
                 "sample), since a cell type is pseudobulked per sample"
+            )
+        if self.read == "chunks" and self.sample_column is not None:
+            raise ValueError(
+                f"member '{self.name}': read: chunks is not supported with sample_column (pseudobulk sums the "
+                "cells in memory); use read: memory or auto for a single-cell member"
             )
         return self
 

@@ -34,6 +34,8 @@ def check_member_data(
     """The contract report of one member of a loaded consortium (an unreadable file is a report with one
     error); with ``design_blocks`` (a dict), each endpoint's design block of this member is put in it
     (rank checks)."""
+    from omics.chunked import chunked_read
+    from omics.chunked_prepare import check_member_in_chunks, matrix_group
     from omics.contract import ContractReport, ContractRules, check_member
     from omics.errors import DataFileError
     from omics.io import read_member
@@ -44,7 +46,14 @@ def check_member_data(
     rules = ContractRules(**settings.contract_rules(config))
     layout = MemberLayout(**settings.member_layout(config, member_name))
     try:
-        adata = read_member(member.data)
+        chunks = member.sample_column is None and chunked_read(
+            member.data, group=matrix_group(layout), read=member.read, member=member.name
+        )
+        if chunks:  # a matrix larger than memory: its values checked a block of rows at a time
+            report, adata = check_member_in_chunks(member.data, tasks=member.tasks, rules=rules, layout=layout)
+            report.layout["read"] = "in chunks"
+        else:
+            adata = read_member(member.data)
     except DataFileError as exc:
         report = ContractReport(path=str(member.data))
         report.error(
@@ -54,7 +63,8 @@ def check_member_data(
             "anndata's adata.write_h5ad(path)",
         )
         return report
-    report = check_member(adata, tasks=member.tasks, rules=rules, layout=layout, path=member.data)
+    if not chunks:
+        report = check_member(adata, tasks=member.tasks, rules=rules, layout=layout, path=member.data)
     if report.fit:
         blocks = check_statistics_design(report, adata, config=config, member_name=member_name)
         if design_blocks is not None:
@@ -282,7 +292,8 @@ def print_report(report: ContractReport, member: str, *, omics: bool = True) -> 
 
 
 def _layout_line(layout: dict) -> str:
-    line = f"read {layout.get('matrix', 'X')}, identifiers from {layout.get('identifiers', 'var_names')}"
+    chunks = " a block of rows at a time" if layout.get("read") == "in chunks" else ""
+    line = f"read {layout.get('matrix', 'X')}{chunks}, identifiers from {layout.get('identifiers', 'var_names')}"
     if layout.get("versions_stripped"):
         line += f" ({layout['versions_stripped']} Ensembl version suffixes stripped)"
     if layout.get("symbols"):

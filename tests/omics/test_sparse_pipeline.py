@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+import omics.linear_model
 import omics.normalize
+import omics.statistics
 from omics.contract import ContractRules, check_view
 from omics.design import DesignSpec
 from omics.linear_model import site_linear_statistics
@@ -26,6 +28,15 @@ class Task:
 TASKS = [Task(name="resp", type="binary", column="response"), Task(name="lvl", type="regression", column="level")]
 FEATURES = [f"GENE{i}" for i in range(60)]
 PANEL = FEATURES[5:] + [f"EXTRA{i}" for i in range(4)]  # 5 features outside the panel, 4 unmeasured
+
+
+@pytest.fixture(params=["one block", "blocks of rows"])
+def blocks(request, monkeypatch) -> str:
+    """The sparse pieces read a CSR matrix in blocks of nonzeros: all of it at once, or a few rows at a time."""
+    if request.param == "blocks of rows":
+        monkeypatch.setattr(omics.linear_model, "_SPARSE_BLOCK_VALUES", 97)
+        monkeypatch.setattr(omics.statistics, "_NONZERO_BLOCK", 101)
+    return request.param
 
 
 @pytest.fixture
@@ -112,7 +123,7 @@ def test_the_contract_check_reads_a_csr_matrix_without_making_it_dense(counts, m
     assert report.fit
 
 
-def test_linear_pieces_from_the_sparse_structure_equal_the_dense_pieces(counts):
+def test_linear_pieces_from_the_sparse_structure_equal_the_dense_pieces(counts, blocks):
     X, obs = counts
     Y = log_values(X, values="counts").astype(np.float64)
     design = np.column_stack([obs["response"], obs["age"]])
@@ -125,7 +136,7 @@ def test_linear_pieces_from_the_sparse_structure_equal_the_dense_pieces(counts):
     assert dense["yty"][5] > 1.0  # real values, not zeros on both sides
 
 
-def test_site_statistics_and_detection_counts_are_the_same_on_sparse_input(counts):
+def test_site_statistics_and_detection_counts_are_the_same_on_sparse_input(counts, blocks):
     X, obs = counts
     Y = log_values(X, values="counts")
     measured = np.ones(Y.shape[1], dtype=bool)
