@@ -225,15 +225,19 @@ def low_detection(summed: Mapping[str, np.ndarray]) -> np.ndarray | None:
     never which samples are in which class, so under the null the kept features' p-values stay uniform;
     ``None`` without detection counts (values that are not counts, or a kind other than binary).
 
-    >>> low_detection({"detected": np.array([3.0, 9.0]), "positives": np.array([4.0, 4.0]),
-    ...                "samples": np.array([20.0, 20.0])}).tolist()
-    [True, False]
+    The counts are rounded to whole numbers first: summed under CKKS they carry its noise (~1e-6), and a
+    feature detected in exactly as many samples as the smaller class holds must not be kept or dropped by
+    the noise of one encryption.
+
+    >>> low_detection({"detected": np.array([3.0, 9.0, 4.0 - 1e-6]), "positives": np.array([4.0, 4.0, 4.0]),
+    ...                "samples": np.array([20.0, 20.0, 20.0 + 1e-6])}).tolist()
+    [True, False, False]
     """
     if "detected" not in summed or "positives" not in summed:
         return None
-    positives = np.asarray(summed["positives"], dtype=np.float64)
-    smaller = np.minimum(positives, np.asarray(summed["samples"], dtype=np.float64) - positives)
-    return np.asarray(summed["detected"], dtype=np.float64) < smaller
+    positives = np.rint(np.asarray(summed["positives"], dtype=np.float64))
+    smaller = np.minimum(positives, np.rint(np.asarray(summed["samples"], dtype=np.float64)) - positives)
+    return np.rint(np.asarray(summed["detected"], dtype=np.float64)) < smaller
 
 
 def next_member_weight(
