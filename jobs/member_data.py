@@ -15,7 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from models.data import MemberData, ScaledRows, TaskSpec
-from omics.chunked import ChunkedRows, chunked_read, is_chunked
+from omics.chunked import ChunkedRows, chunked_read, csr_rows_per_block, is_chunked
 from omics.chunked_prepare import chunked_member_arrays, matrix_group, prepare_member_in_chunks
 from omics.clinical import ClinicalBlock
 from omics.contract import ContractRules
@@ -221,7 +221,7 @@ def _train_sums(
     if is_chunked(values):  # read from the file: its block size
         block = values.source.block_rows
     elif sp.issparse(values):  # rows of about _SPARSE_BLOCK_VALUES nonzeros
-        block = max(1, int(_SPARSE_BLOCK_VALUES * values.shape[0] // max(1, values.nnz)))
+        block = csr_rows_per_block(values, nonzeros=_SPARSE_BLOCK_VALUES)
     if not sp.issparse(values) and not is_chunked(values):
         columns = max(1, _DENSE_BLOCK_VALUES // max(1, min(block, values.shape[0])))
         for start in range(0, values.shape[0], block):

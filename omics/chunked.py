@@ -286,6 +286,12 @@ class ChunkedRows:
         return out
 
 
+def csr_rows_per_block(X: sp.csr_matrix, *, nonzeros: int = VALUES_PER_READ) -> int:
+    """How many rows of the CSR matrix ``X`` hold about ``nonzeros`` stored values (at least one): the
+    block of rows a pass over its nonzeros takes at a time."""
+    return max(1, int(nonzeros * X.shape[0] // max(1, X.nnz)))
+
+
 def is_chunked(matrix) -> bool:
     """Whether ``matrix`` is a :class:`ChunkedRows` (read by row blocks, never whole)."""
     return isinstance(matrix, ChunkedRows)

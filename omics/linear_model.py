@@ -29,7 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
-from omics.chunked import is_chunked
+from omics.chunked import csr_rows_per_block, is_chunked
 from omics.ebayes import ModeratedFit
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def _sparse_linear_pieces(Y, xc: np.ndarray, columns: np.ndarray, *, weight: flo
             for first, part in Y.blocks():
                 yield first, part.astype(np.float64)
             return
-        step = max(1, int(_SPARSE_BLOCK_VALUES * n // max(1, Y.nnz)))
+        step = csr_rows_per_block(Y, nonzeros=_SPARSE_BLOCK_VALUES)
         for first in range(0, n, step):
             yield first, Y[first : first + step].astype(np.float64)
 
@@ -180,9 +180,7 @@ def checked_pieces_inputs(
     if sp.issparse(Y):  # float32 values stay float32 (made float64 a block of rows at a time)
         Y = sp.csr_matrix(Y)
         Y = Y if Y.dtype in (np.float32, np.float64) else Y.astype(np.float64)
-    elif is_chunked(Y):  # read from the file by blocks of rows, each made float64 as it is read
-        pass
-    else:
+    elif not is_chunked(Y):  # a chunked Y is read from the file by blocks of rows, each made float64 then
         Y = np.asarray(Y)
         Y = Y if Y.dtype in (np.float32, np.float64) else Y.astype(np.float64)
     design = np.asarray(design, dtype=np.float64)

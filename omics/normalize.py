@@ -21,7 +21,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from omics.chunked import is_chunked
+from omics.chunked import csr_rows_per_block, is_chunked
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def _sparse_log_values(X, *, values: str, target_sum: float, library_size: np.nd
         return X
     given = None if library_size is None else np.asarray(library_size, dtype=np.float64).reshape(-1)
     data = np.empty(X.data.shape, dtype=np.float32)
-    step = max(1, _NONZEROS_PER_BLOCK // max(1, int(X.nnz / max(1, X.shape[0]))))
+    step = csr_rows_per_block(X, nonzeros=_NONZEROS_PER_BLOCK)
     for start in range(0, X.shape[0], step):  # float64 intermediates for a block of rows, not for every nonzero
         stop = min(start + step, X.shape[0])
         first, last = X.indptr[start], X.indptr[stop]

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jobs.he.masks import MODULUS_2_64, MaskSource, RoundBinding, combined_mask
+from jobs.he.mask_draws import MODULUS_2_64
+from jobs.he.masks import MaskSource, RoundBinding, combined_mask
 
 FRACTION_BITS = 32
 MAX_CONTRIBUTORS = 64

@@ -24,7 +24,8 @@ import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from jobs.he.masks import MaskRefused, RoundBinding, draw_below
+from jobs.he.mask_draws import draw_below
+from jobs.he.masks import MaskRefused, RoundBinding
 
 _SELF = json.dumps(["self"]).encode()  # appended to the stream info; pair streams append two names
 

@@ -10,13 +10,11 @@ import pytest
 from scipy import stats
 
 from jobs.he import fixed_point as fp
+from jobs.he.mask_draws import MODULUS_2_64, ModularSum, draw_below
 from jobs.he.masks import (
-    MODULUS_2_64,
     MaskRefused,
-    ModularSum,
     PairwiseMasker,
     RoundBinding,
-    draw_below,
     key_fingerprint,
     load_private_key,
     new_private_key,
